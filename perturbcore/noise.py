@@ -1,0 +1,175 @@
+"""Random L0 noise: overwrite at most ``pixels`` pixels of an image, keyed by (seed, index, step, draw).
+
+Layout of the draws for one (image, step): draw ``d`` (0 <= d < pixels) uses counter ``d * (C + 1)`` for its
+position, uniform over the ``H * W`` pixel positions (with replacement, so at most ``pixels`` distinct pixels
+change), and counters ``d * (C + 1) + 1 + c`` for the value of channel ``c``. Later draws of the same position
+overwrite earlier ones. A value is uniform in ``[low, high)`` (scheme ``uniform``) or, for ``salt-pepper``, ``low``
+or ``high`` with equal probability, decided by the top bit of the same draw. Step 0 is the clean image.
+
+Images travel flat, ``(rows, H * W * C)``, already in the model's memory layout (channels last: offset
+``p * C + c``; channels first: ``c * H * W + p``) and already normalised, so the kernel writes straight into the
+buffer the model reads and no transpose happens per batch.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+from perturbcore._jit import parallel_kernel
+from perturbcore.rng import _draw, _stream_key, _unit24
+
+SCHEMES = ("uniform", "salt-pepper")
+_SCHEME_CODE = {name: code for code, name in enumerate(SCHEMES)}
+
+
+@parallel_kernel
+def _perturb_kernel(
+    source, rows, indices, steps, out, pixels, n_positions, channels, channels_first,
+    low, span, high, high_below, salt_pepper, seed, mean, std, write_back,
+):
+    """Write the perturbed image of each listed slot into ``out``.
+
+    Parameters
+    ----------
+    source : float32 (slots, D)
+        The image each slot starts from (the original, or for a random walk the previous step's image),
+        in the model's layout and normalisation. ``D = n_positions * channels``.
+    rows : int64 (m,)
+        Which slots to perturb; ``out[j]`` receives slot ``rows[j]``. Distinct.
+    indices, steps : int64 (slots,)
+        Dataset index and step of each slot: the keys of its random stream. Step 0 copies the image unchanged.
+    out : float32 (>= m, D)
+        Receives the perturbed images; row ``j`` only is written by iteration ``j``.
+    mean, std : float32 (channels,)
+        Normalisation applied to each new value: ``(v - mean[c]) / std[c]``.
+    write_back : bool
+        Copy the result back into ``source`` (the random-walk mode keeps the perturbed image).
+    """
+    d_total = n_positions * channels
+    for j in prange(rows.shape[0]):
+        r = rows[j]
+        for k in range(d_total):
+            out[j, k] = source[r, k]
+        step = steps[r]
+        if step > 0:
+            key = _stream_key(seed, indices[r], step)
+            for d in range(pixels):
+                base = d * (channels + 1)
+                p = np.int64(_draw(key, base) % np.uint64(n_positions))
+                for c in range(channels):
+                    u = _draw(key, base + 1 + c)
+                    if salt_pepper:
+                        v = np.float32(high) if (u >> np.uint64(63)) else np.float32(low)
+                    else:
+                        v = np.float32(low + span * _unit24(u))
+                        # float64 -> float32 rounding may land on ``high``; the interval is half-open.
+                        if v >= high:
+                            v = high_below
+                    if channels_first:
+                        off = c * n_positions + p
+                    else:
+                        off = p * channels + c
+                    out[j, off] = (v - mean[c]) / std[c]
+        if write_back:
+            for k in range(d_total):
+                source[r, k] = out[j, k]
+
+
+def _as_i64(name: str, values, n: int) -> np.ndarray:
+    arr = np.ascontiguousarray(values, dtype=np.int64)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},); got {arr.shape}")
+    return arr
+
+
+def check_noise_params(*, pixels: int, n_positions: int, low: float, high: float, scheme: str) -> None:
+    """Raise ``ValueError`` naming the bad parameter and what is allowed."""
+    if isinstance(pixels, bool) or not isinstance(pixels, (int, np.integer)) or not 1 <= pixels <= n_positions:
+        raise ValueError(f"pixels must be an integer in [1, {n_positions}] for images of {n_positions} pixels; got {pixels!r}")
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(f"noise values need finite low < high; got low={low!r}, high={high!r}")
+    if scheme not in _SCHEME_CODE:
+        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}; got {scheme!r}")
+
+
+def perturb_flat(
+    source: np.ndarray,
+    *,
+    indices,
+    steps,
+    pixels: int,
+    n_positions: int,
+    channels: int,
+    seed: int,
+    low: float = 0.0,
+    high: float = 1.0,
+    scheme: str = "uniform",
+    channels_first: bool = False,
+    mean=None,
+    std=None,
+    rows=None,
+    out: np.ndarray | None = None,
+    write_back: bool = False,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Perturb flat images; the driver of :func:`_perturb_kernel`.
+
+    ``source`` is float32 ``(slots, n_positions * channels)``; ``indices`` and ``steps`` give each slot's random
+    key; ``rows`` (default: every slot) selects the slots to write, in order, to ``out[:len(rows)]``.
+    ``write_back`` requires ``source`` to be a C-contiguous float32 array (it is updated in place).
+    Returns ``out``.
+    """
+    check_noise_params(pixels=pixels, n_positions=n_positions, low=low, high=high, scheme=scheme)
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64); got {seed}")
+    if source.ndim != 2 or source.shape[1] != n_positions * channels:
+        raise ValueError(f"source must have shape (slots, {n_positions * channels}); got {source.shape}")
+    if write_back and not (source.dtype == np.float32 and source.flags.c_contiguous):
+        raise ValueError("write_back needs a C-contiguous float32 source to update in place")
+    src = np.ascontiguousarray(source, dtype=np.float32)
+    n = src.shape[0]
+    idx = _as_i64("indices", indices, n)
+    stp = _as_i64("steps", steps, n)
+    if stp.size and stp.min() < 0:
+        raise ValueError("steps must be >= 0")
+    rws = np.arange(n, dtype=np.int64) if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
+    if rws.size and (rws.min() < 0 or rws.max() >= n):
+        raise ValueError(f"rows must index slots in [0, {n})")
+    if out is None:
+        out = np.empty((rws.size, src.shape[1]), dtype=np.float32)
+    elif out.dtype != np.float32 or not out.flags.c_contiguous or out.shape[0] < rws.size or out.shape[1] != src.shape[1]:
+        raise ValueError(f"out must be a C-contiguous float32 array of at least ({rws.size}, {src.shape[1]})")
+    mean_arr = np.zeros(channels, np.float32) if mean is None else np.ascontiguousarray(mean, dtype=np.float32).reshape(channels)
+    std_arr = np.ones(channels, np.float32) if std is None else np.ascontiguousarray(std, dtype=np.float32).reshape(channels)
+    high32 = np.float32(high)
+    previous = numba.get_num_threads()
+    try:
+        if threads is not None:
+            numba.set_num_threads(int(threads))
+        _perturb_kernel(
+            src, rws, idx, stp, out, int(pixels), int(n_positions), int(channels), bool(channels_first),
+            float(low), float(high) - float(low), high32, np.nextafter(high32, np.float32(-np.inf)),
+            scheme == "salt-pepper", np.uint64(seed), mean_arr, std_arr, bool(write_back),
+        )
+    finally:
+        numba.set_num_threads(previous)
+    return out
+
+
+def perturb_images(
+    images: np.ndarray, *, indices, steps, pixels: int, seed: int, low: float = 0.0, high: float = 1.0,
+    scheme: str = "uniform", threads: int | None = None,
+) -> np.ndarray:
+    """Perturb images of shape ``(n, H, W)`` or ``(n, H, W, C)`` (float32) and return a new array of that shape."""
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim not in (3, 4):
+        raise ValueError(f"images must have shape (n, H, W) or (n, H, W, C); got {x.shape}")
+    n, h, w = x.shape[:3]
+    c = 1 if x.ndim == 3 else x.shape[3]
+    out = perturb_flat(
+        x.reshape(n, h * w * c), indices=indices, steps=steps, pixels=pixels, n_positions=h * w, channels=c,
+        seed=seed, low=low, high=high, scheme=scheme, threads=threads,
+    )
+    return out.reshape(x.shape)

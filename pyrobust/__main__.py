@@ -1,0 +1,3 @@
+from pyrobust.cli import run
+
+run()

@@ -1,0 +1,319 @@
+"""The ``pyrobust`` command line: thin commands over the library.
+
+Results go to files and a short table to stdout; logs, warnings and progress go to stderr (progress only when
+stderr is a terminal). Exit codes: 0 success, 1 a check failed, 2 usage error, 3 bad model or data, 4 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+import warnings
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from pyrobust import __version__
+from pyrobust.errors import InvalidInput, PyRobustError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
+DEMO_MODEL = "mnist-cnn.onnx"
+
+
+def _err(message: str) -> None:
+    click.echo(f"pyrobust: {message}", err=True)
+
+
+def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InvalidInput(f"--{name} takes comma-separated numbers, one per channel (e.g. 0.1307); got {text!r}") from None
+
+
+def noise_options(func):
+    """The protocol's options, shared by every command that runs it."""
+    options = [
+        click.option("--pixels", type=int, default=28, show_default=True, help="Pixels drawn per step (with replacement)."),
+        click.option("--max-steps", type=int, default=250, show_default=True, help="Noise steps per image."),
+        click.option("--low", type=float, default=0.0, show_default=True, help="Lowest noise value."),
+        click.option("--high", type=float, default=1.0, show_default=True, help="Noise values are < high (uniform)."),
+        click.option("--scheme", type=click.Choice(["uniform", "salt-pepper"]), default="uniform", show_default=True),
+        click.option("--mode", type=click.Choice(["restart", "cumulative"]), default="restart", show_default=True,
+                     help="restart: each step perturbs the original; cumulative: a random walk."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Keys all the noise."),
+        click.option("--mean", default=None, help="Normalise after the noise: per-channel means, e.g. 0.1307."),
+        click.option("--std", default=None, help="Per-channel standard deviations, e.g. 0.3081."),
+        click.option("--batch-size", type=int, default=256, show_default=True),
+        click.option("--threads", type=int, default=None, help="CPU threads (default: all available)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@contextmanager
+def _progress(label: str):
+    """A progress callback for the engine: a bar on stderr when it is a terminal, else nothing."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None, rate="")
+        state = {"t": None}
+
+        def update(done: int, total: int, inferences: int) -> None:
+            import time
+
+            now = time.perf_counter()
+            if state["t"] is None:
+                state["t"] = now
+            rate = inferences / (now - state["t"]) if now > state["t"] else 0.0
+            bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} inf/s")
+
+        yield update
+
+
+def _print_summary(summary: dict, out: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = summary["metrics"]
+    p = summary["performance"]
+
+    def rate(r: dict) -> str:
+        lo, hi = r["ci95"]
+        return "n/a" if r["fraction"] is None else f"{r['fraction']:.2%}  [{lo:.2%}, {hi:.2%}]  ({r['count']}/{r['of']})"
+
+    t = Table(title=f"{summary['model']['name']} on {summary['dataset']['spec']} ({m['images']} images)",
+              show_header=False, title_justify="left")
+    t.add_row("accuracy (clean)", rate(m["accuracy"]))
+    t.add_row("robust, of all images", rate(m["robust"]))
+    t.add_row("robust, of correct ones", rate(m["robust_of_correct"]))
+    step = m["first_failure_step"]
+    if step["median"] is not None:
+        t.add_row("first-failure step", f"median {step['median']:.0f}, mean {step['mean']:.1f}")
+    if m["nonfinite_outputs"]:
+        t.add_row("non-finite outputs", str(m["nonfinite_outputs"]))
+    s = summary["settings"]
+    t.add_row("noise", f"{s['pixels']} pixels, {s['max_steps']} steps, {s['scheme']} [{s['low']}, {s['high']}), "
+                       f"{s['mode']}, seed {s['seed']}")
+    ips = p["inferences_per_second"]
+    t.add_row("work", f"{p['inferences']:,} inferences in {p['seconds']:.1f} s ({ips:,.0f}/s)" if ips else "-")
+    if out is not None:
+        t.add_row("written to", str(out))
+    Console(soft_wrap=True).print(t)
+
+
+def _run_evaluation(model, dataset, *, out, overwrite, report, json_out, **kwargs) -> int:
+    from pyrobust.evaluation import evaluate
+
+    with warnings.catch_warnings(record=True) as caught, _progress("evaluating") as progress:
+        warnings.simplefilter("always")
+        result = evaluate(model, dataset, out=out, overwrite=overwrite, report=report, progress=progress, **kwargs)
+    for w in caught:
+        _err(f"warning: {w.message}")
+    if json_out:
+        click.echo(json.dumps(result.summary, indent=2))
+    else:
+        _print_summary(result.summary, result.out)
+    return EXIT_OK
+
+
+def _noise_kwargs(pixels, max_steps, low, high, scheme, mode, seed, mean, std, batch_size, threads) -> dict:
+    return dict(pixels=pixels, max_steps=max_steps, low=low, high=high, scheme=scheme, mode=mode, seed=seed,
+                mean=_floats(mean, "mean"), std=_floats(std, "std"), batch_size=batch_size, threads=threads)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="pyrobust")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+def cli(debug: bool) -> None:
+    """Measure how robust image classifiers (ONNX) are to random sparse (L0) noise."""
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dataset", "dataset", required=True,
+              help="mnist:test, fashion-mnist:train, sample, a .npz file (x, y) or FOLDER:SPLIT of IDX files.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where named datasets live (DIR/mnist/, DIR/fashion-mnist/); also $PYROBUST_DATA.")
+@click.option("--limit", type=int, default=None, help="Only the first N images (of the range).")
+@click.option("--range", "index_range", default=None, help="Positions START:STOP of the dataset, e.g. 100:200.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for results and figures.")
+@click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in --out.")
+@click.option("--no-report", is_flag=True, help="Skip the PNG figures.")
+@click.option("--json", "json_out", is_flag=True, help="Print summary.json to stdout instead of the table.")
+@noise_options
+def evaluate(model, dataset, data_dir, limit, index_range, out, overwrite, no_report, json_out, **noise) -> int:
+    """Evaluate MODEL (an ONNX file) under random L0 noise and write results to --out.
+
+    Example: pyrobust evaluate model.onnx --dataset mnist:test --data-dir ../shared/data --out runs/mnist
+    """
+    from pyrobust.datasets import parse_range
+
+    start, stop = parse_range(index_range) if index_range else (None, None)
+    return _run_evaluation(model, dataset, data_dir=data_dir, limit=limit, start=start, stop=stop, out=out,
+                           overwrite=overwrite, report=not no_report, json_out=json_out, **_noise_kwargs(**noise))
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("pyrobust-demo"), show_default=True)
+@click.option("--limit", type=int, default=None, help="Only the first N sample images.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
+def demo(out, limit, threads) -> int:
+    """Run the bundled MNIST model on the bundled MNIST sample with the paper's settings (offline).
+
+    Replaces an earlier demo's results in --out.
+
+    Example: pyrobust demo --out pyrobust-demo
+    """
+    ref = resources.files("pyrobust") / "assets" / DEMO_MODEL
+    with resources.as_file(ref) as model:
+        return _run_evaluation(model, "sample", limit=limit, out=out, overwrite=True, report=True, json_out=False,
+                               threads=threads)
+
+
+@cli.command()
+@click.option("--dataset", required=True, help="Training data, e.g. mnist:train or fashion-mnist:train.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--limit", type=int, default=None, help="Only the first N training images.")
+@click.option("--arch", type=click.Choice(["cnn", "mlp"]), default="cnn", show_default=True)
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--test-dataset", default=None, help="Report clean accuracy on this dataset too, e.g. mnist:test.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The .onnx file to write.")
+def train(dataset, data_dir, limit, arch, epochs, batch_size, lr, seed, threads, test_dataset, out) -> int:
+    """Train a small classifier with torch and export it to ONNX (needs pyrobust[train]).
+
+    Example: pyrobust train --dataset mnist:train --data-dir ../shared/data --epochs 5 --out mnist-cnn.onnx
+    """
+    from pyrobust.datasets import load_dataset
+    from pyrobust.training import train as train_model
+
+    ds = load_dataset(dataset, data_dir=data_dir, limit=limit)
+    test = load_dataset(test_dataset, data_dir=data_dir) if test_dataset else None
+    report = train_model(ds, out=out, architecture=arch, epochs=epochs, batch_size=batch_size, learning_rate=lr,
+                         seed=seed, threads=threads, n_classes=max(ds.n_classes, test.n_classes if test else 0),
+                         log=lambda line: _err(line))
+    click.echo(f"wrote {report.out} ({report.architecture}, {report.epochs} epochs, seed {report.seed}, "
+               f"{report.train_images} images, {report.seconds:.1f} s)")
+    click.echo(f"train accuracy {report.train_accuracy:.2%}; torch vs onnxruntime max |diff| "
+               f"{report.parity_max_abs_diff:.2g}; sha256 {report.sha256}")
+    if test is not None:
+        from pyrobust.engine import clean_predictions
+        from pyrobust.runtime import OnnxModel
+
+        acc = float((clean_predictions(OnnxModel(out, threads=threads), test) == test.labels).mean())
+        click.echo(f"test accuracy on {test.spec}: {acc:.2%} ({test.n} images)")
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("results", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--index", type=int, required=True, help="Original dataset index of the image.")
+@click.option("--step", type=int, default=None, help="Step to rebuild (default: the image's first failure).")
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The model file, if it moved since the run.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the data is now, if it moved since the run.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the input: .npy (float32 H×W×C) or .png (original | perturbed).")
+def replay(results, index, step, model, data_dir, out) -> int:
+    """Rebuild image INDEX's input at its first failure (or --step) from RESULTS and ask the model again.
+
+    Exit 0 when the model's prediction matches the run's record, 1 when it does not.
+
+    Example: pyrobust replay runs/mnist --index 8 --out failing.png
+    """
+    from pyrobust.replay import replay as do_replay
+
+    if out is not None and out.suffix not in (".npy", ".png"):
+        raise InvalidInput(f"--out must end in .npy or .png; got {out}")
+    r = do_replay(results, index=index, step=step, model=model, data_dir=data_dir)
+    changed = int((r.perturbed != r.original).any(axis=2).sum())
+    click.echo(f"image {r.index}: label {r.label}, step {r.step} ({changed} pixels changed); "
+               f"run recorded prediction {r.recorded_label}")
+    if out is not None:
+        _write_replay(out, r)
+        click.echo(f"wrote {out}")
+    if r.prediction is None:
+        _err("warning: model file not found; pass --model to check the prediction")
+        return EXIT_OK
+    click.echo(f"model now predicts {r.prediction}: {'matches' if r.matches else 'DOES NOT MATCH'} the record")
+    return EXIT_OK if r.matches else EXIT_FAILED
+
+
+def _write_replay(out: Path, r) -> None:
+    import io
+
+    import numpy as np
+
+    from pyrobust.results import write_bytes_atomic
+
+    if out.suffix == ".npy":
+        buf = io.BytesIO()
+        np.save(buf, r.perturbed)
+        write_bytes_atomic(out, buf.getvalue())
+        return
+    from matplotlib.figure import Figure
+
+    from pyrobust.report import _save, _show
+
+    fig = Figure(figsize=(4.8, 2.6))
+    a, b = fig.subplots(1, 2)
+    _show(a, r.original)
+    a.set_title(f"#{r.index} label {r.label}", fontsize=8)
+    _show(b, r.perturbed)
+    b.set_title(f"step {r.step}: model {r.prediction if r.prediction is not None else r.recorded_label}", fontsize=8)
+    _save(fig, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code; errors become one line on stderr (``--debug`` adds the traceback)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        rv = cli.main(args=args, prog_name="pyrobust", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _err("interrupted")
+        return 130
+    except click.ClickException as exc:
+        _err(f"error: {exc.format_message()} (see pyrobust --help)")
+        return EXIT_USAGE
+    except PyRobustError as exc:
+        if debug:
+            traceback.print_exc()
+        _err(f"error: {exc}")
+        return exc.exit_code
+    except Exception as exc:  # the promise is: never a bare traceback
+        if debug:
+            traceback.print_exc()
+        _err(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and report it)")
+        return EXIT_INTERNAL
+    return rv if isinstance(rv, int) else EXIT_OK
+
+
+def run() -> None:
+    sys.exit(main())

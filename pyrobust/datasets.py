@@ -1,0 +1,346 @@
+"""Datasets: IDX files (gzip or raw), ``.npz`` archives, MNIST-style folders, and the named datasets.
+
+A :class:`Dataset` keeps each image's *original* index in its source: that index keys the random noise, so a
+subset (``limit``, an index range) gives every image exactly the noise it gets in a full run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import zipfile
+import zlib
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from pyrobust.errors import DataError, InvalidInput
+
+NAMED = ("mnist", "fashion-mnist")
+SPLITS = ("train", "test")
+_SPLIT_PREFIX = {"train": "train", "test": "t10k"}
+SAMPLE_NAME = "mnist-sample"
+_GZIP_MAGIC = b"\x1f\x8b"
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+# A header claiming more than this is refused before anything is allocated (a 1e12-byte claim is an attack or rot).
+_MAX_IDX_BYTES = 2**34
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Images ``(n, H, W, C)`` (uint8 0..255 or float32 in [0, 1]), integer labels and original indices."""
+
+    name: str
+    split: str | None
+    images: np.ndarray
+    labels: np.ndarray
+    index: np.ndarray
+    source: str
+
+    def __post_init__(self) -> None:
+        x, y, idx = self.images, self.labels, self.index
+        if x.ndim != 4:
+            raise DataError(f"{self.source}: images must have shape (n, H, W, C); got {x.shape}")
+        if x.shape[0] == 0:
+            raise DataError(f"{self.source}: the dataset is empty (no images)")
+        if y.shape != (x.shape[0],) or idx.shape != (x.shape[0],):
+            raise DataError(
+                f"{self.source}: {x.shape[0]} images but {y.shape[0] if y.ndim == 1 else y.shape} labels; "
+                "every image needs exactly one label"
+            )
+        if y.min() < 0:
+            raise DataError(f"{self.source}: labels must be >= 0; found {int(y.min())}")
+        if x.dtype == np.float32 and (not np.isfinite(x).all() or x.min() < 0 or x.max() > 1):
+            raise DataError(f"{self.source}: float images must be finite and in [0, 1]; scale them (x / 255) first")
+
+    @property
+    def n(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.labels.max()) + 1
+
+    @property
+    def spec(self) -> str:
+        return self.name if self.split is None else f"{self.name}:{self.split}"
+
+    def float_images(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Images ``start:stop`` as float32 in [0, 1], shape ``(m, H, W, C)``."""
+        x = self.images[start:stop]
+        if x.dtype == np.uint8:
+            return x.astype(np.float32) / np.float32(255.0)
+        return np.asarray(x, dtype=np.float32)
+
+    @cached_property
+    def sha256(self) -> str:
+        """Digest of exactly what is evaluated: image bytes and shape, labels, original indices."""
+        h = hashlib.sha256()
+        h.update(str((self.images.dtype.str, self.images.shape)).encode())
+        h.update(np.ascontiguousarray(self.images).tobytes())
+        h.update(self.labels.astype("<i8").tobytes())
+        h.update(self.index.astype("<i8").tobytes())
+        return h.hexdigest()
+
+    def select(self, *, start: int | None = None, stop: int | None = None, limit: int | None = None) -> Dataset:
+        """Positions ``start:stop`` then the first ``limit`` of them; original indices are kept."""
+        n = self.n
+        for name, v in (("start", start), ("stop", stop)):
+            if v is not None and not 0 <= v <= n:
+                raise InvalidInput(f"{name} must be in [0, {n}] for {self.spec} ({n} images); got {v}")
+        lo = 0 if start is None else start
+        hi = n if stop is None else stop
+        if hi <= lo:
+            raise InvalidInput(f"the index range {lo}:{hi} is empty; give start < stop")
+        if limit is not None:
+            if limit < 1:
+                raise InvalidInput(f"limit must be >= 1; got {limit}")
+            if limit > hi - lo:
+                raise InvalidInput(f"limit {limit} is beyond the dataset: {self.spec} has {hi - lo} images in range")
+            hi = lo + limit
+        if (lo, hi) == (0, n):
+            return self
+        return Dataset(self.name, self.split, self.images[lo:hi], self.labels[lo:hi], self.index[lo:hi], self.source)
+
+
+# ---------------------------------------------------------------------------------------------------------- IDX
+def _open_bytes(path: Path):
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected a file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    return gzip.open(path, "rb") if head == _GZIP_MAGIC else open(path, "rb")
+
+
+def parse_idx(stream, source: str = "<bytes>") -> np.ndarray:
+    """Parse an IDX stream (already decompressed). Validates magic, dimensions and exact length."""
+    try:
+        header = stream.read(4)
+        if len(header) < 4 or header[0] != 0 or header[1] != 0 or header[2] not in _IDX_DTYPES or header[3] == 0:
+            raise DataError(f"{source}: not an IDX file (bad magic number {header.hex() or 'empty'}); "
+                            "expected 0x0000 + type code + number of dimensions, as in the MNIST files")
+        ndim = header[3]
+        raw_dims = stream.read(4 * ndim)
+        if len(raw_dims) < 4 * ndim:
+            raise DataError(f"{source}: truncated IDX header ({len(raw_dims) // 4} of {ndim} dimensions)")
+        dims = tuple(int(v) for v in np.frombuffer(raw_dims, dtype=">u4"))
+        dtype = np.dtype(_IDX_DTYPES[header[2]])
+        expected = int(np.prod(dims, dtype=object)) * dtype.itemsize
+        if expected > _MAX_IDX_BYTES:
+            raise DataError(f"{source}: IDX header claims {expected} bytes of data for dimensions {dims}; refusing")
+        body = stream.read(expected)
+        if len(body) < expected:
+            raise DataError(f"{source}: truncated IDX data: dimensions {dims} need {expected} bytes, found {len(body)}")
+        if stream.read(1):
+            raise DataError(f"{source}: IDX data is longer than its dimensions {dims} say ({expected} bytes)")
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{source}: corrupt or truncated compressed data ({exc})") from None
+    return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file, gzip-compressed or raw."""
+    p = Path(path)
+    with _open_bytes(p) as fh:
+        return parse_idx(fh, str(p))
+
+
+def _images_from_array(x: np.ndarray, source: str) -> np.ndarray:
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise DataError(f"{source}: images must have shape (n, H, W) or (n, H, W, C); got {x.shape}")
+    if x.shape[1] < 1 or x.shape[2] < 1 or not 1 <= x.shape[3] <= 4:
+        raise DataError(f"{source}: image shape {x.shape[1:]} is not H x W x C with 1 to 4 channels")
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x)
+    if x.dtype.kind == "f":
+        return np.ascontiguousarray(x, dtype=np.float32)
+    raise DataError(f"{source}: images must be uint8 (0..255) or float in [0, 1]; got {x.dtype}")
+
+
+def _labels_from_array(y: np.ndarray, source: str) -> np.ndarray:
+    if y.ndim != 1:
+        raise DataError(f"{source}: labels must be a 1-D array; got shape {y.shape}")
+    if y.dtype.kind not in "iu":
+        raise DataError(f"{source}: labels must be integers; got {y.dtype}")
+    return y.astype(np.int64)
+
+
+def load_idx_pair(images_path, labels_path, *, name: str, split: str | None) -> Dataset:
+    x = read_idx(images_path)
+    y = read_idx(labels_path)
+    src = str(images_path)
+    if x.shape[0] != (y.shape[0] if y.ndim else -1):
+        raise DataError(f"{images_path} has {x.shape[0]} images but {labels_path} has "
+                        f"{y.shape[0] if y.ndim else 0} labels; the two files must match")
+    return Dataset(name, split, _images_from_array(x, src), _labels_from_array(y, str(labels_path)),
+                   np.arange(x.shape[0], dtype=np.int64), src)
+
+
+# ---------------------------------------------------------------------------------------------------------- npz
+def load_npz(path: str | os.PathLike, *, name: str | None = None) -> Dataset:
+    """Load ``x`` (images) and ``y`` (labels), and ``index`` (original indices) when present. Pickles are refused."""
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            keys = set(z.files)
+            missing = {"x", "y"} - keys
+            if missing:
+                raise DataError(f"{p}: .npz needs arrays 'x' (images) and 'y' (labels); missing {sorted(missing)}")
+            x, y = z["x"], z["y"]
+            idx = z["index"] if "index" in keys else None
+    except FileNotFoundError:
+        raise DataError(f"{p}: file not found") from None
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise DataError(f"{p}: .npz holds pickled objects, which pyrobust never loads; save plain arrays") from None
+        raise DataError(f"{p}: not a valid .npz file ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
+        raise DataError(f"{p}: not a valid .npz file ({exc})") from None
+    src = str(p)
+    images = _images_from_array(x, src)
+    labels = _labels_from_array(y, src)
+    if idx is None:
+        index = np.arange(images.shape[0], dtype=np.int64)
+    else:
+        if idx.dtype.kind not in "iu" or idx.shape != (images.shape[0],):
+            raise DataError(f"{p}: 'index' must hold one integer original index per image")
+        index = idx.astype(np.int64)
+        if index.min() < 0 or np.unique(index).size != index.size:
+            raise DataError(f"{p}: 'index' must hold distinct non-negative original indices")
+    return Dataset(name or p.stem, None, images, labels, index, src)
+
+
+# ------------------------------------------------------------------------------------------------------- folders
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _folder_files(folder: Path, split: str) -> tuple[Path, Path] | None:
+    prefix = _SPLIT_PREFIX[split]
+    images = _idx_file(folder, f"{prefix}-images-idx3-ubyte")
+    labels = _idx_file(folder, f"{prefix}-labels-idx1-ubyte")
+    return (images, labels) if images and labels else None
+
+
+def load_folder(folder: str | os.PathLike, split: str, *, name: str | None = None) -> Dataset:
+    """A folder holding the standard MNIST file names (``train-*`` / ``t10k-*``, gzip or raw)."""
+    f = Path(folder)
+    files = _folder_files(f, split)
+    if files is None:
+        prefix = _SPLIT_PREFIX[split]
+        raise DataError(f"{f}: no {prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz] "
+                        f"for split '{split}'")
+    return load_idx_pair(*files, name=name or f.name, split=split)
+
+
+def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Where named datasets are looked for, in order."""
+    roots: list[Path] = []
+    if data_dir is not None:
+        roots.append(Path(data_dir))
+    if os.environ.get("PYROBUST_DATA"):
+        roots.append(Path(os.environ["PYROBUST_DATA"]))
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    roots.append(cache / "pyrobust" / "data")
+    roots.append(Path("/usr/share/datasets"))
+    return roots
+
+
+def find_named(name: str, split: str, data_dir=None) -> tuple[Path, Path]:
+    looked: list[str] = []
+    for root in search_roots(data_dir):
+        for folder in (root / name, root) if root.name == name else (root / name,):
+            files = _folder_files(folder, split)
+            if files:
+                return files
+            looked.append(str(folder))
+    prefix = _SPLIT_PREFIX[split]
+    raise DataError(
+        f"dataset {name}:{split} not found; looked in {', '.join(looked)}. Put {prefix}-images-idx3-ubyte.gz and "
+        f"{prefix}-labels-idx1-ubyte.gz in DIR/{name}/ and pass --data-dir DIR (or set PYROBUST_DATA=DIR)"
+    )
+
+
+def bundled_sample() -> Dataset:
+    """The small MNIST test-set sample shipped with the package (CC BY-SA 3.0, LeCun, Cortes and Burges)."""
+    ref = resources.files("pyrobust") / "assets" / f"{SAMPLE_NAME}.npz"
+    with resources.as_file(ref) as path:
+        ds = load_npz(path, name=SAMPLE_NAME)
+    return Dataset(SAMPLE_NAME, "test", ds.images, ds.labels, ds.index, "pyrobust/assets/mnist-sample.npz")
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail in SPLITS:
+        return head, tail
+    if sep and head in NAMED:
+        raise InvalidInput(f"split must be one of {', '.join(SPLITS)}; got {tail!r} in {spec!r}")
+    return spec, None
+
+
+def load_dataset(spec: str, *, data_dir=None, start: int | None = None, stop: int | None = None,
+                 limit: int | None = None) -> Dataset:
+    """Load a dataset by spec.
+
+    ``spec`` is ``mnist:test`` / ``fashion-mnist:train`` (a named dataset, split ``test`` when omitted),
+    ``sample`` (the bundled MNIST sample), a ``.npz`` file, or a folder of MNIST-named files with ``:train`` or
+    ``:test``. ``start``/``stop``/``limit`` select a part; images keep their original indices.
+    """
+    if not spec:
+        raise InvalidInput("dataset must be NAME:SPLIT (mnist or fashion-mnist, train or test), 'sample', "
+                           "a .npz file or a folder of IDX files; got an empty string")
+    target, split = _split_spec(spec)
+    if target in ("sample", SAMPLE_NAME):
+        ds = bundled_sample()
+    elif target in NAMED:
+        ds = load_idx_pair(*find_named(target, split or "test", data_dir), name=target, split=split or "test")
+    else:
+        p = Path(target)
+        if p.is_dir():
+            ds = load_folder(p, split or "test")
+        elif p.suffix == ".npz" or p.is_file():
+            if split is not None:
+                raise InvalidInput(f"a .npz file has no splits; drop ':{split}' from {spec!r}")
+            ds = load_npz(p)
+        else:
+            raise DataError(f"dataset {spec!r} not found: give mnist:SPLIT, fashion-mnist:SPLIT, sample, "
+                            "a .npz file with arrays x and y, or a folder of MNIST-named IDX files")
+    return ds.select(start=start, stop=stop, limit=limit)
+
+
+def parse_range(text: str) -> tuple[int | None, int | None]:
+    """``"100:200"`` -> (100, 200); either side may be empty."""
+    lo, sep, hi = text.partition(":")
+    if not sep:
+        raise InvalidInput(f"an index range is START:STOP (e.g. 100:200); got {text!r}")
+    try:
+        return (int(lo) if lo.strip() else None, int(hi) if hi.strip() else None)
+    except ValueError:
+        raise InvalidInput(f"an index range is START:STOP with integers (e.g. 100:200); got {text!r}") from None
+
+
+def save_npz(path: str | os.PathLike, ds: Dataset) -> None:
+    """Write a dataset as a plain (pickle-free) ``.npz`` with ``x``, ``y`` and ``index``."""
+    buf = io.BytesIO()
+    x = ds.images[..., 0] if ds.images.shape[3] == 1 else ds.images
+    np.savez_compressed(buf, x=x, y=ds.labels.astype(np.uint8 if ds.labels.max() < 256 else np.int64), index=ds.index)
+    Path(path).write_bytes(buf.getvalue())

@@ -1,0 +1,164 @@
+"""The evaluation loop: a pool of ``batch_size`` slots, each holding one image at its current step.
+
+Every iteration the noise kernel writes the next input of every busy slot straight into the model's input buffer,
+onnxruntime scores the batch, and the tracking kernel records the outcome. A slot whose image is fooled (or survives
+``max_steps``) is refilled at once with the next image, so batches stay full and fooled images cost nothing more.
+Step 0 is the clean pass and runs through the same loop. Originals are converted (to float, normalised, into the
+model's layout) one chunk of ``chunk_size`` images at a time, and each slot keeps its own copy of its image, so
+memory is bounded by ``batch_size`` and ``chunk_size``, not by the dataset.
+
+Because the noise of (image, step) depends only on (seed, original index, step, draw), the per-image results do not
+depend on ``batch_size``, ``threads``, ``chunk_size``, the order of images or which subset is evaluated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+import perturbcore
+from pyrobust.datasets import Dataset
+from pyrobust.errors import InvalidInput
+from pyrobust.runtime import OnnxModel
+from pyrobust.types import ROBUST, NoiseSpec, Outcome
+
+Progress = Callable[[int, int, int], None]  # (images finished, images in all, inferences run)
+
+
+def _channel_values(values, channels: int, name: str) -> np.ndarray | None:
+    if values is None:
+        return None
+    arr = np.asarray(values, dtype=np.float32)
+    if arr.size == 1:
+        return np.full(channels, arr.item(), np.float32)
+    if arr.size != channels:
+        raise InvalidInput(f"{name} needs 1 or {channels} values for {channels}-channel images; got {arr.size}")
+    return arr
+
+
+def check_spec_for_data(spec: NoiseSpec, image_shape: tuple[int, int, int]) -> None:
+    h, w, c = image_shape
+    if spec.pixels > h * w:
+        raise InvalidInput(f"pixels must be an integer in [1, {h * w}] for {h}x{w} images; got {spec.pixels}")
+    _channel_values(spec.mean, c, "mean")
+    _channel_values(spec.std, c, "std")
+
+
+def bind_model(model: OnnxModel, dataset: Dataset, spec: NoiseSpec) -> None:
+    """Check ``spec`` against the data and bind ``model`` to the data's shape, probing it on the first image, so
+    every model or shape error surfaces before any work starts."""
+    check_spec_for_data(spec, dataset.image_shape)
+    c = dataset.image_shape[2]
+    probe = _prepare(dataset, 0, 1, _channel_values(spec.mean, c, "mean"), _channel_values(spec.std, c, "std"))
+    model.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=probe)
+
+
+def run_protocol(
+    model: OnnxModel,
+    dataset: Dataset,
+    spec: NoiseSpec,
+    *,
+    batch_size: int = 256,
+    chunk_size: int = 4096,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> Outcome:
+    """Run the paper's protocol on every image of ``dataset``; return per-image outcomes in dataset order."""
+    if batch_size < 1:
+        raise InvalidInput(f"batch_size must be >= 1; got {batch_size}")
+    if chunk_size < 1:
+        raise InvalidInput(f"chunk_size must be >= 1; got {chunk_size}")
+    bind_model(model, dataset, spec)
+    h, w, c = dataset.image_shape
+    mean = _channel_values(spec.mean, c, "mean")
+    std = _channel_values(spec.std, c, "std")
+    threads = threads or model.threads
+
+    n, n_pos = dataset.n, h * w
+    d = n_pos * c
+    clean_prediction = np.full(n, ROBUST, np.int32)
+    first_failure = np.full(n, ROBUST, np.int32)
+    failure_label = np.full(n, ROBUST, np.int32)
+
+    slot_src = np.zeros((batch_size, d), np.float32)
+    slot_index = np.zeros(batch_size, np.int64)
+    slot_step = np.zeros(batch_size, np.int64)
+    slot_label = np.zeros(batch_size, np.int64)
+    slot_pos = np.zeros(batch_size, np.int64)
+    busy = np.zeros(batch_size, np.bool_)
+    buf = np.empty((batch_size, d), np.float32)
+    preds = np.empty(batch_size, np.int32)
+    done = np.empty(batch_size, np.bool_)
+    cumulative = spec.mode == "cumulative"
+
+    next_pos = 0
+    chunk_lo, chunk = 0, np.empty((0, d), np.float32)
+    finished = inferences = noisy = 0
+    t0 = time.perf_counter()
+    while True:
+        free = np.flatnonzero(~busy)
+        while free.size and next_pos < n:
+            if next_pos >= chunk_lo + chunk.shape[0]:
+                chunk_lo = next_pos
+                chunk = model.to_flat(_prepare(dataset, next_pos, min(n, next_pos + chunk_size), mean, std))
+            k = min(free.size, chunk_lo + chunk.shape[0] - next_pos)
+            slots, free = free[:k], free[k:]
+            pos = np.arange(next_pos, next_pos + k)
+            slot_src[slots] = chunk[pos - chunk_lo]
+            slot_index[slots] = dataset.index[pos]
+            slot_label[slots] = dataset.labels[pos]
+            slot_pos[slots] = pos
+            slot_step[slots] = 0
+            busy[slots] = True
+            next_pos += k
+        rows = np.flatnonzero(busy)
+        m = rows.size
+        if m == 0:
+            break
+        perturbcore.perturb_flat(
+            slot_src, rows=rows, indices=slot_index, steps=slot_step, out=buf, pixels=spec.pixels,
+            n_positions=n_pos, channels=c, seed=spec.seed, low=spec.low, high=spec.high, scheme=spec.scheme,
+            channels_first=model.binding.channels_first, mean=mean, std=std, write_back=cumulative,
+            threads=threads,
+        )
+        noisy += int(np.count_nonzero(slot_step[rows]))
+        scores = model.run(buf[:m])
+        perturbcore.predict(scores, out=preds)
+        fin = perturbcore.record_batch(
+            preds, rows, slot_label=slot_label, slot_step=slot_step, slot_pos=slot_pos, max_steps=spec.max_steps,
+            clean_prediction=clean_prediction, first_failure=first_failure, failure_label=failure_label, done=done,
+        )
+        busy[rows[fin]] = False
+        inferences += m
+        finished += int(np.count_nonzero(fin))
+        if progress is not None:
+            progress(finished, n, inferences)
+    seconds = time.perf_counter() - t0
+    return Outcome(
+        index=dataset.index.copy(), label=dataset.labels.copy(), clean_prediction=clean_prediction,
+        first_failure=first_failure, failure_label=failure_label, inferences=inferences, noisy_inferences=noisy,
+        seconds=seconds,
+    )
+
+
+def _prepare(dataset: Dataset, lo: int, hi: int, mean, std) -> np.ndarray:
+    """Images lo:hi as float32 (m, H, W, C), normalised as the kernel normalises its noise values."""
+    x = dataset.float_images(lo, hi)
+    if mean is not None:
+        x = (x - mean) / std
+    return x
+
+
+def clean_predictions(model: OnnxModel, dataset: Dataset, *, batch_size: int = 1024,
+                      mean=None, std=None) -> np.ndarray:
+    """The model's predictions on the clean images (int32 (n,); ``NONFINITE`` for non-finite outputs)."""
+    c = dataset.image_shape[2]
+    mean, std = _channel_values(mean, c, "mean"), _channel_values(std, c, "std")
+    model.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=_prepare(dataset, 0, 1, mean, std))
+    out = np.empty(dataset.n, np.int32)
+    for lo in range(0, dataset.n, batch_size):
+        hi = min(dataset.n, lo + batch_size)
+        out[lo:hi] = perturbcore.predict(model.run(model.to_flat(_prepare(dataset, lo, hi, mean, std))))
+    return out

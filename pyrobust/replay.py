@@ -1,0 +1,110 @@
+"""Regenerate the exact input the model saw for any (image, step) from saved results.
+
+The noise is a pure function of (seed, original index, step, draw), so nothing but the settings needs saving. In the
+random-walk mode (``cumulative``) the input at step ``s`` is rebuilt by applying steps 1..s in order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import perturbcore
+from pyrobust.datasets import Dataset, load_dataset
+from pyrobust.errors import DataError, InvalidInput, ModelError
+from pyrobust.results import load_results
+from pyrobust.types import ROBUST, NoiseSpec
+
+
+def perturbed_image(original: np.ndarray, *, index: int, step: int, spec: NoiseSpec) -> np.ndarray:
+    """The input at ``step`` (0 = clean) of the image with original index ``index``; ``original`` is float32
+    (H, W, C) in data space (before normalisation), and so is the result."""
+    h, w, c = original.shape
+    flat = np.ascontiguousarray(original, dtype=np.float32).reshape(1, h * w * c).copy()
+    common = dict(pixels=spec.pixels, n_positions=h * w, channels=c, seed=spec.seed, low=spec.low, high=spec.high,
+                  scheme=spec.scheme, indices=[index])
+    if spec.mode == "restart" or step == 0:
+        out = perturbcore.perturb_flat(flat, steps=[step], **common)
+    else:
+        out = np.empty_like(flat)
+        for s in range(1, step + 1):
+            perturbcore.perturb_flat(flat, steps=[s], out=out, write_back=True, **common)
+    return out.reshape(h, w, c)
+
+
+@dataclass(frozen=True)
+class Replay:
+    index: int
+    label: int
+    step: int
+    recorded_failure_step: int
+    recorded_label: int  # the prediction the run implies at this step: the failure label at the first failure,
+    # the true label before it
+    original: np.ndarray  # float32 (H, W, C)
+    perturbed: np.ndarray  # float32 (H, W, C)
+    prediction: int | None  # the model's prediction on ``perturbed`` now, when the model was available
+
+    @property
+    def matches(self) -> bool | None:
+        if self.prediction is None:
+            return None
+        return self.prediction == self.recorded_label
+
+
+def reload_dataset(summary: dict, *, data_dir=None) -> Dataset:
+    """The exact images a run evaluated, checked against its recorded SHA-256."""
+    d = summary["dataset"]
+    ds = load_dataset(d["spec"], data_dir=data_dir if data_dir is not None else d.get("data_dir"),
+                      start=d.get("start"), stop=d.get("stop"), limit=d.get("limit"))
+    if ds.sha256 != d["sha256"]:
+        raise DataError(f"dataset {d['spec']} now has SHA-256 {ds.sha256[:12]}…, but the run evaluated "
+                        f"{d['sha256'][:12]}…; point --data-dir at the files the run used")
+    return ds
+
+
+def replay(results_dir: str | os.PathLike, *, index: int, step: int | None = None, model=None, data_dir=None,
+           threads: int | None = None) -> Replay:
+    """Rebuild image ``index``'s input at ``step`` (default: its first-failure step) and, when the model is at hand
+    (``model`` or the path the run recorded), ask it again."""
+    from pyrobust.runtime import OnnxModel
+
+    outcome, summary = load_results(results_dir)
+    spec = NoiseSpec.from_dict(summary["settings"])
+    where = np.flatnonzero(outcome.index == index)
+    if where.size == 0:
+        raise InvalidInput(f"image {index} was not evaluated in {results_dir} (original indices "
+                           f"{int(outcome.index.min())}..{int(outcome.index.max())})")
+    pos = int(where[0])
+    ff = int(outcome.first_failure[pos])
+    if step is None:
+        if ff == ROBUST:
+            raise InvalidInput(f"image {index} is robust (never fooled in {spec.max_steps} steps), so it has no failing "
+                               "input; pass --step S to rebuild its input at step S")
+        step = ff
+    if not 0 <= step <= spec.max_steps:
+        raise InvalidInput(f"step must be in [0, {spec.max_steps}]; got {step}")
+    if ff != ROBUST and step > ff:
+        raise InvalidInput(f"image {index} left play at step {ff}; steps after it were never run")
+    ds = reload_dataset(summary, data_dir=data_dir)
+    original = ds.float_images(pos, pos + 1)[0]
+    perturbed = perturbed_image(original, index=index, step=step, spec=spec)
+
+    prediction = None
+    model_path = model if model is not None else summary["model"].get("path")
+    if model_path is not None and (model is not None or Path(model_path).is_file()):
+        m = model_path if isinstance(model_path, OnnxModel) else OnnxModel(model_path, threads=threads)
+        if m.sha256 != summary["model"]["sha256"]:
+            raise ModelError(f"{m.path}: SHA-256 {m.sha256[:12]}… differs from the model the run evaluated "
+                             f"({summary['model']['sha256'][:12]}…); pass --model with that file")
+        x = perturbed[None]
+        if spec.mean is not None:
+            x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+        m.bind(ds.image_shape, n_classes=ds.n_classes, probe=x)
+        prediction = int(perturbcore.predict(m.run(m.to_flat(x)))[0])
+    # Before its first failure the model gave the true label at every step; at it, the recorded failure label.
+    recorded = int(outcome.failure_label[pos]) if step == ff else int(outcome.label[pos])
+    return Replay(index=index, label=int(outcome.label[pos]), step=step, recorded_failure_step=ff,
+                  recorded_label=recorded, original=original, perturbed=perturbed, prediction=prediction)

@@ -1,0 +1,197 @@
+"""A loaded ONNX classifier: an onnxruntime session on the CPU with explicit providers and threads, and the
+adapter from pyrobust's flat image buffers to whatever input layout the model declares.
+
+Threads: numba's kernels and onnxruntime's intra-op pool run one after the other on the same cores. Spinning
+onnxruntime workers (its default) keep burning those cores while numba runs, and numba's workers then fight them;
+the session is therefore created with ``session.intra_op.allow_spinning = 0`` unless asked otherwise
+(``benchmarks/test_bench_engine.py::test_thread_pools`` measures both settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pyrobust.errors import ModelError
+
+# Operator domains onnxruntime implements itself; anything else needs a custom-op library, which pyrobust never loads.
+KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc",
+                           "ai.onnx.training", "ai.onnx.preview.training", "com.ms.internal.nhwc"})
+LAYOUTS = ("NCHW", "NHWC", "NHW", "NF")
+_INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _dim_ok(declared, actual: int) -> bool:
+    return not isinstance(declared, int) or declared == actual
+
+
+@dataclass(frozen=True)
+class Binding:
+    """How images of shape (H, W, C) feed this model."""
+
+    layout: str  # one of LAYOUTS
+    input_shape: tuple[int, ...]  # the shape of one image as the model wants it
+    channels_first: bool  # flat buffers hold channel planes (only NCHW with C > 1)
+    fixed_batch: int | None  # the model's batch size when it is not dynamic
+
+
+def describe_shape(shape) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in shape) + "]"
+
+
+class OnnxModel:
+    """An ONNX image classifier run by onnxruntime on the CPU."""
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, spinning: bool = False) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            raise ModelError(f"{self.path}: model file not found") from None
+        except IsADirectoryError:
+            raise ModelError(f"{self.path}: is a folder, expected an .onnx file") from None
+        except OSError as exc:
+            raise ModelError(f"{self.path}: cannot read ({exc.strerror})") from None
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        try:
+            proto = onnx.load_model_from_string(data)
+        except Exception as exc:  # protobuf raises DecodeError and friends, not a common base
+            raise ModelError(f"{self.path}: not an ONNX model ({type(exc).__name__}); export one with torch.onnx.export "
+                             "or pyrobust train") from None
+        if not proto.graph.node and not proto.graph.output:
+            raise ModelError(f"{self.path}: not an ONNX model (no graph); export one with torch.onnx.export")
+        unknown = sorted({o.domain for o in proto.opset_import} - KNOWN_DOMAINS)
+        if unknown:
+            raise ModelError(f"{self.path}: uses custom operator domain(s) {', '.join(unknown)}, which onnxruntime does "
+                             "not implement; pyrobust loads no custom-op libraries")
+        try:
+            onnx.checker.check_model(str(self.path))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{self.path}: invalid ONNX model ({first})") from None
+
+        self.threads = int(threads) if threads else default_threads()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        self.spinning = spinning
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{self.path}: onnxruntime cannot load the model ({first})") from None
+
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            names = ", ".join(f"{i.name} {describe_shape(i.shape)}" for i in inputs)
+            raise ModelError(f"{self.path}: the model has {len(inputs)} inputs ({names}); pyrobust needs exactly one "
+                             "image input")
+        self.input = inputs[0]
+        if self.input.type not in _INPUT_DTYPES:
+            raise ModelError(f"{self.path}: input '{self.input.name}' has type {self.input.type}; pyrobust feeds "
+                             "float images (tensor(float), tensor(double) or tensor(float16))")
+        self.input_dtype = _INPUT_DTYPES[self.input.type]
+        self.output = self.session.get_outputs()[0]
+        self.binding: Binding | None = None
+
+    # ------------------------------------------------------------------------------------------------------ layout
+    @property
+    def input_shape(self) -> list:
+        return [d if isinstance(d, int) and d > 0 else None for d in self.input.shape]
+
+    def bind(self, image_shape: tuple[int, int, int], *, n_classes: int, probe: np.ndarray | None = None) -> Binding:
+        """Choose how images of ``image_shape`` (H, W, C) feed the model, and check the output gives at least
+        ``n_classes`` scores per image by running ``probe`` (float32 images (m, H, W, C), default zeros)."""
+        h, w, c = image_shape
+        dims = self.input_shape
+        batch = dims[0] if dims else None
+        rest = dims[1:]
+        want = f"N×C×H×W, N×H×W×C, N×H×W or N×(H·W) for images of {h}×{w}×{c}"
+        binding = None
+        if len(dims) == 4:
+            if all(_dim_ok(d, a) for d, a in zip(rest, (c, h, w))):
+                binding = Binding("NCHW", (c, h, w), c > 1, batch)
+            elif all(_dim_ok(d, a) for d, a in zip(rest, (h, w, c))):
+                binding = Binding("NHWC", (h, w, c), False, batch)
+        elif len(dims) == 3 and c == 1 and all(_dim_ok(d, a) for d, a in zip(rest, (h, w))):
+            binding = Binding("NHW", (h, w), False, batch)
+        elif len(dims) == 2 and _dim_ok(rest[0], h * w * c):
+            binding = Binding("NF", (h * w * c,), False, batch)
+        if binding is None:
+            raise ModelError(f"{self.path}: input '{self.input.name}' has shape {describe_shape(self.input.shape)}, "
+                             f"which does not fit the data: pyrobust needs {want}")
+        out_shape = self.output.shape
+        if out_shape and len(out_shape) != 2:
+            raise ModelError(f"{self.path}: first output '{self.output.name}' has shape {describe_shape(out_shape)}; "
+                             "pyrobust needs N×classes scores (logits or probabilities)")
+        if out_shape and isinstance(out_shape[1], int) and out_shape[1] < n_classes:
+            raise ModelError(f"{self.path}: the model outputs {out_shape[1]} classes but the labels need "
+                             f"{n_classes} (0..{n_classes - 1}); use a model trained on this dataset")
+        self.binding = binding
+        x = np.zeros((1, h, w, c), np.float32) if probe is None else probe[:1]
+        scores = self.run(self.to_flat(x))
+        if scores.shape[1] < n_classes:
+            self.binding = None
+            raise ModelError(f"{self.path}: the model outputs {scores.shape[1]} classes but the labels need "
+                             f"{n_classes} (0..{n_classes - 1}); use a model trained on this dataset")
+        return binding
+
+    def to_flat(self, images: np.ndarray) -> np.ndarray:
+        """Images (m, H, W, C) float32 -> flat (m, D) buffer in the bound model's memory layout."""
+        assert self.binding is not None, "bind() first"
+        m = images.shape[0]
+        if self.binding.channels_first:
+            images = images.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(images, dtype=np.float32).reshape(m, -1)
+
+    # --------------------------------------------------------------------------------------------------------- run
+    def _run_once(self, x: np.ndarray) -> np.ndarray:
+        try:
+            out = self.session.run([self.output.name], {self.input.name: x})[0]
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{self.path}: onnxruntime failed to run the model ({first})") from None
+        if out.ndim != 2 or out.shape[0] != x.shape[0]:
+            raise ModelError(f"{self.path}: for a batch of {x.shape[0]} images the first output has shape "
+                             f"{list(out.shape)}; pyrobust needs one row of class scores per image")
+        if out.dtype.kind != "f":
+            raise ModelError(f"{self.path}: the first output holds {out.dtype} values; pyrobust needs float class "
+                             "scores (logits or probabilities), not labels")
+        return out
+
+    def run(self, flat: np.ndarray) -> np.ndarray:
+        """Scores (m, K) for a flat (m, D) float32 buffer; splits and pads for a model with a fixed batch size."""
+        assert self.binding is not None, "bind() first"
+        m = flat.shape[0]
+        x = flat.reshape((m, *self.binding.input_shape))
+        if self.input_dtype is not np.float32:
+            x = x.astype(self.input_dtype)
+        k = self.binding.fixed_batch
+        if k is None or k == m:
+            return self._run_once(x)
+        parts = []
+        for lo in range(0, m, k):
+            chunk = x[lo: lo + k]
+            if chunk.shape[0] < k:
+                pad = np.repeat(chunk[-1:], k - chunk.shape[0], axis=0)
+                chunk = np.concatenate([chunk, pad])
+            parts.append(self._run_once(chunk)[: min(k, m - lo)])
+        return np.concatenate(parts)

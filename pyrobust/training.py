@@ -1,0 +1,209 @@
+"""Train the paper's kind of small classifiers with torch and export them to ONNX (``pyrobust[train]``).
+
+torch is imported only here, so evaluating and gating ONNX models never needs it.
+
+Architectures:
+
+* ``cnn``: a simple CNN of the kind the paper evaluates on MNIST: conv 3x3 (32) - ReLU - max-pool 2 - conv 3x3 (64)
+  - ReLU - max-pool 2 - dense 128 - ReLU - dense (classes). The paper does not publish its exact network; this is
+  the common two-convolution MNIST baseline.
+* ``mlp``: flatten - dense 256 - ReLU - dense (classes).
+
+The exported model takes float images ``N×C×H×W`` in [0, 1] (batch axis dynamic) and returns ``N×classes`` logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pyrobust.datasets import Dataset
+from pyrobust.errors import InvalidInput, MissingDependency, ModelError
+from pyrobust.results import atomic_path
+
+ARCHITECTURES = ("cnn", "mlp")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependency("training needs torch: pip install torch==2.13.0 'pyrobust[train]' "
+                                "(install the pinned CPU build of torch first)") from None
+    return torch
+
+
+def build_model(architecture: str, image_shape: tuple[int, int, int], n_classes: int):
+    """A fresh torch module for images (H, W, C)."""
+    torch = _torch()
+    nn = torch.nn
+    h, w, c = image_shape
+    if architecture == "cnn":
+        if h < 10 or w < 10:
+            raise InvalidInput(f"the cnn needs images of at least 10x10; got {h}x{w} (use --arch mlp)")
+        fh, fw = ((h - 2) // 2 - 2) // 2, ((w - 2) // 2 - 2) // 2
+        return nn.Sequential(
+            nn.Conv2d(c, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * fh * fw, 128), nn.ReLU(), nn.Linear(128, n_classes),
+        )
+    if architecture == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(h * w * c, 256), nn.ReLU(), nn.Linear(256, n_classes))
+    raise InvalidInput(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {architecture!r}")
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    out: Path
+    architecture: str
+    epochs: int
+    seed: int
+    train_images: int
+    train_accuracy: float
+    losses: tuple[float, ...]
+    parity_max_abs_diff: float
+    seconds: float
+    sha256: str
+
+
+def _nchw(ds: Dataset, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    return np.ascontiguousarray(ds.float_images(lo, hi).transpose(0, 3, 1, 2))
+
+
+def train(
+    dataset: Dataset,
+    *,
+    out: str | os.PathLike,
+    architecture: str = "cnn",
+    epochs: int = 5,
+    batch_size: int = 128,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    threads: int | None = None,
+    n_classes: int | None = None,
+    log=None,
+) -> TrainReport:
+    """Train ``architecture`` on ``dataset`` with Adam, export to ONNX at ``out`` and check torch and onnxruntime
+    agree on a sample. The same seed, data and settings give the same weights."""
+    if architecture not in ARCHITECTURES:
+        raise InvalidInput(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {architecture!r}")
+    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise InvalidInput(f"{name} must be an integer >= 1; got {v!r}")
+    if not learning_rate > 0:
+        raise InvalidInput(f"learning_rate must be > 0; got {learning_rate}")
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise InvalidInput(f"the model is written as ONNX: --out must end in .onnx; got {out}")
+    if not out.parent.is_dir():
+        raise InvalidInput(f"{out.parent}: folder does not exist; create it or choose another --out")
+    torch = _torch()
+    k = n_classes or dataset.n_classes
+    t0 = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or previous_threads)
+    try:
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True)
+        model = build_model(architecture, dataset.image_shape, k)
+        x_all = torch.from_numpy(_nchw(dataset))
+        y_all = torch.from_numpy(dataset.labels)
+        opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
+        gen = torch.Generator().manual_seed(seed)
+        losses = []
+        model.train()
+        for epoch in range(int(epochs)):
+            order = torch.randperm(dataset.n, generator=gen)
+            total, seen = 0.0, 0
+            for lo in range(0, dataset.n, batch_size):
+                idx = order[lo: lo + batch_size]
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x_all[idx]), y_all[idx])
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * idx.numel()
+                seen += idx.numel()
+            losses.append(total / seen)
+            if log:
+                log(f"epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f}")
+        model.eval()
+        with torch.no_grad():
+            preds = torch.cat([model(x_all[lo: lo + 1024]).argmax(1) for lo in range(0, dataset.n, 1024)])
+        train_acc = float((preds == y_all).double().mean())
+        export_onnx(model, dataset.image_shape, out, metadata={
+            "pyrobust.architecture": architecture, "pyrobust.dataset": dataset.spec,
+            "pyrobust.dataset_sha256": dataset.sha256, "pyrobust.seed": str(seed), "pyrobust.epochs": str(epochs),
+            "pyrobust.classes": str(k),
+        })
+        diff = check_parity(model, out, _nchw(dataset, 0, min(dataset.n, 256)))
+    finally:
+        torch.set_num_threads(previous_threads)
+    return TrainReport(out=out, architecture=architecture, epochs=int(epochs), seed=seed, train_images=dataset.n,
+                       train_accuracy=train_acc, losses=tuple(losses), parity_max_abs_diff=diff,
+                       seconds=time.perf_counter() - t0, sha256=hashlib.sha256(out.read_bytes()).hexdigest())
+
+
+def _with_image_input(torch, module):
+    """Wrap ``module`` so the exported graph's input is called ``image``."""
+
+    class Classifier(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, image):
+            return self.net(image)
+
+    return Classifier(module).eval()
+
+
+def export_onnx(module, image_shape: tuple[int, int, int], out: Path, *, metadata: dict | None = None) -> None:
+    """Export ``module`` (taking N×C×H×W) to ``out`` with a dynamic batch axis, atomically."""
+    import logging
+    import warnings
+
+    import onnx
+
+    torch = _torch()
+    h, w, c = image_shape
+    wrapped = _with_image_input(torch, module)
+    example = (torch.zeros(2, c, h, w),)
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        # The exporter's own chatter (deprecations in torch internals, torchvision ops it skips): nothing a user
+        # can act on.
+        warnings.simplefilter("ignore")
+        registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+        level = registration.level
+        registration.setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            wrapped, example, dynamo=True, input_names=["image"], output_names=["logits"],
+            dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}}, external_data=False, verbose=False,
+        )
+        proto = program.model_proto
+        for key, value in (metadata or {}).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save_model(proto, str(tmp))
+        registration.setLevel(level)
+
+
+def check_parity(module, path: Path, sample_nchw: np.ndarray, *, atol: float = 1e-4) -> float:
+    """Max absolute difference between torch and onnxruntime logits on ``sample_nchw``; ModelError beyond ``atol``
+    or if any prediction differs."""
+    import onnxruntime as ort
+
+    torch = _torch()
+    with torch.no_grad():
+        expected = module(torch.from_numpy(sample_nchw)).numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: sample_nchw})[0]
+    diff = float(np.max(np.abs(expected - got)))
+    scale = max(1.0, float(np.max(np.abs(expected))))
+    if diff > atol * scale or not np.array_equal(expected.argmax(1), got.argmax(1)):
+        raise ModelError(f"{path}: torch and onnxruntime disagree (max |diff| {diff:.3g}); the export is not faithful")
+    return diff

@@ -1,0 +1,116 @@
+"""The small vocabulary shared by the whole package: the perturbation spec and the per-image result.
+
+Sentinels, per image:
+
+* ``first_failure == -1`` (``ROBUST``): never fooled within ``max_steps``; ``failure_label`` is then -1 too.
+* ``first_failure == 0``: wrong on the clean image, never perturbed; ``failure_label`` is the clean prediction.
+* ``failure_label == -2`` / ``clean_prediction == -2`` (``NONFINITE``): the model's output held NaN or infinity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from perturbcore import NONFINITE, ROBUST, SCHEMES
+from pyrobust.errors import InvalidInput
+
+MODES = ("restart", "cumulative")
+PAPER_PIXELS = 28
+PAPER_MAX_STEPS = 250
+
+__all__ = ["MODES", "NONFINITE", "ROBUST", "SCHEMES", "NoiseSpec", "Outcome"]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """How images are perturbed and for how long. Defaults are the paper's (28 pixels, 250 steps, values in [0, 1))."""
+
+    pixels: int = PAPER_PIXELS
+    max_steps: int = PAPER_MAX_STEPS
+    low: float = 0.0
+    high: float = 1.0
+    scheme: str = "uniform"
+    mode: str = "restart"
+    seed: int = 0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.pixels) or self.pixels < 1:
+            raise InvalidInput(f"pixels must be an integer >= 1; got {self.pixels!r}")
+        if not _is_int(self.max_steps) or self.max_steps < 1:
+            raise InvalidInput(f"max_steps must be an integer >= 1; got {self.max_steps!r}")
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
+            raise InvalidInput(f"noise values need finite low < high; got low={self.low}, high={self.high}")
+        if self.scheme not in SCHEMES:
+            raise InvalidInput(f"scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
+        if self.mode not in MODES:
+            raise InvalidInput(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**64:
+            raise InvalidInput(f"seed must be an integer in [0, 2**64); got {self.seed!r}")
+        if (self.mean is None) != (self.std is None):
+            raise InvalidInput("normalisation needs both mean and std (one value per channel), or neither")
+        if self.mean is not None:
+            mean = tuple(float(v) for v in self.mean)
+            std = tuple(float(v) for v in self.std)
+            if len(mean) != len(std) or not mean:
+                raise InvalidInput(f"mean and std need one value per channel each; got {len(mean)} and {len(std)}")
+            if not all(math.isfinite(v) for v in mean) or not all(math.isfinite(v) and v > 0 for v in std):
+                raise InvalidInput("mean must be finite and std finite and > 0")
+            object.__setattr__(self, "mean", mean)
+            object.__setattr__(self, "std", std)
+        object.__setattr__(self, "low", float(self.low))
+        object.__setattr__(self, "high", float(self.high))
+        object.__setattr__(self, "pixels", int(self.pixels))
+        object.__setattr__(self, "max_steps", int(self.max_steps))
+        object.__setattr__(self, "seed", int(self.seed))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"] = list(self.mean) if self.mean is not None else None
+        d["std"] = list(self.std) if self.std is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NoiseSpec:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for k in ("mean", "std"):
+            if known.get(k) is not None:
+                known[k] = tuple(known[k])
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Per-image results of one evaluation, aligned with ``index`` (the images' original dataset indices)."""
+
+    index: np.ndarray  # int64 (n,)
+    label: np.ndarray  # int64 (n,)
+    clean_prediction: np.ndarray  # int32 (n,)
+    first_failure: np.ndarray  # int32 (n,): -1 robust, 0 wrong before noise, s >= 1 fooled at step s
+    failure_label: np.ndarray  # int32 (n,): prediction at the first failure; -1 if robust
+    inferences: int = 0
+    noisy_inferences: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    ARRAYS = ("index", "label", "clean_prediction", "first_failure", "failure_label")
+
+    @property
+    def n(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.first_failure != 0
+
+    @property
+    def robust(self) -> np.ndarray:
+        return self.first_failure == ROBUST
