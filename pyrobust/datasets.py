@@ -10,7 +10,6 @@ import gzip
 import hashlib
 import io
 import os
-import zipfile
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
@@ -197,7 +196,10 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> Dataset:
     """Load ``x`` (images) and ``y`` (labels), and ``index`` (original indices) when present. Pickles are refused."""
     p = Path(path)
     try:
-        with np.load(p, allow_pickle=False) as z:
+        # Our own handle: np.load leaks the one it opens when the archive is corrupt.
+        with open(p, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise DataError(f"{p}: holds a single array, not an .npz archive with arrays 'x' and 'y'")
             keys = set(z.files)
             missing = {"x", "y"} - keys
             if missing:
@@ -210,8 +212,10 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> Dataset:
         if "pickle" in str(exc).lower():
             raise DataError(f"{p}: .npz holds pickled objects, which pyrobust never loads; save plain arrays") from None
         raise DataError(f"{p}: not a valid .npz file ({exc})") from None
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
-        raise DataError(f"{p}: not a valid .npz file ({exc})") from None
+    except DataError:
+        raise
+    except Exception as exc:  # zipfile and numpy raise a zoo (BadZipFile, RuntimeError, struct.error, ...)
+        raise DataError(f"{p}: not a valid .npz file ({type(exc).__name__}: {exc})") from None
     src = str(p)
     images = _images_from_array(x, src)
     labels = _labels_from_array(y, src)

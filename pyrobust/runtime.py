@@ -147,7 +147,13 @@ class OnnxModel:
                              f"{n_classes} (0..{n_classes - 1}); use a model trained on this dataset")
         self.binding = binding
         x = np.zeros((1, h, w, c), np.float32) if probe is None else probe[:1]
-        scores = self.run(self.to_flat(x))
+        if binding.fixed_batch is None:
+            x = np.repeat(x, 2, axis=0)  # two rows, so an output that ignores the batch size shows here
+        try:
+            scores = self.run(self.to_flat(x))
+        except ModelError:
+            self.binding = None
+            raise
         if scores.shape[1] < n_classes:
             self.binding = None
             raise ModelError(f"{self.path}: the model outputs {scores.shape[1]} classes but the labels need "

@@ -1,0 +1,158 @@
+"""Shared fixtures: hand-built ONNX models whose behaviour is known by construction, tiny torch models exported
+to every supported input layout, and small datasets."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from pyrobust.datasets import Dataset, bundled_sample
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PYROBUST_TEST_DATA", ROOT.parent / "shared" / "data"))
+BUNDLED_MODEL = resources.files("pyrobust") / "assets" / "mnist-cnn.onnx"
+
+
+def save_model(path: Path, nodes, inputs, outputs, initializers=(), opset: int = 17, domains=()) -> Path:
+    graph = helper.make_graph(list(nodes), "g", list(inputs), list(outputs), initializer=list(initializers))
+    imports = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in domains]
+    model = helper.make_model(graph, opset_imports=imports)
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def tensor(name, array):
+    return helper.make_tensor(name, TensorProto.FLOAT, array.shape, array.astype(np.float32).ravel())
+
+
+def image_input(shape=("N", 1, 28, 28), name="x", elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, list(shape))
+
+
+def logits_output(classes=10, name="y", batch="N"):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch, classes])
+
+
+def linear_nodes(weight: np.ndarray, bias: np.ndarray, input_name="x"):
+    """x (any shape N×...) -> flatten -> x @ W + b."""
+    return (
+        [helper.make_node("Flatten", [input_name], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "W"], ["mm"]),
+         helper.make_node("Add", ["mm", "B"], ["y"])],
+        [tensor("W", weight), tensor("B", bias)],
+    )
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """ONNX models built node by node, each with a behaviour the tests rely on."""
+    d = tmp_path_factory.mktemp("models")
+    out: dict[str, Path] = {}
+    # Always class 3, whatever the input: robust by construction for images labelled 3.
+    nodes = [helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=0),
+             helper.make_node("Reshape", ["s", "shape"], ["s2"]),
+             helper.make_node("Mul", ["s2", "zero"], ["z"]),
+             helper.make_node("Add", ["z", "const"], ["y"])]
+    const = np.zeros((1, 10), np.float32)
+    const[0, 3] = 1.0
+    inits = [tensor("zero", np.zeros((1, 10))), tensor("const", const),
+             helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3]),
+             helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 1])]
+    out["constant3"] = save_model(d / "constant3.onnx", nodes, [image_input()], [logits_output()], inits)
+    # logits = [0.5, sum(x)]: class 0 on an all-zero image, class 1 once any pixel adds up to more than 0.5.
+    nodes = [helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=0),
+             helper.make_node("Unsqueeze", ["s", "one"], ["s2"]),
+             helper.make_node("Mul", ["s2", "half_mask"], ["a"]),
+             helper.make_node("Add", ["a", "base"], ["y"])]
+    inits = [helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3]),
+             helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+             tensor("half_mask", np.array([[0.0, 1.0]])), tensor("base", np.array([[0.5, 0.0]]))]
+    out["any_noise"] = save_model(d / "any_noise.onnx", nodes, [image_input()], [logits_output(2)], inits)
+    # logits = [1, log(1 - max(x))]: finite on values < 1, -inf where a pixel is exactly 1 (salt-and-pepper's high).
+    nodes = [helper.make_node("ReduceMax", ["x"], ["m"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Sub", ["onef", "m"], ["r"]),
+             helper.make_node("Log", ["r"], ["l"]),
+             helper.make_node("Reshape", ["l", "shape"], ["l2"]),
+             helper.make_node("Mul", ["l2", "mask"], ["a"]),
+             helper.make_node("Add", ["a", "base"], ["y"])]
+    inits = [tensor("onef", np.array(1.0)), helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 1]),
+             tensor("mask", np.array([[0.0, 1.0]])), tensor("base", np.array([[1.0, 0.0]]))]
+    out["inf_on_one"] = save_model(d / "inf_on_one.onnx", nodes, [image_input()], [logits_output(2)], inits)
+    # NaN for every input.
+    nodes, inits = linear_nodes(np.full((784, 10), np.nan), np.zeros(10))
+    out["nan"] = save_model(d / "nan.onnx", nodes, [image_input()], [logits_output()], inits)
+    # A random linear classifier (fooled now and then), in each layout the engine adapts to.
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(784, 10)) * 0.05, rng.normal(size=10) * 0.1
+    for name, shape in (("linear_nchw", ("N", 1, 28, 28)), ("linear_nhwc", ("N", 28, 28, 1)),
+                        ("linear_nhw", ("N", 28, 28)), ("linear_flat", ("N", 784)), ("linear_b1", (1, 1, 28, 28))):
+        nodes, inits = linear_nodes(w, b)
+        out[name] = save_model(d / f"{name}.onnx", nodes, [image_input(shape)], [logits_output(batch=shape[0])],
+                               inits)
+    # Broken or unfit models.
+    nodes, inits = linear_nodes(w, b)
+    nodes.append(helper.make_node("Identity", ["x2"], ["y2"]))
+    out["two_inputs"] = save_model(d / "two_inputs.onnx", nodes, [image_input(), image_input(name="x2")],
+                                   [logits_output(), image_input(name="y2")], inits)
+    nodes, inits = linear_nodes(w[:, :5], b[:5])
+    out["five_classes"] = save_model(d / "five_classes.onnx", nodes, [image_input()], [logits_output(5)], inits)
+    nodes, inits = linear_nodes(np.zeros((64, 10)), np.zeros(10))
+    out["size_8x8"] = save_model(d / "size_8x8.onnx", nodes, [image_input(("N", 1, 8, 8))], [logits_output()], inits)
+    nodes, inits = linear_nodes(w, b)
+    nodes.append(helper.make_node("Unsqueeze", ["y", "ax"], ["y3"]))
+    inits.append(helper.make_tensor("ax", TensorProto.INT64, [1], [2]))
+    out["rank3_output"] = save_model(d / "rank3_output.onnx", nodes, [image_input()],
+                                     [helper.make_tensor_value_info("y3", TensorProto.FLOAT, ["N", 10, 1])], inits)
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=1), helper.make_node("Gather", ["f", "i"], ["y"], axis=1)]
+    out["int_input"] = save_model(
+        d / "int_input.onnx",
+        [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+         helper.make_node("Flatten", ["xf"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["y"])],
+        [image_input(elem=TensorProto.INT32)], [logits_output()], [tensor("W", w)])
+    # Ignores the batch: always one row of scores.
+    inits = [tensor("row", np.zeros((1, 10))), tensor("zero", np.zeros((1, 10)))]
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0),
+             helper.make_node("ReduceMean", ["m"], ["m2"], keepdims=1),
+             helper.make_node("Mul", ["m2", "zero"], ["z"]), helper.make_node("Add", ["z", "row"], ["y"])]
+    out["one_row"] = save_model(d / "one_row.onnx", nodes, [image_input()], [logits_output(batch=1)], inits)
+    out["custom_domain"] = save_model(d / "custom_domain.onnx",
+                                      [helper.make_node("MyOp", ["x"], ["y"], domain="com.example.custom")],
+                                      [image_input()], [logits_output()], domains=["com.example.custom"])
+    out["not_onnx"] = d / "not_onnx.onnx"
+    out["not_onnx"].write_text("this is not a model\n")
+    data = out["linear_nchw"].read_bytes()
+    out["truncated"] = d / "truncated.onnx"
+    out["truncated"].write_bytes(data[: len(data) // 2])
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample() -> Dataset:
+    return bundled_sample()
+
+
+@pytest.fixture(scope="session")
+def bundled_model() -> Path:
+    with resources.as_file(BUNDLED_MODEL) as p:
+        return Path(p)
+
+
+def synthetic(n=20, h=28, w=28, c=1, label=0, seed=0, zeros=False, name="synthetic") -> Dataset:
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, h, w, c), np.float32) if zeros else rng.random((n, h, w, c), dtype=np.float32)
+    y = np.full(n, label, np.int64) if np.isscalar(label) else np.asarray(label, np.int64)
+    return Dataset(name, "test", x, y, np.arange(n, dtype=np.int64), name)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "mnist" / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"the shared MNIST files are missing under {SHARED_DATA}; set PYROBUST_TEST_DATA")
+    return SHARED_DATA

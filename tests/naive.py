@@ -1,0 +1,93 @@
+"""Slow, obviously-right references for every kernel and for the protocol itself.
+
+Written from the specification (README "The protocol"), in plain Python integers and NumPy, sharing no code with
+``perturbcore``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MASK = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+def mix64(z: int) -> int:
+    z &= MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+def random_u64(seed: int, index: int, step: int, counter: int) -> int:
+    key = mix64(seed + GOLDEN)
+    key = mix64(key ^ ((index + GOLDEN) & MASK))
+    key = mix64(key ^ ((step + GOLDEN) & MASK))
+    return mix64(key + (counter + 1) * GOLDEN)
+
+
+def noise_draws(seed, index, step, pixels, n_positions, channels, low, high, scheme):
+    """[(position, [value per channel]), ...] in draw order, values as float32."""
+    draws = []
+    for d in range(pixels):
+        base = d * (channels + 1)
+        p = random_u64(seed, index, step, base) % n_positions
+        values = []
+        for c in range(channels):
+            u = random_u64(seed, index, step, base + 1 + c)
+            if scheme == "salt-pepper":
+                v = np.float32(high) if u >> 63 else np.float32(low)
+            else:
+                v = np.float32(low + (high - low) * ((u >> 40) / 2.0**24))
+                if v >= np.float32(high):
+                    v = np.nextafter(np.float32(high), np.float32(-np.inf))
+            values.append(v)
+        draws.append((p, values))
+    return draws
+
+
+def perturb_image(img, *, seed, index, step, pixels, low=0.0, high=1.0, scheme="uniform"):
+    """img: float32 (H, W, C) in data space -> perturbed copy (H, W, C)."""
+    h, w, c = img.shape
+    out = np.array(img, dtype=np.float32, copy=True)
+    if step == 0:
+        return out
+    for p, values in noise_draws(seed, index, step, pixels, h * w, c, low, high, scheme):
+        for ch in range(c):
+            out[p // w, p % w, ch] = values[ch]
+    return out
+
+
+def protocol(predict_one, images, labels, indices, *, seed, pixels, max_steps, low=0.0, high=1.0,
+             scheme="uniform", mode="restart"):
+    """The paper's protocol, one image and one step at a time.
+
+    ``predict_one(img (H, W, C) float32) -> int`` (negative for a non-finite output).
+    Returns (clean_prediction, first_failure, failure_label) as int arrays.
+    """
+    n = len(labels)
+    clean = np.empty(n, np.int64)
+    first = np.full(n, -1, np.int64)
+    fail = np.full(n, -1, np.int64)
+    for i in range(n):
+        x0 = np.asarray(images[i], np.float32)
+        clean[i] = predict_one(x0)
+        if clean[i] != labels[i]:
+            first[i], fail[i] = 0, clean[i]
+            continue
+        current = x0
+        for s in range(1, max_steps + 1):
+            src = current if mode == "cumulative" else x0
+            x = perturb_image(src, seed=seed, index=int(indices[i]), step=s, pixels=pixels, low=low, high=high,
+                              scheme=scheme)
+            current = x
+            p = predict_one(x)
+            if p != labels[i]:
+                first[i], fail[i] = s, p
+                break
+    return clean, first, fail
+
+
+def survival(first_failure, max_steps):
+    n = len(first_failure)
+    return np.array([sum(1 for f in first_failure if f == -1 or f > s) / n for s in range(max_steps + 1)])

@@ -1,0 +1,159 @@
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from pyrobust.datasets import Dataset
+from pyrobust.engine import clean_predictions, run_protocol
+from pyrobust.errors import InvalidInput
+from pyrobust.runtime import OnnxModel
+from pyrobust.types import NONFINITE, ROBUST, NoiseSpec
+from tests import naive
+from tests.conftest import synthetic
+
+
+def _predict_one(path, layout=(1, 28, 28), mean=None, std=None):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+
+    def predict(img):
+        x = img if mean is None else (img - np.float32(mean)) / np.float32(std)
+        scores = sess.run(None, {name: x.reshape((1, *layout)).astype(np.float32)})[0][0]
+        return int(np.argmax(scores)) if np.isfinite(scores).all() else NONFINITE
+
+    return predict
+
+
+def _outcome_arrays(o):
+    return o.clean_prediction, o.first_failure, o.failure_label
+
+
+@pytest.mark.parametrize("scheme,mode", [("uniform", "restart"), ("salt-pepper", "restart"),
+                                         ("uniform", "cumulative")])
+def test_engine_matches_naive_protocol(bundled_model, sample, scheme, mode):
+    ds = sample.select(start=40, stop=80)  # holds images wrong before noise, fooled ones and robust ones
+    spec = NoiseSpec(pixels=28, max_steps=25, seed=3, scheme=scheme, mode=mode)
+    got = run_protocol(OnnxModel(bundled_model, threads=1), ds, spec, batch_size=16)
+    want = naive.protocol(_predict_one(bundled_model), ds.float_images(), ds.labels, ds.index, seed=3, pixels=28,
+                          max_steps=25, scheme=scheme, mode=mode)
+    for g, w in zip(_outcome_arrays(got), want, strict=True):
+        assert np.array_equal(g, w)
+    # the run covers every outcome: wrong before noise, fooled, robust
+    assert {0, ROBUST} <= set(got.first_failure.tolist()) and (got.first_failure > 0).any()
+
+
+def test_engine_with_normalisation_matches_naive(bundled_model, sample):
+    ds = sample.select(limit=20)
+    spec = NoiseSpec(pixels=10, max_steps=10, seed=1, mean=(0.1,), std=(0.9,))
+    got = run_protocol(OnnxModel(bundled_model), ds, spec, batch_size=8)
+    want = naive.protocol(_predict_one(bundled_model, mean=0.1, std=0.9), ds.float_images(), ds.labels, ds.index,
+                          seed=1, pixels=10, max_steps=10)
+    for g, w in zip(_outcome_arrays(got), want, strict=True):
+        assert np.array_equal(g, w)
+
+
+@pytest.fixture(scope="module")
+def reference_run(bundled_model, sample):
+    spec = NoiseSpec(pixels=28, max_steps=60, seed=5)
+    return spec, run_protocol(OnnxModel(bundled_model, threads=2), sample.select(limit=300), spec, batch_size=64)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 256])
+def test_results_do_not_depend_on_batch_size(bundled_model, sample, reference_run, batch_size):
+    spec, ref = reference_run
+    ds = sample.select(limit=300 if batch_size > 1 else 60)
+    got = run_protocol(OnnxModel(bundled_model, threads=2), ds, spec, batch_size=batch_size, chunk_size=37)
+    for g, r in zip(_outcome_arrays(got), _outcome_arrays(ref), strict=True):
+        assert np.array_equal(g, r[: ds.n])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_results_do_not_depend_on_threads(bundled_model, sample, reference_run, threads):
+    spec, ref = reference_run
+    got = run_protocol(OnnxModel(bundled_model, threads=threads), sample.select(limit=300), spec, threads=threads)
+    for g, r in zip(_outcome_arrays(got), _outcome_arrays(ref), strict=True):
+        assert np.array_equal(g, r)
+
+
+def test_a_subset_gets_the_same_per_image_results(bundled_model, sample, reference_run):
+    spec, ref = reference_run
+    got = run_protocol(OnnxModel(bundled_model), sample.select(start=100, stop=200), spec, batch_size=32)
+    assert np.array_equal(got.index, np.arange(100, 200))
+    for g, r in zip(_outcome_arrays(got), _outcome_arrays(ref), strict=True):
+        assert np.array_equal(g, r[100:200])
+
+
+def test_image_order_does_not_matter(bundled_model, sample, reference_run):
+    spec, ref = reference_run
+    ds = sample.select(limit=300)
+    perm = np.random.default_rng(0).permutation(ds.n)
+    shuffled = Dataset(ds.name, ds.split, ds.images[perm], ds.labels[perm], ds.index[perm], ds.source)
+    got = run_protocol(OnnxModel(bundled_model), shuffled, spec, batch_size=50)
+    for g, r in zip(_outcome_arrays(got), _outcome_arrays(ref), strict=True):
+        assert np.array_equal(g, r[perm])
+
+
+def test_different_seeds_give_different_noise(bundled_model, sample, reference_run):
+    spec, ref = reference_run
+    other = NoiseSpec(pixels=28, max_steps=60, seed=6)
+    got = run_protocol(OnnxModel(bundled_model), sample.select(limit=300), other)
+    assert not np.array_equal(got.first_failure, ref.first_failure)
+
+
+def test_robust_by_construction_and_wrong_before_noise(models):
+    ds = synthetic(n=12, label=[3] * 8 + [1] * 4)
+    out = run_protocol(OnnxModel(models["constant3"]), ds, NoiseSpec(max_steps=7), batch_size=5)
+    assert out.first_failure.tolist() == [ROBUST] * 8 + [0] * 4
+    assert out.failure_label.tolist() == [ROBUST] * 8 + [3] * 4
+    assert out.clean_prediction.tolist() == [3] * 12
+    # clean pass for all 12, then 7 steps for each of the 8 robust ones
+    assert out.inferences == 12 + 8 * 7 and out.noisy_inferences == 8 * 7
+
+
+def test_any_noise_fools_at_step_one(models):
+    ds = synthetic(n=9, zeros=True, label=0)
+    out = run_protocol(OnnxModel(models["any_noise"]), ds, NoiseSpec(low=0.5, high=1.0, max_steps=250))
+    assert out.first_failure.tolist() == [1] * 9
+    assert out.failure_label.tolist() == [1] * 9
+    assert out.inferences == 18  # images leave the batch the moment they are fooled
+
+
+def test_non_finite_outputs_are_their_own_failure(models):
+    ds = synthetic(n=6, zeros=True, label=0)
+    out = run_protocol(OnnxModel(models["inf_on_one"]), ds, NoiseSpec(scheme="salt-pepper", max_steps=5))
+    assert out.clean_prediction.tolist() == [0] * 6
+    assert out.first_failure.tolist() == [1] * 6
+    assert out.failure_label.tolist() == [NONFINITE] * 6
+    out = run_protocol(OnnxModel(models["nan"]), synthetic(n=4, label=0), NoiseSpec(max_steps=5))
+    assert out.first_failure.tolist() == [0] * 4 and out.clean_prediction.tolist() == [NONFINITE] * 4
+
+
+def test_max_steps_one_and_pixels_all(bundled_model, sample):
+    ds = sample.select(limit=30)
+    out = run_protocol(OnnxModel(bundled_model), ds, NoiseSpec(pixels=784, max_steps=1))
+    assert set(out.first_failure.tolist()) <= {ROBUST, 0, 1}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"chunk_size": 0}, "chunk_size must be >= 1"),
+])
+def test_engine_rejects_bad_sizes(bundled_model, sample, kwargs, match):
+    with pytest.raises(InvalidInput, match=match):
+        run_protocol(OnnxModel(bundled_model), sample.select(limit=2), NoiseSpec(), **kwargs)
+
+
+def test_pixels_beyond_the_image_is_refused(bundled_model, sample):
+    with pytest.raises(InvalidInput, match=r"pixels must be an integer in \[1, 784\] for 28x28 images; got 785"):
+        run_protocol(OnnxModel(bundled_model), sample.select(limit=2), NoiseSpec(pixels=785))
+
+
+def test_normalisation_needs_one_value_per_channel(bundled_model, sample):
+    with pytest.raises(InvalidInput, match="mean needs 1 or 1 values for 1-channel images; got 2"):
+        run_protocol(OnnxModel(bundled_model), sample.select(limit=2), NoiseSpec(mean=(0.1, 0.2), std=(1.0, 1.0)))
+
+
+def test_clean_predictions(bundled_model, sample):
+    ds = sample.select(limit=50)
+    p = clean_predictions(OnnxModel(bundled_model), ds, batch_size=16)
+    want = [_predict_one(bundled_model)(img) for img in ds.float_images()]
+    assert p.tolist() == want

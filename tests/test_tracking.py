@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+import perturbcore
+from perturbcore import NONFINITE, ROBUST
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_predict_matches_argmax(dtype):
+    s = np.random.default_rng(0).normal(size=(50, 10)).astype(dtype)
+    assert np.array_equal(perturbcore.predict(s), np.argmax(s, axis=1))
+
+
+def test_predict_ties_go_to_lowest_class_and_single_class():
+    assert perturbcore.predict(np.array([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]])).tolist() == [1, 0]
+    assert perturbcore.predict(np.array([[5.0], [-1.0]])).tolist() == [0, 0]
+
+
+def test_predict_flags_non_finite_rows():
+    s = np.array([[0.0, np.nan, 1.0], [np.inf, 0.0, 0.0], [0.0, -np.inf, 2.0], [1.0, 2.0, 0.0], [np.nan] * 3])
+    assert perturbcore.predict(s).tolist() == [NONFINITE, NONFINITE, NONFINITE, 1, NONFINITE]
+
+
+def test_predict_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"scores must have shape \(m, K\)"):
+        perturbcore.predict(np.zeros(5))
+    with pytest.raises(ValueError, match=r"scores must have shape \(m, K\) with K >= 1"):
+        perturbcore.predict(np.zeros((5, 0)))
+
+
+def _naive_record(preds, rows, label, step, pos, max_steps, clean, first, fail):
+    done = []
+    for p, r in zip(preds, rows, strict=True):
+        if step[r] == 0:
+            clean[pos[r]] = p
+        if p != label[r]:
+            first[pos[r]], fail[pos[r]] = step[r], p
+            done.append(True)
+        elif step[r] >= max_steps:
+            done.append(True)
+        else:
+            step[r] += 1
+            done.append(False)
+    return np.array(done)
+
+
+def test_record_batch_matches_reference():
+    rng = np.random.default_rng(1)
+    slots, n = 40, 100
+    label = rng.integers(0, 3, slots)
+    step = rng.integers(0, 6, slots)
+    pos = rng.permutation(n)[:slots]
+    rows = rng.permutation(slots)[:30]
+    preds = rng.integers(-2, 3, 30).astype(np.int32)
+    arrays = [np.full(n, ROBUST, np.int32) for _ in range(3)]
+    ref_arrays = [a.copy() for a in arrays]
+    ref_step = step.copy()
+    done = perturbcore.record_batch(preds, rows, slot_label=label, slot_step=step, slot_pos=pos, max_steps=5,
+                                    clean_prediction=arrays[0], first_failure=arrays[1], failure_label=arrays[2])
+    want = _naive_record(preds, rows, label, ref_step, pos, 5, *ref_arrays)
+    assert np.array_equal(done, want)
+    assert np.array_equal(step, ref_step)
+    for got, ref in zip(arrays, ref_arrays, strict=True):
+        assert np.array_equal(got, ref)
+
+
+def test_record_batch_needs_enough_predictions():
+    z = np.zeros(3, np.int64)
+    with pytest.raises(ValueError, match="need 3 predictions; got 2"):
+        perturbcore.record_batch(np.zeros(2, np.int32), np.arange(3), slot_label=z, slot_step=z, slot_pos=z,
+                                 max_steps=1, clean_prediction=z, first_failure=z, failure_label=z)
