@@ -103,6 +103,8 @@ def _print_summary(summary: dict, out: Path | None) -> None:
 
     t = Table(title=f"{summary['model']['name']} on {summary['dataset']['spec']} ({m['images']} images)",
               show_header=False, title_justify="left")
+    t.add_column(no_wrap=True)
+    t.add_column(overflow="fold")
     t.add_row("accuracy (clean)", rate(m["accuracy"]))
     t.add_row("robust, of all images", rate(m["robust"]))
     t.add_row("robust, of correct ones", rate(m["robust_of_correct"]))
@@ -116,9 +118,9 @@ def _print_summary(summary: dict, out: Path | None) -> None:
                        f"{s['mode']}, seed {s['seed']}")
     ips = p["inferences_per_second"]
     t.add_row("work", f"{p['inferences']:,} inferences in {p['seconds']:.1f} s ({ips:,.0f}/s)" if ips else "-")
+    Console().print(t)
     if out is not None:
-        t.add_row("written to", str(out))
-    Console(soft_wrap=True).print(t)
+        click.echo(f"results written to {out}")
 
 
 def _run_evaluation(model, dataset, *, out, overwrite, report, json_out, **kwargs) -> int:

@@ -1,0 +1,143 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pyrobust.cli import main
+from pyrobust.results import load_results
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_evaluate_writes_results_and_report(capsys, tmp_path, bundled_model):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "evaluate", bundled_model, "--dataset", "sample", "--limit", "40",
+                                "--max-steps", "20", "--out", out)
+    assert code == 0, err
+    assert "robust, of all images" in stdout and str(out) in stdout
+    for f in ("results.npz", "summary.json", "survival.png", "per_class.png", "examples.png", "failure.png"):
+        assert (out / f).stat().st_size > 0
+    outcome, summary = load_results(out)
+    assert outcome.n == 40 and summary["settings"]["max_steps"] == 20
+    assert summary["dataset"]["spec"] == "sample" and summary["dataset"]["count"] == 40
+
+
+def test_evaluate_json_and_options(capsys, tmp_path, bundled_model):
+    code, stdout, _ = run_cli(capsys, "evaluate", bundled_model, "--dataset", "sample", "--range", "100:130",
+                              "--max-steps", "5", "--pixels", "10", "--scheme", "salt-pepper", "--mode",
+                              "cumulative", "--seed", "9", "--mean", "0", "--std", "1", "--batch-size", "7",
+                              "--threads", "1", "--no-report", "--json", "--out", tmp_path / "r")
+    assert code == 0
+    s = json.loads(stdout)
+    assert s["settings"] | {} and s["settings"]["scheme"] == "salt-pepper" and s["settings"]["mode"] == "cumulative"
+    assert s["settings"]["seed"] == 9 and s["settings"]["batch_size"] == 7 and s["settings"]["mean"] == [0.0]
+    assert s["dataset"]["first_index"] == 100 and s["dataset"]["count"] == 30
+    assert not (tmp_path / "r" / "survival.png").exists()
+
+
+@pytest.mark.parametrize("args,code,match", [
+    (["evaluate", "{model}", "--dataset", "sample", "--pixels", "0", "--out", "{out}"], 2,
+     "pixels must be an integer >= 1; got 0"),
+    (["evaluate", "{model}", "--dataset", "sample", "--pixels", "785", "--out", "{out}"], 2,
+     r"pixels must be an integer in \[1, 784\] for 28x28 images; got 785"),
+    (["evaluate", "{model}", "--dataset", "sample", "--max-steps", "0", "--out", "{out}"], 2,
+     "max_steps must be an integer >= 1"),
+    (["evaluate", "{model}", "--dataset", "sample", "--low", "1", "--high", "0", "--out", "{out}"], 2,
+     "finite low < high"),
+    (["evaluate", "{model}", "--dataset", "sample", "--limit", "9999", "--out", "{out}"], 2,
+     "limit 9999 is beyond the dataset"),
+    (["evaluate", "{model}", "--dataset", "sample", "--range", "x", "--out", "{out}"], 2,
+     "an index range is START:STOP"),
+    (["evaluate", "{model}", "--dataset", "sample", "--mean", "a", "--std", "1", "--out", "{out}"], 2,
+     "--mean takes comma-separated numbers"),
+    (["evaluate", "{model}", "--dataset", "sample", "--batch-size", "0", "--out", "{out}"], 2,
+     "batch_size must be an integer >= 1"),
+    (["evaluate", "{model}", "--dataset", "sample", "--scheme", "gauss", "--out", "{out}"], 2,
+     "Invalid value for '--scheme'"),
+    (["evaluate", "{model}", "--out", "{out}"], 2, "Missing option '--dataset'"),
+    (["frobnicate"], 2, "No such command 'frobnicate'"),
+    (["evaluate", "{tmp}/missing.onnx", "--dataset", "sample", "--out", "{out}"], 3, "model file not found"),
+    (["evaluate", "{models[five_classes]}", "--dataset", "sample", "--out", "{out}"], 3,
+     "outputs 5 classes but the labels need 10"),
+    (["evaluate", "{models[two_inputs]}", "--dataset", "sample", "--out", "{out}"], 3, "has 2 inputs"),
+    (["evaluate", "{models[size_8x8]}", "--dataset", "sample", "--out", "{out}"], 3, "does not fit the data"),
+    (["evaluate", "{models[not_onnx]}", "--dataset", "sample", "--out", "{out}"], 3, "not an ONNX model"),
+    (["evaluate", "{model}", "--dataset", "mnist:test", "--data-dir", "{tmp}/none", "--out", "{out}"], 3,
+     "dataset mnist:test not found; looked in"),
+    (["evaluate", "{model}", "--dataset", "{tmp}/bad.npz", "--out", "{out}"], 3, "holds pickled objects"),
+])
+def test_errors_are_one_line_with_exit_code(capsys, tmp_path, bundled_model, models, args, code, match):
+    np.savez(tmp_path / "bad.npz", x=np.array([None], dtype=object), y=np.zeros(1, int))
+    fmt = {"model": bundled_model, "out": tmp_path / "out", "tmp": tmp_path, "models": models}
+    got, stdout, err = run_cli(capsys, *[a.format(**fmt) for a in args])
+    assert got == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyrobust: error: "), err
+    import re
+
+    assert re.search(match, lines[0]), lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "summary.json").exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_existing_results_need_overwrite(capsys, tmp_path, bundled_model):
+    args = ["evaluate", bundled_model, "--dataset", "sample", "--limit", "5", "--max-steps", "2", "--no-report",
+            "--out", tmp_path]
+    assert run_cli(capsys, *args)[0] == 0
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "already holds a run's results" in err and "--overwrite" in err
+    assert run_cli(capsys, *args, "--overwrite")[0] == 0
+
+
+def test_non_finite_outputs_warn(capsys, tmp_path, models):
+    code, stdout, err = run_cli(capsys, "evaluate", models["nan"], "--dataset", "sample", "--limit", "5",
+                                "--no-report", "--out", tmp_path)
+    assert code == 0
+    assert "warning: 5 image(s) got NaN or infinite model outputs" in err
+    assert "non-finite outputs" in stdout
+
+
+def test_internal_errors_are_one_line(capsys, monkeypatch, tmp_path, bundled_model):
+    import pyrobust.evaluation
+
+    def boom(*a, **k):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setattr(pyrobust.evaluation, "run_protocol", boom)
+    code, _, err = run_cli(capsys, "evaluate", bundled_model, "--dataset", "sample", "--out", tmp_path)
+    assert code == 4
+    assert err.strip() == ("pyrobust: internal error: RuntimeError: kaput (rerun with --debug for the traceback, "
+                           "and report it)")
+    code, _, err = run_cli(capsys, "--debug", "evaluate", bundled_model, "--dataset", "sample", "--out", tmp_path)
+    assert code == 4 and "Traceback" in err
+
+
+def test_demo_in_a_subprocess(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pyrobust", "demo", "--limit", "60", "--out", tmp_path / "demo"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "mnist-cnn on sample (60 images)" in proc.stdout
+    assert (tmp_path / "demo" / "failure.png").exists()
+    again = subprocess.run([sys.executable, "-m", "pyrobust", "demo", "--limit", "60", "--out", tmp_path / "demo"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr  # the demo replaces its own earlier results
+
+
+def test_usage_error_in_a_subprocess():
+    proc = subprocess.run([sys.executable, "-m", "pyrobust", "evaluate"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "pyrobust: error: Missing argument 'MODEL'. (see pyrobust --help)"
+
+
+def test_help_and_version(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and all(c in out for c in ("evaluate", "demo", "train", "replay"))
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and "pyrobust, version 0.1.0" in out

@@ -1,0 +1,135 @@
+import json
+
+import numpy as np
+import pytest
+
+from pyrobust.errors import DataError, OutputError
+from pyrobust.results import build_summary, load_results, prepare_out_dir, write_results
+from pyrobust.stats import survival_curve, wilson_interval
+from pyrobust.types import NoiseSpec, Outcome
+from tests import naive
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(81, 263)  # Wikipedia-style check value, computed by hand
+    assert lo == pytest.approx(0.2553, abs=1e-4) and hi == pytest.approx(0.3662, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo99, hi99 = wilson_interval(81, 263, confidence=0.99)
+    assert lo99 < lo and hi99 > hi
+    with pytest.raises(ValueError, match=r"successes must be in \[0, 10\]"):
+        wilson_interval(11, 10)
+    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\)"):
+        wilson_interval(1, 10, confidence=1.0)
+
+
+def test_survival_curve_matches_reference():
+    ff = np.array([-1, 0, 1, 3, 3, -1, 7, 0, 2])
+    got = survival_curve(ff, 7)
+    np.testing.assert_allclose(got, naive.survival(ff, 7))
+    assert got[0] == pytest.approx(7 / 9)  # accuracy
+    assert got[-1] == pytest.approx(2 / 9)  # robust fraction
+    assert np.all(np.diff(got) <= 0)
+
+
+def _outcome():
+    return Outcome(index=np.arange(6), label=np.array([0, 1, 1, 0, 2, 2]),
+                   clean_prediction=np.array([0, 1, 0, 0, 2, 2], np.int32),
+                   first_failure=np.array([-1, 4, 0, -1, -1, 1], np.int32),
+                   failure_label=np.array([-1, 0, 0, -1, -1, -2], np.int32), inferences=100, noisy_inferences=94,
+                   seconds=2.0)
+
+
+def test_summary_numbers():
+    s = build_summary(_outcome(), spec=NoiseSpec(max_steps=5), model={"name": "m"}, dataset={"name": "d"},
+                      settings={"batch_size": 4}, n_classes=3)
+    m = s["metrics"]
+    assert s["schema_version"] == 1
+    assert m["accuracy"]["count"] == 5 and m["accuracy"]["fraction"] == pytest.approx(5 / 6)
+    assert m["robust"]["fraction"] == pytest.approx(3 / 6)
+    assert m["robust_of_correct"]["fraction"] == pytest.approx(3 / 5)
+    assert m["robust"]["ci95"] == list(wilson_interval(3, 6))
+    assert m["nonfinite_outputs"] == 1 and m["fooled"] == 2 and m["wrong_before_noise"] == 1
+    assert m["first_failure_step"] == {"mean": 2.5, "median": 2.5}
+    assert s["survival"]["fraction"] == pytest.approx([5 / 6, 4 / 6, 4 / 6, 4 / 6, 3 / 6, 3 / 6])
+    assert [c["robust"] for c in s["per_class"]] == [2, 0, 1]
+    assert [c["images"] for c in s["per_class"]] == [2, 2, 2]
+    assert s["per_class"][1]["robust_rate_of_correct"] == 0.0
+    assert s["performance"]["inferences_per_second"] == 50.0
+    assert s["settings"]["pixels"] == 28 and s["settings"]["batch_size"] == 4
+    assert set(s["versions"]) >= {"python", "numpy", "numba", "onnxruntime"}
+    json.dumps(s, allow_nan=False)
+
+
+def test_write_and_load_roundtrip(tmp_path):
+    o = _outcome()
+    s = build_summary(o, spec=NoiseSpec(max_steps=5), model={}, dataset={}, settings={}, n_classes=3)
+    out = prepare_out_dir(tmp_path / "run", overwrite=False)
+    write_results(out, o, s)
+    got, summary = load_results(out)
+    for name in Outcome.ARRAYS:
+        assert np.array_equal(getattr(got, name), getattr(o, name))
+    assert summary == json.loads(json.dumps(s))
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_out_dir_rules(tmp_path):
+    out = prepare_out_dir(tmp_path / "a" / "b", overwrite=False)
+    (out / "summary.json").write_text("{}")
+    (out / "results.npz").write_bytes(b"")
+    with pytest.raises(OutputError, match=r"already holds a run's results \(results.npz, summary.json\); pass "
+                                          "--overwrite"):
+        prepare_out_dir(out, overwrite=False)
+    prepare_out_dir(out, overwrite=True)
+    assert not (out / "summary.json").exists()  # the old run no longer passes for complete
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="exists and is not a folder"):
+        prepare_out_dir(tmp_path / "file", overwrite=False)
+
+
+def test_unwritable_out_dir(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        import os
+
+        if os.access(locked, os.W_OK):  # root ignores permission bits: use a path under a file instead
+            target = tmp_path / "file_parent"
+            target.write_text("x")
+            locked_out = target / "out"
+        else:
+            locked_out = locked / "out"
+        with pytest.raises(OutputError, match="cannot write there|exists and is not a folder"):
+            prepare_out_dir(locked_out, overwrite=False)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_load_unfinished_and_foreign(tmp_path):
+    (tmp_path / "results.npz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"an unfinished run \(no summary.json\)"):
+        load_results(tmp_path)
+    with pytest.raises(DataError, match="not a pyrobust results folder"):
+        load_results(tmp_path / "empty")
+    (tmp_path / "summary.json").write_text("{not json")
+    with pytest.raises(DataError, match="unreadable results"):
+        load_results(tmp_path)
+
+
+def test_noise_spec_validation():
+    from pyrobust.errors import InvalidInput
+
+    for kwargs, match in [({"pixels": 0}, "pixels must be an integer >= 1"),
+                          ({"max_steps": 0}, "max_steps must be an integer >= 1"),
+                          ({"low": 1.0, "high": 0.5}, "finite low < high"),
+                          ({"scheme": "x"}, "scheme must be one of uniform, salt-pepper"),
+                          ({"mode": "x"}, "mode must be one of restart, cumulative"),
+                          ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*64\)"),
+                          ({"mean": (0.1,)}, "needs both mean and std"),
+                          ({"mean": (0.1,), "std": (0.0,)}, "std finite and > 0"),
+                          ({"mean": (0.1, 0.2), "std": (1.0,)}, "one value per channel each")]:
+        with pytest.raises(InvalidInput, match=match):
+            NoiseSpec(**kwargs)
+    spec = NoiseSpec(mean=[0.5], std=[0.25], seed=2**64 - 1)
+    assert NoiseSpec.from_dict(spec.to_dict()) == spec
