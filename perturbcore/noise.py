@@ -87,7 +87,9 @@ def _as_i64(name: str, values, n: int) -> np.ndarray:
 def check_noise_params(*, pixels: int, n_positions: int, low: float, high: float, scheme: str) -> None:
     """Raise ``ValueError`` naming the bad parameter and what is allowed."""
     if isinstance(pixels, bool) or not isinstance(pixels, (int, np.integer)) or not 1 <= pixels <= n_positions:
-        raise ValueError(f"pixels must be an integer in [1, {n_positions}] for images of {n_positions} pixels; got {pixels!r}")
+        raise ValueError(
+            f"pixels must be an integer in [1, {n_positions}] for images of {n_positions} pixels; got {pixels!r}"
+        )
     if not (np.isfinite(low) and np.isfinite(high) and low < high):
         raise ValueError(f"noise values need finite low < high; got low={low!r}, high={high!r}")
     if scheme not in _SCHEME_CODE:
@@ -139,10 +141,11 @@ def perturb_flat(
         raise ValueError(f"rows must index slots in [0, {n})")
     if out is None:
         out = np.empty((rws.size, src.shape[1]), dtype=np.float32)
-    elif out.dtype != np.float32 or not out.flags.c_contiguous or out.shape[0] < rws.size or out.shape[1] != src.shape[1]:
+    elif (out.dtype != np.float32 or not out.flags.c_contiguous or out.shape[0] < rws.size
+          or out.shape[1] != src.shape[1]):
         raise ValueError(f"out must be a C-contiguous float32 array of at least ({rws.size}, {src.shape[1]})")
-    mean_arr = np.zeros(channels, np.float32) if mean is None else np.ascontiguousarray(mean, dtype=np.float32).reshape(channels)
-    std_arr = np.ones(channels, np.float32) if std is None else np.ascontiguousarray(std, dtype=np.float32).reshape(channels)
+    mean_arr = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32).reshape(channels)
+    std_arr = np.ones(channels, np.float32) if std is None else np.asarray(std, np.float32).reshape(channels)
     high32 = np.float32(high)
     previous = numba.get_num_threads()
     try:

@@ -33,13 +33,16 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise InvalidInput(f"--{name} takes comma-separated numbers, one per channel (e.g. 0.1307); got {text!r}") from None
+        raise InvalidInput(
+            f"--{name} takes comma-separated numbers, one per channel (e.g. 0.1307); got {text!r}"
+        ) from None
 
 
 def noise_options(func):
     """The protocol's options, shared by every command that runs it."""
     options = [
-        click.option("--pixels", type=int, default=28, show_default=True, help="Pixels drawn per step (with replacement)."),
+        click.option("--pixels", type=int, default=28, show_default=True,
+                     help="Pixels drawn per step (with replacement)."),
         click.option("--max-steps", type=int, default=250, show_default=True, help="Noise steps per image."),
         click.option("--low", type=float, default=0.0, show_default=True, help="Lowest noise value."),
         click.option("--high", type=float, default=1.0, show_default=True, help="Noise values are < high (uniform)."),
@@ -99,7 +102,9 @@ def _print_summary(summary: dict, out: Path | None) -> None:
 
     def rate(r: dict) -> str:
         lo, hi = r["ci95"]
-        return "n/a" if r["fraction"] is None else f"{r['fraction']:.2%}  [{lo:.2%}, {hi:.2%}]  ({r['count']}/{r['of']})"
+        if r["fraction"] is None:
+            return "n/a"
+        return f"{r['fraction']:.2%}  [{lo:.2%}, {hi:.2%}]  ({r['count']}/{r['of']})"
 
     t = Table(title=f"{summary['model']['name']} on {summary['dataset']['spec']} ({m['images']} images)",
               show_header=False, title_justify="left")

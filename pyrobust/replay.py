@@ -81,8 +81,8 @@ def replay(results_dir: str | os.PathLike, *, index: int, step: int | None = Non
     ff = int(outcome.first_failure[pos])
     if step is None:
         if ff == ROBUST:
-            raise InvalidInput(f"image {index} is robust (never fooled in {spec.max_steps} steps), so it has no failing "
-                               "input; pass --step S to rebuild its input at step S")
+            raise InvalidInput(f"image {index} is robust (never fooled in {spec.max_steps} steps), so it has no "
+                               "failing input; pass --step S to rebuild its input at step S")
         step = ff
     if not 0 <= step <= spec.max_steps:
         raise InvalidInput(f"step must be in [0, {spec.max_steps}]; got {step}")

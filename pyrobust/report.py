@@ -74,7 +74,7 @@ def plot_per_class(summary: dict, path: Path) -> None:
     ax.bar(x, robust, color="#2a9d8f", label="robust (never fooled)")
     ax.bar(x, fooled, bottom=robust, color="#e76f51", label="fooled by noise")
     ax.bar(x, wrong, bottom=robust + fooled, color="#adb5bd", label="wrong before noise")
-    for xi, r in zip(x, rows):
+    for xi, r in zip(x, rows, strict=True):
         if r["images"]:
             ax.text(xi, r["images"], f"{r['robust_rate']:.0%}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, names, rotation=30 if max(len(n) for n in names) > 2 else 0, fontsize=8)

@@ -170,7 +170,8 @@ def load_results(folder: str | os.PathLike) -> tuple[Outcome, dict]:
     """Read a finished run's per-image arrays and summary."""
     p = Path(folder)
     if not (p / SUMMARY_FILE).is_file():
-        state = "an unfinished run (no summary.json)" if (p / RESULTS_FILE).exists() else "not a pyrobust results folder"
+        unfinished = (p / RESULTS_FILE).exists()
+        state = "an unfinished run (no summary.json)" if unfinished else "not a pyrobust results folder"
         raise DataError(f"{p}: {state}; run pyrobust evaluate --out {p}")
     try:
         summary = json.loads((p / SUMMARY_FILE).read_text())

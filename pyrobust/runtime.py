@@ -70,14 +70,14 @@ class OnnxModel:
         try:
             proto = onnx.load_model_from_string(data)
         except Exception as exc:  # protobuf raises DecodeError and friends, not a common base
-            raise ModelError(f"{self.path}: not an ONNX model ({type(exc).__name__}); export one with torch.onnx.export "
-                             "or pyrobust train") from None
+            raise ModelError(f"{self.path}: not an ONNX model ({type(exc).__name__}); export one with "
+                             "torch.onnx.export or pyrobust train") from None
         if not proto.graph.node and not proto.graph.output:
             raise ModelError(f"{self.path}: not an ONNX model (no graph); export one with torch.onnx.export")
         unknown = sorted({o.domain for o in proto.opset_import} - KNOWN_DOMAINS)
         if unknown:
-            raise ModelError(f"{self.path}: uses custom operator domain(s) {', '.join(unknown)}, which onnxruntime does "
-                             "not implement; pyrobust loads no custom-op libraries")
+            raise ModelError(f"{self.path}: uses custom operator domain(s) {', '.join(unknown)}, which onnxruntime "
+                             "does not implement; pyrobust loads no custom-op libraries")
         try:
             onnx.checker.check_model(str(self.path))
         except Exception as exc:
@@ -127,11 +127,11 @@ class OnnxModel:
         want = f"N×C×H×W, N×H×W×C, N×H×W or N×(H·W) for images of {h}×{w}×{c}"
         binding = None
         if len(dims) == 4:
-            if all(_dim_ok(d, a) for d, a in zip(rest, (c, h, w))):
+            if all(_dim_ok(d, a) for d, a in zip(rest, (c, h, w), strict=True)):
                 binding = Binding("NCHW", (c, h, w), c > 1, batch)
-            elif all(_dim_ok(d, a) for d, a in zip(rest, (h, w, c))):
+            elif all(_dim_ok(d, a) for d, a in zip(rest, (h, w, c), strict=True)):
                 binding = Binding("NHWC", (h, w, c), False, batch)
-        elif len(dims) == 3 and c == 1 and all(_dim_ok(d, a) for d, a in zip(rest, (h, w))):
+        elif len(dims) == 3 and c == 1 and all(_dim_ok(d, a) for d, a in zip(rest, (h, w), strict=True)):
             binding = Binding("NHW", (h, w), False, batch)
         elif len(dims) == 2 and _dim_ok(rest[0], h * w * c):
             binding = Binding("NF", (h * w * c,), False, batch)
