@@ -8,7 +8,7 @@ model's layout) one chunk of ``chunk_size`` images at a time, and each slot keep
 memory is bounded by ``batch_size`` and ``chunk_size``, not by the dataset.
 
 Because the noise of (image, step) depends only on (seed, original index, step, draw), the per-image results do not
-depend on ``batch_size``, ``threads``, ``chunk_size``, the order of images or which subset is evaluated.
+depend on ``batch_size``, thread counts, ``chunk_size``, the order of images or which subset is evaluated.
 """
 
 from __future__ import annotations
@@ -62,20 +62,25 @@ def run_protocol(
     *,
     batch_size: int = 256,
     chunk_size: int = 4096,
-    threads: int | None = None,
+    kernel_threads: int = 1,
     progress: Progress | None = None,
 ) -> Outcome:
-    """Run the paper's protocol on every image of ``dataset``; return per-image outcomes in dataset order."""
+    """Run the paper's protocol on every image of ``dataset``; return per-image outcomes in dataset order.
+
+    onnxruntime's threads are the model session's. The noise kernel runs on ``kernel_threads`` numba threads, 1 by default: for a 28x28 batch of 256 it takes ~0.07 ms serially against
+    ~5 ms of inference, while numba's OpenMP workers keep spinning after a parallel region and slow the next
+    inference by ~2 ms (``benchmarks/test_bench_engine.py::test_thread_pools`` measures it).
+    """
     if batch_size < 1:
         raise InvalidInput(f"batch_size must be >= 1; got {batch_size}")
     if chunk_size < 1:
         raise InvalidInput(f"chunk_size must be >= 1; got {chunk_size}")
+    if kernel_threads < 1:
+        raise InvalidInput(f"kernel_threads must be >= 1; got {kernel_threads}")
     bind_model(model, dataset, spec)
     h, w, c = dataset.image_shape
     mean = _channel_values(spec.mean, c, "mean")
     std = _channel_values(spec.std, c, "std")
-    threads = threads or model.threads
-
     n, n_pos = dataset.n, h * w
     d = n_pos * c
     clean_prediction = np.full(n, ROBUST, np.int32)
@@ -121,7 +126,7 @@ def run_protocol(
             slot_src, rows=rows, indices=slot_index, steps=slot_step, out=buf, pixels=spec.pixels,
             n_positions=n_pos, channels=c, seed=spec.seed, low=spec.low, high=spec.high, scheme=spec.scheme,
             channels_first=model.binding.channels_first, mean=mean, std=std, write_back=cumulative,
-            threads=threads,
+            threads=kernel_threads,
         )
         noisy += int(np.count_nonzero(slot_step[rows]))
         scores = model.run(buf[:m])

@@ -75,7 +75,7 @@ def evaluate(
     bind_model(m, ds, spec)  # every model and shape error surfaces before any output is touched
     out_dir = prepare_out_dir(out, overwrite=overwrite) if out is not None else None
 
-    outcome = run_protocol(m, ds, spec, batch_size=int(batch_size), threads=threads, progress=progress)
+    outcome = run_protocol(m, ds, spec, batch_size=int(batch_size), progress=progress)
     summary = build_summary(
         outcome, spec=spec, n_classes=max(ds.n_classes, 1),
         model={"path": str(Path(m.path).resolve()), "name": Path(m.path).stem, "sha256": m.sha256,
@@ -85,8 +85,8 @@ def evaluate(
                  "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
                  "sha256": ds.sha256, "start": start, "stop": stop, "limit": limit,
                  "first_index": int(ds.index[0]), "last_index": int(ds.index[-1])},
-        settings={"batch_size": int(batch_size), "threads": threads or m.threads,
-                  "ort_intra_op_threads": m.threads, "ort_spinning": m.spinning},
+        settings={"batch_size": int(batch_size), "threads": m.threads, "kernel_threads": 1,
+                  "ort_spinning": m.spinning},
     )
     nonfinite = summary["metrics"]["nonfinite_outputs"]
     if nonfinite:

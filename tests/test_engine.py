@@ -69,7 +69,8 @@ def test_results_do_not_depend_on_batch_size(bundled_model, sample, reference_ru
 @pytest.mark.parametrize("threads", [1, 2])
 def test_results_do_not_depend_on_threads(bundled_model, sample, reference_run, threads):
     spec, ref = reference_run
-    got = run_protocol(OnnxModel(bundled_model, threads=threads), sample.select(limit=300), spec, threads=threads)
+    got = run_protocol(OnnxModel(bundled_model, threads=threads), sample.select(limit=300), spec,
+                       kernel_threads=threads)
     for g, r in zip(_outcome_arrays(got), _outcome_arrays(ref), strict=True):
         assert np.array_equal(g, r)
 
@@ -136,6 +137,7 @@ def test_max_steps_one_and_pixels_all(bundled_model, sample):
 @pytest.mark.parametrize("kwargs,match", [
     ({"batch_size": 0}, "batch_size must be >= 1"),
     ({"chunk_size": 0}, "chunk_size must be >= 1"),
+    ({"kernel_threads": 0}, "kernel_threads must be >= 1"),
 ])
 def test_engine_rejects_bad_sizes(bundled_model, sample, kwargs, match):
     with pytest.raises(InvalidInput, match=match):
