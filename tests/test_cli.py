@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -35,7 +36,7 @@ def test_evaluate_json_and_options(capsys, tmp_path, bundled_model):
                               "--threads", "1", "--no-report", "--json", "--out", tmp_path / "r")
     assert code == 0
     s = json.loads(stdout)
-    assert s["settings"] | {} and s["settings"]["scheme"] == "salt-pepper" and s["settings"]["mode"] == "cumulative"
+    assert s["settings"]["scheme"] == "salt-pepper" and s["settings"]["mode"] == "cumulative"
     assert s["settings"]["seed"] == 9 and s["settings"]["batch_size"] == 7 and s["settings"]["mean"] == [0.0]
     assert s["dataset"]["first_index"] == 100 and s["dataset"]["count"] == 30
     assert not (tmp_path / "r" / "survival.png").exists()
@@ -79,8 +80,6 @@ def test_errors_are_one_line_with_exit_code(capsys, tmp_path, bundled_model, mod
     assert got == code, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pyrobust: error: "), err
-    import re
-
     assert re.search(match, lines[0]), lines[0]
     assert "Traceback" not in err
     assert not (tmp_path / "out" / "summary.json").exists()
@@ -141,3 +140,12 @@ def test_help_and_version(capsys):
     assert code == 0 and all(c in out for c in ("evaluate", "demo", "train", "replay"))
     code, out, _ = run_cli(capsys, "--version")
     assert code == 0 and "pyrobust, version 0.1.0" in out
+
+
+def test_progress_bar_when_stderr_is_a_terminal(capsys, monkeypatch, tmp_path, bundled_model):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, stdout, err = run_cli(capsys, "evaluate", bundled_model, "--dataset", "sample", "--limit", "20",
+                                "--max-steps", "5", "--no-report", "--out", tmp_path)
+    assert code == 0, err
+    assert "robust, of all images" in stdout  # results on stdout; the bar went to stderr
+    assert "robust" not in err
