@@ -79,8 +79,9 @@ def plot_per_class(summary: dict, path: Path) -> None:
             ax.text(xi, r["images"], f"{r['robust_rate']:.0%}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, names, rotation=30 if max(len(n) for n in names) > 2 else 0, fontsize=8)
     ax.set_ylabel("images")
+    ax.set_ylim(0, max(1, max(r["images"] for r in rows)) * 1.08)  # room for the rate labels
     ax.set_title(f"robust images per class ({summary['dataset']['spec']}; % = robust rate)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path)
 
 

@@ -32,6 +32,12 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _first_line(exc: Exception) -> str:
+    """onnx and onnxruntime put pages of context in their messages; the first line names the problem."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _dim_ok(declared, actual: int) -> bool:
     return not isinstance(declared, int) or declared == actual
 
@@ -81,8 +87,7 @@ class OnnxModel:
         try:
             onnx.checker.check_model(str(self.path))
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{self.path}: invalid ONNX model ({first})") from None
+            raise ModelError(f"{self.path}: invalid ONNX model ({_first_line(exc)})") from None
 
         self.threads = int(threads) if threads else default_threads()
         opts = ort.SessionOptions()
@@ -96,8 +101,7 @@ class OnnxModel:
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{self.path}: onnxruntime cannot load the model ({first})") from None
+            raise ModelError(f"{self.path}: onnxruntime cannot load the model ({_first_line(exc)})") from None
 
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
@@ -173,8 +177,7 @@ class OnnxModel:
         try:
             out = self.session.run([self.output.name], {self.input.name: x})[0]
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{self.path}: onnxruntime failed to run the model ({first})") from None
+            raise ModelError(f"{self.path}: onnxruntime failed to run the model ({_first_line(exc)})") from None
         if out.ndim != 2 or out.shape[0] != x.shape[0]:
             raise ModelError(f"{self.path}: for a batch of {x.shape[0]} images the first output has shape "
                              f"{list(out.shape)}; pyrobust needs one row of class scores per image")
