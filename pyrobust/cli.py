@@ -136,6 +136,10 @@ def _run_evaluation(model, dataset, *, out, overwrite, report, json_out, **kwarg
         result = evaluate(model, dataset, out=out, overwrite=overwrite, report=report, progress=progress, **kwargs)
     for w in caught:
         _err(f"warning: {w.message}")
+    if result.already_complete:
+        _err(f"{result.out} already holds the finished run; nothing to resume")
+    elif result.resumed:
+        _err(f"resumed the run in {result.out}")
     if json_out:
         click.echo(json.dumps(result.summary, indent=2))
     else:
@@ -165,10 +169,20 @@ def cli(debug: bool) -> None:
 @click.option("--range", "index_range", default=None, help="Positions START:STOP of the dataset, e.g. 100:200.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for results and figures.")
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in --out.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (same model, data, settings).")
+@click.option("--checkpoint-every", type=float, default=30.0, show_default=True,
+              help="Seconds between checkpoints of the per-image state.")
+@click.option("--chunk-size", type=int, default=4096, show_default=True,
+              help="Images converted to float at a time (bounds memory).")
+@click.option("--max-memory", type=float, default=None,
+              help="MiB pyrobust may use for data and buffers (default: 80%% of available memory).")
+@click.option("--custom-ops", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A custom-op library for onnxruntime to load (never loaded unless named).")
 @click.option("--no-report", is_flag=True, help="Skip the PNG figures.")
 @click.option("--json", "json_out", is_flag=True, help="Print summary.json to stdout instead of the table.")
 @noise_options
-def evaluate(model, dataset, data_dir, limit, index_range, out, overwrite, no_report, json_out, **noise) -> int:
+def evaluate(model, dataset, data_dir, limit, index_range, out, overwrite, resume, checkpoint_every, chunk_size,
+             max_memory, custom_ops, no_report, json_out, **noise) -> int:
     """Evaluate MODEL (an ONNX file) under random L0 noise and write results to --out.
 
     Example: pyrobust evaluate model.onnx --dataset mnist:test --data-dir ../shared/data --out runs/mnist
@@ -177,7 +191,9 @@ def evaluate(model, dataset, data_dir, limit, index_range, out, overwrite, no_re
 
     start, stop = parse_range(index_range) if index_range else (None, None)
     return _run_evaluation(model, dataset, data_dir=data_dir, limit=limit, start=start, stop=stop, out=out,
-                           overwrite=overwrite, report=not no_report, json_out=json_out, **_noise_kwargs(**noise))
+                           overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
+                           chunk_size=chunk_size, max_memory_mb=max_memory, custom_ops=custom_ops,
+                           report=not no_report, json_out=json_out, **_noise_kwargs(**noise))
 
 
 @cli.command()
@@ -295,10 +311,30 @@ def _write_replay(out: Path, r) -> None:
     _save(fig, out)
 
 
+def _sigterm_as_interrupt(signum, frame):
+    # CI systems cancel jobs with SIGTERM: stop the way Ctrl-C does, checkpoint saved.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; errors become one line on stderr (``--debug`` adds the traceback)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    else:  # pragma: no cover - signals can only be set from the main thread
+        previous = None
+    try:
+        return _main(args, debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: list[str], debug: bool) -> int:
     try:
         rv = cli.main(args=args, prog_name="pyrobust", standalone_mode=False)
     except click.exceptions.Exit as exc:

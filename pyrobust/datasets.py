@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import mmap
 import os
 import zlib
 from dataclasses import dataclass
@@ -80,12 +81,28 @@ class Dataset:
             return x.astype(np.float32) / np.float32(255.0)
         return np.asarray(x, dtype=np.float32)
 
+    def float_images_at(self, positions: np.ndarray) -> np.ndarray:
+        """Images at ``positions`` as float32 in [0, 1], shape ``(m, H, W, C)``."""
+        x = self.images[positions]
+        if x.dtype == np.uint8:
+            return x.astype(np.float32) / np.float32(255.0)
+        return np.asarray(x, dtype=np.float32)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of images held in memory (0 for a memory-mapped file, which the OS pages in and out)."""
+        base = self.images
+        while isinstance(base, np.ndarray) and not isinstance(base, np.memmap) and base.base is not None:
+            base = base.base
+        return 0 if isinstance(base, (np.memmap, mmap.mmap)) else int(self.images.nbytes)
+
     @cached_property
     def sha256(self) -> str:
         """Digest of exactly what is evaluated: image bytes and shape, labels, original indices."""
         h = hashlib.sha256()
         h.update(str((self.images.dtype.str, self.images.shape)).encode())
-        h.update(np.ascontiguousarray(self.images).tobytes())
+        for lo in range(0, self.n, 4096):  # in chunks: a memory-mapped dataset is never read whole into memory
+            h.update(np.ascontiguousarray(self.images[lo: lo + 4096]).tobytes())
         h.update(self.labels.astype("<i8").tobytes())
         h.update(self.index.astype("<i8").tobytes())
         return h.hexdigest()
@@ -125,22 +142,37 @@ def _open_bytes(path: Path):
     return gzip.open(path, "rb") if head == _GZIP_MAGIC else open(path, "rb")
 
 
-def parse_idx(stream, source: str = "<bytes>") -> np.ndarray:
-    """Parse an IDX stream (already decompressed). Validates magic, dimensions and exact length."""
+def _idx_header(stream, source: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Read and check an IDX header; return (dimensions, dtype, data bytes)."""
+    header = stream.read(4)
+    if len(header) < 4 or header[0] != 0 or header[1] != 0 or header[2] not in _IDX_DTYPES or header[3] == 0:
+        raise DataError(f"{source}: not an IDX file (bad magic number {header.hex() or 'empty'}); "
+                        "expected 0x0000 + type code + number of dimensions, as in the MNIST files")
+    ndim = header[3]
+    raw_dims = stream.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise DataError(f"{source}: truncated IDX header ({len(raw_dims) // 4} of {ndim} dimensions)")
+    dims = tuple(int(v) for v in np.frombuffer(raw_dims, dtype=">u4"))
+    dtype = np.dtype(_IDX_DTYPES[header[2]])
+    expected = int(np.prod(dims, dtype=object)) * dtype.itemsize
+    if expected > _MAX_IDX_BYTES:
+        raise DataError(f"{source}: IDX header claims {expected} bytes of data for dimensions {dims}; refusing")
+    return dims, dtype, expected
+
+
+def _too_big(source: str, needed: int, max_bytes: int) -> DataError:
+    return DataError(f"{source}: holds {needed / 2**20:.0f} MiB of images, more than the {max_bytes / 2**20:.0f} MiB "
+                     "of memory allowed (--max-memory); decompress it (gunzip) so pyrobust memory-maps it, evaluate "
+                     "a --range, or allow more memory")
+
+
+def parse_idx(stream, source: str = "<bytes>", *, max_bytes: int | None = None) -> np.ndarray:
+    """Parse an IDX stream (already decompressed) into memory. Validates magic, dimensions and exact length;
+    refuses data larger than ``max_bytes`` before reading it."""
     try:
-        header = stream.read(4)
-        if len(header) < 4 or header[0] != 0 or header[1] != 0 or header[2] not in _IDX_DTYPES or header[3] == 0:
-            raise DataError(f"{source}: not an IDX file (bad magic number {header.hex() or 'empty'}); "
-                            "expected 0x0000 + type code + number of dimensions, as in the MNIST files")
-        ndim = header[3]
-        raw_dims = stream.read(4 * ndim)
-        if len(raw_dims) < 4 * ndim:
-            raise DataError(f"{source}: truncated IDX header ({len(raw_dims) // 4} of {ndim} dimensions)")
-        dims = tuple(int(v) for v in np.frombuffer(raw_dims, dtype=">u4"))
-        dtype = np.dtype(_IDX_DTYPES[header[2]])
-        expected = int(np.prod(dims, dtype=object)) * dtype.itemsize
-        if expected > _MAX_IDX_BYTES:
-            raise DataError(f"{source}: IDX header claims {expected} bytes of data for dimensions {dims}; refusing")
+        dims, dtype, expected = _idx_header(stream, source)
+        if max_bytes is not None and expected > max_bytes:
+            raise _too_big(source, expected, max_bytes)
         body = stream.read(expected)
         if len(body) < expected:
             raise DataError(f"{source}: truncated IDX data: dimensions {dims} need {expected} bytes, found {len(body)}")
@@ -148,14 +180,29 @@ def parse_idx(stream, source: str = "<bytes>") -> np.ndarray:
             raise DataError(f"{source}: IDX data is longer than its dimensions {dims} say ({expected} bytes)")
     except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{source}: corrupt or truncated compressed data ({exc})") from None
-    return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+    arr = np.frombuffer(body, dtype=dtype).reshape(dims)
+    # Bytes need no byte-order conversion: no copy (a 60k-image file would briefly take twice its 47 MiB).
+    return arr if dtype.itemsize == 1 else arr.astype(dtype.newbyteorder("="))
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file, gzip-compressed or raw."""
+def read_idx(path: str | os.PathLike, *, max_bytes: int | None = None) -> np.ndarray:
+    """Read an IDX file. A gzip file is decompressed into memory (at most ``max_bytes``); a raw one is
+    memory-mapped read-only, so its size does not count against memory."""
     p = Path(path)
     with _open_bytes(p) as fh:
-        return parse_idx(fh, str(p))
+        if isinstance(fh, gzip.GzipFile):
+            return parse_idx(fh, str(p), max_bytes=max_bytes)
+        dims, dtype, expected = _idx_header(fh, str(p))
+        offset = fh.tell()
+    size = p.stat().st_size
+    if size - offset < expected:
+        raise DataError(f"{p}: truncated IDX data: dimensions {dims} need {expected} bytes, found {size - offset}")
+    if size - offset > expected:
+        raise DataError(f"{p}: IDX data is longer than its dimensions {dims} say ({expected} bytes)")
+    if expected == 0:
+        return np.zeros(dims, dtype=dtype.newbyteorder("="))
+    arr = np.memmap(p, dtype=dtype, mode="r", offset=offset, shape=dims)
+    return arr if dtype.itemsize == 1 else arr.astype(dtype.newbyteorder("="))
 
 
 def _images_from_array(x: np.ndarray, source: str) -> np.ndarray:
@@ -180,9 +227,9 @@ def _labels_from_array(y: np.ndarray, source: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def load_idx_pair(images_path, labels_path, *, name: str, split: str | None) -> Dataset:
-    x = read_idx(images_path)
-    y = read_idx(labels_path)
+def load_idx_pair(images_path, labels_path, *, name: str, split: str | None, max_bytes: int | None = None) -> Dataset:
+    x = read_idx(images_path, max_bytes=max_bytes)
+    y = read_idx(labels_path, max_bytes=max_bytes)
     src = str(images_path)
     if x.shape[0] != (y.shape[0] if y.ndim else -1):
         raise DataError(f"{images_path} has {x.shape[0]} images but {labels_path} has "
@@ -192,7 +239,7 @@ def load_idx_pair(images_path, labels_path, *, name: str, split: str | None) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------- npz
-def load_npz(path: str | os.PathLike, *, name: str | None = None) -> Dataset:
+def load_npz(path: str | os.PathLike, *, name: str | None = None, max_bytes: int | None = None) -> Dataset:
     """Load ``x`` (images) and ``y`` (labels), and ``index`` (original indices) when present. Pickles are refused."""
     p = Path(path)
     try:
@@ -204,6 +251,10 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> Dataset:
             missing = {"x", "y"} - keys
             if missing:
                 raise DataError(f"{p}: .npz needs arrays 'x' (images) and 'y' (labels); missing {sorted(missing)}")
+            if max_bytes is not None:
+                size = sum(z.zip.getinfo(f"{k}.npy").file_size for k in ("x", "y"))
+                if size > max_bytes:
+                    raise _too_big(str(p), size, max_bytes)
             x, y = z["x"], z["y"]
             idx = z["index"] if "index" in keys else None
     except FileNotFoundError:
@@ -245,7 +296,8 @@ def _folder_files(folder: Path, split: str) -> tuple[Path, Path] | None:
     return (images, labels) if images and labels else None
 
 
-def load_folder(folder: str | os.PathLike, split: str, *, name: str | None = None) -> Dataset:
+def load_folder(folder: str | os.PathLike, split: str, *, name: str | None = None,
+                max_bytes: int | None = None) -> Dataset:
     """A folder holding the standard MNIST file names (``train-*`` / ``t10k-*``, gzip or raw)."""
     f = Path(folder)
     files = _folder_files(f, split)
@@ -253,7 +305,7 @@ def load_folder(folder: str | os.PathLike, split: str, *, name: str | None = Non
         prefix = _SPLIT_PREFIX[split]
         raise DataError(f"{f}: no {prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz] "
                         f"for split '{split}'")
-    return load_idx_pair(*files, name=name or f.name, split=split)
+    return load_idx_pair(*files, name=name or f.name, split=split, max_bytes=max_bytes)
 
 
 def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -302,12 +354,13 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
 
 
 def load_dataset(spec: str, *, data_dir=None, start: int | None = None, stop: int | None = None,
-                 limit: int | None = None) -> Dataset:
+                 limit: int | None = None, max_bytes: int | None = None) -> Dataset:
     """Load a dataset by spec.
 
     ``spec`` is ``mnist:test`` / ``fashion-mnist:train`` (a named dataset, split ``test`` when omitted),
     ``sample`` (the bundled MNIST sample), a ``.npz`` file, or a folder of MNIST-named files with ``:train`` or
-    ``:test``. ``start``/``stop``/``limit`` select a part; images keep their original indices.
+    ``:test``. ``start``/``stop``/``limit`` select a part; images keep their original indices. Compressed data
+    larger than ``max_bytes`` is refused before it is decompressed; raw IDX files are memory-mapped.
     """
     if not spec:
         raise InvalidInput("dataset must be NAME:SPLIT (mnist or fashion-mnist, train or test), 'sample', "
@@ -316,15 +369,16 @@ def load_dataset(spec: str, *, data_dir=None, start: int | None = None, stop: in
     if target in ("sample", SAMPLE_NAME):
         ds = bundled_sample()
     elif target in NAMED:
-        ds = load_idx_pair(*find_named(target, split or "test", data_dir), name=target, split=split or "test")
+        ds = load_idx_pair(*find_named(target, split or "test", data_dir), name=target, split=split or "test",
+                           max_bytes=max_bytes)
     else:
         p = Path(target)
         if p.is_dir():
-            ds = load_folder(p, split or "test")
+            ds = load_folder(p, split or "test", max_bytes=max_bytes)
         elif p.suffix == ".npz" or p.is_file():
             if split is not None:
                 raise InvalidInput(f"a .npz file has no splits; drop ':{split}' from {spec!r}")
-            ds = load_npz(p)
+            ds = load_npz(p, max_bytes=max_bytes)
         else:
             raise DataError(f"dataset {spec!r} not found: give mnist:SPLIT, fashion-mnist:SPLIT, sample, "
                             "a .npz file with arrays x and y, or a folder of MNIST-named IDX files")

@@ -51,8 +51,43 @@ def bind_model(model: OnnxModel, dataset: Dataset, spec: NoiseSpec) -> None:
     every model or shape error surfaces before any work starts."""
     check_spec_for_data(spec, dataset.image_shape)
     c = dataset.image_shape[2]
-    probe = _prepare(dataset, 0, 1, _channel_values(spec.mean, c, "mean"), _channel_values(spec.std, c, "std"))
+    probe = _prepare(dataset, slice(0, 1), _channel_values(spec.mean, c, "mean"), _channel_values(spec.std, c, "std"))
     model.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=probe)
+
+
+class RunState:
+    """The per-image results of a run as it goes, plus which images are finished.
+
+    The engine marks an image ``done`` only after its results are written, so a state saved at any moment holds
+    only final results; an image in flight when a run stops is simply evaluated again on resume, and because its
+    noise depends only on (seed, index, step) it gets exactly the same result.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.clean_prediction = np.full(n, ROBUST, np.int32)
+        self.first_failure = np.full(n, ROBUST, np.int32)
+        self.failure_label = np.full(n, ROBUST, np.int32)
+        self.done = np.zeros(n, np.bool_)
+        self.inferences = 0
+        self.noisy_inferences = 0
+        self.seconds = 0.0
+        self.sessions = 0
+
+    ARRAYS = ("clean_prediction", "first_failure", "failure_label", "done")
+
+    @property
+    def n(self) -> int:
+        return int(self.done.shape[0])
+
+    @property
+    def n_done(self) -> int:
+        return int(np.count_nonzero(self.done))
+
+    def outcome(self, dataset: Dataset) -> Outcome:
+        return Outcome(index=dataset.index.copy(), label=dataset.labels.copy(),
+                       clean_prediction=self.clean_prediction.copy(), first_failure=self.first_failure.copy(),
+                       failure_label=self.failure_label.copy(), inferences=self.inferences,
+                       noisy_inferences=self.noisy_inferences, seconds=self.seconds)
 
 
 def run_protocol(
@@ -64,6 +99,9 @@ def run_protocol(
     chunk_size: int = 4096,
     kernel_threads: int = 1,
     progress: Progress | None = None,
+    state: RunState | None = None,
+    on_checkpoint: Callable[[RunState], None] | None = None,
+    checkpoint_every: float = 30.0,
 ) -> Outcome:
     """Run the paper's protocol on every image of ``dataset``; return per-image outcomes in dataset order.
 
@@ -71,6 +109,10 @@ def run_protocol(
     default: for a 28x28 batch of 256 it takes ~0.07 ms serially against ~5 ms of inference, while numba's OpenMP
     workers keep spinning after a parallel region and slow the next inference down
     (``benchmarks/test_bench_engine.py::test_thread_pools`` measures it).
+
+    ``state`` continues an earlier run: images it marks done are skipped. ``on_checkpoint(state)`` is called at
+    most every ``checkpoint_every`` seconds with a consistent state (and the state object is consistent whenever
+    the run stops, Ctrl-C included).
     """
     if batch_size < 1:
         raise InvalidInput(f"batch_size must be >= 1; got {batch_size}")
@@ -84,9 +126,12 @@ def run_protocol(
     std = _channel_values(spec.std, c, "std")
     n, n_pos = dataset.n, h * w
     d = n_pos * c
-    clean_prediction = np.full(n, ROBUST, np.int32)
-    first_failure = np.full(n, ROBUST, np.int32)
-    failure_label = np.full(n, ROBUST, np.int32)
+    if state is None:
+        state = RunState(n)
+    elif state.n != n:
+        raise InvalidInput(f"the saved state holds {state.n} images but the dataset has {n}")
+    state.sessions += 1
+    todo = np.flatnonzero(~state.done)
 
     slot_src = np.zeros((batch_size, d), np.float32)
     slot_index = np.zeros(batch_size, np.int64)
@@ -99,27 +144,27 @@ def run_protocol(
     done = np.empty(batch_size, np.bool_)
     cumulative = spec.mode == "cumulative"
 
-    next_pos = 0
-    chunk_lo, chunk = 0, np.empty((0, d), np.float32)
-    finished = inferences = noisy = 0
+    nxt = 0  # next entry of ``todo`` to admit
+    chunk_lo, chunk = 0, np.empty((0, d), np.float32)  # ``chunk`` holds todo[chunk_lo : chunk_lo + len(chunk)]
     _warm_up_kernels(slot_src, slot_index, slot_step, buf, n_pos, c)  # JIT/cache load stays out of the timing
-    t0 = time.perf_counter()
+    t0 = last_checkpoint = time.perf_counter()
+    seconds_before = state.seconds
     while True:
         free = np.flatnonzero(~busy)
-        while free.size and next_pos < n:
-            if next_pos >= chunk_lo + chunk.shape[0]:
-                chunk_lo = next_pos
-                chunk = model.to_flat(_prepare(dataset, next_pos, min(n, next_pos + chunk_size), mean, std))
-            k = min(free.size, chunk_lo + chunk.shape[0] - next_pos)
+        while free.size and nxt < todo.size:
+            if nxt >= chunk_lo + chunk.shape[0]:
+                chunk_lo = nxt
+                chunk = model.to_flat(_prepare(dataset, todo[nxt: nxt + chunk_size], mean, std))
+            k = min(free.size, chunk_lo + chunk.shape[0] - nxt)
             slots, free = free[:k], free[k:]
-            pos = np.arange(next_pos, next_pos + k)
-            slot_src[slots] = chunk[pos - chunk_lo]
+            pos = todo[nxt: nxt + k]
+            slot_src[slots] = chunk[nxt - chunk_lo: nxt - chunk_lo + k]
             slot_index[slots] = dataset.index[pos]
             slot_label[slots] = dataset.labels[pos]
             slot_pos[slots] = pos
             slot_step[slots] = 0
             busy[slots] = True
-            next_pos += k
+            nxt += k
         rows = np.flatnonzero(busy)
         m = rows.size
         if m == 0:
@@ -130,24 +175,38 @@ def run_protocol(
             channels_first=model.binding.channels_first, mean=mean, std=std, write_back=cumulative,
             threads=kernel_threads,
         )
-        noisy += int(np.count_nonzero(slot_step[rows]))
+        noisy = int(np.count_nonzero(slot_step[rows]))
         scores = model.run(buf[:m])
         perturbcore.predict(scores, out=preds)
         fin = perturbcore.record_batch(
             preds, rows, slot_label=slot_label, slot_step=slot_step, slot_pos=slot_pos, max_steps=spec.max_steps,
-            clean_prediction=clean_prediction, first_failure=first_failure, failure_label=failure_label, done=done,
+            clean_prediction=state.clean_prediction, first_failure=state.first_failure,
+            failure_label=state.failure_label, done=done,
         )
-        busy[rows[fin]] = False
-        inferences += m
-        finished += int(np.count_nonzero(fin))
+        finished = rows[fin]
+        busy[finished] = False
+        state.done[slot_pos[finished]] = True  # only now: results of these images are final
+        state.inferences += m
+        state.noisy_inferences += noisy
+        now = time.perf_counter()
+        state.seconds = seconds_before + (now - t0)
         if progress is not None:
-            progress(finished, n, inferences)
-    seconds = time.perf_counter() - t0
-    return Outcome(
-        index=dataset.index.copy(), label=dataset.labels.copy(), clean_prediction=clean_prediction,
-        first_failure=first_failure, failure_label=failure_label, inferences=inferences, noisy_inferences=noisy,
-        seconds=seconds,
-    )
+            progress(state.n_done, n, state.inferences)
+        if on_checkpoint is not None and now - last_checkpoint >= checkpoint_every:
+            on_checkpoint(state)
+            last_checkpoint = time.perf_counter()
+    state.seconds = seconds_before + (time.perf_counter() - t0)
+    return state.outcome(dataset)
+
+
+def working_memory_bytes(dataset: Dataset, *, batch_size: int, chunk_size: int) -> int:
+    """Memory the engine allocates beside the dataset: slot buffers, one converted chunk, per-image results."""
+    h, w, c = dataset.image_shape
+    row = h * w * c * 4
+    slots = 2 * batch_size * row
+    chunk = 2 * min(chunk_size, dataset.n) * row  # the float conversion and its copy in the model's layout
+    per_image = dataset.n * (4 * 3 + 1 + 8 * 2) * 2  # results, done mask, index and label copies; outcome copies
+    return slots + chunk + per_image
 
 
 def _warm_up_kernels(src, index, step, buf, n_positions, channels) -> None:
@@ -161,9 +220,10 @@ def _warm_up_kernels(src, index, step, buf, n_positions, channels) -> None:
                              clean_prediction=empty, first_failure=empty, failure_label=empty)
 
 
-def _prepare(dataset: Dataset, lo: int, hi: int, mean, std) -> np.ndarray:
-    """Images lo:hi as float32 (m, H, W, C), normalised as the kernel normalises its noise values."""
-    x = dataset.float_images(lo, hi)
+def _prepare(dataset: Dataset, positions, mean, std) -> np.ndarray:
+    """Images at ``positions`` (a slice or an index array) as float32 (m, H, W, C), normalised as the kernel
+    normalises its noise values."""
+    x = dataset.float_images_at(positions)
     if mean is not None:
         x = (x - mean) / std
     return x
@@ -174,9 +234,9 @@ def clean_predictions(model: OnnxModel, dataset: Dataset, *, batch_size: int = 1
     """The model's predictions on the clean images (int32 (n,); ``NONFINITE`` for non-finite outputs)."""
     c = dataset.image_shape[2]
     mean, std = _channel_values(mean, c, "mean"), _channel_values(std, c, "std")
-    model.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=_prepare(dataset, 0, 1, mean, std))
+    model.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=_prepare(dataset, slice(0, 1), mean, std))
     out = np.empty(dataset.n, np.int32)
     for lo in range(0, dataset.n, batch_size):
         hi = min(dataset.n, lo + batch_size)
-        out[lo:hi] = perturbcore.predict(model.run(model.to_flat(_prepare(dataset, lo, hi, mean, std))))
+        out[lo:hi] = perturbcore.predict(model.run(model.to_flat(_prepare(dataset, slice(lo, hi), mean, std))))
     return out

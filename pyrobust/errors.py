@@ -41,3 +41,15 @@ class MissingDependency(PyRobustError):
     """An optional extra (e.g. ``pyrobust[train]``) is needed for this command (exit code 2)."""
 
     exit_code = 2
+
+
+class ClassCountMismatch(ModelError, DataError):
+    """The labels need more classes than the model scores: a model error and a data error at once (exit code 3)."""
+
+    exit_code = 3
+
+
+class Interrupted(PyRobustError):
+    """The run was stopped (Ctrl-C or SIGTERM) after saving its checkpoint (exit code 130)."""
+
+    exit_code = 130

@@ -1,4 +1,7 @@
-"""``evaluate``: load a model and a dataset, run the protocol, write results and the report."""
+"""``evaluate``: load a model and a dataset, run the protocol, write results and the report.
+
+With an output folder the run is checkpointed as it goes, holds a lock on the folder, and can be resumed.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,20 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyrobust.checkpoint import CHECKPOINT_FILE, RunLock, fingerprint, load_checkpoint, save_checkpoint
 from pyrobust.datasets import Dataset, load_dataset
-from pyrobust.engine import Progress, bind_model, check_spec_for_data, run_protocol
-from pyrobust.errors import InvalidInput
+from pyrobust.engine import Progress, RunState, bind_model, check_spec_for_data, run_protocol, working_memory_bytes
+from pyrobust.errors import DataError, Interrupted, InvalidInput, OutputError
 from pyrobust.report import write_report
-from pyrobust.results import build_summary, prepare_out_dir, write_results
+from pyrobust.results import (
+    SUMMARY_FILE,
+    build_summary,
+    clear_run_files,
+    load_results,
+    make_out_dir,
+    run_files,
+    write_results,
+)
 from pyrobust.runtime import OnnxModel
 from pyrobust.types import NoiseSpec, Outcome
 
@@ -25,6 +37,30 @@ class Evaluation:
     outcome: Outcome
     summary: dict
     out: Path | None
+    resumed: bool = False  # continued from a checkpoint, or found already complete
+    already_complete: bool = False  # ``resume`` found a finished run and did nothing
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_budget(max_memory_mb: float | None) -> int | None:
+    """Bytes pyrobust may use for data and working buffers: ``max_memory_mb``, or 80 % of the available memory."""
+    if max_memory_mb is not None:
+        if not max_memory_mb > 0:
+            raise InvalidInput(f"max_memory must be > 0 MiB; got {max_memory_mb}")
+        return int(max_memory_mb * 2**20)
+    avail = available_memory_bytes()
+    return int(avail * 0.8) if avail else None
 
 
 def evaluate(
@@ -45,9 +81,14 @@ def evaluate(
     start: int | None = None,
     stop: int | None = None,
     batch_size: int = 256,
+    chunk_size: int = 4096,
     threads: int | None = None,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
+    resume: bool = False,
+    checkpoint_every: float = 30.0,
+    max_memory_mb: float | None = None,
+    custom_ops: str | os.PathLike | None = None,
     report: bool = True,
     progress: Progress | None = None,
 ) -> Evaluation:
@@ -55,45 +96,113 @@ def evaluate(
 
     ``model`` is an ONNX file (or a loaded :class:`~pyrobust.runtime.OnnxModel`); ``dataset`` a spec such as
     ``"mnist:test"`` (see :func:`pyrobust.datasets.load_dataset`) or a :class:`~pyrobust.datasets.Dataset`.
-    With ``out``, writes ``results.npz``, ``summary.json`` and (``report``) the four PNG figures there.
-    Every input is checked before any work starts.
+    With ``out``, writes ``results.npz``, ``summary.json`` and (``report``) the four PNG figures there, saving a
+    checkpoint every ``checkpoint_every`` seconds; ``resume`` continues an interrupted run in ``out`` and gives
+    bit-identical per-image results. Every input is checked before any work starts or any file is written.
     """
     spec = NoiseSpec(pixels=pixels, max_steps=max_steps, low=low, high=high, scheme=scheme, mode=mode, seed=seed,
                      mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None)
-    if batch_size is None or isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise InvalidInput(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    for name, v in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if v is None or isinstance(v, bool) or int(v) != v or v < 1:
+            raise InvalidInput(f"{name} must be an integer >= 1; got {v!r}")
     if threads is not None and (int(threads) != threads or threads < 1):
         raise InvalidInput(f"threads must be an integer >= 1; got {threads!r}")
+    if not checkpoint_every > 0:
+        raise InvalidInput(f"checkpoint_every must be > 0 seconds; got {checkpoint_every}")
+    if resume and overwrite:
+        raise InvalidInput("--resume continues a run and --overwrite discards it: pass one of them")
+    budget = memory_budget(max_memory_mb)
     if isinstance(dataset, Dataset):
         ds = dataset.select(start=start, stop=stop, limit=limit)
         ds_spec = ds.spec
     else:
         ds_spec = dataset
-        ds = load_dataset(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit)
+        ds = load_dataset(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit, max_bytes=budget)
     check_spec_for_data(spec, ds.image_shape)
-    m = model if isinstance(model, OnnxModel) else OnnxModel(model, threads=threads)
+    need = ds.memory_bytes + working_memory_bytes(ds, batch_size=int(batch_size), chunk_size=int(chunk_size))
+    if budget is not None and need > budget:
+        raise DataError(f"{ds.spec}: evaluating {ds.n} images needs about {need / 2**20:.0f} MiB "
+                        f"({ds.memory_bytes / 2**20:.0f} MiB of images in memory), more than the "
+                        f"{budget / 2**20:.0f} MiB allowed (--max-memory); use a smaller --chunk-size, a --range, or "
+                        "decompressed IDX files (memory-mapped)")
+    m = model if isinstance(model, OnnxModel) else OnnxModel(model, threads=threads, custom_ops=custom_ops)
     bind_model(m, ds, spec)  # every model and shape error surfaces before any output is touched
-    out_dir = prepare_out_dir(out, overwrite=overwrite) if out is not None else None
 
-    outcome = run_protocol(m, ds, spec, batch_size=int(batch_size), progress=progress)
-    summary = build_summary(
-        outcome, spec=spec, n_classes=max(ds.n_classes, 1),
-        model={"path": str(Path(m.path).resolve()), "name": Path(m.path).stem, "sha256": m.sha256,
-               "input": m.input.name, "input_shape": m.input_shape, "layout": m.binding.layout,
-               "fixed_batch": m.binding.fixed_batch},
-        dataset={"spec": ds_spec, "name": ds.name, "split": ds.split, "source": ds.source,
-                 "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
-                 "sha256": ds.sha256, "start": start, "stop": stop, "limit": limit,
-                 "first_index": int(ds.index[0]), "last_index": int(ds.index[-1])},
-        settings={"batch_size": int(batch_size), "threads": m.threads, "kernel_threads": 1,
-                  "ort_spinning": m.spinning},
-    )
-    nonfinite = summary["metrics"]["nonfinite_outputs"]
-    if nonfinite:
-        warnings.warn(f"{nonfinite} image(s) got NaN or infinite model outputs; they count as failures with "
-                      "label -2 (non-finite)", NonFiniteOutputWarning, stacklevel=2)
-    if out_dir is not None:
+    def summarise(outcome: Outcome, state: RunState | None) -> dict:
+        return build_summary(
+            outcome, spec=spec, n_classes=max(ds.n_classes, 1),
+            model={"path": str(Path(m.path).resolve()), "name": Path(m.path).stem, "sha256": m.sha256,
+                   "input": m.input.name, "input_shape": m.input_shape, "layout": m.binding.layout,
+                   "fixed_batch": m.binding.fixed_batch},
+            dataset={"spec": ds_spec, "name": ds.name, "split": ds.split, "source": ds.source,
+                     "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
+                     "sha256": ds.sha256, "start": start, "stop": stop, "limit": limit,
+                     "first_index": int(ds.index[0]), "last_index": int(ds.index[-1])},
+            settings={"batch_size": int(batch_size), "chunk_size": int(chunk_size), "threads": m.threads,
+                      "kernel_threads": 1, "ort_spinning": m.spinning,
+                      "sessions": state.sessions if state is not None else 1},
+        )
+
+    fp = fingerprint(model_sha256=m.sha256, dataset_sha256=ds.sha256, count=ds.n, spec=spec.to_dict())
+    if out is None:
+        outcome = run_protocol(m, ds, spec, batch_size=int(batch_size), chunk_size=int(chunk_size),
+                               progress=progress)
+        result = Evaluation(outcome=outcome, summary=summarise(outcome, None), out=None)
+        _warn_nonfinite(result.summary)
+        return result
+
+    out_dir = make_out_dir(out)
+    with RunLock(out_dir):
+        state = _start_state(out_dir, fp, overwrite=overwrite, resume=resume)
+        if isinstance(state, Evaluation):
+            return state
+        resumed = state is not None
+        state = state or RunState(ds.n)
+        save_checkpoint(out_dir, state, fp)
+        try:
+            outcome = run_protocol(m, ds, spec, batch_size=int(batch_size), chunk_size=int(chunk_size),
+                                   progress=progress, state=state, checkpoint_every=checkpoint_every,
+                                   on_checkpoint=lambda st: save_checkpoint(out_dir, st, fp))
+        except KeyboardInterrupt:
+            save_checkpoint(out_dir, state, fp)
+            raise Interrupted(f"interrupted after {state.n_done} of {state.n} images; checkpoint saved in "
+                              f"{out_dir}: run the same command with --resume to continue") from None
+        summary = summarise(outcome, state)
+        _warn_nonfinite(summary)
         if report:
             write_report(out_dir, outcome, summary, ds)
         write_results(out_dir, outcome, summary)
-    return Evaluation(outcome=outcome, summary=summary, out=out_dir)
+        (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return Evaluation(outcome=outcome, summary=summary, out=out_dir, resumed=resumed)
+
+
+def _start_state(out_dir: Path, fp: dict, *, overwrite: bool, resume: bool) -> RunState | Evaluation | None:
+    """Decide what to do with what ``out_dir`` already holds: the state to resume from, a finished run (resume
+    of a complete run), or None for a fresh start (after clearing an old run when ``overwrite``)."""
+    complete = (out_dir / SUMMARY_FILE).exists()
+    unfinished = (out_dir / CHECKPOINT_FILE).exists()
+    present = run_files(out_dir, (CHECKPOINT_FILE,))
+    if resume and complete:
+        outcome, summary = load_results(out_dir)
+        saved = fingerprint(model_sha256=summary["model"]["sha256"], dataset_sha256=summary["dataset"]["sha256"],
+                            count=summary["dataset"]["count"], spec=NoiseSpec.from_dict(summary["settings"]).to_dict())
+        if saved != fp:
+            raise InvalidInput(f"{out_dir} holds a finished run of another model, data or settings; pass --overwrite "
+                               "to replace it or choose another --out")
+        return Evaluation(outcome=outcome, summary=summary, out=out_dir, resumed=True, already_complete=True)
+    if resume and unfinished:
+        return load_checkpoint(out_dir, fp)
+    if present and not overwrite and not resume:
+        what = "an unfinished run (checkpoint.npz)" if unfinished and not complete else "a run's results"
+        hint = "pass --resume to continue it, --overwrite to start over," if unfinished and not complete else \
+            "pass --overwrite to replace them"
+        raise OutputError(f"{out_dir}: already holds {what} ({', '.join(present)}); {hint} or choose another --out")
+    clear_run_files(out_dir, (CHECKPOINT_FILE,))
+    return None
+
+
+def _warn_nonfinite(summary: dict) -> None:
+    nonfinite = summary["metrics"]["nonfinite_outputs"]
+    if nonfinite:
+        warnings.warn(f"{nonfinite} image(s) got NaN or infinite model outputs; they count as failures with "
+                      "label -2 (non-finite)", NonFiniteOutputWarning, stacklevel=3)

@@ -136,26 +136,30 @@ def write_json_atomic(path: Path, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
 
 
-def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Create ``out`` (or check it is free); refuse one holding another run's results unless ``overwrite``."""
+def make_out_dir(out: str | os.PathLike) -> Path:
+    """Create ``out`` if needed and check it can be written."""
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{p}: exists and is not a folder; choose another --out")
-    existing = [f for f in RUN_FILES if (p / f).exists()]
-    if existing and not overwrite:
-        raise OutputError(f"{p}: already holds a run's results ({', '.join(existing)}); pass --overwrite to replace "
-                          "them or choose another --out")
     try:
         p.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-", delete=True)
         probe.close()
     except OSError as exc:
         raise OutputError(f"{p}: cannot write there ({exc.strerror}); choose a writable --out") from None
-    if existing:
-        # The new run is unfinished until its summary lands: drop the old summary first so nothing half-new
-        # passes for complete.
-        (p / SUMMARY_FILE).unlink(missing_ok=True)
     return p
+
+
+def run_files(folder: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """The files of a pyrobust run present in ``folder``."""
+    return [f for f in (*RUN_FILES, *extra) if (folder / f).exists()]
+
+
+def clear_run_files(folder: Path, extra: tuple[str, ...] = ()) -> None:
+    """Remove a previous run's files; the summary (the completion marker) goes first, so nothing half-new passes
+    for complete at any moment."""
+    for f in (SUMMARY_FILE, *RUN_FILES, *extra):
+        (folder / f).unlink(missing_ok=True)
 
 
 def write_results(out: Path, outcome: Outcome, summary: dict) -> None:

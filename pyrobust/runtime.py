@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyrobust.errors import ModelError
+from pyrobust.errors import ClassCountMismatch, ModelError
 
 # Operator domains onnxruntime implements itself; anything else needs a custom-op library, which pyrobust never loads.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc",
@@ -36,6 +36,39 @@ def _first_line(exc: Exception) -> str:
     """onnx and onnxruntime put pages of context in their messages; the first line names the problem."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_external_data(proto, model_path: Path) -> None:
+    """Refuse external-data tensors that could read outside the model's folder: absolute paths, ``..``, symbolic
+    links anywhere on the way, hard links, or files that resolve elsewhere. Done here whatever onnx's version, since
+    onnx's own checks were bypassed several times (CVE-2022-25882, CVE-2024-27318, CVE-2026-27489)."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import _get_all_tensors
+
+    base = model_path.resolve().parent
+    for tensor in _get_all_tensors(proto):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        loc = info.get("location", "")
+        where = f"{model_path}: tensor '{tensor.name}' keeps its data in '{loc}'"
+        rel = Path(loc)
+        if not loc or rel.is_absolute() or ".." in rel.parts:
+            raise ModelError(f"{where}, outside the model's folder; pyrobust reads external data only from files "
+                             "beside the model")
+        walk = base
+        for part in rel.parts:
+            walk = walk / part
+            if walk.is_symlink():
+                raise ModelError(f"{where}, through a symbolic link; copy the data file beside the model")
+        target = (base / rel).resolve()
+        if base not in target.parents:
+            raise ModelError(f"{where}, outside the model's folder; pyrobust reads external data only from files "
+                             "beside the model")
+        if not target.is_file():
+            raise ModelError(f"{where}, which does not exist; keep the data file beside the model")
+        if target.stat().st_nlink > 1:
+            raise ModelError(f"{where}, a file with several hard links; copy the data file beside the model")
 
 
 def _dim_ok(declared, actual: int) -> bool:
@@ -59,7 +92,8 @@ def describe_shape(shape) -> str:
 class OnnxModel:
     """An ONNX image classifier run by onnxruntime on the CPU."""
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, spinning: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, spinning: bool = False,
+                 custom_ops: str | os.PathLike | None = None) -> None:
         import onnx
         import onnxruntime as ort
 
@@ -81,9 +115,11 @@ class OnnxModel:
         if not proto.graph.node and not proto.graph.output:
             raise ModelError(f"{self.path}: not an ONNX model (no graph); export one with torch.onnx.export")
         unknown = sorted({o.domain for o in proto.opset_import} - KNOWN_DOMAINS)
-        if unknown:
+        if unknown and custom_ops is None:
             raise ModelError(f"{self.path}: uses custom operator domain(s) {', '.join(unknown)}, which onnxruntime "
-                             "does not implement; pyrobust loads no custom-op libraries")
+                             "does not implement; pyrobust loads a custom-op library only when you name it "
+                             "(--custom-ops LIB)")
+        check_external_data(proto, self.path)
         try:
             onnx.checker.check_model(str(self.path))
         except Exception as exc:
@@ -97,6 +133,15 @@ class OnnxModel:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if custom_ops is not None:
+            lib = Path(custom_ops)
+            if not lib.is_file():
+                raise ModelError(f"{lib}: custom-op library not found")
+            try:
+                opts.register_custom_ops_library(str(lib))
+            except Exception as exc:
+                raise ModelError(f"{lib}: onnxruntime cannot load this custom-op library ({_first_line(exc)})") \
+                    from None
         self.spinning = spinning
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -147,7 +192,7 @@ class OnnxModel:
             raise ModelError(f"{self.path}: first output '{self.output.name}' has shape {describe_shape(out_shape)}; "
                              "pyrobust needs N×classes scores (logits or probabilities)")
         if out_shape and isinstance(out_shape[1], int) and out_shape[1] < n_classes:
-            raise ModelError(f"{self.path}: the model outputs {out_shape[1]} classes but the labels need "
+            raise ClassCountMismatch(f"{self.path}: the model outputs {out_shape[1]} classes but the labels need "
                              f"{n_classes} (0..{n_classes - 1}); use a model trained on this dataset")
         self.binding = binding
         x = np.zeros((1, h, w, c), np.float32) if probe is None else probe[:1]
@@ -160,7 +205,7 @@ class OnnxModel:
             raise
         if scores.shape[1] < n_classes:
             self.binding = None
-            raise ModelError(f"{self.path}: the model outputs {scores.shape[1]} classes but the labels need "
+            raise ClassCountMismatch(f"{self.path}: the model outputs {scores.shape[1]} classes but the labels need "
                              f"{n_classes} (0..{n_classes - 1}); use a model trained on this dataset")
         return binding
 

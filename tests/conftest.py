@@ -122,6 +122,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
              helper.make_node("ReduceMean", ["m"], ["m2"], keepdims=1),
              helper.make_node("Mul", ["m2", "zero"], ["z"]), helper.make_node("Add", ["z", "row"], ["y"])]
     out["one_row"] = save_model(d / "one_row.onnx", nodes, [image_input()], [logits_output(batch=1)], inits)
+    nodes = [helper.make_node("Unsqueeze", ["x", "ax0"], ["x2"]), helper.make_node("MatMul", ["x2", "W"], ["mm"]),
+             helper.make_node("Add", ["mm", "B"], ["y"])]
+    inits = [tensor("W", w), tensor("B", b), helper.make_tensor("ax0", TensorProto.INT64, [1], [0])]
+    out["no_batch_axis"] = save_model(d / "no_batch_axis.onnx", nodes, [image_input((784,))],
+                                      [logits_output(batch=1)], inits)
     out["custom_domain"] = save_model(d / "custom_domain.onnx",
                                       [helper.make_node("MyOp", ["x"], ["y"], domain="com.example.custom")],
                                       [image_input()], [logits_output()], domains=["com.example.custom"])

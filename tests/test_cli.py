@@ -114,7 +114,8 @@ def test_internal_errors_are_one_line(capsys, monkeypatch, tmp_path, bundled_mod
     assert code == 4
     assert err.strip() == ("pyrobust: internal error: RuntimeError: kaput (rerun with --debug for the traceback, "
                            "and report it)")
-    code, _, err = run_cli(capsys, "--debug", "evaluate", bundled_model, "--dataset", "sample", "--out", tmp_path)
+    code, _, err = run_cli(capsys, "--debug", "evaluate", bundled_model, "--dataset", "sample", "--out",
+                           tmp_path / "b")
     assert code == 4 and "Traceback" in err
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pyrobust.errors import DataError, OutputError
-from pyrobust.results import build_summary, load_results, prepare_out_dir, write_results
+from pyrobust.results import build_summary, clear_run_files, load_results, make_out_dir, run_files, write_results
 from pyrobust.stats import survival_curve, wilson_interval
 from pyrobust.types import NoiseSpec, Outcome
 from tests import naive
@@ -64,7 +64,7 @@ def test_summary_numbers():
 def test_write_and_load_roundtrip(tmp_path):
     o = _outcome()
     s = build_summary(o, spec=NoiseSpec(max_steps=5), model={}, dataset={}, settings={}, n_classes=3)
-    out = prepare_out_dir(tmp_path / "run", overwrite=False)
+    out = make_out_dir(tmp_path / "run")
     write_results(out, o, s)
     got, summary = load_results(out)
     for name in Outcome.ARRAYS:
@@ -73,18 +73,17 @@ def test_write_and_load_roundtrip(tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
-def test_out_dir_rules(tmp_path):
-    out = prepare_out_dir(tmp_path / "a" / "b", overwrite=False)
+def test_out_dir_helpers(tmp_path):
+    out = make_out_dir(tmp_path / "a" / "b")
     (out / "summary.json").write_text("{}")
     (out / "results.npz").write_bytes(b"")
-    with pytest.raises(OutputError, match=r"already holds a run's results \(results.npz, summary.json\); pass "
-                                          "--overwrite"):
-        prepare_out_dir(out, overwrite=False)
-    prepare_out_dir(out, overwrite=True)
-    assert not (out / "summary.json").exists()  # the old run no longer passes for complete
+    (out / "mine.txt").write_text("kept")
+    assert run_files(out) == ["results.npz", "summary.json"]
+    clear_run_files(out)
+    assert run_files(out) == [] and (out / "mine.txt").exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="exists and is not a folder"):
-        prepare_out_dir(tmp_path / "file", overwrite=False)
+        make_out_dir(tmp_path / "file")
 
 
 def test_unwritable_out_dir(tmp_path):
@@ -101,7 +100,7 @@ def test_unwritable_out_dir(tmp_path):
         else:
             locked_out = locked / "out"
         with pytest.raises(OutputError, match="cannot write there|exists and is not a folder"):
-            prepare_out_dir(locked_out, overwrite=False)
+            make_out_dir(locked_out)
     finally:
         locked.chmod(0o700)
 
