@@ -167,6 +167,7 @@ def cli(debug: bool) -> None:
               help="Where named datasets live (DIR/mnist/, DIR/fashion-mnist/); also $PYROBUST_DATA.")
 @click.option("--limit", type=int, default=None, help="Only the first N images (of the range).")
 @click.option("--range", "index_range", default=None, help="Positions START:STOP of the dataset, e.g. 100:200.")
+@click.option("--sample", type=int, default=None, help="A random N of the selected images (seeded by --seed).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for results and figures.")
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in --out.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (same model, data, settings).")
@@ -181,8 +182,8 @@ def cli(debug: bool) -> None:
 @click.option("--no-report", is_flag=True, help="Skip the PNG figures.")
 @click.option("--json", "json_out", is_flag=True, help="Print summary.json to stdout instead of the table.")
 @noise_options
-def evaluate(model, dataset, data_dir, limit, index_range, out, overwrite, resume, checkpoint_every, chunk_size,
-             max_memory, custom_ops, no_report, json_out, **noise) -> int:
+def evaluate(model, dataset, data_dir, limit, index_range, sample, out, overwrite, resume, checkpoint_every,
+             chunk_size, max_memory, custom_ops, no_report, json_out, **noise) -> int:
     """Evaluate MODEL (an ONNX file) under random L0 noise and write results to --out.
 
     Example: pyrobust evaluate model.onnx --dataset mnist:test --data-dir ../shared/data --out runs/mnist
@@ -190,7 +191,8 @@ def evaluate(model, dataset, data_dir, limit, index_range, out, overwrite, resum
     from pyrobust.datasets import parse_range
 
     start, stop = parse_range(index_range) if index_range else (None, None)
-    return _run_evaluation(model, dataset, data_dir=data_dir, limit=limit, start=start, stop=stop, out=out,
+    return _run_evaluation(model, dataset, data_dir=data_dir, limit=limit, start=start, stop=stop, sample=sample,
+                           sample_seed=noise["seed"], out=out,
                            overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
                            chunk_size=chunk_size, max_memory_mb=max_memory, custom_ops=custom_ops,
                            report=not no_report, json_out=json_out, **_noise_kwargs(**noise))
@@ -249,6 +251,128 @@ def train(dataset, data_dir, limit, arch, epochs, batch_size, lr, seed, threads,
         acc = float((clean_predictions(OnnxModel(out, threads=threads), test) == test.labels).mean())
         click.echo(f"test accuracy on {test.spec}: {acc:.2%} ({test.n} images)")
     return EXIT_OK
+
+
+@cli.command()
+@click.argument("results", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--per-class", type=int, required=True, help="Images to take per class (paper: 1500).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shortfall", type=click.Choice(["all", "replace", "fill"]), default="all", show_default=True,
+              help="A class with too few robust images: take them all, sample with replacement, or fill up with the "
+                   "most robust non-robust ones.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the data is now, if it moved since the run.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="subset.npz, or a folder.")
+def select(results, per_class, seed, shortfall, data_dir, out) -> int:
+    """Keep the robust images (never fooled) of an evaluated training set, PER_CLASS per class.
+
+    Writes x, y and source_index (original indices) to an .npz, and the per-class table to a .json beside it.
+
+    Example: pyrobust select runs/train --per-class 1500 --seed 0 --out subset.npz
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from pyrobust.selection import select_from_results
+
+    sel, npz = select_from_results(results, per_class=per_class, seed=seed, shortfall=shortfall, out=out,
+                                   data_dir=data_dir)
+    t = Table("class", "asked", "available", "taken", "filled", title=f"selection ({sel.n} images)",
+              title_justify="left")
+    for r in sel.table:
+        t.add_row(str(r["class"]), str(r["asked"]), str(r["available"]),
+                  f"{r['taken']}{' (with replacement)' if r['replaced'] else ''}", str(r["filled"]))
+    Console().print(t)
+    if sel.short_classes and shortfall == "all":
+        _err(f"warning: classes {', '.join(map(str, sel.short_classes))} have fewer robust images than asked; "
+             "took all of them (see --shortfall)")
+    click.echo(f"wrote {npz}")
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("subset", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--like", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="A model made by pyrobust train: its architecture and settings are reused.")
+@click.option("--epochs", type=int, default=None, help="Override the recorded number of epochs.")
+@click.option("--seed", type=int, default=None, help="Override the recorded seed.")
+@click.option("--threads", type=int, default=None)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The .onnx file to write.")
+def retrain(subset, like, epochs, seed, threads, out) -> int:
+    """Train the architecture of --like, with its recorded settings, on SUBSET (from pyrobust select).
+
+    Example: pyrobust retrain subset.npz --like mnist-cnn.onnx --out mnist-cnn-robust.onnx
+    """
+    from pyrobust.datasets import load_dataset
+    from pyrobust.training import retrain as do_retrain
+
+    ds = load_dataset(str(subset))
+    report = do_retrain(ds, like=like, out=out, threads=threads, epochs=epochs, seed=seed,
+                        log=lambda line: _err(line))
+    click.echo(f"wrote {report.out} ({report.architecture}, {report.epochs} epochs, seed {report.seed}, "
+               f"{report.train_images} images, {report.seconds:.1f} s); train accuracy {report.train_accuracy:.2%}")
+    return EXIT_OK
+
+
+@cli.command()
+@click.option("--dataset", required=True, help="mnist, fashion-mnist, or a folder of MNIST-named IDX files.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Study folder (resumable).")
+@click.option("--per-class", type=int, default=1500, show_default=True)
+@click.option("--shortfall", type=click.Choice(["all", "replace", "fill"]), default="all", show_default=True)
+@click.option("--arch", type=click.Choice(["cnn", "mlp"]), default="cnn", show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--train-sample", type=int, default=None, help="A random N of the training images (seeded).")
+@click.option("--test-sample", type=int, default=None, help="A random N of the test images (seeded).")
+@click.option("--schemes", is_flag=True, help="Also evaluate M with salt-and-pepper values and the random walk.")
+@click.option("--quick", is_flag=True, help="A few hundred images, few steps: the whole pipeline in < 2 minutes.")
+@noise_options
+def reproduce(dataset, data_dir, out, per_class, shortfall, arch, epochs, train_sample, test_sample, schemes, quick,
+              pixels, max_steps, low, high, scheme, mode, seed, mean, std, batch_size, threads) -> int:
+    """The paper end to end: train, evaluate, select robust images, retrain, compare with a random control, report.
+
+    Rerunning continues where it stopped: stages whose outputs match their inputs are not redone.
+
+    Example: pyrobust reproduce --dataset fashion-mnist --data-dir ../shared/data --out runs/fashion
+    """
+    from pyrobust.reproduce import StudyConfig
+    from pyrobust.reproduce import reproduce as run_study
+    from pyrobust.types import NoiseSpec
+
+    noise = NoiseSpec(pixels=pixels, max_steps=max_steps, low=low, high=high, scheme=scheme, mode=mode, seed=seed,
+                      mean=_floats(mean, "mean"), std=_floats(std, "std"))
+    common = dict(data_dir=str(data_dir) if data_dir else None, shortfall=shortfall, architecture=arch, seed=seed,
+                  noise=noise, eval_batch_size=batch_size, threads=threads, schemes=schemes)
+    if quick:
+        config = StudyConfig.quick_config(dataset, **common)
+    else:
+        config = StudyConfig(dataset=dataset, per_class=per_class, epochs=epochs, train_sample=train_sample,
+                             test_sample=test_sample, **common)
+    with _stage_progress() as factory:
+        rep = run_study(config, out, log=lambda line: _err(line), progress_factory=factory)
+    m = rep["models"]
+    for name in ("M", "M_R", "M_rand"):
+        click.echo(f"{name:7s} {m[name]['train_images']:>6} training images   test accuracy "
+                   f"{m[name]['accuracy']['fraction']:.2%}   robust {m[name]['robust']['fraction']:.2%}")
+    click.echo(f"report: {Path(out) / 'report.md'}")
+    return EXIT_OK
+
+
+@contextmanager
+def _stage_progress():
+    """A factory of per-stage progress callbacks (bars on a terminal, nothing otherwise)."""
+    stack = []
+
+    def factory(label):
+        cm = _progress(label)
+        stack.append(cm)
+        return cm.__enter__()
+
+    try:
+        yield factory
+    finally:
+        for cm in stack:
+            cm.__exit__(None, None, None)
 
 
 @cli.command()

@@ -107,8 +107,10 @@ class Dataset:
         h.update(self.index.astype("<i8").tobytes())
         return h.hexdigest()
 
-    def select(self, *, start: int | None = None, stop: int | None = None, limit: int | None = None) -> Dataset:
-        """Positions ``start:stop`` then the first ``limit`` of them; original indices are kept."""
+    def select(self, *, start: int | None = None, stop: int | None = None, limit: int | None = None,
+               sample: int | None = None, sample_seed: int = 0) -> Dataset:
+        """Positions ``start:stop``, then the first ``limit`` of them, then ``sample`` of those drawn at random
+        (seeded by ``sample_seed``, kept in dataset order); original indices are kept."""
         n = self.n
         for name, v in (("start", start), ("stop", stop)):
             if v is not None and not 0 <= v <= n:
@@ -123,9 +125,15 @@ class Dataset:
             if limit > hi - lo:
                 raise InvalidInput(f"limit {limit} is beyond the dataset: {self.spec} has {hi - lo} images in range")
             hi = lo + limit
-        if (lo, hi) == (0, n):
-            return self
-        return Dataset(self.name, self.split, self.images[lo:hi], self.labels[lo:hi], self.index[lo:hi], self.source)
+        part = self if (lo, hi) == (0, n) else Dataset(self.name, self.split, self.images[lo:hi],
+                                                         self.labels[lo:hi], self.index[lo:hi], self.source)
+        if sample is None:
+            return part
+        if sample < 1 or sample > part.n:
+            raise InvalidInput(f"sample must be in [1, {part.n}] for {self.spec} ({part.n} images selected); "
+                               f"got {sample}")
+        pos = np.sort(np.random.default_rng([sample_seed, 0x5A4D]).choice(part.n, size=sample, replace=False))
+        return Dataset(self.name, self.split, part.images[pos], part.labels[pos], part.index[pos], self.source)
 
 
 # ---------------------------------------------------------------------------------------------------------- IDX
@@ -354,7 +362,8 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
 
 
 def load_dataset(spec: str, *, data_dir=None, start: int | None = None, stop: int | None = None,
-                 limit: int | None = None, max_bytes: int | None = None) -> Dataset:
+                 limit: int | None = None, sample: int | None = None, sample_seed: int = 0,
+                 max_bytes: int | None = None) -> Dataset:
     """Load a dataset by spec.
 
     ``spec`` is ``mnist:test`` / ``fashion-mnist:train`` (a named dataset, split ``test`` when omitted),
@@ -382,7 +391,18 @@ def load_dataset(spec: str, *, data_dir=None, start: int | None = None, stop: in
         else:
             raise DataError(f"dataset {spec!r} not found: give mnist:SPLIT, fashion-mnist:SPLIT, sample, "
                             "a .npz file with arrays x and y, or a folder of MNIST-named IDX files")
-    return ds.select(start=start, stop=stop, limit=limit)
+    return ds.select(start=start, stop=stop, limit=limit, sample=sample, sample_seed=sample_seed)
+
+
+def load_recorded(recorded: dict, *, data_dir=None) -> Dataset:
+    """The exact images a run evaluated (``summary["dataset"]``), checked against its recorded SHA-256."""
+    ds = load_dataset(recorded["spec"], data_dir=data_dir if data_dir is not None else recorded.get("data_dir"),
+                      start=recorded.get("start"), stop=recorded.get("stop"), limit=recorded.get("limit"),
+                      sample=recorded.get("sample"), sample_seed=recorded.get("sample_seed", 0))
+    if ds.sha256 != recorded["sha256"]:
+        raise DataError(f"dataset {recorded['spec']} now has SHA-256 {ds.sha256[:12]}…, but the run evaluated "
+                        f"{recorded['sha256'][:12]}…; point --data-dir at the files the run used")
+    return ds
 
 
 def parse_range(text: str) -> tuple[int | None, int | None]:

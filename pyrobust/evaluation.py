@@ -80,6 +80,8 @@ def evaluate(
     limit: int | None = None,
     start: int | None = None,
     stop: int | None = None,
+    sample: int | None = None,
+    sample_seed: int = 0,
     batch_size: int = 256,
     chunk_size: int = 4096,
     threads: int | None = None,
@@ -113,11 +115,12 @@ def evaluate(
         raise InvalidInput("--resume continues a run and --overwrite discards it: pass one of them")
     budget = memory_budget(max_memory_mb)
     if isinstance(dataset, Dataset):
-        ds = dataset.select(start=start, stop=stop, limit=limit)
+        ds = dataset.select(start=start, stop=stop, limit=limit, sample=sample, sample_seed=sample_seed)
         ds_spec = ds.spec
     else:
         ds_spec = dataset
-        ds = load_dataset(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit, max_bytes=budget)
+        ds = load_dataset(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit, sample=sample,
+                          sample_seed=sample_seed, max_bytes=budget)
     check_spec_for_data(spec, ds.image_shape)
     need = ds.memory_bytes + working_memory_bytes(ds, batch_size=int(batch_size), chunk_size=int(chunk_size))
     if budget is not None and need > budget:
@@ -136,7 +139,8 @@ def evaluate(
                    "fixed_batch": m.binding.fixed_batch},
             dataset={"spec": ds_spec, "name": ds.name, "split": ds.split, "source": ds.source,
                      "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
-                     "sha256": ds.sha256, "start": start, "stop": stop, "limit": limit,
+                     "sha256": ds.sha256, "start": start, "stop": stop, "limit": limit, "sample": sample,
+                     "sample_seed": sample_seed,
                      "first_index": int(ds.index[0]), "last_index": int(ds.index[-1])},
             settings={"batch_size": int(batch_size), "chunk_size": int(chunk_size), "threads": m.threads,
                       "kernel_threads": 1, "ort_spinning": m.spinning,

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 import perturbcore
-from pyrobust.datasets import Dataset, load_dataset
-from pyrobust.errors import DataError, InvalidInput, ModelError
+from pyrobust.datasets import load_recorded
+from pyrobust.errors import InvalidInput, ModelError
 from pyrobust.results import load_results
 from pyrobust.types import ROBUST, NoiseSpec
 
@@ -54,17 +54,6 @@ class Replay:
         return self.prediction == self.recorded_label
 
 
-def reload_dataset(summary: dict, *, data_dir=None) -> Dataset:
-    """The exact images a run evaluated, checked against its recorded SHA-256."""
-    d = summary["dataset"]
-    ds = load_dataset(d["spec"], data_dir=data_dir if data_dir is not None else d.get("data_dir"),
-                      start=d.get("start"), stop=d.get("stop"), limit=d.get("limit"))
-    if ds.sha256 != d["sha256"]:
-        raise DataError(f"dataset {d['spec']} now has SHA-256 {ds.sha256[:12]}…, but the run evaluated "
-                        f"{d['sha256'][:12]}…; point --data-dir at the files the run used")
-    return ds
-
-
 def replay(results_dir: str | os.PathLike, *, index: int, step: int | None = None, model=None, data_dir=None,
            threads: int | None = None) -> Replay:
     """Rebuild image ``index``'s input at ``step`` (default: its first-failure step) and, when the model is at hand
@@ -88,7 +77,7 @@ def replay(results_dir: str | os.PathLike, *, index: int, step: int | None = Non
         raise InvalidInput(f"step must be in [0, {spec.max_steps}]; got {step}")
     if ff != ROBUST and step > ff:
         raise InvalidInput(f"image {index} left play at step {ff}; steps after it were never run")
-    ds = reload_dataset(summary, data_dir=data_dir)
+    ds = load_recorded(summary["dataset"], data_dir=data_dir)
     original = ds.float_images(pos, pos + 1)[0]
     perturbed = perturbed_image(original, index=index, step=step, spec=spec)
 

@@ -106,6 +106,7 @@ def train(
     k = n_classes or dataset.n_classes
     t0 = time.perf_counter()
     previous_threads = torch.get_num_threads()
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads or previous_threads)
     try:
         torch.manual_seed(seed)
@@ -138,11 +139,13 @@ def train(
         export_onnx(model, dataset.image_shape, out, metadata={
             "pyrobust.architecture": architecture, "pyrobust.dataset": dataset.spec,
             "pyrobust.dataset_sha256": dataset.sha256, "pyrobust.seed": str(seed), "pyrobust.epochs": str(epochs),
-            "pyrobust.classes": str(k),
+            "pyrobust.classes": str(k), "pyrobust.batch_size": str(batch_size),
+            "pyrobust.learning_rate": repr(float(learning_rate)), "pyrobust.train_images": str(dataset.n),
         })
         diff = check_parity(model, out, _nchw(dataset, 0, min(dataset.n, 256)))
     finally:
         torch.set_num_threads(previous_threads)
+        torch.use_deterministic_algorithms(previous_deterministic)
     return TrainReport(out=out, architecture=architecture, epochs=int(epochs), seed=seed, train_images=dataset.n,
                        train_accuracy=train_acc, losses=tuple(losses), parity_max_abs_diff=diff,
                        seconds=time.perf_counter() - t0, sha256=hashlib.sha256(out.read_bytes()).hexdigest())
@@ -207,3 +210,28 @@ def check_parity(module, path: Path, sample_nchw: np.ndarray, *, atol: float = 1
     if diff > atol * scale or not np.array_equal(expected.argmax(1), got.argmax(1)):
         raise ModelError(f"{path}: torch and onnxruntime disagree (max |diff| {diff:.3g}); the export is not faithful")
     return diff
+
+
+def training_settings(model_path: str | os.PathLike) -> dict:
+    """The settings a model was trained with, from the ONNX metadata ``pyrobust train`` writes."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:
+        raise ModelError(f"{model_path}: cannot read the model ({type(exc).__name__})") from None
+    meta = {p.key.removeprefix("pyrobust."): p.value for p in proto.metadata_props if p.key.startswith("pyrobust.")}
+    needed = ("architecture", "epochs", "seed", "classes")
+    if not all(k in meta for k in needed):
+        raise ModelError(f"{model_path}: has no pyrobust training metadata; retrain needs a model made by "
+                         "pyrobust train (or give --arch, --epochs and --seed to pyrobust train instead)")
+    return {"architecture": meta["architecture"], "epochs": int(meta["epochs"]), "seed": int(meta["seed"]),
+            "n_classes": int(meta["classes"]), "batch_size": int(meta.get("batch_size", 128)),
+            "learning_rate": float(meta.get("learning_rate", 1e-3))}
+
+
+def retrain(dataset: Dataset, *, like: str | os.PathLike, out: str | os.PathLike, threads: int | None = None,
+            log=None, **overrides) -> TrainReport:
+    """Train the architecture of ``like`` with its recorded settings (``overrides`` replace some) on ``dataset``."""
+    settings = {**training_settings(like), **{k: v for k, v in overrides.items() if v is not None}}
+    return train(dataset, out=out, threads=threads, log=log, **settings)

@@ -1,0 +1,141 @@
+"""Selecting training images by robustness: keep the robust ones (never fooled), a fixed number per class.
+
+Sampling is reproducible: class ``k`` draws from its own generator seeded with ``(seed, k)``, so one class's choice
+does not depend on the others. The subset is written as a plain ``.npz`` (``x``, ``y`` and ``source_index``, the
+images' original indices in the evaluated dataset, so every image can be traced back) with a ``selection.json``
+beside it: per class how many were asked, available and taken, and where they came from.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pyrobust.datasets import Dataset, load_recorded
+from pyrobust.errors import InvalidInput
+from pyrobust.results import load_results, write_bytes_atomic, write_json_atomic
+from pyrobust.types import ROBUST, Outcome
+
+SHORTFALLS = ("all", "replace", "fill")
+
+
+@dataclass(frozen=True)
+class Selection:
+    positions: np.ndarray  # int64: positions in the evaluated dataset, class by class
+    table: list[dict]  # per class: class, asked, available, taken, filled, replaced
+    per_class: int
+    seed: int
+    shortfall: str
+    source: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.positions.size)
+
+    @property
+    def short_classes(self) -> list[int]:
+        return [r["class"] for r in self.table if r["taken"] < r["asked"]]
+
+
+def _check(per_class, seed, shortfall) -> None:
+    if isinstance(per_class, bool) or int(per_class) != per_class or per_class < 1:
+        raise InvalidInput(f"per_class must be an integer >= 1; got {per_class!r}")
+    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+        raise InvalidInput(f"seed must be an integer >= 0; got {seed!r}")
+    if shortfall not in SHORTFALLS:
+        raise InvalidInput(f"shortfall must be one of {', '.join(SHORTFALLS)}; got {shortfall!r}")
+
+
+def select_robust(outcome: Outcome, *, per_class: int, seed: int = 0, shortfall: str = "all",
+                  n_classes: int | None = None) -> Selection:
+    """Up to ``per_class`` robust images of each class, sampled without replacement.
+
+    When a class has fewer robust images than asked: ``all`` takes them all; ``replace`` samples ``per_class`` of
+    them with replacement; ``fill`` takes them all and adds the most robust non-robust images of the class (highest
+    first-failure step; ties by original index) that were classified correctly before noise.
+    """
+    _check(per_class, seed, shortfall)
+    k_max = n_classes if n_classes is not None else int(outcome.label.max()) + 1
+    picks, table = [], []
+    for k in range(k_max):
+        of_class = np.flatnonzero(outcome.label == k)
+        robust = of_class[outcome.first_failure[of_class] == ROBUST]
+        rng = np.random.default_rng([seed, k])
+        row = {"class": k, "asked": int(per_class), "available": int(robust.size), "taken": 0, "filled": 0,
+               "replaced": False}
+        if robust.size >= per_class:
+            take = np.sort(rng.choice(robust, size=per_class, replace=False))
+        elif shortfall == "replace" and robust.size:
+            take = np.sort(rng.choice(robust, size=per_class, replace=True))
+            row["replaced"] = True
+        elif shortfall == "fill":
+            fooled = of_class[outcome.first_failure[of_class] > 0]
+            order = np.lexsort((outcome.index[fooled], -outcome.first_failure[fooled]))
+            extra = fooled[order][: per_class - robust.size]
+            take = np.concatenate([robust, extra])
+            row["filled"] = int(extra.size)
+        else:
+            take = robust
+        row["taken"] = int(take.size)
+        picks.append(take.astype(np.int64))
+        table.append(row)
+    positions = np.concatenate(picks) if picks else np.empty(0, np.int64)
+    return Selection(positions=positions, table=table, per_class=int(per_class), seed=int(seed), shortfall=shortfall)
+
+
+def random_subset(labels: np.ndarray, counts: dict[int, int], *, seed: int) -> np.ndarray:
+    """Positions of a random class-balanced subset: ``counts[k]`` images of class ``k`` (without replacement),
+    whatever their robustness; the control for robust selection."""
+    picks = []
+    for k, c in sorted(counts.items()):
+        of_class = np.flatnonzero(labels == k)
+        if c > of_class.size:
+            raise InvalidInput(f"class {k} has {of_class.size} images; cannot sample {c}")
+        picks.append(np.sort(np.random.default_rng([seed, k, 1]).choice(of_class, size=c, replace=False)))
+    return np.concatenate(picks) if picks else np.empty(0, np.int64)
+
+
+def write_subset(out: str | os.PathLike, dataset: Dataset, positions: np.ndarray, meta: dict) -> tuple[Path, Path]:
+    """Write the images at ``positions`` as ``.npz`` (``x``, ``y``, ``source_index``) and ``selection.json``.
+    ``out`` is a ``.npz`` file (the JSON goes beside it, same stem) or a folder (``subset.npz`` in it)."""
+    out = Path(out)
+    if out.suffix == ".npz":
+        npz, meta_path = out, out.with_suffix(".json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        npz, meta_path = out / "subset.npz", out / "selection.json"
+    x = dataset.images[positions]
+    buf = io.BytesIO()
+    np.savez_compressed(buf, x=x[..., 0] if x.shape[3] == 1 else x, y=dataset.labels[positions],
+                        source_index=dataset.index[positions])
+    write_bytes_atomic(npz, buf.getvalue())
+    write_json_atomic(meta_path, {**meta, "images": int(positions.size), "file": npz.name})
+    return npz, meta_path
+
+
+def select_from_results(results_dir: str | os.PathLike, *, per_class: int, seed: int = 0, shortfall: str = "all",
+                        out: str | os.PathLike, data_dir=None) -> tuple[Selection, Path]:
+    """``pyrobust select``: robust images of an evaluated (training) set, written to ``out``."""
+    outcome, summary = load_results(results_dir)
+    ds = load_recorded(summary["dataset"], data_dir=data_dir)
+    sel = select_robust(outcome, per_class=per_class, seed=seed, shortfall=shortfall,
+                        n_classes=len(summary["per_class"]))
+    meta = {"kind": "robust", "per_class": sel.per_class, "seed": sel.seed, "shortfall": sel.shortfall,
+            "table": sel.table, "source": {"results": str(Path(results_dir).resolve()),
+                                           "dataset": summary["dataset"], "model": summary["model"],
+                                           "settings": summary["settings"]}}
+    npz, _ = write_subset(out, ds, sel.positions, meta)
+    return sel, npz
+
+
+def read_selection(npz: str | os.PathLike) -> dict:
+    """The ``selection.json`` written beside a subset."""
+    p = Path(npz)
+    meta = p.with_suffix(".json") if p.with_suffix(".json").exists() else p.parent / "selection.json"
+    return json.loads(meta.read_text())
