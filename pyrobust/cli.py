@@ -375,6 +375,138 @@ def _stage_progress():
             cm.__exit__(None, None, None)
 
 
+def _fraction(ctx, param, value):
+    """Thresholds as fractions (0.85) or percentages (85%)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    try:
+        v = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise click.BadParameter(f"expected a fraction like 0.85 or a percentage like 85%; got {text!r}") from None
+    if not 0 <= v <= 1:
+        raise click.BadParameter(f"must be between 0 and 1 (0% and 100%); got {text!r}")
+    return v
+
+
+_GATE_CONFIG_KEYS = {"dataset", "data_dir", "limit", "range", "baseline", "min_accuracy", "min_robust",
+                     "min_class_robust", "max_robust_drop", "max_accuracy_drop", "confidence", "inconclusive",
+                     "early_stop", "out", "junit", "summary", "pixels", "max_steps", "low", "high", "scheme", "mode",
+                     "seed", "mean", "std", "batch_size", "threads"}
+
+
+def _load_gate_config(ctx, param, value):
+    """Read a TOML gate policy (top level or a [gate] table) into the command's defaults; flags override it."""
+    if value is None:
+        return None
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(value).read_text())
+    except FileNotFoundError:
+        raise click.BadParameter(f"{value}: file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"{value}: not valid TOML ({exc})") from None
+    table = data.get("gate", data)
+    values = {}
+    for key, v in table.items():
+        name = key.replace("-", "_")
+        if name not in _GATE_CONFIG_KEYS:
+            raise click.BadParameter(f"{value}: unknown key {key!r}; allowed: {', '.join(sorted(_GATE_CONFIG_KEYS))}")
+        values["index_range" if name == "range" else name] = str(v) if name in (
+            "min_accuracy", "min_robust", "min_class_robust", "max_robust_drop", "max_accuracy_drop") else v
+    if "early_stop" in values:
+        values["no_early_stop"] = not values.pop("early_stop")
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+@cli.command()
+@click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--config", type=click.Path(dir_okay=False), callback=_load_gate_config, is_eager=True,
+              expose_value=False, help="A TOML file holding any of these options (e.g. gate.toml); flags override it.")
+@click.option("--dataset", required=True, help="Test data, e.g. mnist:test.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--limit", type=int, default=None)
+@click.option("--range", "index_range", default=None, help="Positions START:STOP of the dataset.")
+@click.option("--min-accuracy", callback=_fraction, help="Clean accuracy must be at least this (0.98 or 98%).")
+@click.option("--min-robust", callback=_fraction, help="Fraction of all test images never fooled, at least.")
+@click.option("--min-class-robust", callback=_fraction, help="The robust rate of every class, at least.")
+@click.option("--baseline", type=click.Path(path_type=Path), default=None,
+              help="The production model (.onnx) or a results folder of it on the same data and settings.")
+@click.option("--max-robust-drop", callback=_fraction, help="Robust fraction may drop at most this vs the baseline.")
+@click.option("--max-accuracy-drop", callback=_fraction, help="Accuracy may drop at most this vs the baseline.")
+@click.option("--confidence", type=float, default=0.95, show_default=True)
+@click.option("--inconclusive", type=click.Choice(["fail", "pass"]), default="fail", show_default=True,
+              help="Exit code of an undecided gate.")
+@click.option("--no-early-stop", is_flag=True, help="Evaluate every image instead of stopping once decided.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder for gate.json.")
+@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), default=None, help="JUnit XML report.")
+@click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Markdown summary file (also appended to $GITHUB_STEP_SUMMARY when set).")
+@noise_options
+def gate(candidate, dataset, data_dir, limit, index_range, min_accuracy, min_robust, min_class_robust, baseline,
+         max_robust_drop, max_accuracy_drop, confidence, inconclusive, no_early_stop, out, junit, summary,
+         **noise) -> int:
+    """Pass or fail CANDIDATE (an ONNX model) on robustness thresholds, with statistical decisions.
+
+    Exit 0 pass, 1 fail (or inconclusive, unless --inconclusive pass), 2 usage error, 3 bad model or data,
+    4 internal error.
+
+    Example: pyrobust gate model.onnx --dataset mnist:test --min-accuracy 97% --min-robust 80% --junit gate.xml
+    """
+    import os
+
+    from pyrobust.datasets import parse_range
+    from pyrobust.gate import GatePolicy, append_github_summary, markdown_summary, run_gate, write_outputs
+    from pyrobust.types import NoiseSpec
+
+    policy = GatePolicy(min_accuracy=min_accuracy, min_robust=min_robust, min_class_robust=min_class_robust,
+                        max_robust_drop=max_robust_drop, max_accuracy_drop=max_accuracy_drop,
+                        confidence=confidence, inconclusive=inconclusive, early_stop=not no_early_stop)
+    kw = _noise_kwargs(**noise)
+    spec = NoiseSpec(**{k: kw[k] for k in ("pixels", "max_steps", "low", "high", "scheme", "mode", "seed", "mean",
+                                           "std")})
+    start, stop = parse_range(index_range) if index_range else (None, None)
+    with _progress("gate") as progress:
+        result = run_gate(candidate, dataset, policy=policy, baseline=baseline, data_dir=data_dir, limit=limit,
+                          start=start, stop=stop, spec=spec, batch_size=kw["batch_size"], threads=kw["threads"],
+                          progress=progress, log=lambda line: _err(line))
+    write_outputs(result, out=out, junit=junit, summary=summary)
+    md = markdown_summary(result)
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        if not append_github_summary(md, os.environ["GITHUB_STEP_SUMMARY"]):
+            _err("warning: $GITHUB_STEP_SUMMARY is full (1 MiB); the summary was not added")
+    for c in result.checks:
+        click.echo(c.message)
+    click.echo(f"gate {result.decision.upper()}: {result.images_evaluated} of {result.images} images evaluated, "
+               f"{result.inferences:,} inferences")
+    return result.exit_code
+
+
+@cli.command()
+@click.argument("a", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("b", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for compare.json, compare.md and survival_compare.png.")
+def compare(a, b, out) -> int:
+    """Per-image differences between results A and B (same data, seed and settings).
+
+    Example: pyrobust compare runs/production runs/candidate --out runs/diff
+    """
+    from pyrobust.compare import compare_runs
+
+    rep = compare_runs(a, b, out=out)
+    r, c = rep["robust"], rep["accuracy"]
+    click.echo(f"robust {r['a']:.2%} → {r['b']:.2%} ({r['change']:+.2%}, 95% [{r['ci95'][0]:+.2%}, "
+               f"{r['ci95'][1]:+.2%}]); accuracy {c['a']:.2%} → {c['b']:.2%} ({c['change']:+.2%})")
+    click.echo(f"newly fragile {rep['newly_fragile']['count']}, newly robust {rep['newly_robust']['count']}, "
+               f"first-failure step moved for {rep['steps_moved']['count']} images")
+    if out is not None:
+        click.echo(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'survival_compare.png'}")
+    return EXIT_OK
+
+
 @cli.command()
 @click.argument("results", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--index", type=int, required=True, help="Original dataset index of the image.")

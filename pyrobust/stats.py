@@ -36,3 +36,56 @@ def survival_curve(first_failure: np.ndarray, max_steps: int) -> np.ndarray:
         return np.zeros(max_steps + 1)
     fooled_at = np.bincount(first_failure[first_failure != ROBUST], minlength=max_steps + 1)[: max_steps + 1]
     return 1.0 - np.cumsum(fooled_at) / n
+
+
+def z_value(confidence: float) -> float:
+    """Two-sided normal quantile for ``confidence``."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1); got {confidence}")
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def paired_difference_interval(both: int, only_first: int, only_second: int, neither: int,
+                               confidence: float = 0.95) -> tuple[float, float, float]:
+    """Difference p1 - p2 of two proportions measured on the same items, with Newcombe's hybrid score interval
+    for paired data (Newcombe 1998, Statistics in Medicine 17:2635, method 10).
+
+    ``both``: items counted by both measures; ``only_first`` / ``only_second``: by one only; ``neither``.
+    Returns (difference, lower, upper).
+    """
+    a, b, c, d = both, only_first, only_second, neither
+    n = a + b + c + d
+    if n == 0:
+        return (0.0, -1.0, 1.0)
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = wilson_interval(a + b, n, confidence)
+    l2, u2 = wilson_interval(a + c, n, confidence)
+    denom = (a + b) * (c + d) * (a + c) * (b + d)
+    phi = (a * d - b * c) / math.sqrt(denom) if denom > 0 else 0.0
+    diff = p1 - p2
+    dl2 = (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2
+    du2 = (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2
+    return (diff, max(-1.0, diff - math.sqrt(max(dl2, 0.0))), min(1.0, diff + math.sqrt(max(du2, 0.0))))
+
+
+def images_to_settle(p_hat: float, threshold: float, confidence: float) -> float:
+    """Roughly how many images make a Wald interval around ``p_hat`` narrow enough to clear ``threshold``."""
+    gap = abs(p_hat - threshold)
+    if gap == 0:
+        return math.inf
+    var = max(p_hat * (1 - p_hat), 1e-4)
+    return z_value(confidence) ** 2 * var / gap**2
+
+
+def look_schedule(total: int, *, first: int | None = None, growth: float = 1.5) -> list[int]:
+    """Sample sizes at which a sequential test looks: geometric from ``first`` (default: 2.5 % of the images, at
+    least 100) to ``total``, which is always the last look."""
+    if total < 1:
+        raise ValueError("total must be >= 1")
+    n = min(total, first if first is not None else max(100, math.ceil(total * 0.025)))
+    looks = []
+    while n < total:
+        looks.append(int(n))
+        n = max(n + 1, math.ceil(n * growth))
+    looks.append(int(total))
+    return looks

@@ -1,0 +1,109 @@
+"""``pyrobust compare``: per-image differences between two evaluations of the same data with the same noise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pyrobust.errors import InvalidInput
+from pyrobust.report import plot_survival
+from pyrobust.results import load_results, write_bytes_atomic, write_json_atomic
+from pyrobust.stats import paired_difference_interval
+from pyrobust.types import ROBUST, NoiseSpec
+
+COMPARE_SCHEMA = 1
+
+
+def _refuse_unless_comparable(sa: dict, sb: dict) -> None:
+    diffs = []
+    if sa["dataset"]["sha256"] != sb["dataset"]["sha256"]:
+        diffs.append(f"the data differ (SHA-256 {sa['dataset']['sha256'][:12]}… vs {sb['dataset']['sha256'][:12]}…)")
+    a, b = NoiseSpec.from_dict(sa["settings"]).to_dict(), NoiseSpec.from_dict(sb["settings"]).to_dict()
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key} {a.get(key)!r} vs {b.get(key)!r}")
+    if diffs:
+        raise InvalidInput(f"these runs cannot be compared image by image: {'; '.join(diffs)}. Evaluate both models "
+                           "on the same data with the same seed and settings")
+
+
+def _paired(a: np.ndarray, b: np.ndarray) -> dict:
+    both, only_a, only_b = int((a & b).sum()), int((a & ~b).sum()), int((~a & b).sum())
+    diff, lo, hi = paired_difference_interval(both, only_b, only_a, int(a.size) - both - only_a - only_b)
+    return {"a": float(a.mean()), "b": float(b.mean()), "change": diff, "ci95": [lo, hi],
+            "lost": only_a, "gained": only_b}
+
+
+def compare_runs(a_dir: str | os.PathLike, b_dir: str | os.PathLike, *, out: str | os.PathLike | None = None,
+                 listed: int = 50) -> dict:
+    """Compare run A with run B (B is "after"); write ``compare.json``, ``compare.md`` and ``survival_compare.png``
+    to ``out`` when given."""
+    oa, sa = load_results(a_dir)
+    ob, sb = load_results(b_dir)
+    _refuse_unless_comparable(sa, sb)
+    ra, rb = oa.first_failure == ROBUST, ob.first_failure == ROBUST
+    ca, cb = oa.first_failure != 0, ob.first_failure != 0
+    idx = oa.index
+    moved = (oa.first_failure > 0) & (ob.first_failure > 0) & (oa.first_failure != ob.first_failure)
+    shift = (ob.first_failure - oa.first_failure)[moved]
+    order = np.argsort(-np.abs(shift), kind="stable")[:listed]
+    per_class = []
+    for pa, pb in zip(sa["per_class"], sb["per_class"], strict=True):
+        k = pa["class"]
+        sel = oa.label == k
+        per_class.append({"class": k, "name": pa["name"], "images": pa["images"], "robust_a": pa["robust"],
+                          "robust_b": pb["robust"], "robust_rate_a": pa["robust_rate"],
+                          "robust_rate_b": pb["robust_rate"],
+                          "newly_fragile": int((ra & ~rb & sel).sum()), "newly_robust": int((~ra & rb & sel).sum())})
+    rep = {
+        "schema_version": COMPARE_SCHEMA,
+        "a": {"results": str(Path(a_dir).resolve()), "model": sa["model"]},
+        "b": {"results": str(Path(b_dir).resolve()), "model": sb["model"]},
+        "dataset": sa["dataset"], "settings": NoiseSpec.from_dict(sa["settings"]).to_dict(),
+        "images": int(idx.size),
+        "robust": _paired(ra, rb),
+        "accuracy": _paired(ca, cb),
+        "newly_fragile": {"count": int((ra & ~rb).sum()), "index": idx[ra & ~rb][:listed].tolist()},
+        "newly_robust": {"count": int((~ra & rb).sum()), "index": idx[~ra & rb][:listed].tolist()},
+        "newly_wrong": {"count": int((ca & ~cb).sum()), "index": idx[ca & ~cb][:listed].tolist()},
+        "newly_correct": {"count": int((~ca & cb).sum()), "index": idx[~ca & cb][:listed].tolist()},
+        "steps_moved": {"count": int(moved.sum()), "earlier": int((shift < 0).sum()), "later": int((shift > 0).sum()),
+                        "median_shift": float(np.median(shift)) if shift.size else None,
+                        "largest": [{"index": int(i), "step_a": int(a), "step_b": int(b)} for i, a, b in
+                                    zip(idx[moved][order], oa.first_failure[moved][order],
+                                        ob.first_failure[moved][order], strict=True)]},
+        "per_class": per_class,
+    }
+    if out is not None:
+        o = Path(out)
+        o.mkdir(parents=True, exist_ok=True)
+        name_a, name_b = f"A: {sa['model']['name']}", f"B: {sb['model']['name']}"
+        if name_a[3:] == name_b[3:]:
+            name_a, name_b = f"A: {Path(a_dir).name}", f"B: {Path(b_dir).name}"
+        plot_survival(sa, o / "survival_compare.png",
+                      curves={name_a: sa["survival"]["fraction"], name_b: sb["survival"]["fraction"]})
+        write_json_atomic(o / "compare.json", rep)
+        write_bytes_atomic(o / "compare.md", compare_markdown(rep).encode())
+    return rep
+
+
+def compare_markdown(rep: dict) -> str:
+    def pct(r):
+        return (f"{r['a']:.2%} → {r['b']:.2%} ({r['change']:+.2%}, 95 % interval [{r['ci95'][0]:+.2%}, "
+                f"{r['ci95'][1]:+.2%}]; {r['lost']} lost, {r['gained']} gained)")
+
+    lines = [f"# pyrobust compare: {rep['a']['model']['name']} (A) → {rep['b']['model']['name']} (B)", "",
+             f"{rep['images']} images of `{rep['dataset']['spec']}`, seed {rep['settings']['seed']}, "
+             f"{rep['settings']['pixels']} pixels, {rep['settings']['max_steps']} steps.", "",
+             f"- robust: {pct(rep['robust'])}", f"- accuracy: {pct(rep['accuracy'])}",
+             f"- newly fragile: {rep['newly_fragile']['count']}; newly robust: {rep['newly_robust']['count']}",
+             f"- first-failure step moved: {rep['steps_moved']['count']} images ({rep['steps_moved']['earlier']} "
+             f"earlier, {rep['steps_moved']['later']} later)", "",
+             "| class | images | robust A | robust B | newly fragile | newly robust |", "|---|---|---|---|---|---|"]
+    for r in rep["per_class"]:
+        lines.append(f"| {r['name']} | {r['images']} | {r['robust_a']} | {r['robust_b']} | {r['newly_fragile']} | "
+                     f"{r['newly_robust']} |")
+    lines += ["", "![survival curves](survival_compare.png)", ""]
+    return "\n".join(lines)
