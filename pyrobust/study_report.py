@@ -68,6 +68,8 @@ def gather(root: Path, *, config: dict, stages: dict, test_spec: str, train_spec
             schemes.append({"scheme": s["settings"]["scheme"], "mode": s["settings"]["mode"],
                             "results": f"eval/{folder.name}", "accuracy": _rate(s["metrics"]["accuracy"]),
                             "robust": _rate(s["metrics"]["robust"])})
+    # uniform/restart (the paper's) first, then the other values, then the random walk
+    schemes.sort(key=lambda r: (r["mode"] != "restart", r["scheme"] != "uniform"))
     return {
         "schema_version": REPORT_SCHEMA,
         "config": config,
