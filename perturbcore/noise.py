@@ -17,16 +17,15 @@ import numba
 import numpy as np
 from numba import prange
 
-from perturbcore._jit import parallel_kernel
+from perturbcore._jit import kernel, parallel_kernel
 from perturbcore.rng import _draw, _stream_key, _unit24
 
 SCHEMES = ("uniform", "salt-pepper")
 _SCHEME_CODE = {name: code for code, name in enumerate(SCHEMES)}
 
 
-@parallel_kernel
-def _perturb_kernel(
-    source, rows, indices, steps, out, pixels, n_positions, channels, channels_first,
+def _perturb(
+    source, rows, row_steps, indices, out, pixels, n_positions, channels, channels_first,
     low, span, high, high_below, salt_pepper, seed, mean, std, write_back,
 ):
     """Write the perturbed image of each listed slot into ``out``.
@@ -37,9 +36,12 @@ def _perturb_kernel(
         The image each slot starts from (the original, or for a random walk the previous step's image),
         in the model's layout and normalisation. ``D = n_positions * channels``.
     rows : int64 (m,)
-        Which slots to perturb; ``out[j]`` receives slot ``rows[j]``. Distinct.
-    indices, steps : int64 (slots,)
-        Dataset index and step of each slot: the keys of its random stream. Step 0 copies the image unchanged.
+        Which slots to perturb; ``out[j]`` receives slot ``rows[j]`` at step ``row_steps[j]``. A slot may appear
+        several times (step packing: several steps of one image in one batch), except with ``write_back``.
+    row_steps : int64 (m,)
+        The step of each row; step 0 copies the image unchanged.
+    indices : int64 (slots,)
+        Dataset index of each slot: with the step, the key of its random stream.
     out : float32 (>= m, D)
         Receives the perturbed images; row ``j`` only is written by iteration ``j``.
     mean, std : float32 (channels,)
@@ -52,7 +54,7 @@ def _perturb_kernel(
         r = rows[j]
         for k in range(d_total):
             out[j, k] = source[r, k]
-        step = steps[r]
+        step = row_steps[j]
         if step > 0:
             key = _stream_key(seed, indices[r], step)
             for d in range(pixels):
@@ -75,6 +77,12 @@ def _perturb_kernel(
         if write_back:
             for k in range(d_total):
                 source[r, k] = out[j, k]
+
+
+# Two compilations of one kernel: the serial one never touches numba's threading layer, so it is safe to call from
+# several Python threads at once and leaves no spinning OpenMP workers behind (see pyrobust.engine).
+_perturb_kernel = parallel_kernel(_perturb)
+_perturb_kernel_serial = kernel(_perturb)
 
 
 def _as_i64(name: str, values, n: int) -> np.ndarray:
@@ -112,15 +120,18 @@ def perturb_flat(
     mean=None,
     std=None,
     rows=None,
+    row_steps=None,
     out: np.ndarray | None = None,
     write_back: bool = False,
     threads: int | None = None,
 ) -> np.ndarray:
-    """Perturb flat images; the driver of :func:`_perturb_kernel`.
+    """Perturb flat images; the driver of :func:`_perturb`.
 
     ``source`` is float32 ``(slots, n_positions * channels)``; ``indices`` and ``steps`` give each slot's random
-    key; ``rows`` (default: every slot) selects the slots to write, in order, to ``out[:len(rows)]``.
-    ``write_back`` requires ``source`` to be a C-contiguous float32 array (it is updated in place).
+    key; ``rows`` (default: every slot) selects the slots to write, in order, to ``out[:len(rows)]``, and
+    ``row_steps`` (default: each row's slot step) gives each row its own step, so one slot may fill several rows.
+    ``write_back`` requires ``source`` to be a C-contiguous float32 array (it is updated in place) and distinct rows.
+    ``threads=1`` runs the serial compilation; otherwise numba's pool with ``threads`` (default: its setting).
     Returns ``out``.
     """
     check_noise_params(pixels=pixels, n_positions=n_positions, low=low, high=high, scheme=scheme)
@@ -139,6 +150,14 @@ def perturb_flat(
     rws = np.arange(n, dtype=np.int64) if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
     if rws.size and (rws.min() < 0 or rws.max() >= n):
         raise ValueError(f"rows must index slots in [0, {n})")
+    if row_steps is None:
+        rsteps = np.ascontiguousarray(stp[rws])
+    else:
+        rsteps = _as_i64("row_steps", row_steps, rws.size)
+        if rsteps.size and rsteps.min() < 0:
+            raise ValueError("row_steps must be >= 0")
+    if write_back and np.unique(rws).size != rws.size:
+        raise ValueError("write_back needs distinct rows: a random walk cannot take two steps at once")
     if out is None:
         out = np.empty((rws.size, src.shape[1]), dtype=np.float32)
     elif (out.dtype != np.float32 or not out.flags.c_contiguous or out.shape[0] < rws.size
@@ -147,15 +166,17 @@ def perturb_flat(
     mean_arr = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32).reshape(channels)
     std_arr = np.ones(channels, np.float32) if std is None else np.asarray(std, np.float32).reshape(channels)
     high32 = np.float32(high)
+    args = (src, rws, rsteps, idx, out, int(pixels), int(n_positions), int(channels), bool(channels_first),
+            float(low), float(high) - float(low), high32, np.nextafter(high32, np.float32(-np.inf)),
+            scheme == "salt-pepper", np.uint64(seed), mean_arr, std_arr, bool(write_back))
+    if threads == 1:
+        _perturb_kernel_serial(*args)
+        return out
     previous = numba.get_num_threads()
     try:
         if threads is not None:
             numba.set_num_threads(int(threads))
-        _perturb_kernel(
-            src, rws, idx, stp, out, int(pixels), int(n_positions), int(channels), bool(channels_first),
-            float(low), float(high) - float(low), high32, np.nextafter(high32, np.float32(-np.inf)),
-            scheme == "salt-pepper", np.uint64(seed), mean_arr, std_arr, bool(write_back),
-        )
+        _perturb_kernel(*args)
     finally:
         numba.set_num_threads(previous)
     return out

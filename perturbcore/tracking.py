@@ -50,42 +50,51 @@ def predict(scores: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 @kernel
-def _record_kernel(preds, rows, slot_label, slot_step, slot_pos, max_steps,
-                   clean_prediction, first_failure, failure_label, done):
+def _record_kernel(preds, rows, row_steps, slot_label, slot_step, slot_pos, max_steps,
+                   clean_prediction, first_failure, failure_label, finished):
     """Record the outcome of one batch.
 
-    ``preds[j]`` is the prediction for slot ``rows[j]``, which holds the image at position ``slot_pos[r]`` of the
-    result arrays, at step ``slot_step[r]`` (0 = clean). A prediction that differs from ``slot_label`` ends the image
-    at that step; an image that survives ``max_steps`` ends robust (its arrays keep ``ROBUST``); otherwise the slot
-    moves on to the next step. ``done[j]`` says whether slot ``rows[j]`` is free again. Each slot is listed once, so
-    each iteration writes its own result entries.
+    ``preds[j]`` is the prediction for slot ``rows[j]`` at step ``row_steps[j]`` (0 = clean); the slot holds the
+    image at position ``slot_pos[r]`` of the result arrays. One slot may have several rows (step packing), in
+    increasing step order. The first prediction that differs from ``slot_label`` ends the image at that step (later
+    rows of the same slot are ignored: they are steps the image never reaches); an image that survives ``max_steps``
+    ends robust (its arrays keep ``ROBUST``); otherwise the slot's next step is one past its last row.
+    ``finished[r]`` (bool, per slot) says whether slot ``r`` is free again. Each slot's entries are written only by
+    its own rows.
     """
     for j in range(rows.shape[0]):
+        finished[rows[j]] = False
+    for j in range(rows.shape[0]):
         r = rows[j]
+        if finished[r]:
+            continue
         pos = slot_pos[r]
-        step = slot_step[r]
+        step = row_steps[j]
         p = preds[j]
         if step == 0:
             clean_prediction[pos] = p
         if p != slot_label[r]:
             first_failure[pos] = step
             failure_label[pos] = p
-            done[j] = True
+            finished[r] = True
         elif step >= max_steps:
-            done[j] = True
+            finished[r] = True
         else:
             slot_step[r] = step + 1
-            done[j] = False
 
 
-def record_batch(preds, rows, *, slot_label, slot_step, slot_pos, max_steps,
-                 clean_prediction, first_failure, failure_label, done=None) -> np.ndarray:
-    """Driver of :func:`_record_kernel`; all arrays are updated in place. Returns the ``done`` flags (bool (m,))."""
+def record_batch(preds, rows, *, slot_label, slot_step, slot_pos, max_steps, clean_prediction, first_failure,
+                 failure_label, row_steps=None, finished=None) -> np.ndarray:
+    """Driver of :func:`_record_kernel`; all arrays are updated in place. ``row_steps`` defaults to each row's slot
+    step. Returns ``finished`` (bool, one per slot; only the entries of ``rows`` are meaningful)."""
     m = rows.shape[0]
     if preds.shape[0] < m:
         raise ValueError(f"need {m} predictions; got {preds.shape[0]}")
-    if done is None:
-        done = np.empty(m, dtype=np.bool_)
-    _record_kernel(preds, rows, slot_label, slot_step, slot_pos, int(max_steps),
-                   clean_prediction, first_failure, failure_label, done)
-    return done[:m]
+    rsteps = np.ascontiguousarray(slot_step[rows]) if row_steps is None else row_steps
+    if rsteps.shape[0] != m:
+        raise ValueError(f"row_steps must have one step per row ({m}); got {rsteps.shape[0]}")
+    if finished is None:
+        finished = np.zeros(slot_step.shape[0], dtype=np.bool_)
+    _record_kernel(preds, rows, rsteps, slot_label, slot_step, slot_pos, int(max_steps),
+                   clean_prediction, first_failure, failure_label, finished)
+    return finished

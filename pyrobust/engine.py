@@ -98,6 +98,7 @@ def run_protocol(
     batch_size: int = 256,
     chunk_size: int = 4096,
     kernel_threads: int = 1,
+    pack: bool = True,
     progress: Progress | None = None,
     state: RunState | None = None,
     on_checkpoint: Callable[[RunState], None] | None = None,
@@ -109,6 +110,12 @@ def run_protocol(
     default: for a 28x28 batch of 256 it takes ~0.07 ms serially against ~5 ms of inference, while numba's OpenMP
     workers keep spinning after a parallel region and slow the next inference down
     (``benchmarks/test_bench_engine.py::test_thread_pools`` measures it).
+
+    ``pack``: when fewer images are in play than the batch holds (a small dataset, or the last robust images of a
+    large one), each image fills several rows with its next steps. Steps s..s+j of an image are independent draws
+    from the original, so they can be scored together, and the first failure among them is the image's first-failure
+    step: results are bit-identical to the unpacked run, only some inferences past a failure are wasted. Packing
+    applies to the restart mode; a random walk is sequential by nature.
 
     ``state`` continues an earlier run: images it marks done are skipped. ``on_checkpoint(state)`` is called at
     most every ``checkpoint_every`` seconds with a consistent state (and the state object is consistent whenever
@@ -141,8 +148,9 @@ def run_protocol(
     busy = np.zeros(batch_size, np.bool_)
     buf = np.empty((batch_size, d), np.float32)
     preds = np.empty(batch_size, np.int32)
-    done = np.empty(batch_size, np.bool_)
+    finished = np.zeros(batch_size, np.bool_)
     cumulative = spec.mode == "cumulative"
+    pack = pack and not cumulative
 
     nxt = 0  # next entry of ``todo`` to admit
     chunk_lo, chunk = 0, np.empty((0, d), np.float32)  # ``chunk`` holds todo[chunk_lo : chunk_lo + len(chunk)]
@@ -166,26 +174,27 @@ def run_protocol(
             busy[slots] = True
             nxt += k
         rows = np.flatnonzero(busy)
-        m = rows.size
-        if m == 0:
+        if rows.size == 0:
             break
+        row_slots, row_steps = _batch_rows(rows, slot_step, batch_size, spec.max_steps, pack)
+        m = row_slots.size
         perturbcore.perturb_flat(
-            slot_src, rows=rows, indices=slot_index, steps=slot_step, out=buf, pixels=spec.pixels,
-            n_positions=n_pos, channels=c, seed=spec.seed, low=spec.low, high=spec.high, scheme=spec.scheme,
-            channels_first=model.binding.channels_first, mean=mean, std=std, write_back=cumulative,
-            threads=kernel_threads,
+            slot_src, rows=row_slots, row_steps=row_steps, indices=slot_index, steps=slot_step, out=buf,
+            pixels=spec.pixels, n_positions=n_pos, channels=c, seed=spec.seed, low=spec.low, high=spec.high,
+            scheme=spec.scheme, channels_first=model.binding.channels_first, mean=mean, std=std,
+            write_back=cumulative, threads=kernel_threads,
         )
-        noisy = int(np.count_nonzero(slot_step[rows]))
+        noisy = int(np.count_nonzero(row_steps))
         scores = model.run(buf[:m])
         perturbcore.predict(scores, out=preds)
-        fin = perturbcore.record_batch(
-            preds, rows, slot_label=slot_label, slot_step=slot_step, slot_pos=slot_pos, max_steps=spec.max_steps,
-            clean_prediction=state.clean_prediction, first_failure=state.first_failure,
-            failure_label=state.failure_label, done=done,
+        perturbcore.record_batch(
+            preds, row_slots, row_steps=row_steps, slot_label=slot_label, slot_step=slot_step, slot_pos=slot_pos,
+            max_steps=spec.max_steps, clean_prediction=state.clean_prediction, first_failure=state.first_failure,
+            failure_label=state.failure_label, finished=finished,
         )
-        finished = rows[fin]
-        busy[finished] = False
-        state.done[slot_pos[finished]] = True  # only now: results of these images are final
+        freed = rows[finished[rows]]
+        busy[freed] = False
+        state.done[slot_pos[freed]] = True  # only now: results of these images are final
         state.inferences += m
         state.noisy_inferences += noisy
         now = time.perf_counter()
@@ -197,6 +206,19 @@ def run_protocol(
             last_checkpoint = time.perf_counter()
     state.seconds = seconds_before + (time.perf_counter() - t0)
     return state.outcome(dataset)
+
+
+def _batch_rows(rows, slot_step, batch_size: int, max_steps: int, pack: bool):
+    """The (slot, step) rows of the next batch: one per busy slot, or, when packing and the batch is not full,
+    consecutive steps of each image spread over the whole batch (never past ``max_steps``)."""
+    steps = slot_step[rows]
+    if not pack or rows.size >= batch_size:
+        return rows, np.ascontiguousarray(steps)
+    k, extra = divmod(batch_size, rows.size)
+    per = np.minimum(k + (np.arange(rows.size) < extra), max_steps - steps + 1)
+    starts = np.cumsum(per) - per
+    row_steps = np.repeat(steps, per) + (np.arange(int(per.sum())) - np.repeat(starts, per))
+    return np.repeat(rows, per), row_steps
 
 
 def working_memory_bytes(dataset: Dataset, *, batch_size: int, chunk_size: int) -> int:
@@ -212,12 +234,14 @@ def working_memory_bytes(dataset: Dataset, *, batch_size: int, chunk_size: int) 
 def _warm_up_kernels(src, index, step, buf, n_positions, channels) -> None:
     """Call every kernel once on no rows, so numba compiles (or loads from its cache) before work is timed."""
     none = np.empty(0, np.int64)
-    perturbcore.perturb_flat(src, rows=none, indices=index, steps=step, out=buf, pixels=1, n_positions=n_positions,
-                             channels=channels, seed=0)
+    for threads in (1, None):  # the serial kernel, and the parallel one should a caller ask for it
+        perturbcore.perturb_flat(src, rows=none, indices=index, steps=step, out=buf, pixels=1,
+                                 n_positions=n_positions, channels=channels, seed=0, threads=threads)
     perturbcore.predict(np.empty((0, 1), np.float32))
     empty = np.empty(0, np.int32)
-    perturbcore.record_batch(empty, none, slot_label=none, slot_step=none, slot_pos=none, max_steps=1,
-                             clean_prediction=empty, first_failure=empty, failure_label=empty)
+    perturbcore.record_batch(empty, none, row_steps=none, slot_label=none, slot_step=none, slot_pos=none,
+                             max_steps=1, clean_prediction=empty, first_failure=empty, failure_label=empty,
+                             finished=np.zeros(0, np.bool_))
 
 
 def _prepare(dataset: Dataset, positions, mean, std) -> np.ndarray:

@@ -76,6 +76,9 @@ def build_summary(outcome: Outcome, *, spec: NoiseSpec, model: dict, dataset: di
             "robust_rate_of_correct": rk / ck if ck else None,
         })
     secs = outcome.seconds
+    # Inferences the protocol needs: the clean pass, then steps up to the first failure (or all of them). Step
+    # packing may run more (steps past a failure, scored in the same batch); they change no result.
+    useful = int(n + np.where(ff > 0, ff, 0).sum() + spec.max_steps * n_robust)
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -102,6 +105,8 @@ def build_summary(outcome: Outcome, *, spec: NoiseSpec, model: dict, dataset: di
             "noisy_inferences": int(outcome.noisy_inferences),
             "seconds": float(secs),
             "inferences_per_second": float(outcome.inferences / secs) if secs > 0 else None,
+            "useful_inferences": useful,
+            "useful_inferences_per_second": float(useful / secs) if secs > 0 else None,
         },
         "versions": versions(),
     }

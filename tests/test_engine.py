@@ -102,7 +102,7 @@ def test_different_seeds_give_different_noise(bundled_model, sample, reference_r
 
 def test_robust_by_construction_and_wrong_before_noise(models):
     ds = synthetic(n=12, label=[3] * 8 + [1] * 4)
-    out = run_protocol(OnnxModel(models["constant3"]), ds, NoiseSpec(max_steps=7), batch_size=5)
+    out = run_protocol(OnnxModel(models["constant3"]), ds, NoiseSpec(max_steps=7), batch_size=5, pack=False)
     assert out.first_failure.tolist() == [ROBUST] * 8 + [0] * 4
     assert out.failure_label.tolist() == [ROBUST] * 8 + [3] * 4
     assert out.clean_prediction.tolist() == [3] * 12
@@ -112,10 +112,13 @@ def test_robust_by_construction_and_wrong_before_noise(models):
 
 def test_any_noise_fools_at_step_one(models):
     ds = synthetic(n=9, zeros=True, label=0)
-    out = run_protocol(OnnxModel(models["any_noise"]), ds, NoiseSpec(low=0.5, high=1.0, max_steps=250))
+    spec = NoiseSpec(low=0.5, high=1.0, max_steps=250)
+    out = run_protocol(OnnxModel(models["any_noise"]), ds, spec, pack=False)
     assert out.first_failure.tolist() == [1] * 9
     assert out.failure_label.tolist() == [1] * 9
     assert out.inferences == 18  # images leave the batch the moment they are fooled
+    packed = run_protocol(OnnxModel(models["any_noise"]), ds, spec, batch_size=256)
+    assert packed.first_failure.tolist() == [1] * 9 and packed.inferences == 256  # one packed batch
 
 
 def test_non_finite_outputs_are_their_own_failure(models):
@@ -159,3 +162,28 @@ def test_clean_predictions(bundled_model, sample):
     p = clean_predictions(OnnxModel(bundled_model), ds, batch_size=16)
     want = [_predict_one(bundled_model)(img) for img in ds.float_images()]
     assert p.tolist() == want
+
+
+@pytest.mark.parametrize("batch_size", [7, 64, 256, 1000])
+@pytest.mark.parametrize("mode", ["restart", "cumulative"])
+def test_step_packing_is_bit_identical(bundled_model, sample, batch_size, mode):
+    ds = sample.select(start=40, stop=140)
+    spec = NoiseSpec(max_steps=80, seed=2, mode=mode)
+    plain = run_protocol(OnnxModel(bundled_model), ds, spec, batch_size=batch_size, pack=False)
+    packed = run_protocol(OnnxModel(bundled_model), ds, spec, batch_size=batch_size, pack=True)
+    for g, r in zip(_outcome_arrays(packed), _outcome_arrays(plain), strict=True):
+        assert np.array_equal(g, r)
+    if mode == "restart" and batch_size > 100:
+        assert packed.inferences > plain.inferences  # the tail was packed
+
+
+def test_packed_rows_never_pass_max_steps():
+    from pyrobust.engine import _batch_rows
+
+    slot_step = np.array([0, 5, 9, 10, 3])
+    rows = np.array([0, 2, 3])
+    slots, steps = _batch_rows(rows, slot_step, batch_size=10, max_steps=10, pack=True)
+    assert slots.tolist() == [0, 0, 0, 0, 2, 2, 3]
+    assert steps.tolist() == [0, 1, 2, 3, 9, 10, 10]
+    slots, steps = _batch_rows(rows, slot_step, batch_size=2, max_steps=10, pack=True)
+    assert slots.tolist() == [0, 2, 3] and steps.tolist() == [0, 9, 10]

@@ -172,3 +172,25 @@ def test_driver_rejects_bad_arguments(kwargs, match):
 def test_perturb_images_rejects_bad_shape():
     with pytest.raises(ValueError, match=r"images must have shape \(n, H, W\) or \(n, H, W, C\)"):
         perturbcore.perturb_images(np.zeros((4, 4)), indices=[0], steps=[1], pixels=1, seed=0)
+
+
+def test_row_steps_pack_several_steps_of_one_slot():
+    x = _images(2, 6, 6, 1).reshape(2, -1)
+    out = perturbcore.perturb_flat(x, rows=[0, 0, 0, 1], row_steps=[0, 1, 2, 7], indices=[5, 9], steps=[0, 0],
+                                   pixels=4, n_positions=36, channels=1, seed=3)
+    for j, (slot, step) in enumerate([(0, 0), (0, 1), (0, 2), (1, 7)]):
+        want = naive.perturb_image(x[slot].reshape(6, 6, 1), seed=3, index=[5, 9][slot], step=step, pixels=4)
+        np.testing.assert_array_equal(out[j].reshape(6, 6, 1), want)
+    with pytest.raises(ValueError, match="write_back needs distinct rows"):
+        perturbcore.perturb_flat(x, rows=[0, 0], row_steps=[1, 2], indices=[5, 9], steps=[0, 0], pixels=4,
+                                 n_positions=36, channels=1, seed=3, write_back=True)
+    with pytest.raises(ValueError, match="row_steps must be >= 0"):
+        perturbcore.perturb_flat(x, rows=[0], row_steps=[-1], indices=[5, 9], steps=[0, 0], pixels=4,
+                                 n_positions=36, channels=1, seed=3)
+
+
+def test_serial_and_parallel_compilations_agree():
+    x = _images(64, 28, 28, 1)
+    args = dict(indices=np.arange(64), steps=np.arange(1, 65), pixels=28, seed=8)
+    np.testing.assert_array_equal(perturbcore.perturb_images(x, threads=1, **args),
+                                  perturbcore.perturb_images(x, threads=2, **args))

@@ -28,37 +28,47 @@ def test_predict_rejects_bad_shapes():
         perturbcore.predict(np.zeros((5, 0)))
 
 
-def _naive_record(preds, rows, label, step, pos, max_steps, clean, first, fail):
-    done = []
-    for p, r in zip(preds, rows, strict=True):
-        if step[r] == 0:
+def _naive_record(preds, rows, row_steps, label, step, pos, max_steps, clean, first, fail):
+    finished = {}
+    for p, r, s in zip(preds, rows, row_steps, strict=True):
+        if finished.get(r):
+            continue
+        finished[r] = False
+        if s == 0:
             clean[pos[r]] = p
         if p != label[r]:
-            first[pos[r]], fail[pos[r]] = step[r], p
-            done.append(True)
-        elif step[r] >= max_steps:
-            done.append(True)
+            first[pos[r]], fail[pos[r]] = s, p
+            finished[r] = True
+        elif s >= max_steps:
+            finished[r] = True
         else:
-            step[r] += 1
-            done.append(False)
-    return np.array(done)
+            step[r] = s + 1
+    return finished
 
 
-def test_record_batch_matches_reference():
+@pytest.mark.parametrize("packed", [False, True])
+def test_record_batch_matches_reference(packed):
     rng = np.random.default_rng(1)
     slots, n = 40, 100
     label = rng.integers(0, 3, slots)
     step = rng.integers(0, 6, slots)
     pos = rng.permutation(n)[:slots]
-    rows = rng.permutation(slots)[:30]
-    preds = rng.integers(-2, 3, 30).astype(np.int32)
+    rows = np.sort(rng.permutation(slots)[:30])
+    if packed:  # several consecutive steps per slot, ascending, as the engine packs them
+        per = rng.integers(1, 4, rows.size)
+        row_steps = np.concatenate([step[r] + np.arange(k) for r, k in zip(rows, per, strict=True)])
+        rows = np.repeat(rows, per)
+    else:
+        row_steps = step[rows].copy()
+    preds = rng.integers(-2, 3, rows.size).astype(np.int32)
     arrays = [np.full(n, ROBUST, np.int32) for _ in range(3)]
     ref_arrays = [a.copy() for a in arrays]
     ref_step = step.copy()
-    done = perturbcore.record_batch(preds, rows, slot_label=label, slot_step=step, slot_pos=pos, max_steps=5,
-                                    clean_prediction=arrays[0], first_failure=arrays[1], failure_label=arrays[2])
-    want = _naive_record(preds, rows, label, ref_step, pos, 5, *ref_arrays)
-    assert np.array_equal(done, want)
+    finished = perturbcore.record_batch(preds, rows, row_steps=row_steps, slot_label=label, slot_step=step,
+                                        slot_pos=pos, max_steps=5, clean_prediction=arrays[0],
+                                        first_failure=arrays[1], failure_label=arrays[2])
+    want = _naive_record(preds, rows, row_steps, label, ref_step, pos, 5, *ref_arrays)
+    assert {int(r): bool(finished[r]) for r in np.unique(rows)} == want
     assert np.array_equal(step, ref_step)
     for got, ref in zip(arrays, ref_arrays, strict=True):
         assert np.array_equal(got, ref)
@@ -69,3 +79,7 @@ def test_record_batch_needs_enough_predictions():
     with pytest.raises(ValueError, match="need 3 predictions; got 2"):
         perturbcore.record_batch(np.zeros(2, np.int32), np.arange(3), slot_label=z, slot_step=z, slot_pos=z,
                                  max_steps=1, clean_prediction=z, first_failure=z, failure_label=z)
+    with pytest.raises(ValueError, match=r"row_steps must have one step per row \(3\); got 2"):
+        perturbcore.record_batch(np.zeros(3, np.int32), np.arange(3), row_steps=np.zeros(2, np.int64),
+                                 slot_label=z, slot_step=z, slot_pos=z, max_steps=1, clean_prediction=z,
+                                 first_failure=z, failure_label=z)
