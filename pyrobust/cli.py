@@ -38,6 +38,21 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
         ) from None
 
 
+class _IntOrAuto(click.ParamType):
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto" or isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"expected a whole number or 'auto'; got {value!r}", param, ctx)
+
+
+INT_OR_AUTO = _IntOrAuto()
+
+
 def noise_options(func):
     """The protocol's options, shared by every command that runs it."""
     options = [
@@ -52,7 +67,8 @@ def noise_options(func):
         click.option("--seed", type=int, default=0, show_default=True, help="Keys all the noise."),
         click.option("--mean", default=None, help="Normalise after the noise: per-channel means, e.g. 0.1307."),
         click.option("--std", default=None, help="Per-channel standard deviations, e.g. 0.3081."),
-        click.option("--batch-size", type=int, default=256, show_default=True),
+        click.option("--batch-size", type=INT_OR_AUTO, default="auto", show_default=True,
+                     help="Images per inference; auto measures the fastest for this model and machine (cached)."),
         click.option("--threads", type=int, default=None, help="CPU threads (default: all available)."),
     ]
     for option in reversed(options):
@@ -179,11 +195,17 @@ def cli(debug: bool) -> None:
               help="MiB pyrobust may use for data and buffers (default: 80%% of available memory).")
 @click.option("--custom-ops", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A custom-op library for onnxruntime to load (never loaded unless named).")
+@click.option("--sessions", type=INT_OR_AUTO, default="auto", show_default=True,
+              help="Parallel onnxruntime sessions sharing --threads; auto measures the fastest split (cached).")
+@click.option("--scheduler", default=None,
+              help="Run on Dask: local:N (N worker processes here) or tcp://HOST:PORT (needs pyrobust[dask]).")
+@click.option("--shard-size", type=int, default=None, help="Images per shard with --sessions > 1 or --scheduler.")
 @click.option("--no-report", is_flag=True, help="Skip the PNG figures.")
 @click.option("--json", "json_out", is_flag=True, help="Print summary.json to stdout instead of the table.")
 @noise_options
 def evaluate(model, dataset, data_dir, limit, index_range, sample, out, overwrite, resume, checkpoint_every,
-             chunk_size, max_memory, custom_ops, no_report, json_out, **noise) -> int:
+             chunk_size, max_memory, custom_ops, sessions, scheduler, shard_size, no_report, json_out,
+             **noise) -> int:
     """Evaluate MODEL (an ONNX file) under random L0 noise and write results to --out.
 
     Example: pyrobust evaluate model.onnx --dataset mnist:test --data-dir ../shared/data --out runs/mnist
@@ -195,6 +217,7 @@ def evaluate(model, dataset, data_dir, limit, index_range, sample, out, overwrit
                            sample_seed=noise["seed"], out=out,
                            overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
                            chunk_size=chunk_size, max_memory_mb=max_memory, custom_ops=custom_ops,
+                           sessions=sessions, scheduler=scheduler, shard_size=shard_size,
                            report=not no_report, json_out=json_out, **_noise_kwargs(**noise))
 
 
@@ -326,9 +349,10 @@ def retrain(subset, like, epochs, seed, threads, out) -> int:
 @click.option("--test-sample", type=int, default=None, help="A random N of the test images (seeded).")
 @click.option("--schemes", is_flag=True, help="Also evaluate M with salt-and-pepper values and the random walk.")
 @click.option("--quick", is_flag=True, help="A few hundred images, few steps: the whole pipeline in < 2 minutes.")
+@click.option("--scheduler", default=None, help="Run the evaluations on Dask: local:N or tcp://HOST:PORT.")
 @noise_options
 def reproduce(dataset, data_dir, out, per_class, shortfall, arch, epochs, train_sample, test_sample, schemes, quick,
-              pixels, max_steps, low, high, scheme, mode, seed, mean, std, batch_size, threads) -> int:
+              scheduler, pixels, max_steps, low, high, scheme, mode, seed, mean, std, batch_size, threads) -> int:
     """The paper end to end: train, evaluate, select robust images, retrain, compare with a random control, report.
 
     Rerunning continues where it stopped: stages whose outputs match their inputs are not redone.
@@ -342,7 +366,7 @@ def reproduce(dataset, data_dir, out, per_class, shortfall, arch, epochs, train_
     noise = NoiseSpec(pixels=pixels, max_steps=max_steps, low=low, high=high, scheme=scheme, mode=mode, seed=seed,
                       mean=_floats(mean, "mean"), std=_floats(std, "std"))
     common = dict(data_dir=str(data_dir) if data_dir else None, shortfall=shortfall, architecture=arch, seed=seed,
-                  noise=noise, eval_batch_size=batch_size, threads=threads, schemes=schemes)
+                  noise=noise, eval_batch_size=batch_size, threads=threads, schemes=schemes, scheduler=scheduler)
     if quick:
         config = StudyConfig.quick_config(dataset, **common)
     else:

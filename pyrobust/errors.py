@@ -53,3 +53,9 @@ class Interrupted(PyRobustError):
     """The run was stopped (Ctrl-C or SIGTERM) after saving its checkpoint (exit code 130)."""
 
     exit_code = 130
+
+
+class ClusterError(PyRobustError):
+    """A Dask scheduler that cannot be reached or used (exit code 3)."""
+
+    exit_code = 3

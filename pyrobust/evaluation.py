@@ -14,6 +14,7 @@ from pyrobust.checkpoint import CHECKPOINT_FILE, RunLock, fingerprint, load_chec
 from pyrobust.datasets import Dataset, load_dataset
 from pyrobust.engine import Progress, RunState, bind_model, check_spec_for_data, run_protocol, working_memory_bytes
 from pyrobust.errors import DataError, Interrupted, InvalidInput, OutputError
+from pyrobust.parallel import run_sessions
 from pyrobust.report import write_report
 from pyrobust.results import (
     SUMMARY_FILE,
@@ -82,9 +83,12 @@ def evaluate(
     stop: int | None = None,
     sample: int | None = None,
     sample_seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int | str = "auto",
     chunk_size: int = 4096,
     threads: int | None = None,
+    sessions: int | str = "auto",
+    scheduler: str | None = None,
+    shard_size: int | None = None,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     resume: bool = False,
@@ -101,12 +105,21 @@ def evaluate(
     With ``out``, writes ``results.npz``, ``summary.json`` and (``report``) the four PNG figures there, saving a
     checkpoint every ``checkpoint_every`` seconds; ``resume`` continues an interrupted run in ``out`` and gives
     bit-identical per-image results. Every input is checked before any work starts or any file is written.
+
+    ``batch_size`` and ``sessions`` (parallel onnxruntime sessions sharing ``threads`` cores) are measured for the
+    model and machine when ``"auto"`` (cached; see :mod:`pyrobust.tuning`). ``scheduler`` (``"local:N"`` or
+    ``"tcp://host:port"``) runs the images on a Dask cluster in shards of ``shard_size``. None of these change the
+    per-image results.
     """
     spec = NoiseSpec(pixels=pixels, max_steps=max_steps, low=low, high=high, scheme=scheme, mode=mode, seed=seed,
                      mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None)
-    for name, v in (("batch_size", batch_size), ("chunk_size", chunk_size)):
-        if v is None or isinstance(v, bool) or int(v) != v or v < 1:
-            raise InvalidInput(f"{name} must be an integer >= 1; got {v!r}")
+    for name, v in (("batch_size", batch_size), ("chunk_size", chunk_size), ("sessions", sessions),
+                    ("shard_size", shard_size)):
+        if v == "auto" and name in ("batch_size", "sessions") or v is None and name == "shard_size":
+            continue
+        if v is None or isinstance(v, (bool, str)) or int(v) != v or v < 1:
+            raise InvalidInput(f"{name} must be an integer >= 1{' or auto' if name != 'chunk_size' else ''}; "
+                               f"got {v!r}")
     if threads is not None and (int(threads) != threads or threads < 1):
         raise InvalidInput(f"threads must be an integer >= 1; got {threads!r}")
     if not checkpoint_every > 0:
@@ -122,14 +135,18 @@ def evaluate(
         ds = load_dataset(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit, sample=sample,
                           sample_seed=sample_seed, max_bytes=budget)
     check_spec_for_data(spec, ds.image_shape)
-    need = ds.memory_bytes + working_memory_bytes(ds, batch_size=int(batch_size), chunk_size=int(chunk_size))
+    need = ds.memory_bytes + working_memory_bytes(ds, batch_size=1024 if batch_size == "auto" else int(batch_size),
+                                                  chunk_size=int(chunk_size))
     if budget is not None and need > budget:
         raise DataError(f"{ds.spec}: evaluating {ds.n} images needs about {need / 2**20:.0f} MiB "
                         f"({ds.memory_bytes / 2**20:.0f} MiB of images in memory), more than the "
                         f"{budget / 2**20:.0f} MiB allowed (--max-memory); use a smaller --chunk-size, a --range, or "
                         "decompressed IDX files (memory-mapped)")
+    if isinstance(model, OnnxModel) and sessions == "auto":
+        sessions = 1  # the caller's own session is the one that runs
     m = model if isinstance(model, OnnxModel) else OnnxModel(model, threads=threads, custom_ops=custom_ops)
     bind_model(m, ds, spec)  # every model and shape error surfaces before any output is touched
+    plan = _plan(m, ds, batch_size=batch_size, sessions=sessions, scheduler=scheduler, custom_ops=custom_ops)
 
     def summarise(outcome: Outcome, state: RunState | None) -> dict:
         return build_summary(
@@ -142,15 +159,34 @@ def evaluate(
                      "sha256": ds.sha256, "start": start, "stop": stop, "limit": limit, "sample": sample,
                      "sample_seed": sample_seed,
                      "first_index": int(ds.index[0]), "last_index": int(ds.index[-1])},
-            settings={"batch_size": int(batch_size), "chunk_size": int(chunk_size), "threads": m.threads,
-                      "kernel_threads": 1, "ort_spinning": m.spinning,
-                      "sessions": state.sessions if state is not None else 1},
+            settings={"batch_size": plan["batch_size"], "batch_size_choice": plan["batch_size_choice"],
+                      "chunk_size": int(chunk_size), "threads": m.threads, "kernel_threads": 1,
+                      "ort_spinning": m.spinning, "parallel": {**plan["parallel"], **work.get("info", {})},
+                      "resumed_sessions": state.sessions if state is not None else 1},
         )
+
+    work: dict = {}
+
+    def execute(state: RunState | None, on_checkpoint) -> Outcome:
+        kw = dict(progress=progress, state=state, on_checkpoint=on_checkpoint, checkpoint_every=checkpoint_every)
+        par = plan["parallel"]
+        if scheduler is not None:
+            from pyrobust.distributed import run_distributed
+
+            outcome, work["info"] = run_distributed(m, ds, spec, scheduler=scheduler, batch_size=plan["batch_size"],
+                                                    chunk_size=int(chunk_size), shard_size=shard_size, **kw)
+            return outcome
+        if par["sessions"] > 1:
+            outcome, work["info"] = run_sessions(m.path, ds, spec, sessions=par["sessions"],
+                                                 threads_per_session=par["threads_per_session"],
+                                                 batch_size=plan["batch_size"], chunk_size=int(chunk_size),
+                                                 custom_ops=custom_ops, shard_size=shard_size, **kw)
+            return outcome
+        return run_protocol(m, ds, spec, batch_size=plan["batch_size"], chunk_size=int(chunk_size), **kw)
 
     fp = fingerprint(model_sha256=m.sha256, dataset_sha256=ds.sha256, count=ds.n, spec=spec.to_dict())
     if out is None:
-        outcome = run_protocol(m, ds, spec, batch_size=int(batch_size), chunk_size=int(chunk_size),
-                               progress=progress)
+        outcome = execute(None, None)
         result = Evaluation(outcome=outcome, summary=summarise(outcome, None), out=None)
         _warn_nonfinite(result.summary)
         return result
@@ -164,9 +200,7 @@ def evaluate(
         state = state or RunState(ds.n)
         save_checkpoint(out_dir, state, fp)
         try:
-            outcome = run_protocol(m, ds, spec, batch_size=int(batch_size), chunk_size=int(chunk_size),
-                                   progress=progress, state=state, checkpoint_every=checkpoint_every,
-                                   on_checkpoint=lambda st: save_checkpoint(out_dir, st, fp))
+            outcome = execute(state, lambda st: save_checkpoint(out_dir, st, fp))
         except KeyboardInterrupt:
             save_checkpoint(out_dir, state, fp)
             raise Interrupted(f"interrupted after {state.n_done} of {state.n} images; checkpoint saved in "
@@ -178,6 +212,28 @@ def evaluate(
         write_results(out_dir, outcome, summary)
         (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     return Evaluation(outcome=outcome, summary=summary, out=out_dir, resumed=resumed)
+
+
+def _plan(m: OnnxModel, ds: Dataset, *, batch_size, sessions, scheduler, custom_ops) -> dict:
+    """Batch size and session layout: given, or measured for this model and machine (cached)."""
+    from pyrobust.tuning import auto_batch_size, auto_layout
+
+    if batch_size == "auto":
+        size, how = auto_batch_size(m)
+    else:
+        size, how = int(batch_size), "given"
+    if scheduler is not None:
+        parallel = {"choice": "dask"}
+    elif sessions == "auto":
+        s, per, choice = auto_layout(m, threads=m.threads, batch_size=size, image_shape=ds.image_shape,
+                                     n_classes=ds.n_classes, custom_ops=custom_ops)
+        parallel = {"sessions": s, "threads_per_session": per, "choice": choice}
+    else:
+        s = int(sessions)
+        if s > m.threads:
+            raise InvalidInput(f"sessions ({s}) cannot exceed threads ({m.threads}); give --threads too")
+        parallel = {"sessions": s, "threads_per_session": max(1, m.threads // s), "choice": "given"}
+    return {"batch_size": size, "batch_size_choice": how, "parallel": parallel}
 
 
 def _start_state(out_dir: Path, fp: dict, *, overwrite: bool, resume: bool) -> RunState | Evaluation | None:

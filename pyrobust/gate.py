@@ -235,7 +235,7 @@ def run_gate(
     start: int | None = None,
     stop: int | None = None,
     spec: NoiseSpec | None = None,
-    batch_size: int = 256,
+    batch_size: int | str = "auto",
     threads: int | None = None,
     progress=None,
     log=None,
@@ -263,6 +263,10 @@ def run_gate(
             bind_model(base_model, ds, spec)
             base_info = _model_info(base_model)
 
+    if batch_size == "auto":
+        from pyrobust.tuning import auto_batch_size
+
+        batch_size, _ = auto_batch_size(cand)
     total = ds.n
     order = np.random.default_rng([spec.seed, 0x6A7E]).permutation(total)
     looks = look_schedule(total) if policy.early_stop else [total]

@@ -41,8 +41,9 @@ class StudyConfig:
     learning_rate: float = 1e-3
     seed: int = 0
     noise: NoiseSpec = field(default_factory=NoiseSpec)
-    eval_batch_size: int = 256
+    eval_batch_size: int | str = "auto"
     threads: int | None = None
+    scheduler: str | None = None  # Dask: local:N or tcp://HOST:PORT, for every evaluation
     train_sample: int | None = None  # a seeded random subset (the MNIST training subset is sorted by label)
     test_sample: int | None = None
     schemes: bool = False
@@ -53,6 +54,8 @@ class StudyConfig:
             raise InvalidInput(f"shortfall must be one of {', '.join(SHORTFALLS)}; got {self.shortfall!r}")
         for name in ("per_class", "epochs", "train_batch_size", "eval_batch_size"):
             v = getattr(self, name)
+            if name == "eval_batch_size" and v == "auto":
+                continue
             if isinstance(v, bool) or int(v) != v or v < 1:
                 raise InvalidInput(f"{name} must be an integer >= 1; got {v!r}")
 
@@ -116,7 +119,7 @@ def reproduce(config: StudyConfig, out: str | os.PathLike, *, log: Callable[[str
             def fn(start_over):
                 # By spec, not by Dataset object, so the results record how to reload the data (replay, select).
                 kwargs = dict(data_dir=config.data_dir, sample=sample, sample_seed=config.seed,
-                              batch_size=config.eval_batch_size,
+                              batch_size=config.eval_batch_size, scheduler=config.scheduler,
                               threads=config.threads, out=folder,
                               progress=progress_factory(title) if progress_factory else None, **sp)
                 try:

@@ -50,6 +50,15 @@ def linear_nodes(weight: np.ndarray, bias: np.ndarray, input_name="x"):
     )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Measured batch sizes and layouts go to a cache of this test session, not the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     """ONNX models built node by node, each with a behaviour the tests rely on."""

@@ -82,7 +82,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, bundled_model, reference
                  "--resume"]) == 0
     assert "resumed the run" in capsys.readouterr().err
     summary = _assert_same(out, reference)
-    assert summary["settings"]["sessions"] == len(kill_points) + 1
+    assert summary["settings"]["resumed_sessions"] == len(kill_points) + 1
     assert not (out / "checkpoint.npz").exists()
 
 
@@ -192,7 +192,7 @@ def test_checkpoint_roundtrip_in_process(tmp_path, bundled_model, reference):
 
     with pytest.raises(pyrobust.PyRobustError, match="interrupted after"):
         pyrobust.evaluate(bundled_model, "sample", max_steps=150, seed=3, out=tmp_path, progress=interrupt,
-                          batch_size=32)
+                          batch_size=32, sessions=1)
     ds = pyrobust.load_dataset("sample")
     m = pyrobust.runtime.OnnxModel(bundled_model)
     fp = fingerprint(model_sha256=m.sha256, dataset_sha256=ds.sha256, count=ds.n,
@@ -203,4 +203,22 @@ def test_checkpoint_roundtrip_in_process(tmp_path, bundled_model, reference):
     assert np.array_equal(state.first_failure[done], reference.first_failure[done])
     ev = pyrobust.evaluate(bundled_model, "sample", max_steps=150, seed=3, out=tmp_path, resume=True)
     assert ev.resumed
+    _assert_same(tmp_path, reference)
+
+
+def test_parallel_sessions_interrupt_and_resume(tmp_path, bundled_model, reference):
+    """Ctrl-C while several sessions work: the checkpoint holds the finished shards; resume is bit-identical."""
+    calls = {"n": 0}
+
+    def interrupt(done, total, inferences):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(pyrobust.PyRobustError, match="interrupted after"):
+        pyrobust.evaluate(bundled_model, "sample", max_steps=150, seed=3, out=tmp_path, progress=interrupt,
+                          sessions=2, threads=2, shard_size=40)
+    ev = pyrobust.evaluate(bundled_model, "sample", max_steps=150, seed=3, out=tmp_path, resume=True, sessions=2,
+                           threads=2, shard_size=64)
+    assert ev.resumed and ev.summary["settings"]["parallel"]["sessions"] == 2
     _assert_same(tmp_path, reference)

@@ -1,0 +1,169 @@
+"""Running the engine on a Dask cluster (``pyrobust[dask]``): ``--scheduler local:N`` or ``tcp://HOST:PORT``.
+
+The images still to do are cut into shards (see :mod:`pyrobust.parallel`); each shard travels with its images to a
+worker, which opens its own onnxruntime session once per model (the model travels once, as bytes, or as a path every
+worker can read when it has external data, and is checked by SHA-256 on the worker) and runs the engine on it.
+Results are merged by position as shards finish, so one progress bar covers all workers, checkpoints work as in a
+single process, and per-image results are bit-identical to a single-process run for any shard size and worker
+count. A shard whose worker dies is rescheduled by Dask on another worker (``retries`` covers task errors too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pyrobust.datasets import Dataset
+from pyrobust.engine import RunState, run_protocol
+from pyrobust.errors import ClusterError, InvalidInput, MissingDependency, ModelError
+from pyrobust.parallel import make_shards, merge
+from pyrobust.runtime import OnnxModel
+from pyrobust.types import NoiseSpec, Outcome
+
+_SESSIONS: dict[tuple[str, int], OnnxModel] = {}  # per worker process: (model sha256, threads) -> session
+
+
+def _dask():
+    try:
+        from dask import distributed
+    except ImportError:
+        raise MissingDependency("--scheduler needs dask: pip install 'pyrobust[dask]'") from None
+    return distributed
+
+
+def connect(scheduler: str, *, threads_per_worker: int = 1):
+    """(client, cluster or None) for ``local:N`` (a LocalCluster of N worker processes) or a scheduler address."""
+    distributed = _dask()
+    if scheduler.startswith("local:"):
+        try:
+            n = int(scheduler.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise InvalidInput(f"--scheduler local:N needs a number of workers >= 1; got {scheduler!r}")
+        import logging
+
+        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, silence_logs=logging.ERROR)
+        return distributed.Client(cluster), cluster
+    if "://" not in scheduler:
+        raise InvalidInput(f"--scheduler takes local:N or tcp://HOST:PORT; got {scheduler!r}")
+    try:
+        return distributed.Client(scheduler, timeout="10s"), None
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at {scheduler} ({type(exc).__name__}); start one "
+                           "with 'dask scheduler' and 'dask worker', or use --scheduler local:N") from None
+
+
+def _worker_model(model: bytes | str, sha256: str, threads: int) -> OnnxModel:
+    key = (sha256, threads)
+    if key not in _SESSIONS:
+        if isinstance(model, bytes):
+            if hashlib.sha256(model).hexdigest() != sha256:
+                raise ModelError(f"the model received by the worker has another SHA-256 than {sha256[:12]}…")
+            path = Path(tempfile.gettempdir()) / f"pyrobust-model-{sha256}.onnx"
+            if not path.exists():
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_bytes(model)
+                os.replace(tmp, path)
+        else:
+            path = Path(model)
+        m = OnnxModel(path, threads=threads)
+        if m.sha256 != sha256:
+            raise ModelError(f"{path}: on this worker the model has SHA-256 {m.sha256[:12]}…, not {sha256[:12]}…; "
+                             "every worker must see the same file")
+        _SESSIONS[key] = m
+    return _SESSIONS[key]
+
+
+def evaluate_shard(model, sha256: str, images: np.ndarray, labels: np.ndarray, index: np.ndarray, spec: dict,
+                   batch_size: int, chunk_size: int, threads: int) -> dict:
+    """Run on a worker: the engine on one shard. Returns its per-image arrays and counts."""
+    m = _worker_model(model, sha256, threads)
+    out = run_protocol(m, Dataset("shard", None, images, labels, index, "dask shard"), NoiseSpec.from_dict(spec),
+                       batch_size=batch_size, chunk_size=chunk_size)
+    return {"clean_prediction": out.clean_prediction, "first_failure": out.first_failure,
+            "failure_label": out.failure_label, "inferences": out.inferences, "noisy": out.noisy_inferences,
+            "pid": os.getpid()}
+
+
+def run_distributed(
+    model: OnnxModel,
+    dataset: Dataset,
+    spec: NoiseSpec,
+    *,
+    scheduler: str,
+    batch_size: int,
+    chunk_size: int = 4096,
+    shard_size: int | None = None,
+    threads_per_worker: int | None = None,
+    progress=None,
+    state: RunState | None = None,
+    on_checkpoint=None,
+    checkpoint_every: float = 30.0,
+    on_client=None,
+) -> tuple[Outcome, dict]:
+    """Evaluate ``dataset`` on a Dask cluster; returns the outcome (dataset order) and what ran where.
+    ``on_client(client)`` is called once connected (tests use it to reach the workers)."""
+    distributed = _dask()
+    state = state or RunState(dataset.n)
+    state.sessions += 1
+    client, cluster = connect(scheduler)
+    threads = threads_per_worker or 1
+    futures = {}
+    try:
+        client.wait_for_workers(1, timeout=60)
+        workers = len(client.scheduler_info()["workers"])
+        if on_client is not None:
+            on_client(client)
+        shards = make_shards(state, workers=workers, shard_size=shard_size)
+        external = any(t.data_location == 1 for t in _initializers(model.path))
+        if external:  # weights in files beside the model: every worker reads the same path
+            payload, transfer = str(Path(model.path).resolve()), "path"
+        else:
+            payload, transfer = client.scatter(Path(model.path).read_bytes(), broadcast=True), "bytes"
+        spec_dict = spec.to_dict()
+        for i, pos in enumerate(shards):
+            f = client.submit(evaluate_shard, payload, model.sha256, dataset.images[pos], dataset.labels[pos],
+                              dataset.index[pos], spec_dict, batch_size, chunk_size, threads, retries=2, pure=False,
+                              key=f"pyrobust-shard-{model.sha256[:12]}-{dataset.sha256[:12]}-{i}-{time.time_ns()}")
+            futures[f] = pos
+        t0, last = time.perf_counter(), time.perf_counter()
+        seconds_before = state.seconds
+        pids = set()
+        for f in distributed.as_completed(futures):
+            r = f.result()
+            pids.add(r["pid"])
+            part = Outcome(index=dataset.index[futures[f]], label=dataset.labels[futures[f]],
+                           clean_prediction=r["clean_prediction"], first_failure=r["first_failure"],
+                           failure_label=r["failure_label"], inferences=r["inferences"], noisy_inferences=r["noisy"])
+            merge(state, futures[f], part)
+            state.seconds = seconds_before + time.perf_counter() - t0
+            if progress is not None:
+                progress(state.n_done, state.n, state.inferences)
+            if on_checkpoint is not None and time.perf_counter() - last >= checkpoint_every:
+                on_checkpoint(state)
+                last = time.perf_counter()
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return state.outcome(dataset), {"scheduler": scheduler, "workers": workers, "shards": len(shards),
+                                    "worker_processes_used": len(pids), "model_transfer": transfer,
+                                    "threads_per_worker": threads}
+
+
+def _initializers(path):
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    return list(_get_all_tensors(onnx.load(str(path), load_external_data=False)))

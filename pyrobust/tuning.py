@@ -1,0 +1,157 @@
+"""Measured choices: the batch size and the session layout (sessions × threads) that run a model fastest here.
+
+Both are measured on the model itself with random inputs of its shape, a fraction of a second per candidate, and
+cached per model (SHA-256), input shape, thread count and machine (CPU model, cores, onnxruntime version) in
+``$XDG_CACHE_HOME/pyrobust/tuning.json`` (``~/.cache/...``). Results never depend on these choices: per-image
+outcomes are bit-identical for every batch size and layout; only the speed does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pyrobust.runtime import OnnxModel, default_threads
+
+BATCH_SIZES = (32, 64, 128, 256, 512, 1024)
+NEAR_BEST = 0.95  # the smallest size within 5 % of the best wins: less padding at the tail, less memory
+
+
+def cache_path() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "pyrobust" / "tuning.json"
+
+
+def machine_key() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return f"{cpu}|cores={os.cpu_count()}|usable={default_threads()}|ort={onnxruntime.__version__}"
+
+
+def _load() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(section: str, key: str, value) -> None:
+    from pyrobust.results import write_json_atomic
+
+    data = _load()
+    data.setdefault(section, {})[key] = value
+    try:
+        cache_path().parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cache_path(), data)
+    except OSError:
+        pass  # an unwritable cache only costs a new measurement next time
+
+
+def _random_batch(model: OnnxModel, size: int) -> np.ndarray:
+    d = int(np.prod(model.binding.input_shape))
+    return np.random.default_rng(0).random((size, d), dtype=np.float32)
+
+
+def _rate(model: OnnxModel, x: np.ndarray, seconds: float) -> float:
+    model.run(x)  # warm-up: first runs allocate
+    runs, t0 = 0, time.perf_counter()
+    while runs < 3 or time.perf_counter() - t0 < seconds:
+        model.run(x)
+        runs += 1
+    return runs * x.shape[0] / (time.perf_counter() - t0)
+
+
+def measure_batch_sizes(model: OnnxModel, sizes=BATCH_SIZES, seconds: float = 0.08) -> dict[int, float]:
+    """Inferences per second of ``model`` (bound) at each batch size."""
+    return {int(s): _rate(model, _random_batch(model, s), seconds) for s in sizes}
+
+
+def auto_batch_size(model: OnnxModel, *, log=None) -> tuple[int, str]:
+    """The batch size for ``model`` (bound): (size, "cached" or "measured")."""
+    key = f"{model.sha256}|{model.binding.input_shape}|threads={model.threads}|{machine_key()}"
+    hit = _load().get("batch_size", {}).get(key)
+    if hit:
+        return int(hit["batch_size"]), "cached"
+    rates = measure_batch_sizes(model)
+    best = max(rates.values())
+    size = min(s for s, r in rates.items() if r >= NEAR_BEST * best)
+    _store("batch_size", key, {"batch_size": size, "rates": {str(k): v for k, v in rates.items()}})
+    if log:
+        log(f"batch size {size} (measured: " + ", ".join(f"{k}: {v:,.0f}/s" for k, v in rates.items()) + ")")
+    return size, "measured"
+
+
+def layouts(threads: int) -> list[tuple[int, int]]:
+    """Candidate (sessions, threads per session) splits of ``threads`` cores."""
+    out = {(1, threads), (threads, 1)}
+    s = 2
+    while s < threads:
+        if threads % s == 0:
+            out.add((s, threads // s))
+        s *= 2
+    return sorted(out)
+
+
+def _feed(model: OnnxModel, x: np.ndarray, stop: float, counts: list[int], i: int) -> None:
+    while time.perf_counter() < stop:
+        model.run(x)
+        counts[i] += x.shape[0]
+
+
+def measure_layouts(path, *, threads: int, batch_size: int, seconds: float = 0.3, custom_ops=None,
+                    image_shape=None, n_classes: int = 1) -> dict[str, float]:
+    """Inferences per second of each layout: ``sessions`` sessions with ``threads/sessions`` threads each, all fed
+    at once from their own Python threads (onnxruntime releases the GIL while it runs)."""
+    rates = {}
+    for sessions, per in layouts(threads):
+        models = [OnnxModel(path, threads=per, custom_ops=custom_ops) for _ in range(sessions)]
+        for m in models:
+            m.bind(image_shape, n_classes=n_classes)
+        x = _random_batch(models[0], batch_size)
+        for m in models:
+            m.run(x)
+        counts = [0] * sessions
+        stop = time.perf_counter() + seconds
+        t0 = time.perf_counter()
+        workers = [threading.Thread(target=_feed, args=(m, x, stop, counts, i)) for i, m in enumerate(models)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        rates[f"{sessions}x{per}"] = sum(counts) / (time.perf_counter() - t0)
+    return rates
+
+
+def auto_layout(model: OnnxModel, *, threads: int, batch_size: int, image_shape, n_classes: int,
+                custom_ops=None, log=None) -> tuple[int, int, str]:
+    """(sessions, threads per session, "cached"/"measured"/"single") for ``threads`` cores."""
+    if threads <= 1:
+        return 1, 1, "single"
+    key = f"{model.sha256}|{model.binding.input_shape}|threads={threads}|batch={batch_size}|{machine_key()}"
+    hit = _load().get("layout", {}).get(key)
+    if hit:
+        return int(hit["sessions"]), int(hit["threads_per_session"]), "cached"
+    rates = measure_layouts(model.path, threads=threads, batch_size=batch_size, custom_ops=custom_ops,
+                            image_shape=image_shape, n_classes=n_classes)
+    best = max(rates, key=rates.get)
+    sessions, per = (int(v) for v in best.split("x"))
+    _store("layout", key, {"sessions": sessions, "threads_per_session": per, "rates": rates})
+    if log:
+        log(f"layout {best} (sessions × threads; measured: " + ", ".join(f"{k}: {v:,.0f}/s" for k, v in
+                                                                          rates.items()) + ")")
+    return sessions, per, "measured"

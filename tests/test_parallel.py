@@ -1,0 +1,149 @@
+"""Scaling: parallel sessions, measured batch sizes and layouts, and Dask; results identical to one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import numpy as np
+import pytest
+
+import pyrobust
+from pyrobust.cli import main
+from pyrobust.errors import ClusterError, InvalidInput, MissingDependency, ModelError
+from pyrobust.runtime import OnnxModel
+from pyrobust.types import NoiseSpec, Outcome
+
+
+@pytest.fixture(scope="module")
+def reference(bundled_model):
+    return pyrobust.evaluate(bundled_model, "sample", max_steps=40, seed=1, sessions=1, batch_size=256).outcome
+
+
+def _same(a: Outcome, b: Outcome) -> None:
+    for name in Outcome.ARRAYS:
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("sessions,shard_size,batch_size", [(2, None, 256), (2, 7, 64), (2, 500, 1), (1, None, 33)])
+def test_parallel_sessions_are_bit_identical(bundled_model, reference, sessions, shard_size, batch_size):
+    ev = pyrobust.evaluate(bundled_model, "sample", max_steps=40, seed=1, sessions=sessions, threads=2,
+                           shard_size=shard_size, batch_size=batch_size)
+    _same(ev.outcome, reference)
+    par = ev.summary["settings"]["parallel"]
+    assert par["sessions"] == sessions and par["choice"] == "given"
+    if sessions > 1:
+        assert par["shards"] == (-(-500 // shard_size) if shard_size else 8)
+
+
+def test_sessions_cannot_exceed_threads(bundled_model):
+    with pytest.raises(InvalidInput, match=r"sessions \(3\) cannot exceed threads \(2\)"):
+        pyrobust.evaluate(bundled_model, "sample", limit=5, sessions=3, threads=2)
+    with pytest.raises(InvalidInput, match="sessions must be an integer >= 1 or auto"):
+        pyrobust.evaluate(bundled_model, "sample", limit=5, sessions=0)
+    with pytest.raises(InvalidInput, match="batch_size must be an integer >= 1 or auto"):
+        pyrobust.evaluate(bundled_model, "sample", limit=5, batch_size="big")
+
+
+def test_auto_batch_size_and_layout_are_measured_once_and_cached(bundled_model, tmp_path, monkeypatch):
+    from pyrobust import tuning
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty cache: the first call must measure
+    m = OnnxModel(bundled_model, threads=2)
+    m.bind((28, 28, 1), n_classes=10)
+    size, how = tuning.auto_batch_size(m)
+    assert size in tuning.BATCH_SIZES and how == "measured"
+    assert tuning.auto_batch_size(m) == (size, "cached")
+    cache = json.loads(tuning.cache_path().read_text())
+    (entry,) = [v for k, v in cache["batch_size"].items() if k.startswith(m.sha256)]
+    assert set(entry["rates"]) == {str(s) for s in tuning.BATCH_SIZES}
+    best = max(entry["rates"].values())
+    assert entry["rates"][str(size)] >= tuning.NEAR_BEST * best
+    s, per, how = tuning.auto_layout(m, threads=2, batch_size=size, image_shape=(28, 28, 1), n_classes=10)
+    assert (s, per) in tuning.layouts(2) and how == "measured"
+    assert tuning.auto_layout(m, threads=2, batch_size=size, image_shape=(28, 28, 1), n_classes=10)[2] == "cached"
+    ev = pyrobust.evaluate(bundled_model, "sample", limit=20, max_steps=3, threads=2)
+    assert ev.summary["settings"]["batch_size"] == size and ev.summary["settings"]["batch_size_choice"] == "cached"
+    assert ev.summary["settings"]["parallel"]["choice"] == "cached"
+
+
+def test_layout_candidates():
+    from pyrobust.tuning import layouts
+
+    assert layouts(1) == [(1, 1)]
+    assert layouts(2) == [(1, 2), (2, 1)]
+    assert layouts(16) == [(1, 16), (2, 8), (4, 4), (8, 2), (16, 1)]
+
+
+def test_cli_scaling_options(capsys, tmp_path, bundled_model):
+    assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--limit", "30", "--max-steps", "5",
+                 "--sessions", "2", "--threads", "2", "--batch-size", "auto", "--no-report", "--json",
+                 "--out", str(tmp_path)]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["settings"]["parallel"]["sessions"] == 2 and s["settings"]["batch_size_choice"] in ("measured", "cached")
+    assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--batch-size", "lots", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "expected a whole number or 'auto'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------- dask
+dask = pytest.importorskip("dask.distributed", reason="the Dask tests need pyrobust[dask]")
+
+
+@pytest.mark.parametrize("workers,shard_size", [(2, 37), (1, None)])
+def test_dask_local_cluster_is_bit_identical(bundled_model, reference, workers, shard_size):
+    ev = pyrobust.evaluate(bundled_model, "sample", max_steps=40, seed=1, scheduler=f"local:{workers}",
+                           shard_size=shard_size, batch_size=256)
+    _same(ev.outcome, reference)
+    par = ev.summary["settings"]["parallel"]
+    assert par["workers"] == workers and par["model_transfer"] == "bytes"
+    assert par["shards"] == (-(-500 // shard_size) if shard_size else 4)
+
+
+def test_a_killed_worker_is_replaced_and_the_results_do_not_change(bundled_model, reference):
+    from pyrobust.datasets import load_dataset
+    from pyrobust.distributed import run_distributed
+
+    pids: dict = {}
+    killed: list[int] = []
+
+    def on_client(client):
+        pids.update(client.run(os.getpid))
+
+    def progress(done, total, inferences):
+        if not killed:  # the first shard is in: kill one worker process while the others are busy
+            victim = sorted(pids.values())[0]
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    m = OnnxModel(bundled_model)
+    ds = load_dataset("sample")
+    outcome, info = run_distributed(m, ds, NoiseSpec(max_steps=40, seed=1), scheduler="local:2", batch_size=256,
+                                    shard_size=25, progress=progress, on_client=on_client)
+    assert killed and info["shards"] == 20
+    _same(outcome, reference)
+
+
+def test_dask_errors(bundled_model, monkeypatch, capsys):
+    with pytest.raises(InvalidInput, match="--scheduler takes local:N or tcp://HOST:PORT"):
+        pyrobust.evaluate(bundled_model, "sample", limit=5, scheduler="somewhere")
+    with pytest.raises(InvalidInput, match="local:N needs a number of workers >= 1"):
+        pyrobust.evaluate(bundled_model, "sample", limit=5, scheduler="local:0")
+    with pytest.raises(ClusterError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
+        pyrobust.evaluate(bundled_model, "sample", limit=5, scheduler="tcp://127.0.0.1:9")
+    assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--scheduler", "tcp://127.0.0.1:9",
+                 "--out", "/tmp/never"]) == 3
+    monkeypatch.setitem(sys.modules, "dask", None)
+    with pytest.raises(MissingDependency, match=r"pip install 'pyrobust\[dask\]'"):
+        pyrobust.evaluate(bundled_model, "sample", limit=5, scheduler="local:1")
+
+
+def test_worker_checks_the_model_digest(bundled_model):
+    from pyrobust.distributed import evaluate_shard
+
+    ds = pyrobust.load_dataset("sample").select(limit=3)
+    with pytest.raises(ModelError, match="the model received by the worker has another SHA-256"):
+        evaluate_shard(bundled_model.read_bytes(), "0" * 64, ds.images, ds.labels, ds.index, NoiseSpec().to_dict(),
+                       8, 64, 1)
