@@ -25,38 +25,35 @@ _SCHEME_CODE = {name: code for code, name in enumerate(SCHEMES)}
 
 
 def _perturb(
-    source, rows, row_steps, indices, out, pixels, n_positions, channels, channels_first,
-    low, span, high, high_below, salt_pepper, seed, mean, std, write_back,
+    rows, row_steps, indices, out, pixels, n_positions, channels, channels_first,
+    low, span, high, high_below, salt_pepper, seed, mean, std,
 ):
-    """Write the perturbed image of each listed slot into ``out``.
+    """Overwrite the drawn pixels of each row of ``out`` (which already holds the row's source image).
 
     Parameters
     ----------
-    source : float32 (slots, D)
-        The image each slot starts from (the original, or for a random walk the previous step's image),
-        in the model's layout and normalisation. ``D = n_positions * channels``.
     rows : int64 (m,)
-        Which slots to perturb; ``out[j]`` receives slot ``rows[j]`` at step ``row_steps[j]``. A slot may appear
-        several times (step packing: several steps of one image in one batch), except with ``write_back``.
+        The slot of each row (``indices[rows[j]]`` is its dataset index). A slot may fill several rows at different
+        steps (step packing).
     row_steps : int64 (m,)
-        The step of each row; step 0 copies the image unchanged.
+        The step of each row; step 0 leaves the image unchanged.
     indices : int64 (slots,)
         Dataset index of each slot: with the step, the key of its random stream.
     out : float32 (>= m, D)
-        Receives the perturbed images; row ``j`` only is written by iteration ``j``.
+        Row ``j`` holds slot ``rows[j]``'s image, in the model's layout and normalisation; only iteration ``j``
+        writes it. ``D = n_positions * channels``.
     mean, std : float32 (channels,)
         Normalisation applied to each new value: ``(v - mean[c]) / std[c]``.
-    write_back : bool
-        Copy the result back into ``source`` (the random-walk mode keeps the perturbed image).
+
+    The kernel touches only the drawn pixels (scalar work): the row copy is done beforehand by ``numpy.take``
+    (libc ``memcpy``). A copy loop here was auto-vectorised with 512-bit instructions on AVX-512 hosts, which slowed
+    the onnxruntime inference that follows by ~45 % (``benchmarks/test_bench_engine.py`` shows the engine at
+    0.9x bare onnxruntime only without it).
     """
-    d_total = n_positions * channels
     for j in prange(rows.shape[0]):
-        r = rows[j]
-        for k in range(d_total):
-            out[j, k] = source[r, k]
         step = row_steps[j]
         if step > 0:
-            key = _stream_key(seed, indices[r], step)
+            key = _stream_key(seed, indices[rows[j]], step)
             for d in range(pixels):
                 base = d * (channels + 1)
                 p = np.int64(_draw(key, base) % np.uint64(n_positions))
@@ -74,9 +71,6 @@ def _perturb(
                     else:
                         off = p * channels + c
                     out[j, off] = (v - mean[c]) / std[c]
-        if write_back:
-            for k in range(d_total):
-                source[r, k] = out[j, k]
 
 
 # Two compilations of one kernel: the serial one never touches numba's threading layer, so it is safe to call from
@@ -166,19 +160,23 @@ def perturb_flat(
     mean_arr = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32).reshape(channels)
     std_arr = np.ones(channels, np.float32) if std is None else np.asarray(std, np.float32).reshape(channels)
     high32 = np.float32(high)
-    args = (src, rws, rsteps, idx, out, int(pixels), int(n_positions), int(channels), bool(channels_first),
+    m = rws.size
+    np.take(src, rws, axis=0, out=out[:m])
+    args = (rws, rsteps, idx, out, int(pixels), int(n_positions), int(channels), bool(channels_first),
             float(low), float(high) - float(low), high32, np.nextafter(high32, np.float32(-np.inf)),
-            scheme == "salt-pepper", np.uint64(seed), mean_arr, std_arr, bool(write_back))
+            scheme == "salt-pepper", np.uint64(seed), mean_arr, std_arr)
     if threads == 1:
         _perturb_kernel_serial(*args)
-        return out
-    previous = numba.get_num_threads()
-    try:
-        if threads is not None:
-            numba.set_num_threads(int(threads))
-        _perturb_kernel(*args)
-    finally:
-        numba.set_num_threads(previous)
+    else:
+        previous = numba.get_num_threads()
+        try:
+            if threads is not None:
+                numba.set_num_threads(int(threads))
+            _perturb_kernel(*args)
+        finally:
+            numba.set_num_threads(previous)
+    if write_back:
+        source[rws] = out[:m]
     return out
 
 

@@ -107,13 +107,15 @@ def run_distributed(
     on_checkpoint=None,
     checkpoint_every: float = 30.0,
     on_client=None,
+    connection=None,
 ) -> tuple[Outcome, dict]:
     """Evaluate ``dataset`` on a Dask cluster; returns the outcome (dataset order) and what ran where.
+    ``connection`` is ``connect(scheduler)``'s result when the caller connected first (it is closed here);
     ``on_client(client)`` is called once connected (tests use it to reach the workers)."""
     distributed = _dask()
     state = state or RunState(dataset.n)
     state.sessions += 1
-    client, cluster = connect(scheduler)
+    client, cluster = connection or connect(scheduler)
     threads = threads_per_worker or 1
     futures = {}
     try:

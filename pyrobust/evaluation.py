@@ -147,6 +147,11 @@ def evaluate(
     m = model if isinstance(model, OnnxModel) else OnnxModel(model, threads=threads, custom_ops=custom_ops)
     bind_model(m, ds, spec)  # every model and shape error surfaces before any output is touched
     plan = _plan(m, ds, batch_size=batch_size, sessions=sessions, scheduler=scheduler, custom_ops=custom_ops)
+    connection = None
+    if scheduler is not None:  # reach the cluster before any output is written
+        from pyrobust.distributed import connect
+
+        connection = connect(scheduler)
 
     def summarise(outcome: Outcome, state: RunState | None) -> dict:
         return build_summary(
@@ -174,7 +179,8 @@ def evaluate(
             from pyrobust.distributed import run_distributed
 
             outcome, work["info"] = run_distributed(m, ds, spec, scheduler=scheduler, batch_size=plan["batch_size"],
-                                                    chunk_size=int(chunk_size), shard_size=shard_size, **kw)
+                                                    chunk_size=int(chunk_size), shard_size=shard_size,
+                                                    connection=connection, **kw)
             return outcome
         if par["sessions"] > 1:
             outcome, work["info"] = run_sessions(m.path, ds, spec, sessions=par["sessions"],

@@ -109,7 +109,7 @@ def test_internal_errors_are_one_line(capsys, monkeypatch, tmp_path, bundled_mod
     def boom(*a, **k):
         raise RuntimeError("kaput")
 
-    monkeypatch.setattr(pyrobust.evaluation, "run_protocol", boom)
+    monkeypatch.setattr(pyrobust.evaluation, "evaluate", boom)
     code, _, err = run_cli(capsys, "evaluate", bundled_model, "--dataset", "sample", "--out", tmp_path)
     assert code == 4
     assert err.strip() == ("pyrobust: internal error: RuntimeError: kaput (rerun with --debug for the traceback, "

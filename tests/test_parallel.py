@@ -126,7 +126,7 @@ def test_a_killed_worker_is_replaced_and_the_results_do_not_change(bundled_model
     _same(outcome, reference)
 
 
-def test_dask_errors(bundled_model, monkeypatch, capsys):
+def test_dask_errors(bundled_model, monkeypatch, capsys, tmp_path):
     with pytest.raises(InvalidInput, match="--scheduler takes local:N or tcp://HOST:PORT"):
         pyrobust.evaluate(bundled_model, "sample", limit=5, scheduler="somewhere")
     with pytest.raises(InvalidInput, match="local:N needs a number of workers >= 1"):
@@ -134,7 +134,8 @@ def test_dask_errors(bundled_model, monkeypatch, capsys):
     with pytest.raises(ClusterError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
         pyrobust.evaluate(bundled_model, "sample", limit=5, scheduler="tcp://127.0.0.1:9")
     assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--scheduler", "tcp://127.0.0.1:9",
-                 "--out", "/tmp/never"]) == 3
+                 "--out", str(tmp_path / "o")]) == 3
+    assert not (tmp_path / "o").exists()  # nothing written before the cluster was reached
     monkeypatch.setitem(sys.modules, "dask", None)
     with pytest.raises(MissingDependency, match=r"pip install 'pyrobust\[dask\]'"):
         pyrobust.evaluate(bundled_model, "sample", limit=5, scheduler="local:1")
