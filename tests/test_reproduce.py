@@ -106,3 +106,20 @@ def test_a_damaged_output_is_redone(study, shared_data):
     # training is deterministic: the rebuilt model is byte-identical, so its evaluation is still up to date
     assert ran == ["train_M_rand"] and "eval_M_rand_test" in fresh
     assert (study / "models" / "M_rand.onnx").read_bytes() == original
+
+
+def test_the_scheduler_reaches_every_evaluation(monkeypatch, tmp_path, shared_data):
+    """``reproduce --scheduler`` hands the scheduler to each evaluation (Dask itself is tested in test_parallel)."""
+    import pyrobust.evaluation
+
+    seen = []
+    real = pyrobust.evaluation.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("scheduler"))
+        kwargs["scheduler"] = None  # run in this process: the point is only what was asked for
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pyrobust.evaluation, "evaluate", spy)
+    reproduce(StudyConfig.quick_config("mnist", data_dir=str(shared_data), scheduler="local:2"), tmp_path)
+    assert len(seen) == 4 and set(seen) == {"local:2"}  # M on test and train, M_R, M_rand
