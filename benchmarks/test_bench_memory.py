@@ -1,5 +1,6 @@
 """Peak memory (RSS) of ``pyrobust evaluate`` on the 60,000 Fashion-MNIST training images, against 10,000 and 1,000
-of them, from gzip files (decompressed into memory: 784 bytes an image) and from raw IDX files (memory-mapped).
+of them, from gzip files (decompressed into memory: 784 bytes an image) and from raw IDX files (memory-mapped), with
+one session (each further parallel session adds its own slot and chunk buffers, ~26 MiB at the default chunk).
 
 Each run is a fresh subprocess; peak RSS is its ``ru_maxrss``. Steps are limited to 3: memory does not depend on
 the step budget, and the run still converts, perturbs and scores every image. Run: ``python -m pytest benchmarks``.
@@ -24,7 +25,7 @@ _SCRIPT = """
 import json, resource, sys
 from pyrobust import evaluate
 ev = evaluate(sys.argv[1], "fashion-mnist:train", data_dir=sys.argv[2], limit=int(sys.argv[3]), max_steps=3,
-              out=sys.argv[4], report=False)
+              out=sys.argv[4], report=False, sessions=1, batch_size=256)
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 kib = lambda key: int(status[key].split()[0]) / 1024
 print(json.dumps({"images": ev.outcome.n, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -137,6 +137,12 @@ def _print_summary(summary: dict, out: Path | None) -> None:
     s = summary["settings"]
     t.add_row("noise", f"{s['pixels']} pixels, {s['max_steps']} steps, {s['scheme']} [{s['low']}, {s['high']}), "
                        f"{s['mode']}, seed {s['seed']}")
+    par = s.get("parallel") or {}
+    if "workers" in par:
+        t.add_row("ran on", f"Dask {par['scheduler']}: {par['workers']} workers, {par['shards']} shards")
+    elif par.get("sessions", 1) > 1:
+        t.add_row("ran on", f"{par['sessions']} sessions × {par['threads_per_session']} threads, "
+                            f"{par.get('shards', '?')} shards (layout {par['choice']})")
     ips = p["inferences_per_second"]
     t.add_row("work", f"{p['inferences']:,} inferences in {p['seconds']:.1f} s ({ips:,.0f}/s)" if ips else "-")
     Console().print(t)

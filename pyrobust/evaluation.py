@@ -25,7 +25,7 @@ from pyrobust.results import (
     run_files,
     write_results,
 )
-from pyrobust.runtime import OnnxModel
+from pyrobust.runtime import OnnxModel, default_threads
 from pyrobust.types import NoiseSpec, Outcome
 
 
@@ -135,13 +135,15 @@ def evaluate(
         ds = load_dataset(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit, sample=sample,
                           sample_seed=sample_seed, max_bytes=budget)
     check_spec_for_data(spec, ds.image_shape)
-    need = ds.memory_bytes + working_memory_bytes(ds, batch_size=1024 if batch_size == "auto" else int(batch_size),
-                                                  chunk_size=int(chunk_size))
+    # Each parallel session keeps its own slot and chunk buffers: count the most sessions this run may use.
+    most_sessions = int(sessions) if sessions != "auto" else (threads or default_threads()) if scheduler is None else 1
+    need = ds.memory_bytes + most_sessions * working_memory_bytes(
+        ds, batch_size=1024 if batch_size == "auto" else int(batch_size), chunk_size=int(chunk_size))
     if budget is not None and need > budget:
         raise DataError(f"{ds.spec}: evaluating {ds.n} images needs about {need / 2**20:.0f} MiB "
                         f"({ds.memory_bytes / 2**20:.0f} MiB of images in memory), more than the "
-                        f"{budget / 2**20:.0f} MiB allowed (--max-memory); use a smaller --chunk-size, a --range, or "
-                        "decompressed IDX files (memory-mapped)")
+                        f"{budget / 2**20:.0f} MiB allowed (--max-memory); use a smaller --chunk-size, fewer "
+                        "--sessions, a --range, or decompressed IDX files (memory-mapped)")
     if isinstance(model, OnnxModel) and sessions == "auto":
         sessions = 1  # the caller's own session is the one that runs
     m = model if isinstance(model, OnnxModel) else OnnxModel(model, threads=threads, custom_ops=custom_ops)

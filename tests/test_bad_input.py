@@ -197,5 +197,10 @@ def test_memory_budget(tmp_path, shared_data, bundled_model, capsys):
     for f in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (raw / f).write_bytes(gzip.decompress((shared_data / "mnist" / f"{f}.gz").read_bytes()))
     ev = pyrobust.evaluate(bundled_model, "mnist:test", data_dir=raw.parent, max_memory_mb=30, limit=2000,
-                           max_steps=1)
+                           max_steps=1, sessions=1)
+    assert ev.outcome.n == 2000
+    # every parallel session keeps its own buffers, and the check counts them
+    with pytest.raises(DataError, match="fewer --sessions"):
+        pyrobust.evaluate(bundled_model, "mnist:test", data_dir=raw.parent, max_memory_mb=30, limit=2000,
+                          max_steps=1, sessions=2, threads=2)
     assert ev.outcome.n == 2000

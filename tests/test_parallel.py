@@ -99,6 +99,7 @@ def test_dask_local_cluster_is_bit_identical(bundled_model, reference, workers, 
     _same(ev.outcome, reference)
     par = ev.summary["settings"]["parallel"]
     assert par["workers"] == workers and par["model_transfer"] == "bytes"
+    assert ev.summary["settings"]["parallel"]["worker_processes_used"] >= 1
     assert par["shards"] == (-(-500 // shard_size) if shard_size else 4)
 
 
@@ -148,3 +149,12 @@ def test_worker_checks_the_model_digest(bundled_model):
     with pytest.raises(ModelError, match="the model received by the worker has another SHA-256"):
         evaluate_shard(bundled_model.read_bytes(), "0" * 64, ds.images, ds.labels, ds.index, NoiseSpec().to_dict(),
                        8, 64, 1)
+
+
+def test_the_terminal_summary_says_where_it_ran(capsys, tmp_path, bundled_model):
+    assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--limit", "40", "--max-steps", "5",
+                 "--scheduler", "local:2", "--shard-size", "10", "--no-report", "--out", str(tmp_path / "d")]) == 0
+    assert "Dask local:2: 2 workers, 4 shards" in capsys.readouterr().out
+    assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--limit", "40", "--max-steps", "5",
+                 "--sessions", "2", "--threads", "2", "--no-report", "--out", str(tmp_path / "s")]) == 0
+    assert "2 sessions × 1 threads" in capsys.readouterr().out
