@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pyrobust.report import _save, plot_survival
-from pyrobust.results import class_names, load_results, versions, write_bytes_atomic, write_json_atomic
+from pyrobust.results import load_results, versions, write_bytes_atomic, write_json_atomic
 from pyrobust.types import NONFINITE
 
 PAPER = {"accuracy": {"M": 0.9885, "M_R": 0.9692}, "robust": {"M": 0.2957, "M_R": 0.5101}}
@@ -245,5 +245,3 @@ def write_study_report(root: Path, *, config: dict, stages: dict, test_spec: str
     write_bytes_atomic(root / "report.html", to_html(bl, root).encode())
     return rep
 
-
-__all__ = ["class_names", "flip_matrix", "gather", "write_study_report"]
