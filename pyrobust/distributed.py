@@ -60,6 +60,14 @@ def connect(scheduler: str, *, threads_per_worker: int = 1):
                            "with 'dask scheduler' and 'dask worker', or use --scheduler local:N") from None
 
 
+def disconnect(connection) -> None:
+    """Close a ``connect()`` result; closing twice is harmless."""
+    client, cluster = connection
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
 def _worker_model(model: bytes | str, sha256: str, threads: int) -> OnnxModel:
     key = (sha256, threads)
     if key not in _SESSIONS:
@@ -156,9 +164,7 @@ def run_distributed(
             f.cancel()
         raise
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        disconnect((client, cluster))
     return state.outcome(dataset), {"scheduler": scheduler, "workers": workers, "shards": len(shards),
                                     "worker_processes_used": len(pids), "model_transfer": transfer,
                                     "threads_per_worker": threads}

@@ -154,73 +154,79 @@ def evaluate(
         from pyrobust.distributed import connect
 
         connection = connect(scheduler)
+    try:
 
-    def summarise(outcome: Outcome, state: RunState | None) -> dict:
-        return build_summary(
-            outcome, spec=spec, n_classes=max(ds.n_classes, 1),
-            model={"path": str(Path(m.path).resolve()), "name": Path(m.path).stem, "sha256": m.sha256,
-                   "input": m.input.name, "input_shape": m.input_shape, "layout": m.binding.layout,
-                   "fixed_batch": m.binding.fixed_batch},
-            dataset={"spec": ds_spec, "name": ds.name, "split": ds.split, "source": ds.source,
-                     "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
-                     "sha256": ds.sha256, "start": start, "stop": stop, "limit": limit, "sample": sample,
-                     "sample_seed": sample_seed,
-                     "first_index": int(ds.index[0]), "last_index": int(ds.index[-1])},
-            settings={"batch_size": plan["batch_size"], "batch_size_choice": plan["batch_size_choice"],
-                      "chunk_size": int(chunk_size), "threads": m.threads, "kernel_threads": 1,
-                      "ort_spinning": m.spinning, "parallel": {**plan["parallel"], **work.get("info", {})},
-                      "resumed_sessions": state.sessions if state is not None else 1},
-        )
+        def summarise(outcome: Outcome, state: RunState | None) -> dict:
+            return build_summary(
+                outcome, spec=spec, n_classes=max(ds.n_classes, 1),
+                model={"path": str(Path(m.path).resolve()), "name": Path(m.path).stem, "sha256": m.sha256,
+                       "input": m.input.name, "input_shape": m.input_shape, "layout": m.binding.layout,
+                       "fixed_batch": m.binding.fixed_batch},
+                dataset={"spec": ds_spec, "name": ds.name, "split": ds.split, "source": ds.source,
+                         "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
+                         "sha256": ds.sha256, "start": start, "stop": stop, "limit": limit, "sample": sample,
+                         "sample_seed": sample_seed,
+                         "first_index": int(ds.index[0]), "last_index": int(ds.index[-1])},
+                settings={"batch_size": plan["batch_size"], "batch_size_choice": plan["batch_size_choice"],
+                          "chunk_size": int(chunk_size), "threads": m.threads, "kernel_threads": 1,
+                          "ort_spinning": m.spinning, "parallel": {**plan["parallel"], **work.get("info", {})},
+                          "resumed_sessions": state.sessions if state is not None else 1},
+            )
 
-    work: dict = {}
+        work: dict = {}
 
-    def execute(state: RunState | None, on_checkpoint) -> Outcome:
-        kw = dict(progress=progress, state=state, on_checkpoint=on_checkpoint, checkpoint_every=checkpoint_every)
-        par = plan["parallel"]
-        if scheduler is not None:
-            from pyrobust.distributed import run_distributed
+        def execute(state: RunState | None, on_checkpoint) -> Outcome:
+            kw = dict(progress=progress, state=state, on_checkpoint=on_checkpoint, checkpoint_every=checkpoint_every)
+            par = plan["parallel"]
+            if scheduler is not None:
+                from pyrobust.distributed import run_distributed
 
-            outcome, work["info"] = run_distributed(m, ds, spec, scheduler=scheduler, batch_size=plan["batch_size"],
-                                                    chunk_size=int(chunk_size), shard_size=shard_size,
-                                                    connection=connection, **kw)
-            return outcome
-        if par["sessions"] > 1:
-            outcome, work["info"] = run_sessions(m.path, ds, spec, sessions=par["sessions"],
-                                                 threads_per_session=par["threads_per_session"],
-                                                 batch_size=plan["batch_size"], chunk_size=int(chunk_size),
-                                                 custom_ops=custom_ops, shard_size=shard_size, **kw)
-            return outcome
-        return run_protocol(m, ds, spec, batch_size=plan["batch_size"], chunk_size=int(chunk_size), **kw)
+                outcome, work["info"] = run_distributed(m, ds, spec, scheduler=scheduler, batch_size=plan["batch_size"],
+                                                        chunk_size=int(chunk_size), shard_size=shard_size,
+                                                        connection=connection, **kw)
+                return outcome
+            if par["sessions"] > 1:
+                outcome, work["info"] = run_sessions(m.path, ds, spec, sessions=par["sessions"],
+                                                     threads_per_session=par["threads_per_session"],
+                                                     batch_size=plan["batch_size"], chunk_size=int(chunk_size),
+                                                     custom_ops=custom_ops, shard_size=shard_size, **kw)
+                return outcome
+            return run_protocol(m, ds, spec, batch_size=plan["batch_size"], chunk_size=int(chunk_size), **kw)
 
-    fp = fingerprint(model_sha256=m.sha256, dataset_sha256=ds.sha256, count=ds.n, spec=spec.to_dict())
-    if out is None:
-        outcome = execute(None, None)
-        result = Evaluation(outcome=outcome, summary=summarise(outcome, None), out=None)
-        _warn_nonfinite(result.summary)
-        return result
+        fp = fingerprint(model_sha256=m.sha256, dataset_sha256=ds.sha256, count=ds.n, spec=spec.to_dict())
+        if out is None:
+            outcome = execute(None, None)
+            result = Evaluation(outcome=outcome, summary=summarise(outcome, None), out=None)
+            _warn_nonfinite(result.summary)
+            return result
 
-    out_dir = make_out_dir(out)
-    with RunLock(out_dir):
-        state = _start_state(out_dir, fp, overwrite=overwrite, resume=resume)
-        if isinstance(state, Evaluation):
-            return state
-        resumed = state is not None
-        state = state or RunState(ds.n)
-        save_checkpoint(out_dir, state, fp)
-        try:
-            outcome = execute(state, lambda st: save_checkpoint(out_dir, st, fp))
-        except KeyboardInterrupt:
+        out_dir = make_out_dir(out)
+        with RunLock(out_dir):
+            state = _start_state(out_dir, fp, overwrite=overwrite, resume=resume)
+            if isinstance(state, Evaluation):
+                return state
+            resumed = state is not None
+            state = state or RunState(ds.n)
             save_checkpoint(out_dir, state, fp)
-            raise Interrupted(f"interrupted after {state.n_done} of {state.n} images; checkpoint saved in "
-                              f"{out_dir}: run the same command with --resume to continue") from None
-        summary = summarise(outcome, state)
-        _warn_nonfinite(summary)
-        if report:
-            write_report(out_dir, outcome, summary, ds)
-        write_results(out_dir, outcome, summary)
-        (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    return Evaluation(outcome=outcome, summary=summary, out=out_dir, resumed=resumed)
+            try:
+                outcome = execute(state, lambda st: save_checkpoint(out_dir, st, fp))
+            except KeyboardInterrupt:
+                save_checkpoint(out_dir, state, fp)
+                raise Interrupted(f"interrupted after {state.n_done} of {state.n} images; checkpoint saved in "
+                                  f"{out_dir}: run the same command with --resume to continue") from None
+            summary = summarise(outcome, state)
+            _warn_nonfinite(summary)
+            if report:
+                write_report(out_dir, outcome, summary, ds)
+            write_results(out_dir, outcome, summary)
+            (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        return Evaluation(outcome=outcome, summary=summary, out=out_dir, resumed=resumed)
 
+    finally:
+        if connection is not None:  # closed by the run already, unless something failed before it started
+            from pyrobust.distributed import disconnect
+
+            disconnect(connection)
 
 def _plan(m: OnnxModel, ds: Dataset, *, batch_size, sessions, scheduler, custom_ops) -> dict:
     """Batch size and session layout: given, or measured for this model and machine (cached)."""

@@ -158,3 +158,16 @@ def test_the_terminal_summary_says_where_it_ran(capsys, tmp_path, bundled_model)
     assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--limit", "40", "--max-steps", "5",
                  "--sessions", "2", "--threads", "2", "--no-report", "--out", str(tmp_path / "s")]) == 0
     assert "2 sessions × 1 threads" in capsys.readouterr().out
+
+
+def test_a_cluster_opened_before_a_refused_run_is_closed(bundled_model, tmp_path, monkeypatch):
+    """The scheduler is reached before outputs are checked; when the output is then refused, the cluster closes."""
+    import pyrobust.distributed as d
+
+    closed = []
+    real = d.disconnect
+    monkeypatch.setattr(d, "disconnect", lambda c: (closed.append(c), real(c)))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(pyrobust.OutputError, match="exists and is not a folder"):
+        pyrobust.evaluate(bundled_model, "sample", limit=5, scheduler="local:1", out=tmp_path / "file")
+    assert len(closed) == 1
