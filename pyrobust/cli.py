@@ -421,7 +421,7 @@ def _fraction(ctx, param, value):
 
 _GATE_CONFIG_KEYS = {"dataset", "data_dir", "limit", "range", "baseline", "min_accuracy", "min_robust",
                      "min_class_robust", "max_robust_drop", "max_accuracy_drop", "confidence", "inconclusive",
-                     "early_stop", "out", "junit", "summary", "pixels", "max_steps", "low", "high", "scheme", "mode",
+                     "early_stop", "family", "spending", "out", "junit", "summary", "pixels", "max_steps", "low", "high", "scheme", "mode",
                      "seed", "mean", "std", "batch_size", "threads"}
 
 
@@ -469,15 +469,20 @@ def _load_gate_config(ctx, param, value):
 @click.option("--confidence", type=float, default=0.95, show_default=True)
 @click.option("--inconclusive", type=click.Choice(["fail", "pass"]), default="fail", show_default=True,
               help="Exit code of an undecided gate.")
-@click.option("--no-early-stop", is_flag=True, help="Evaluate every image instead of stopping once decided.")
+@click.option("--no-early-stop", is_flag=True,
+              help="Evaluate every image in one look instead of stopping once the verdict cannot change.")
+@click.option("--family", type=click.Choice(["holm", "bonferroni", "none"]), default="holm", show_default=True,
+              help="Control wrong fail verdicts across all checks (Holm or Bonferroni), or per check (none).")
+@click.option("--spending", type=click.Choice(["equal", "obrien-fleming"]), default="equal", show_default=True,
+              help="How the error is spent over the looks: equally, or little at the first looks.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder for gate.json.")
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), default=None, help="JUnit XML report.")
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Markdown summary file (also appended to $GITHUB_STEP_SUMMARY when set).")
 @noise_options
 def gate(candidate, dataset, data_dir, limit, index_range, min_accuracy, min_robust, min_class_robust, baseline,
-         max_robust_drop, max_accuracy_drop, confidence, inconclusive, no_early_stop, out, junit, summary,
-         **noise) -> int:
+         max_robust_drop, max_accuracy_drop, confidence, inconclusive, no_early_stop, family, spending, out, junit,
+         summary, **noise) -> int:
     """Pass or fail CANDIDATE (an ONNX model) on robustness thresholds, with statistical decisions.
 
     Exit 0 pass, 1 fail (or inconclusive, unless --inconclusive pass), 2 usage error, 3 bad model or data,
@@ -491,9 +496,13 @@ def gate(candidate, dataset, data_dir, limit, index_range, min_accuracy, min_rob
     from pyrobust.gate import GatePolicy, append_github_summary, markdown_summary, run_gate, write_outputs
     from pyrobust.types import NoiseSpec
 
+    if (max_robust_drop is not None or max_accuracy_drop is not None) and baseline is None:
+        raise InvalidInput("--max-robust-drop and --max-accuracy-drop compare with a baseline: give --baseline "
+                           "MODEL.onnx or a results folder")
     policy = GatePolicy(min_accuracy=min_accuracy, min_robust=min_robust, min_class_robust=min_class_robust,
                         max_robust_drop=max_robust_drop, max_accuracy_drop=max_accuracy_drop,
-                        confidence=confidence, inconclusive=inconclusive, early_stop=not no_early_stop)
+                        confidence=confidence, inconclusive=inconclusive, early_stop=not no_early_stop,
+                        family=family, spending=spending)
     kw = _noise_kwargs(**noise)
     spec = NoiseSpec(**{k: kw[k] for k in ("pixels", "max_steps", "low", "high", "scheme", "mode", "seed", "mean",
                                            "std")})
@@ -507,10 +516,13 @@ def gate(candidate, dataset, data_dir, limit, index_range, min_accuracy, min_rob
     if os.environ.get("GITHUB_STEP_SUMMARY"):
         if not append_github_summary(md, os.environ["GITHUB_STEP_SUMMARY"]):
             _err("warning: $GITHUB_STEP_SUMMARY is full (1 MiB); the summary was not added")
+    for w in result.warnings:
+        _err(f"warning: {w}")
     for c in result.checks:
         click.echo(c.message)
-    click.echo(f"gate {result.decision.upper()}: {result.images_evaluated} of {result.images} images evaluated, "
-               f"{result.inferences:,} inferences")
+    how = f"; stopped early: {result.stop_reason}" if result.stopped_early else ""
+    click.echo(f"gate {result.decision.upper()}: {result.images_evaluated} of {result.images} images through the "
+               f"noise protocol, {result.inferences:,} inferences{how}")
     return result.exit_code
 
 

@@ -1,21 +1,20 @@
 """``pyrobust gate``: decide whether a candidate model may be released, from statistical evidence.
 
-Each threshold is checked with a confidence interval: it **passes** when the interval clears the threshold,
-**fails** when the interval lies wholly on the wrong side, and is **inconclusive** otherwise.
+Each threshold is a *check*: it **passes** when an exact bound clears the threshold, **fails** when the bound on the
+other side lies beyond it, and is **inconclusive** otherwise. The decision rule (exact bounds, looks, error
+spending, families of checks) lives in :mod:`pyrobust.sequential`; this module runs the models to feed it.
 
-* ``min_accuracy`` / ``min_robust`` / ``min_class_robust``: Wilson score intervals for the fraction of test images
-  classified correctly / never fooled (overall, or within each class).
+* ``min_accuracy`` / ``min_robust`` / ``min_class_robust``: the fraction of test images classified correctly / never
+  fooled (overall, or within each class), with Clopper-Pearson bounds.
 * ``max_robust_drop`` / ``max_accuracy_drop`` against a baseline: the drop ``baseline - candidate`` is measured on
-  the *same* images with the *same* noise draws (the counter-based generator makes them identical), and its interval
-  is Newcombe's hybrid score interval for paired proportions, which uses the agreement between the two models: a
-  1-2 point regression is visible on 10,000 images when the models mostly agree.
+  the *same* images with the *same* noise draws (the counter-based generator makes them identical), with exact
+  bounds on the images lost and gained combined by square-and-add (:func:`pyrobust.stats.paired_drop_bounds`).
 
-**Sequential early stop.** Images are evaluated in a fixed random order (seeded), in growing batches; after each
-batch every check is decided again and the run stops as soon as all are decided. The looks happen at sample sizes
-fixed in advance (``look_schedule``: geometric, x1.5, from 2.5 % of the images), and each look uses confidence
-``1 - alpha / K`` for ``K`` looks (Bonferroni over looks), so the chance that any look wrongly decides a check stays
-below ``alpha`` whatever look the run stops at: the decisions are always valid. Intervals treat the test images as a
-sample from the distribution the model will meet.
+**Order of work.** Accuracy needs no noise: a clean pass over every image (1/(max_steps+1) of the protocol's cost)
+decides the accuracy checks in one look. Only the checks that need noise then run the protocol, on images in a fixed
+random order (seeded), at look sizes fixed in advance. With early stop (the default) the gate stops as soon as its
+verdict can no longer change: a check failed, or every check is decided; ``gate.json`` records why and how much work
+that saved. Intervals treat the test images as a sample from the distribution the model will meet.
 """
 
 from __future__ import annotations
@@ -23,23 +22,34 @@ from __future__ import annotations
 import math
 import os
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from pyrobust.datasets import Dataset, load_dataset
-from pyrobust.engine import bind_model, run_protocol
-from pyrobust.errors import InvalidInput
+from pyrobust.engine import bind_model, clean_predictions, run_protocol
+from pyrobust.errors import InvalidInput, ModelError
 from pyrobust.results import load_results, versions, write_bytes_atomic, write_json_atomic
 from pyrobust.runtime import OnnxModel
-from pyrobust.stats import images_to_settle, look_schedule, paired_difference_interval, wilson_interval, z_value
-from pyrobust.types import ROBUST, NoiseSpec
+from pyrobust.sequential import (
+    FAIL,
+    FAMILIES,
+    PASS,
+    SPENDING,
+    CheckSpec,
+    SequentialDecision,
+    look_alphas,
+    stage_alphas,
+)
+from pyrobust.stats import images_for_power, look_schedule, normal_quantile
+from pyrobust.types import NONFINITE, ROBUST, NoiseSpec
 
-GATE_SCHEMA = 1
-VERDICTS = ("pass", "fail", "inconclusive")
+GATE_SCHEMA = 2
 GITHUB_SUMMARY_LIMIT = 1024 * 1024  # GitHub refuses a step summary over 1 MiB
+POWER_MARGIN, POWER = 0.01, 0.8  # the power statement in gate.json: a model 1 point better, 80 % power
+_VERDICT = {PASS: "pass", FAIL: "fail", 0: "inconclusive"}
 
 
 @dataclass(frozen=True)
@@ -52,25 +62,36 @@ class GatePolicy:
     confidence: float = 0.95
     inconclusive: str = "fail"  # what an inconclusive check means for the exit code: fail or pass
     early_stop: bool = True
+    family: str = "holm"  # error control of fail verdicts across checks: holm, bonferroni or none
+    spending: str = "equal"  # how the error is spent over the looks: equal or obrien-fleming
 
     THRESHOLDS = ("min_accuracy", "min_robust", "min_class_robust", "max_robust_drop", "max_accuracy_drop")
 
     def __post_init__(self) -> None:
         for name in self.THRESHOLDS:
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and 0 <= v <= 1):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
                 raise InvalidInput(f"{name} must be a fraction in [0, 1] (e.g. 0.85 or 85%); got {v!r}")
-        if not 0.5 <= self.confidence < 1:
-            raise InvalidInput(f"confidence must be in [0.5, 1); got {self.confidence}")
+        if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) or \
+                not 0.5 <= self.confidence < 1:
+            raise InvalidInput(f"confidence must be in [0.5, 1); got {self.confidence!r}")
         if self.inconclusive not in ("fail", "pass"):
             raise InvalidInput(f"inconclusive must be fail or pass; got {self.inconclusive!r}")
+        if self.family not in FAMILIES:
+            raise InvalidInput(f"family must be one of {', '.join(FAMILIES)}; got {self.family!r}")
+        if self.spending not in SPENDING:
+            raise InvalidInput(f"spending must be one of {', '.join(SPENDING)}; got {self.spending!r}")
         if all(getattr(self, n) is None for n in self.THRESHOLDS):
-            raise InvalidInput("the gate has nothing to check: give --min-accuracy, --min-robust, --min-class-robust, "
-                               "or --baseline with --max-robust-drop / --max-accuracy-drop")
+            raise InvalidInput("the gate has nothing to check: give min_accuracy, min_robust, min_class_robust, "
+                               "or a baseline with max_robust_drop / max_accuracy_drop")
 
     @property
     def needs_baseline(self) -> bool:
         return self.max_robust_drop is not None or self.max_accuracy_drop is not None
+
+    @property
+    def alpha(self) -> float:
+        return 1 - self.confidence
 
 
 @dataclass
@@ -82,8 +103,11 @@ class Check:
     interval: tuple[float, float]
     verdict: str
     n: int
+    confidence: float  # two-sided confidence of ``interval`` (the level of the look that decided it, or the last)
+    stage: str  # clean (decided on the clean pass) or noise
     message: str = ""
     images_to_settle: int | None = None
+    power: dict | None = None
 
 
 @dataclass
@@ -92,22 +116,26 @@ class GateResult:
     passed: bool  # the decision under the inconclusive policy
     checks: list[Check]
     images: int
-    images_evaluated: int
+    images_evaluated: int  # images that ran the noise protocol
     looks: list[dict]
     inferences: int
     inferences_full_estimate: int | None
+    stopped_early: bool
+    stop_reason: str
+    nonfinite: dict
+    warnings: list[str]
     policy: GatePolicy
     candidate: dict
     baseline: dict | None
     dataset: dict
     settings: dict
-    extra: dict = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
         return 0 if self.passed else 1
 
     def to_dict(self) -> dict:
+        full = self.inferences_full_estimate
         return {
             "schema_version": GATE_SCHEMA,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -116,58 +144,111 @@ class GateResult:
             "checks": [asdict(c) for c in self.checks],
             "images": self.images, "images_evaluated": self.images_evaluated, "looks": self.looks,
             "inferences": self.inferences,
+            "work": {"stopped_early": self.stopped_early, "stop_reason": self.stop_reason,
+                     "inferences": self.inferences, "inferences_full_estimate": full,
+                     "inferences_saved": None if full is None else max(0, full - self.inferences),
+                     "share_of_full": None if not full else self.inferences / full},
+            "nonfinite_outputs": self.nonfinite, "warnings": self.warnings,
             "candidate": self.candidate, "baseline": self.baseline, "dataset": self.dataset,
             "settings": self.settings, "versions": versions(),
         }
 
 
 # ------------------------------------------------------------------------------------------------- decisions
-def _verdict(lo: float, hi: float, threshold: float, *, at_least: bool) -> str:
-    """``at_least``: the value must be >= threshold; otherwise <= threshold."""
-    if at_least:
-        return "pass" if lo >= threshold else "fail" if hi < threshold else "inconclusive"
-    return "pass" if hi <= threshold else "fail" if lo > threshold else "inconclusive"
+@dataclass(frozen=True)
+class GatePlan:
+    """Which checks run where, and the error each look spends."""
+
+    clean: list[CheckSpec]  # decided once, on the clean pass of every image
+    noise: list[CheckSpec]  # decided look by look on the noise protocol
+    clean_alpha: float
+    noise_looks: list[int]
+    noise_alphas: np.ndarray
+
+    @property
+    def specs(self) -> list[CheckSpec]:
+        return self.clean + self.noise
 
 
-def check_min(name: str, kind: str, count: int, n: int, threshold: float, confidence: float, total: int) -> Check:
-    lo, hi = wilson_interval(count, n, confidence)
-    value = count / n if n else 0.0
-    verdict = _verdict(lo, hi, threshold, at_least=True)
-    c = Check(name, kind, threshold, value, (lo, hi), verdict, n)
-    what = kind.removeprefix("min_").replace("_", " ")
-    c.message = (f"{name}: {what} {value:.2%} ({count}/{n}), {confidence:.1%} interval [{lo:.2%}, {hi:.2%}], "
-                 f"threshold >= {threshold:.2%}: {verdict}")
-    if verdict == "inconclusive":
-        c.images_to_settle = _settle(value, threshold, confidence, n, total, c)
-    return c
+def plan_gate(policy: GatePolicy, total: int, n_classes: int, *, baseline: bool = True) -> GatePlan:
+    specs = []
+    if policy.min_accuracy is not None:
+        specs.append(CheckSpec("min_accuracy", "min_accuracy", policy.min_accuracy))
+    if policy.max_accuracy_drop is not None and baseline:
+        specs.append(CheckSpec("max_accuracy_drop", "max_accuracy_drop", policy.max_accuracy_drop))
+    if policy.min_robust is not None:
+        specs.append(CheckSpec("min_robust", "min_robust", policy.min_robust))
+    if policy.min_class_robust is not None:
+        specs += [CheckSpec(f"min_class_robust[{k}]", "min_class_robust", policy.min_class_robust)
+                  for k in range(n_classes)]
+    if policy.max_robust_drop is not None and baseline:
+        specs.append(CheckSpec("max_robust_drop", "max_robust_drop", policy.max_robust_drop))
+    clean_alpha, noise_alpha = stage_alphas(specs, policy.alpha, policy.family)
+    looks = look_schedule(total) if policy.early_stop else [total]
+    return GatePlan(clean=[s for s in specs if not s.needs_noise], noise=[s for s in specs if s.needs_noise],
+                    clean_alpha=clean_alpha, noise_looks=looks,
+                    noise_alphas=look_alphas(looks, noise_alpha, policy.spending))
 
 
-def check_drop(name: str, kind: str, base_flags: np.ndarray, cand_flags: np.ndarray, threshold: float,
-               confidence: float, total: int) -> Check:
-    both = int(np.count_nonzero(base_flags & cand_flags))
-    only_base = int(np.count_nonzero(base_flags & ~cand_flags))
-    only_cand = int(np.count_nonzero(~base_flags & cand_flags))
-    neither = int(base_flags.size - both - only_base - only_cand)
-    drop, lo, hi = paired_difference_interval(both, only_base, only_cand, neither, confidence)
-    verdict = _verdict(lo, hi, threshold, at_least=False)
-    n = int(base_flags.size)
-    c = Check(name, kind, threshold, drop, (lo, hi), verdict, n)
-    what = "robust fraction" if kind == "max_robust_drop" else "accuracy"
-    c.message = (f"{name}: {what} drop {drop:+.2%} (baseline {(both + only_base) / max(n, 1):.2%} → candidate "
-                 f"{(both + only_cand) / max(n, 1):.2%}; {only_base} images lost, {only_cand} gained, paired), "
-                 f"{confidence:.1%} interval [{lo:+.2%}, {hi:+.2%}], threshold <= {threshold:+.2%}: {verdict}")
-    if verdict == "inconclusive":
-        # variance of a paired difference: discordant share minus the squared difference
-        p_disc = (only_base + only_cand) / max(n, 1)
-        var = max(p_disc - drop**2, 1e-4)
-        gap = abs(drop - threshold)
-        need = math.inf if gap == 0 else z_value(confidence) ** 2 * var / gap**2
-        c.images_to_settle = _settle_count(need, n, total, c)
-    return c
+def check_counts(spec: CheckSpec, *, labels: np.ndarray, cand: np.ndarray, base: np.ndarray | None) -> tuple:
+    """The counts a check is decided from. ``cand``/``base``: per-image flags (correct for accuracy checks, robust
+    for robustness checks) on the images seen so far."""
+    if spec.is_drop:
+        lost = int(np.count_nonzero(base & ~cand))
+        gained = int(np.count_nonzero(~base & cand))
+        return (lost, gained, int(cand.size))
+    if spec.kind == "min_class_robust":
+        k = int(spec.name[spec.name.index("[") + 1:-1])
+        sel = labels == k
+        return (int(np.count_nonzero(cand[sel])), int(np.count_nonzero(sel)))
+    return (int(np.count_nonzero(cand)), int(cand.size))
 
 
-def _settle(value, threshold, confidence, n, total, c: Check) -> int | None:
-    return _settle_count(images_to_settle(value, threshold, confidence), n, total, c)
+def _checks_from(decision: SequentialDecision, specs: list[CheckSpec], alphas: np.ndarray, stage: str,
+                 counts: list[tuple], total: int) -> list[Check]:
+    out = []
+    last_alpha = float(alphas[decision.looks_done - 1])
+    for j, spec in enumerate(specs):
+        verdict = _VERDICT[int(decision.verdict[0, j])]
+        at = int(decision.decided_at[0, j])
+        alpha = float(alphas[at]) if at >= 0 else last_alpha
+        c = Check(spec.name, spec.kind, spec.threshold, float(decision.value[0, j]),
+                  (float(decision.lower[0, j]), float(decision.upper[0, j])), verdict, int(decision.n[0, j]),
+                  confidence=1 - alpha, stage=stage)
+        c.message = _message(c, counts[j])
+        variance = _variance(spec, c, counts[j])
+        if verdict == "inconclusive":
+            gap = abs(c.value - spec.threshold)
+            need = math.inf if gap == 0 else normal_quantile(1 - last_alpha / 2) ** 2 * variance / gap**2
+            c.images_to_settle = _settle_count(need, c.n, total, c)
+        need = images_for_power(variance, POWER_MARGIN, last_alpha / 2, POWER)
+        c.power = {"margin": POWER_MARGIN, "power": POWER, "images": math.ceil(need)}
+        good = "above" if not spec.is_drop else "below"
+        c.power["message"] = (f"to pass a model {POWER_MARGIN:.0%} {good} the threshold with {POWER:.0%} power, "
+                              f"about {math.ceil(need):,} images are needed")
+        out.append(c)
+    return out
+
+
+def _variance(spec: CheckSpec, c: Check, counts: tuple) -> float:
+    if spec.is_drop:
+        lost, gained, n = counts
+        return max((lost + gained) / max(n, 1) - c.value**2, 1e-4)
+    p = min(max(spec.threshold + POWER_MARGIN, 0.0), 1.0)
+    return max(p * (1 - p), 1e-4)
+
+
+def _message(c: Check, counts: tuple) -> str:
+    lo, hi = c.interval
+    if c.kind.startswith("max_"):
+        lost, gained, n = counts
+        what = "robust fraction" if c.kind == "max_robust_drop" else "accuracy"
+        return (f"{c.name}: {what} drop {c.value:+.2%} ({lost} images lost, {gained} gained of {n}, paired), "
+                f"{c.confidence:.2%} interval [{lo:+.2%}, {hi:+.2%}], threshold <= {c.threshold:+.2%}: {c.verdict}")
+    x, n = counts if c.verdict == "inconclusive" else (round(c.value * c.n), c.n)
+    what = c.kind.removeprefix("min_").replace("_", " ")
+    return (f"{c.name}: {what} {c.value:.2%} ({x}/{n}), {c.confidence:.2%} interval [{lo:.2%}, {hi:.2%}], "
+            f"threshold >= {c.threshold:.2%}: {c.verdict}")
 
 
 def _settle_count(need: float, n: int, total: int, c: Check) -> int | None:
@@ -185,33 +266,6 @@ def _settle_count(need: float, n: int, total: int, c: Check) -> int | None:
 def decide(checks: list[Check]) -> str:
     verdicts = {c.verdict for c in checks}
     return "fail" if "fail" in verdicts else "inconclusive" if "inconclusive" in verdicts else "pass"
-
-
-def compute_checks(policy: GatePolicy, *, labels, cand_ff, base_ff, confidence: float, total: int,
-                   n_classes: int) -> list[Check]:
-    """All checks on the images evaluated so far (aligned arrays)."""
-    checks = []
-    n = labels.size
-    correct, robust = cand_ff != 0, cand_ff == ROBUST
-    if policy.min_accuracy is not None:
-        checks.append(check_min("min_accuracy", "min_accuracy", int(correct.sum()), n, policy.min_accuracy,
-                                confidence, total))
-    if policy.min_robust is not None:
-        checks.append(check_min("min_robust", "min_robust", int(robust.sum()), n, policy.min_robust, confidence,
-                                total))
-    if policy.min_class_robust is not None:
-        for k in range(n_classes):
-            sel = labels == k
-            checks.append(check_min(f"min_class_robust[{k}]", "min_class_robust", int(robust[sel].sum()),
-                                    int(sel.sum()), policy.min_class_robust, confidence, total))
-    if base_ff is not None:
-        if policy.max_robust_drop is not None:
-            checks.append(check_drop("max_robust_drop", "max_robust_drop", base_ff == ROBUST, robust,
-                                     policy.max_robust_drop, confidence, total))
-        if policy.max_accuracy_drop is not None:
-            checks.append(check_drop("max_accuracy_drop", "max_accuracy_drop", base_ff != 0, correct,
-                                     policy.max_accuracy_drop, confidence, total))
-    return checks
 
 
 # ------------------------------------------------------------------------------------------------------- run
@@ -240,13 +294,14 @@ def run_gate(
     progress=None,
     log=None,
 ) -> GateResult:
-    """Evaluate ``candidate`` (and a baseline model, or reuse a baseline's saved results) until every check of
-    ``policy`` is decided, or the data runs out."""
+    """Decide ``policy`` for ``candidate``: a clean pass for the accuracy checks, then noise looks for the
+    robustness checks until the verdict can no longer change (or every image is used). A baseline is a model, or a
+    folder of its saved results on the same data and settings."""
     spec = spec or NoiseSpec()
     log = log or (lambda line: None)
     if policy.needs_baseline and baseline is None:
-        raise InvalidInput("--max-robust-drop and --max-accuracy-drop compare with a baseline: give --baseline "
-                           "MODEL.onnx or a results folder")
+        raise InvalidInput("max_robust_drop and max_accuracy_drop compare with a baseline: give a baseline model "
+                           "or a results folder of it")
     ds = load_dataset(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit)
     cand = OnnxModel(candidate, threads=threads)
     bind_model(cand, ds, spec)
@@ -256,7 +311,7 @@ def run_gate(
         if bpath.is_dir():
             outcome, summary = load_results(bpath)
             _check_saved_baseline(summary, ds, spec)
-            base_saved = outcome.first_failure
+            base_saved = outcome
             base_info = {"results": str(bpath.resolve()), **summary["model"]}
         else:
             base_model = OnnxModel(bpath, threads=threads)
@@ -268,52 +323,128 @@ def run_gate(
 
         batch_size, _ = auto_batch_size(cand)
     total = ds.n
-    order = np.random.default_rng([spec.seed, 0x6A7E]).permutation(total)
-    looks = look_schedule(total) if policy.early_stop else [total]
-    # Bonferroni over the looks fixed in advance keeps every look's decision valid (see the module docstring).
-    level = 1 - (1 - policy.confidence) / len(looks)
-    cand_ff = np.full(total, ROBUST, np.int32)
-    base_ff = None if baseline is None else np.full(total, ROBUST, np.int32)
+    plan = plan_gate(policy, total, ds.n_classes, baseline=baseline is not None)
     inferences = 0
-    done_n = 0
     look_log: list[dict] = []
     checks: list[Check] = []
-    for k, n in enumerate(looks):
-        pos = np.sort(order[done_n:n])
-        part = _subset(ds, pos)
-        out = run_protocol(cand, part, spec, batch_size=batch_size, progress=progress)
-        cand_ff[pos] = out.first_failure
-        inferences += out.inferences
+    warns: list[str] = []
+    nonfinite = {"clean": 0, "noisy": 0}
+    stop_reason = "every image evaluated"
+    failed_early = False
+
+    # Stage 1: the clean pass decides the accuracy checks in one look.
+    if plan.clean:
+        pred = clean_predictions(cand, ds, batch_size=int(batch_size), mean=spec.mean, std=spec.std)
+        inferences += total
+        _refuse_all_nonfinite(pred, cand.path)
+        nonfinite["clean"] = int(np.count_nonzero(pred == NONFINITE))
+        cand_ok = pred == ds.labels
+        base_ok = None
         if base_model is not None:
-            bout = run_protocol(base_model, part, spec, batch_size=batch_size)
-            base_ff[pos] = bout.first_failure
-            inferences += bout.inferences
+            base_ok = clean_predictions(base_model, ds, batch_size=int(batch_size), mean=spec.mean,
+                                        std=spec.std) == ds.labels
+            inferences += total
         elif base_saved is not None:
-            base_ff[pos] = base_saved[pos]
-        done_n = n
-        seen = order[:n]
-        checks = compute_checks(policy, labels=ds.labels[seen], cand_ff=cand_ff[seen],
-                                base_ff=None if base_ff is None else base_ff[seen], confidence=level, total=total,
-                                n_classes=ds.n_classes)
-        undecided = [c.name for c in checks if c.verdict == "inconclusive"]
-        look_log.append({"look": k + 1, "images": n, "inferences": inferences, "confidence": level,
-                         "undecided": undecided})
-        log(f"look {k + 1}/{len(looks)}: {n} of {total} images, {len(undecided)} check(s) undecided")
-        if not undecided:
-            break
-    decision = decide(checks)
-    passed = decision == "pass" or (decision == "inconclusive" and policy.inconclusive == "pass")
-    per_image = inferences / max(done_n, 1)
+            base_ok = base_saved.first_failure != 0
+        counts = [check_counts(s, labels=ds.labels, cand=cand_ok, base=base_ok) for s in plan.clean]
+        alphas = np.array([plan.clean_alpha])
+        clean_decision = SequentialDecision(plan.clean, alphas, family=policy.family)
+        clean_decision.look(counts)
+        checks += _checks_from(clean_decision, plan.clean, alphas, "clean", counts, total)
+        look_log.append({"look": 0, "stage": "clean", "images": total, "inferences": inferences,
+                         "confidence": 1 - plan.clean_alpha,
+                         "undecided": [x.name for x in checks if x.verdict == "inconclusive"]})
+        log(f"clean pass: {total} images, accuracy checks "
+            + ", ".join(f"{x.name} {x.verdict}" for x in checks))
+        failed_early = policy.early_stop and any(x.verdict == "fail" for x in checks)
+        if failed_early:
+            stop_reason = "an accuracy check failed on the clean pass: no noise was needed"
+
+    # Stage 2: noise looks for the checks that need noise.
+    done_n = 0
+    per_image_noise = 0.0
+    if plan.noise and not failed_early:
+        order = np.random.default_rng([spec.seed, 0x6A7E]).permutation(total)
+        cand_ff = np.full(total, ROBUST, np.int32)
+        cand_clean = np.full(total, ROBUST, np.int32)
+        cand_flab = np.full(total, ROBUST, np.int32)
+        base_ff = None if baseline is None else np.full(total, ROBUST, np.int32)
+        decision = SequentialDecision(plan.noise, plan.noise_alphas, family=policy.family)
+        noise_inferences = 0
+        counts: list[tuple] = []
+        for k, n in enumerate(plan.noise_looks):
+            pos = np.sort(order[done_n:n])
+            part = _subset(ds, pos)
+            out = run_protocol(cand, part, spec, batch_size=batch_size, progress=progress)
+            cand_ff[pos] = out.first_failure
+            cand_clean[pos] = out.clean_prediction
+            cand_flab[pos] = out.failure_label
+            noise_inferences += out.inferences
+            if base_model is not None:
+                bout = run_protocol(base_model, part, spec, batch_size=batch_size)
+                base_ff[pos] = bout.first_failure
+                noise_inferences += bout.inferences
+            elif base_saved is not None:
+                base_ff[pos] = base_saved.first_failure[pos]
+            done_n = n
+            seen = np.sort(order[:n])
+            if k == 0:
+                _refuse_all_nonfinite(cand_clean[seen], cand.path)
+            robust = cand_ff[seen] == ROBUST
+            base_robust = None if base_ff is None else base_ff[seen] == ROBUST
+            counts = [check_counts(s, labels=ds.labels[seen], cand=robust, base=base_robust) for s in plan.noise]
+            decision.look(counts)
+            undecided = [s.name for j, s in enumerate(plan.noise) if decision.verdict[0, j] == 0]
+            look_log.append({"look": k + 1, "stage": "noise", "images": n, "inferences": inferences + noise_inferences,
+                             "confidence": float(1 - plan.noise_alphas[k]), "undecided": undecided})
+            log(f"look {k + 1}/{len(plan.noise_looks)}: {n} of {total} images, {len(undecided)} check(s) undecided")
+            if policy.early_stop and decision.stopped[0] and n < total:
+                failed = any(decision.verdict[0] == FAIL)
+                stop_reason = ("a check failed at look {}: the verdict cannot change".format(k + 1) if failed
+                               else f"every check was decided at look {k + 1}")
+                break
+        inferences += noise_inferences
+        per_image_noise = noise_inferences / max(done_n, 1)
+        seen = np.sort(order[:done_n])
+        nonfinite["noisy"] = int(np.count_nonzero((cand_clean[seen] != NONFINITE) & (cand_flab[seen] == NONFINITE)))
+        if not plan.clean:
+            nonfinite["clean"] = int(np.count_nonzero(cand_clean[seen] == NONFINITE))
+        checks += _checks_from(decision, plan.noise, plan.noise_alphas, "noise", counts, total)
+    elif plan.noise:
+        checks += [Check(s.name, s.kind, s.threshold, math.nan, (math.nan, math.nan), "inconclusive", 0,
+                         confidence=math.nan, stage="noise",
+                         message=f"{s.name}: not evaluated, the gate had already failed on the clean pass")
+                   for s in plan.noise]
+    if nonfinite["clean"] or nonfinite["noisy"]:
+        warns.append(f"the candidate returned NaN or infinite outputs for {nonfinite['clean']} clean image(s) and "
+                     f"{nonfinite['noisy']} noisy input(s); they count as wrong / fooled")
+    stopped_early = failed_early or (bool(plan.noise) and done_n < total)
+    models = 1 + (base_model is not None)
+    # The work of the same gate without early stop; unknown when no noise look ran (the clean pass failed).
+    full = None if failed_early and plan.noise else \
+        (total * models if plan.clean else 0) + int(round(per_image_noise * total))
+    decision_word = decide(checks)
+    passed = decision_word == "pass" or (decision_word == "inconclusive" and policy.inconclusive == "pass")
     return GateResult(
-        decision=decision, passed=passed, checks=checks, images=total, images_evaluated=done_n, looks=look_log,
-        inferences=inferences, inferences_full_estimate=int(per_image * total), policy=policy,
+        decision=decision_word, passed=passed, checks=checks, images=total, images_evaluated=done_n,
+        looks=look_log, inferences=inferences,
+        inferences_full_estimate=full,
+        stopped_early=stopped_early, stop_reason=stop_reason if stopped_early else "every image evaluated",
+        nonfinite=nonfinite, warnings=warns, policy=policy,
         candidate=_model_info(cand), baseline=base_info,
         dataset={"spec": dataset, "count": total, "sha256": ds.sha256, "source": ds.source,
                  "data_dir": str(Path(data_dir).resolve()) if data_dir else None, "start": start, "stop": stop,
                  "limit": limit},
         settings={**spec.to_dict(), "batch_size": batch_size, "threads": cand.threads,
-                  "looks_planned": looks, "confidence_per_look": level, "order_seed": spec.seed},
+                  "looks_planned": plan.noise_looks, "alpha_per_look": [float(a) for a in plan.noise_alphas],
+                  "clean_alpha": plan.clean_alpha, "order_seed": spec.seed},
     )
+
+
+def _refuse_all_nonfinite(pred: np.ndarray, path) -> None:
+    if pred.size and bool(np.all(pred == NONFINITE)):
+        raise ModelError(f"{path}: every output of the model is NaN or infinite ({pred.size} images); it cannot be "
+                         "gated. Check the model's export and its expected input range and normalisation")
 
 
 def _check_saved_baseline(summary: dict, ds: Dataset, spec: NoiseSpec) -> None:
@@ -335,6 +466,8 @@ _ICON = {"pass": "✅", "fail": "❌", "inconclusive": "⚠️"}
 
 
 def _interval(c: Check) -> str:
+    if math.isnan(c.value):
+        return "not evaluated"
     if c.kind.startswith("max_"):
         return f"{c.value:+.2%} [{c.interval[0]:+.2%}, {c.interval[1]:+.2%}]"
     return f"{c.value:.2%} [{c.interval[0]:.2%}, {c.interval[1]:.2%}]"
@@ -356,11 +489,16 @@ def markdown_summary(result: GateResult) -> str:
     for c in result.checks:
         lines.append(f"| `{c.name}` | {_interval(c)} | {_threshold(c)} | {_ICON[c.verdict]} {c.verdict} |")
     lines.append("")
-    conf = result.settings["confidence_per_look"]
-    lines.append(f"Intervals at {conf:.2%} per look ({result.policy.confidence:.0%} overall across "
-                 f"{len(result.settings['looks_planned'])} planned looks); noise: {result.settings['pixels']} pixels, "
-                 f"{result.settings['max_steps']} steps, {result.settings['scheme']}, {result.settings['mode']}, "
-                 f"seed {result.settings['seed']}.")
+    p = result.policy
+    lines.append(f"Exact intervals at each check's per-look level ({p.confidence:.0%} overall: accuracy on the clean "
+                 f"pass of every image, robustness over {len(result.settings['looks_planned'])} planned looks, "
+                 f"error spent {p.spending}; fail verdicts controlled across checks: {p.family}); noise: "
+                 f"{result.settings['pixels']} pixels, {result.settings['max_steps']} steps, "
+                 f"{result.settings['scheme']}, {result.settings['mode']}, seed {result.settings['seed']}.")
+    if result.stopped_early:
+        lines.append(f"Stopped early: {result.stop_reason}.")
+    for w in result.warnings:
+        lines.append(f"- ⚠️ {w}")
     for c in result.checks:
         if c.verdict == "inconclusive":
             lines.append(f"- `{c.name}` is inconclusive: {c.message.split('; ', 1)[-1]}")

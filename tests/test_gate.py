@@ -12,6 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 from pyrobust.cli import main
+from pyrobust.errors import InvalidInput
 from pyrobust.datasets import Dataset, save_npz
 from pyrobust.gate import GatePolicy, append_github_summary, run_gate
 from pyrobust.stats import look_schedule, paired_difference_interval
@@ -159,10 +160,14 @@ def test_reports(capsys, monkeypatch, tmp_path, bundled_model):
                       tmp_path / "gate.xml", "--summary", tmp_path / "gate.md")
     assert code == 0
     g = json.loads((tmp_path / "g" / "gate.json").read_text())
-    assert g["schema_version"] == 1 and g["decision"] == "pass" and g["exit_code"] == 0
+    assert g["schema_version"] == 2 and g["decision"] == "pass" and g["exit_code"] == 0
     assert len(g["checks"]) == 2 + 10
     for c in g["checks"]:
-        assert set(c) >= {"name", "value", "interval", "threshold", "verdict", "n"}
+        assert set(c) >= {"name", "value", "interval", "threshold", "verdict", "n", "confidence", "stage", "power"}
+        assert c["power"]["images"] > 0 and "80% power" in c["power"]["message"]
+    assert [c["stage"] for c in g["checks"]][:2] == ["clean", "noise"]
+    assert g["policy"]["family"] == "holm" and g["policy"]["spending"] == "equal"
+    assert g["work"]["inferences"] == g["inferences"] and g["work"]["inferences_full_estimate"] >= g["inferences"]
     assert g["candidate"]["sha256"] and g["dataset"]["sha256"]
     suite = ET.parse(tmp_path / "gate.xml").getroot().find("testsuite")
     cases = suite.findall("testcase")
@@ -275,3 +280,61 @@ def test_compare(capsys, tmp_path, bundled_model, regressed, shared_data):
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 2
     assert "cannot be compared image by image: seed 0 vs 1" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 3
+
+
+# ------------------------------------------------------------------------------- order of work and fail fast
+def test_accuracy_checks_cost_one_clean_pass(bundled_model):
+    """min_accuracy alone needs no noise at all: one inference per image, decided in one look."""
+    r = run_gate(bundled_model, "sample", policy=GatePolicy(min_accuracy=0.9), spec=NoiseSpec(max_steps=60))
+    assert r.decision == "pass" and r.inferences == 500 and r.images_evaluated == 0
+    assert r.checks[0].stage == "clean" and r.checks[0].n == 500 and r.looks[0]["stage"] == "clean"
+    # with a robustness check beside it, the noise looks run only for that check
+    both = run_gate(bundled_model, "sample", policy=GatePolicy(min_accuracy=0.9, min_robust=0.6),
+                    spec=NoiseSpec(max_steps=60))
+    alone = run_gate(bundled_model, "sample", policy=GatePolicy(min_robust=0.6), spec=NoiseSpec(max_steps=60))
+    assert both.decision == alone.decision == "pass"
+    assert both.inferences == alone.inferences + 500 and both.images_evaluated == alone.images_evaluated < 500
+
+
+def test_a_failed_accuracy_check_stops_before_any_noise(bundled_model):
+    r = run_gate(bundled_model, "sample", policy=GatePolicy(min_accuracy=0.995, min_robust=0.5))
+    assert r.decision == "fail" and r.inferences == 500 and r.stopped_early
+    assert "clean pass" in r.stop_reason and r.checks[1].verdict == "inconclusive" and r.checks[1].n == 0
+    assert "not evaluated" in r.checks[1].message
+    full = run_gate(bundled_model, "sample", policy=GatePolicy(min_accuracy=0.995, min_robust=0.5, early_stop=False),
+                    spec=NoiseSpec(max_steps=20))
+    assert full.decision == "fail" and full.images_evaluated == 500 and not full.stopped_early
+
+
+def test_fail_fast_with_a_baseline_model(bundled_model, regressed, shared_data, capsys, tmp_path):
+    """A clear regression fails at an early look: the rest of the images, for both models, are never run."""
+    r = run_gate(regressed, "mnist:test", data_dir=shared_data, limit=2000, baseline=bundled_model,
+                 policy=GatePolicy(max_robust_drop=0.0), spec=NoiseSpec(max_steps=30))
+    assert r.decision == "fail" and r.stopped_early and "failed at look" in r.stop_reason
+    assert r.images_evaluated < 2000 and r.inferences < 0.7 * r.inferences_full_estimate
+    g = r.to_dict()["work"]
+    assert g["stopped_early"] and g["inferences_saved"] == r.inferences_full_estimate - r.inferences
+
+
+def test_nonfinite_outputs_are_named(capsys, models, data):
+    code, out, err = gate(capsys, models["nan"], "--dataset", data["all_robust"], "--min-robust", "0.5")
+    assert code == 3 and "every output of the model is NaN or infinite" in err and len(err.strip().splitlines()) == 1
+    code, out, err = gate(capsys, models["nan"], "--dataset", data["all_robust"], "--min-accuracy", "0.5")
+    assert code == 3 and "NaN or infinite" in err
+    # some non-finite outputs: the gate goes on and says so
+    code, out, err = gate(capsys, models["inf_on_one"], "--dataset", data["none_robust"], "--min-robust", "0.5",
+                          "--scheme", "salt-pepper", "--max-steps", "20")
+    assert "warning: the candidate returned NaN or infinite outputs for 0 clean image(s) and" in err, err
+
+
+def test_family_and_spending_options(capsys, bundled_model, tmp_path):
+    code, out, _ = gate(capsys, bundled_model, "--dataset", "sample", "--min-robust", "0.5", "--max-steps", "30",
+                        "--family", "none", "--spending", "obrien-fleming", "--out", tmp_path / "g")
+    g = json.loads((tmp_path / "g" / "gate.json").read_text())
+    assert code == 0 and g["policy"]["family"] == "none" and g["policy"]["spending"] == "obrien-fleming"
+    assert g["settings"]["alpha_per_look"][0] < 1e-4 and math.isclose(sum(g["settings"]["alpha_per_look"]), 0.05)
+    assert gate(capsys, bundled_model, "--dataset", "sample", "--min-robust", "0.5", "--family", "sidak")[0] == 2
+    with pytest.raises(InvalidInput, match="family must be one of"):
+        GatePolicy(min_robust=0.5, family="sidak")
+    with pytest.raises(InvalidInput, match="spending must be one of"):
+        GatePolicy(min_robust=0.5, spending="fast")
