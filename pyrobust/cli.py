@@ -53,6 +53,20 @@ class _IntOrAuto(click.ParamType):
 INT_OR_AUTO = _IntOrAuto()
 
 
+def _fraction(ctx, param, value):
+    """Thresholds as fractions (0.85) or percentages (85%)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    try:
+        v = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise click.BadParameter(f"expected a fraction like 0.85 or a percentage like 85%; got {text!r}") from None
+    if not 0 <= v <= 1:
+        raise click.BadParameter(f"must be between 0 and 1 (0% and 100%); got {text!r}")
+    return v
+
+
 def noise_options(func):
     """The protocol's options, shared by every command that runs it."""
     options = [
@@ -134,6 +148,11 @@ def _print_summary(summary: dict, out: Path | None) -> None:
         t.add_row("first-failure step", f"median {step['median']:.0f}, mean {step['mean']:.1f}")
     if m["nonfinite_outputs"]:
         t.add_row("non-finite outputs", str(m["nonfinite_outputs"]))
+    prec = summary.get("precision")
+    if prec:
+        t.add_row("precision", f"{prec['reason']}; sequential 95% intervals: robust "
+                               f"[{prec['robust']['interval'][0]:.2%}, {prec['robust']['interval'][1]:.2%}], accuracy "
+                               f"[{prec['accuracy']['interval'][0]:.2%}, {prec['accuracy']['interval'][1]:.2%}]")
     s = summary["settings"]
     t.add_row("noise", f"{s['pixels']} pixels, {s['max_steps']} steps, {s['scheme']} [{s['low']}, {s['high']}), "
                        f"{s['mode']}, seed {s['seed']}")
@@ -206,11 +225,14 @@ def cli(debug: bool) -> None:
 @click.option("--scheduler", default=None,
               help="Run on Dask: local:N (N worker processes here) or tcp://HOST:PORT (needs pyrobust[dask]).")
 @click.option("--shard-size", type=int, default=None, help="Images per shard with --sessions > 1 or --scheduler.")
+@click.option("--precision", callback=_fraction, default=None,
+              help="Stop once the 95% intervals of robust fraction and accuracy are within ± this (0.01 or 1%), "
+                   "taking images in a seeded random order.")
 @click.option("--no-report", is_flag=True, help="Skip the PNG figures.")
 @click.option("--json", "json_out", is_flag=True, help="Print summary.json to stdout instead of the table.")
 @noise_options
 def evaluate(model, dataset, data_dir, limit, index_range, sample, out, overwrite, resume, checkpoint_every,
-             chunk_size, max_memory, custom_ops, sessions, scheduler, shard_size, no_report, json_out,
+             chunk_size, max_memory, custom_ops, sessions, scheduler, shard_size, precision, no_report, json_out,
              **noise) -> int:
     """Evaluate MODEL (an ONNX file) under random L0 noise and write results to --out.
 
@@ -223,7 +245,7 @@ def evaluate(model, dataset, data_dir, limit, index_range, sample, out, overwrit
                            sample_seed=noise["seed"], out=out,
                            overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
                            chunk_size=chunk_size, max_memory_mb=max_memory, custom_ops=custom_ops,
-                           sessions=sessions, scheduler=scheduler, shard_size=shard_size,
+                           sessions=sessions, scheduler=scheduler, shard_size=shard_size, precision=precision,
                            report=not no_report, json_out=json_out, **_noise_kwargs(**noise))
 
 
@@ -405,23 +427,10 @@ def _stage_progress():
             cm.__exit__(None, None, None)
 
 
-def _fraction(ctx, param, value):
-    """Thresholds as fractions (0.85) or percentages (85%)."""
-    if value is None:
-        return None
-    text = str(value).strip()
-    try:
-        v = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise click.BadParameter(f"expected a fraction like 0.85 or a percentage like 85%; got {text!r}") from None
-    if not 0 <= v <= 1:
-        raise click.BadParameter(f"must be between 0 and 1 (0% and 100%); got {text!r}")
-    return v
-
-
 _GATE_CONFIG_KEYS = {"dataset", "data_dir", "limit", "range", "baseline", "min_accuracy", "min_robust",
                      "min_class_robust", "max_robust_drop", "max_accuracy_drop", "confidence", "inconclusive",
-                     "early_stop", "family", "spending", "out", "junit", "summary", "pixels", "max_steps", "low", "high", "scheme", "mode",
+                     "early_stop", "family", "spending", "out", "junit", "summary", "pixels", "max_steps", "low",
+                     "high", "scheme", "mode",
                      "seed", "mean", "std", "batch_size", "threads"}
 
 

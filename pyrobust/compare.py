@@ -43,6 +43,10 @@ def compare_runs(a_dir: str | os.PathLike, b_dir: str | os.PathLike, *, out: str
     oa, sa = load_results(a_dir)
     ob, sb = load_results(b_dir)
     _refuse_unless_comparable(sa, sb)
+    if oa.n != ob.n or not np.array_equal(oa.index, ob.index):
+        raise InvalidInput(f"these runs cannot be compared image by image: they evaluated different images ({oa.n} "
+                           f"and {ob.n}; a precision or partial run covers only some). Evaluate both on the same "
+                           "images")
     ra, rb = oa.first_failure == ROBUST, ob.first_failure == ROBUST
     ca, cb = oa.first_failure != 0, ob.first_failure != 0
     idx = oa.index

@@ -107,6 +107,11 @@ class Dataset:
         h.update(self.index.astype("<i8").tobytes())
         return h.hexdigest()
 
+    def take(self, positions: np.ndarray) -> Dataset:
+        """The images at ``positions`` (an index array), with their labels and original indices."""
+        return Dataset(self.name, self.split, self.images[positions], self.labels[positions], self.index[positions],
+                       self.source)
+
     def select(self, *, start: int | None = None, stop: int | None = None, limit: int | None = None,
                sample: int | None = None, sample_seed: int = 0) -> Dataset:
         """Positions ``start:stop``, then the first ``limit`` of them, then ``sample`` of those drawn at random

@@ -10,10 +10,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pyrobust.checkpoint import CHECKPOINT_FILE, RunLock, fingerprint, load_checkpoint, save_checkpoint
 from pyrobust.datasets import Dataset, load_dataset
 from pyrobust.engine import Progress, RunState, bind_model, check_spec_for_data, run_protocol, working_memory_bytes
-from pyrobust.errors import DataError, Interrupted, InvalidInput, OutputError
+from pyrobust.errors import DataError, Interrupted, InvalidInput, ModelError, OutputError
 from pyrobust.parallel import run_sessions
 from pyrobust.report import write_report
 from pyrobust.results import (
@@ -26,7 +28,16 @@ from pyrobust.results import (
     write_results,
 )
 from pyrobust.runtime import OnnxModel, default_threads
-from pyrobust.types import NoiseSpec, Outcome
+from pyrobust.sequential import precision_bounds, random_order
+from pyrobust.stats import look_schedule
+from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome
+
+PRECISION_CONFIDENCE = 0.95
+
+
+def precision_alpha_side(looks: int) -> float:
+    """Error on each side of each look's interval: Bonferroni over the planned looks of a 95 % interval."""
+    return (1 - PRECISION_CONFIDENCE) / looks / 2
 
 
 class NonFiniteOutputWarning(UserWarning):
@@ -95,6 +106,7 @@ def evaluate(
     checkpoint_every: float = 30.0,
     max_memory_mb: float | None = None,
     custom_ops: str | os.PathLike | None = None,
+    precision: float | None = None,
     report: bool = True,
     progress: Progress | None = None,
 ) -> Evaluation:
@@ -110,7 +122,16 @@ def evaluate(
     model and machine when ``"auto"`` (cached; see :mod:`pyrobust.tuning`). ``scheduler`` (``"local:N"`` or
     ``"tcp://host:port"``) runs the images on a Dask cluster in shards of ``shard_size``. None of these change the
     per-image results.
+
+    ``precision`` (e.g. 0.01): evaluate the images in a seeded random order, at look sizes fixed in advance, and stop
+    once the 95 % intervals of both the robust fraction and the accuracy are no wider than ``± precision``. The
+    intervals are exact (Clopper-Pearson) at level 1 - 0.05/K for K planned looks (Bonferroni over the looks), so
+    they hold at 95 % jointly over every look, whichever look stops the run; the summary's ``precision`` block
+    records them, the number of images used and why the run stopped. Results cover the images evaluated.
     """
+    if precision is not None and (isinstance(precision, bool) or not isinstance(precision, (int, float))
+                                  or not 0 < precision < 0.5):
+        raise InvalidInput(f"precision must be a half-width in (0, 0.5), e.g. 0.01 for ±1 point; got {precision!r}")
     spec = NoiseSpec(pixels=pixels, max_steps=max_steps, low=low, high=high, scheme=scheme, mode=mode, seed=seed,
                      mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None)
     for name, v in (("batch_size", batch_size), ("chunk_size", chunk_size), ("sessions", sessions),
@@ -175,15 +196,17 @@ def evaluate(
 
         work: dict = {}
 
-        def execute(state: RunState | None, on_checkpoint) -> Outcome:
+        def execute(ds: Dataset, state: RunState | None, on_checkpoint) -> Outcome:
             kw = dict(progress=progress, state=state, on_checkpoint=on_checkpoint, checkpoint_every=checkpoint_every)
             par = plan["parallel"]
             if scheduler is not None:
                 from pyrobust.distributed import run_distributed
 
+                # run_distributed closes the connection it is given; later calls (precision looks) connect again
+                conn, work["connection"] = work.get("connection", connection), None
                 outcome, work["info"] = run_distributed(m, ds, spec, scheduler=scheduler, batch_size=plan["batch_size"],
                                                         chunk_size=int(chunk_size), shard_size=shard_size,
-                                                        connection=connection, **kw)
+                                                        connection=conn, **kw)
                 return outcome
             if par["sessions"] > 1:
                 outcome, work["info"] = run_sessions(m.path, ds, spec, sessions=par["sessions"],
@@ -193,10 +216,25 @@ def evaluate(
                 return outcome
             return run_protocol(m, ds, spec, batch_size=plan["batch_size"], chunk_size=int(chunk_size), **kw)
 
+        def run_all(state: RunState | None, on_checkpoint) -> tuple[Outcome, Dataset, dict | None]:
+            if precision is None:
+                outcome = execute(ds, state, on_checkpoint)
+                _refuse_all_nonfinite(outcome, m.path)
+                return outcome, ds, None
+            return _run_to_precision(ds, precision, spec.seed, execute, state, on_checkpoint, m.path)
+
+        def finish(outcome: Outcome, used: Dataset, prec: dict | None, state: RunState | None) -> dict:
+            summary = summarise(outcome, state)
+            if used is not ds:
+                summary["dataset"].update(first_index=int(used.index.min()), last_index=int(used.index.max()))
+            if prec is not None:
+                summary["precision"] = prec
+            return summary
+
         fp = fingerprint(model_sha256=m.sha256, dataset_sha256=ds.sha256, count=ds.n, spec=spec.to_dict())
         if out is None:
-            outcome = execute(None, None)
-            result = Evaluation(outcome=outcome, summary=summarise(outcome, None), out=None)
+            outcome, used, prec = run_all(None, None)
+            result = Evaluation(outcome=outcome, summary=finish(outcome, used, prec, None), out=None)
             _warn_nonfinite(result.summary)
             return result
 
@@ -209,15 +247,18 @@ def evaluate(
             state = state or RunState(ds.n)
             save_checkpoint(out_dir, state, fp)
             try:
-                outcome = execute(state, lambda st: save_checkpoint(out_dir, st, fp))
+                outcome, used, prec = run_all(state, lambda st: save_checkpoint(out_dir, st, fp))
             except KeyboardInterrupt:
                 save_checkpoint(out_dir, state, fp)
                 raise Interrupted(f"interrupted after {state.n_done} of {state.n} images; checkpoint saved in "
                                   f"{out_dir}: run the same command with --resume to continue") from None
-            summary = summarise(outcome, state)
+            except ModelError:
+                (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # a run of a model that gives only NaN is void
+                raise
+            summary = finish(outcome, used, prec, state)
             _warn_nonfinite(summary)
             if report:
-                write_report(out_dir, outcome, summary, ds)
+                write_report(out_dir, outcome, summary, used)
             write_results(out_dir, outcome, summary)
             (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         return Evaluation(outcome=outcome, summary=summary, out=out_dir, resumed=resumed)
@@ -280,3 +321,76 @@ def _warn_nonfinite(summary: dict) -> None:
     if nonfinite:
         warnings.warn(f"{nonfinite} image(s) got NaN or infinite model outputs; they count as failures with "
                       "label -2 (non-finite)", NonFiniteOutputWarning, stacklevel=3)
+
+
+def _refuse_all_nonfinite(outcome: Outcome, path) -> None:
+    if outcome.n and bool((outcome.clean_prediction == NONFINITE).all()):
+        raise ModelError(f"{path}: every output of the model is NaN or infinite ({outcome.n} clean images), so there "
+                         "is nothing to measure; check the model's export and the input range and normalisation it "
+                         "expects")
+
+
+def _run_to_precision(ds: Dataset, precision: float, seed: int, execute, state: RunState | None, on_checkpoint,
+                      model_path) -> tuple[Outcome, Dataset, dict]:
+    """Evaluate ``ds`` look by look in a seeded random order until both 95 % intervals are within ``precision``.
+
+    Each look runs only its new images (any back end, through ``execute``) and merges them into ``state``, which
+    covers the whole dataset, so a checkpoint saved during a look holds every finished image and a resumed run
+    skips them: the order and the looks are fixed by the seed and the dataset size.
+    """
+    state = state if state is not None else RunState(ds.n)
+    order = random_order(seed, ds.n)
+    looks = look_schedule(ds.n)
+    alpha_side = precision_alpha_side(len(looks))
+    reached, n = False, 0
+    widths: dict = {}
+    for n in looks:
+        pos = np.sort(order[:n])
+        todo = pos[~state.done[pos]]
+        if todo.size:
+            sub = RunState(todo.size)
+            before = (state.inferences, state.noisy_inferences, state.seconds)
+
+            def merge(part: RunState, todo=todo, before=before) -> None:
+                done = part.done
+                for name in ("clean_prediction", "first_failure", "failure_label"):
+                    getattr(state, name)[todo[done]] = getattr(part, name)[done]
+                state.done[todo[done]] = True
+                state.inferences = before[0] + part.inferences
+                state.noisy_inferences = before[1] + part.noisy_inferences
+                state.seconds = before[2] + part.seconds
+
+            try:
+                execute(ds.take(todo), sub, None if on_checkpoint is None else
+                        (lambda part, merge=merge: (merge(part), on_checkpoint(state))))
+            finally:
+                merge(sub)  # what finished before an interruption is kept for the checkpoint
+            if on_checkpoint is not None:
+                on_checkpoint(state)
+        _refuse_all_nonfinite(Outcome(index=ds.index[pos], label=ds.labels[pos],
+                                      clean_prediction=state.clean_prediction[pos],
+                                      first_failure=state.first_failure[pos], failure_label=state.failure_label[pos]),
+                              model_path)
+        ff = state.first_failure[pos]
+        widths = {}
+        for name, hits in (("robust", int(np.count_nonzero(ff == ROBUST))), ("accuracy", int(np.count_nonzero(ff)))):
+            p, lo, hi, half = (float(v) for v in precision_bounds(hits, n, alpha_side))
+            widths[name] = {"fraction": p, "interval": [lo, hi], "half_width": half}
+        if all(w["half_width"] <= precision for w in widths.values()):
+            reached = True
+            break
+    used = ds.take(pos)
+    outcome = Outcome(index=used.index.copy(), label=used.labels.copy(),
+                      clean_prediction=state.clean_prediction[pos].copy(),
+                      first_failure=state.first_failure[pos].copy(),
+                      failure_label=state.failure_label[pos].copy(), inferences=state.inferences,
+                      noisy_inferences=state.noisy_inferences, seconds=state.seconds)
+    worst = max(w["half_width"] for w in widths.values())
+    reason = (f"both intervals within ±{precision:.2%} after {n} of {ds.n} images" if reached and n < ds.n else
+              f"both intervals within ±{precision:.2%} only with every image" if reached else
+              f"the data ran out: ±{worst:.2%} with all {ds.n} images, short of ±{precision:.2%}")
+    prec = {"target": precision, "confidence": PRECISION_CONFIDENCE, "method": "clopper-pearson, bonferroni over looks",
+            "looks_planned": looks, "confidence_per_look": 1 - 2 * alpha_side, "order_seed": seed,
+            "reached": reached, "stopped_early": n < ds.n, "images_evaluated": int(n), "images_total": ds.n,
+            "reason": reason, **widths}
+    return outcome, used, prec

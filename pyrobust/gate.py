@@ -41,6 +41,7 @@ from pyrobust.sequential import (
     CheckSpec,
     SequentialDecision,
     look_alphas,
+    random_order,
     stage_alphas,
 )
 from pyrobust.stats import images_for_power, look_schedule, normal_quantile
@@ -269,10 +270,6 @@ def decide(checks: list[Check]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- run
-def _subset(ds: Dataset, positions: np.ndarray) -> Dataset:
-    return Dataset(ds.name, ds.split, ds.images[positions], ds.labels[positions], ds.index[positions], ds.source)
-
-
 def _model_info(m: OnnxModel) -> dict:
     return {"path": str(Path(m.path).resolve()), "sha256": m.sha256, "input": m.input.name,
             "layout": m.binding.layout if m.binding else None}
@@ -311,6 +308,10 @@ def run_gate(
         if bpath.is_dir():
             outcome, summary = load_results(bpath)
             _check_saved_baseline(summary, ds, spec)
+            if outcome.n != ds.n or not np.array_equal(outcome.index, ds.index):
+                raise InvalidInput(f"the baseline results in {bpath} cover {outcome.n} of this gate's {ds.n} images "
+                                   "(a precision or partial run); evaluate the baseline on every image, or pass the "
+                                   "baseline model")
             base_saved = outcome
             base_info = {"results": str(bpath.resolve()), **summary["model"]}
         else:
@@ -364,7 +365,7 @@ def run_gate(
     done_n = 0
     per_image_noise = 0.0
     if plan.noise and not failed_early:
-        order = np.random.default_rng([spec.seed, 0x6A7E]).permutation(total)
+        order = random_order(spec.seed, total)
         cand_ff = np.full(total, ROBUST, np.int32)
         cand_clean = np.full(total, ROBUST, np.int32)
         cand_flab = np.full(total, ROBUST, np.int32)
@@ -374,7 +375,7 @@ def run_gate(
         counts: list[tuple] = []
         for k, n in enumerate(plan.noise_looks):
             pos = np.sort(order[done_n:n])
-            part = _subset(ds, pos)
+            part = ds.take(pos)
             out = run_protocol(cand, part, spec, batch_size=batch_size, progress=progress)
             cand_ff[pos] = out.first_failure
             cand_clean[pos] = out.clean_prediction
@@ -400,7 +401,7 @@ def run_gate(
             log(f"look {k + 1}/{len(plan.noise_looks)}: {n} of {total} images, {len(undecided)} check(s) undecided")
             if policy.early_stop and decision.stopped[0] and n < total:
                 failed = any(decision.verdict[0] == FAIL)
-                stop_reason = ("a check failed at look {}: the verdict cannot change".format(k + 1) if failed
+                stop_reason = (f"a check failed at look {k + 1}: the verdict cannot change" if failed
                                else f"every check was decided at look {k + 1}")
                 break
         inferences += noise_inferences

@@ -26,11 +26,6 @@ class _Stopped(Exception):
     """Raised inside a worker thread when the run is being interrupted."""
 
 
-def subset(ds: Dataset, positions: np.ndarray) -> Dataset:
-    """The images at ``positions``, keeping their original indices (which key the noise)."""
-    return Dataset(ds.name, ds.split, ds.images[positions], ds.labels[positions], ds.index[positions], ds.source)
-
-
 def make_shards(state: RunState, *, workers: int, shard_size: int | None = None) -> list[np.ndarray]:
     """Positions still to do, cut into shards: by default about four per worker, 64 to 4096 images each."""
     todo = np.flatnonzero(~state.done)
@@ -91,7 +86,7 @@ def run_sessions(
         with lock:
             slot = free.pop()
         try:
-            part = run_protocol(models[slot], subset(dataset, positions), spec, batch_size=batch_size,
+            part = run_protocol(models[slot], dataset.take(positions), spec, batch_size=batch_size,
                                 chunk_size=chunk_size, progress=stop_check)
         finally:
             with lock:

@@ -57,6 +57,11 @@ class CheckSpec:
         return self.kind in NOISE_KINDS
 
 
+def random_order(seed: int, n: int) -> np.ndarray:
+    """The fixed random order in which sequential runs (the gate, ``evaluate(precision=...)``) take images."""
+    return np.random.default_rng([seed, 0x6A7E]).permutation(n)
+
+
 def look_alphas(looks: list[int], alpha: float, spending: str = "equal") -> np.ndarray:
     """Two-sided error spent at each look; the entries add up to ``alpha``."""
     if spending not in SPENDING:
@@ -208,9 +213,12 @@ def stage_alphas(specs: list[CheckSpec], alpha: float, family: str) -> tuple[flo
     return alpha * clean / len(specs), alpha * noise / len(specs)
 
 
-def power_images(spec: CheckSpec, *, variance: float, alpha_side: float, margin: float = 0.01,
-                 power: float = 0.8) -> float:
-    """Images needed to pass a model ``margin`` better than the threshold with probability ``power``."""
-    from pyrobust.stats import images_for_power
+def precision_bounds(hits, n, alpha_side) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For ``evaluate(precision=...)``: (fraction, lower, upper, half-width) of a fraction at one look, where the
+    half-width is the larger distance from the estimate to a bound (Clopper-Pearson intervals are not symmetric)."""
+    hits = np.asarray(hits, np.float64)
+    n = np.asarray(n, np.float64)
+    p = hits / np.maximum(n, 1)
+    lo, hi = clopper_pearson(hits, n, alpha_side)
+    return p, lo, hi, np.maximum(p - lo, hi - p)
 
-    return images_for_power(variance, margin, alpha_side, power)

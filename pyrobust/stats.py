@@ -44,13 +44,6 @@ def survival_curve(first_failure: np.ndarray, max_steps: int) -> np.ndarray:
     return 1.0 - np.cumsum(fooled_at) / n
 
 
-def z_value(confidence: float) -> float:
-    """Two-sided normal quantile for ``confidence``."""
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1); got {confidence}")
-    return NormalDist().inv_cdf(0.5 + confidence / 2)
-
-
 def paired_difference_interval(both: int, only_first: int, only_second: int, neither: int,
                                confidence: float = 0.95) -> tuple[float, float, float]:
     """Difference p1 - p2 of two proportions measured on the same items, with Newcombe's hybrid score interval
@@ -153,15 +146,6 @@ def images_for_power(variance: float, margin: float, alpha_side: float, power: f
         return math.inf
     z = normal_quantile(1 - alpha_side) + normal_quantile(power)
     return z * z * max(variance, 1e-4) / margin**2
-
-
-def images_to_settle(p_hat: float, threshold: float, confidence: float) -> float:
-    """Roughly how many images make a Wald interval around ``p_hat`` narrow enough to clear ``threshold``."""
-    gap = abs(p_hat - threshold)
-    if gap == 0:
-        return math.inf
-    var = max(p_hat * (1 - p_hat), 1e-4)
-    return z_value(confidence) ** 2 * var / gap**2
 
 
 def look_schedule(total: int, *, first: int | None = None, growth: float = 1.5) -> list[int]:

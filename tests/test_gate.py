@@ -12,8 +12,8 @@ import pytest
 from onnx import numpy_helper
 
 from pyrobust.cli import main
-from pyrobust.errors import InvalidInput
 from pyrobust.datasets import Dataset, save_npz
+from pyrobust.errors import InvalidInput
 from pyrobust.gate import GatePolicy, append_github_summary, run_gate
 from pyrobust.stats import look_schedule, paired_difference_interval
 from pyrobust.types import NoiseSpec
@@ -338,3 +338,19 @@ def test_family_and_spending_options(capsys, bundled_model, tmp_path):
         GatePolicy(min_robust=0.5, family="sidak")
     with pytest.raises(InvalidInput, match="spending must be one of"):
         GatePolicy(min_robust=0.5, spending="fast")
+
+
+def test_partial_results_cannot_be_a_baseline_or_compared(capsys, tmp_path, bundled_model):
+    """A --precision run holds some of the images: pairing it image by image would misalign them."""
+    assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--max-steps", "20", "--precision", "0.2",
+                 "--no-report", "--out", str(tmp_path / "part")]) == 0
+    assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--max-steps", "20", "--no-report",
+                 "--out", str(tmp_path / "full")]) == 0
+    capsys.readouterr()
+    part = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert part["precision"]["stopped_early"] and part["metrics"]["images"] < 500
+    code, _, err = gate(capsys, bundled_model, "--dataset", "sample", "--max-steps", "20", "--baseline",
+                        tmp_path / "part", "--max-robust-drop", "0.01")
+    assert code == 2 and "cover" in err and "of this gate's 500 images" in err
+    assert main(["compare", str(tmp_path / "full"), str(tmp_path / "part")]) == 2
+    assert "evaluated different images" in capsys.readouterr().err

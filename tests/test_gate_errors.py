@@ -39,11 +39,11 @@ def test_newcombe_matches_the_fagerland_lydersen_laake_reference():
 def test_clopper_pearson_is_the_inverted_binomial_tail():
     x, n, a = np.array([0, 1, 37, 250, 250]), np.array([250, 250, 250, 250, 1000]), 0.0025
     lo, hi = clopper_pearson(x, n, a)
-    for xi, ni, l, h in zip(x, n, lo, hi, strict=True):
+    for xi, ni, low, h in zip(x, n, lo, hi, strict=True):
         if xi > 0:
-            assert sps.binom.sf(xi - 1, ni, l) == pytest.approx(a, rel=1e-6)  # P(X >= x | lower) = a
+            assert sps.binom.sf(xi - 1, ni, low) == pytest.approx(a, rel=1e-6)  # P(X >= x | lower) = a
         else:
-            assert l == 0
+            assert low == 0
         if xi < ni:
             assert sps.binom.cdf(xi, ni, h) == pytest.approx(a, rel=1e-6)  # P(X <= x | upper) = a
         else:
