@@ -9,6 +9,7 @@ exactly as if each image were drawn in turn), and every replicate goes through t
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,9 +85,15 @@ def simulate(policy: GatePolicy, scenario: Scenario, *, replicates: int, seed: i
     gate_pass = (decision.verdict == PASS).all(axis=1)
     return {"pass": float(np.mean(v == PASS)), "fail": float(np.mean(v == FAIL)),
             "inconclusive": float(np.mean(v == 0)), "gate_pass": float(np.mean(gate_pass)),
+            "any_fail": float(np.mean((decision.verdict == FAIL).any(axis=1))),
             "images": float(used.mean()), "replicates": replicates}
 
 
 def mc_bound(nominal: float, replicates: int) -> float:
     """Nominal rate plus three Monte-Carlo standard errors."""
     return nominal + 3 * np.sqrt(nominal * (1 - nominal) / replicates)
+
+
+def scenario_seed(*key) -> int:
+    """A seed from the scenario's description (crc32: Python's own hash of strings changes from run to run)."""
+    return zlib.crc32(repr(key).encode())

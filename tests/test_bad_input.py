@@ -154,11 +154,16 @@ def test_external_data_beside_the_model_is_fine(bad, sample):
     assert ev.outcome.n == 5
 
 
-def test_nan_outputs_warn_with_the_count(models, sample):
+def test_nan_outputs_warn_with_the_count(models):
+    """Some non-finite outputs: a warning with the count. Every output non-finite: an error, nothing to measure."""
+    zeros = pyrobust.Dataset("zeros", "test", np.zeros((7, 28, 28, 1), np.uint8), np.zeros(7, np.int64),
+                             np.arange(7), "zeros")
     with pytest.warns(pyrobust.NonFiniteOutputWarning, match="7 image"):
-        ev = pyrobust.evaluate(models["nan"], sample, limit=7, max_steps=2)
+        ev = pyrobust.evaluate(models["inf_on_one"], zeros, max_steps=2, scheme="salt-pepper", report=False)
     assert ev.summary["metrics"]["nonfinite_outputs"] == 7
-    assert (ev.outcome.clean_prediction == pyrobust.NONFINITE).all()
+    assert (ev.outcome.failure_label == pyrobust.NONFINITE).all() and (ev.outcome.clean_prediction == 0).all()
+    with pytest.raises(ModelError, match="every output of the model is NaN or infinite"):
+        pyrobust.evaluate(models["nan"], zeros, max_steps=2)
 
 
 def test_existing_results_and_unwritable_folder(tmp_path, bundled_model, capsys):

@@ -96,11 +96,22 @@ def test_existing_results_need_overwrite(capsys, tmp_path, bundled_model):
 
 
 def test_non_finite_outputs_warn(capsys, tmp_path, models):
-    code, stdout, err = run_cli(capsys, "evaluate", models["nan"], "--dataset", "sample", "--limit", "5",
-                                "--no-report", "--out", tmp_path)
+    import numpy as np
+
+    from pyrobust.datasets import Dataset, save_npz
+
+    zeros = tmp_path / "zeros.npz"
+    save_npz(zeros, Dataset("z", None, np.zeros((5, 28, 28, 1), np.uint8), np.zeros(5, np.int64), np.arange(5), "z"))
+    code, stdout, err = run_cli(capsys, "evaluate", models["inf_on_one"], "--dataset", zeros, "--scheme",
+                                "salt-pepper", "--max-steps", "3", "--no-report", "--out", tmp_path / "r")
     assert code == 0
     assert "warning: 5 image(s) got NaN or infinite model outputs" in err
     assert "non-finite outputs" in stdout
+    # every output non-finite: nothing to measure, exit 3 and nothing left behind
+    code, stdout, err = run_cli(capsys, "evaluate", models["nan"], "--dataset", "sample", "--limit", "5",
+                                "--no-report", "--out", tmp_path / "n")
+    assert code == 3 and "every output of the model is NaN or infinite" in err
+    assert not any((tmp_path / "n").glob("*.npz")) and not (tmp_path / "n" / "summary.json").exists()
 
 
 def test_internal_errors_are_one_line(capsys, monkeypatch, tmp_path, bundled_model):
