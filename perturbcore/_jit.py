@@ -11,13 +11,33 @@ instructions lowers the core's clock for a while, and the onnxruntime inference 
 ``prefer-256-bit`` feature keeps every instruction set but makes the vectoriser use 256-bit registers, as LLVM does by
 default for skylake-avx512. It is set on numba's CPU target before the first compilation, unless the user chose a
 target (``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``); it also applies to other numba code compiled in the process.
+
+**The compiled cache lives in a per-user folder**, ``$NUMBA_CACHE_DIR`` when set, else
+``$XDG_CACHE_HOME/pyrobust/numba`` (``~/.cache/pyrobust/numba``), never beside the installed sources: numba's default
+``__pycache__`` inside ``site-packages/perturbcore`` outlives a ``pip uninstall`` and then shadows a later editable
+install of the package as an empty namespace package. Like the vector width, this is numba's process-wide setting.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-import numba
+
+def cache_dir() -> Path:
+    """Where numba keeps the compiled kernels."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pyrobust" / "numba"
+
+
+# Before numba reads its configuration (and again after, for a process that imported numba first).
+os.environ["NUMBA_CACHE_DIR"] = str(cache_dir())
+
+import numba  # noqa: E402
+
+numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
 JIT_OPTIONS = {"cache": True, "error_model": "numpy", "nogil": True}
 

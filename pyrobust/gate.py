@@ -482,8 +482,8 @@ def markdown_summary(result: GateResult) -> str:
     head = {"pass": "passed", "fail": "failed", "inconclusive": "inconclusive"}[result.decision]
     lines = [f"### pyrobust gate {head} {_ICON[result.decision]}", "",
              f"Candidate `{Path(result.candidate['path']).name}` (sha256 `{result.candidate['sha256'][:12]}`) on "
-             f"`{result.dataset['spec']}`: {result.images_evaluated} of {result.images} images evaluated, "
-             f"{result.inferences:,} inferences"
+             f"`{result.dataset['spec']}`: {result.images_evaluated} of {result.images} images through the noise "
+             f"protocol, {result.inferences:,} inferences"
              + (f"; baseline `{Path(result.baseline.get('path', result.baseline.get('results', ''))).name}`"
                 if result.baseline else "") + ".", "",
              "| check | value [interval] | threshold | verdict |", "|---|---|---|---|"]
