@@ -142,7 +142,7 @@ class GateResult:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "decision": self.decision, "passed": self.passed, "exit_code": self.exit_code,
             "policy": asdict(self.policy),
-            "checks": [asdict(c) for c in self.checks],
+            "checks": [_json_check(c) for c in self.checks],
             "images": self.images, "images_evaluated": self.images_evaluated, "looks": self.looks,
             "inferences": self.inferences,
             "work": {"stopped_early": self.stopped_early, "stop_reason": self.stop_reason,
@@ -153,6 +153,17 @@ class GateResult:
             "candidate": self.candidate, "baseline": self.baseline, "dataset": self.dataset,
             "settings": self.settings, "versions": versions(),
         }
+
+
+def _json_check(c: Check) -> dict:
+    """A check as JSON: a check that never ran (the gate failed before its stage) has null numbers, not NaN."""
+    d = asdict(c)
+    for key in ("value", "confidence"):
+        if isinstance(d[key], float) and math.isnan(d[key]):
+            d[key] = None
+    if any(isinstance(v, float) and math.isnan(v) for v in d["interval"]):
+        d["interval"] = None
+    return d
 
 
 # ------------------------------------------------------------------------------------------------- decisions

@@ -204,6 +204,11 @@ def test_config_file_and_overrides(capsys, tmp_path, bundled_model):
     assert gate(capsys, bundled_model, "--config", cfg)[0] == 0
     code, out, _ = gate(capsys, bundled_model, "--config", cfg, "--min-robust", "0.99")
     assert code == 1 and "threshold >= 99.00%" in out
+    cfg.write_text('[gate]\ndataset = "sample"\nmin-robust = "50%"\nmax_steps = 30\nfamily = "bonferroni"\n'
+                   'spending = "obrien-fleming"\n')
+    code, _, _ = gate(capsys, bundled_model, "--config", cfg, "--out", tmp_path / "g")
+    policy = json.loads((tmp_path / "g" / "gate.json").read_text())["policy"]
+    assert code == 0 and policy["family"] == "bonferroni" and policy["spending"] == "obrien-fleming"
     cfg.write_text('min_robust = 0.5\nfrobnicate = 1\n')
     code, _, err = gate(capsys, bundled_model, "--config", cfg, "--dataset", "sample")
     assert code == 2 and "unknown key 'frobnicate'" in err
@@ -301,6 +306,9 @@ def test_a_failed_accuracy_check_stops_before_any_noise(bundled_model):
     assert r.decision == "fail" and r.inferences == 500 and r.stopped_early
     assert "clean pass" in r.stop_reason and r.checks[1].verdict == "inconclusive" and r.checks[1].n == 0
     assert "not evaluated" in r.checks[1].message
+    g = json.loads(json.dumps(r.to_dict(), allow_nan=False))  # strict JSON: the unevaluated check has nulls
+    assert g["checks"][1]["value"] is None and g["checks"][1]["interval"] is None and g["work"]["stopped_early"]
+    assert g["work"]["inferences_full_estimate"] is None  # no noise look ran: its cost is unknown
     full = run_gate(bundled_model, "sample", policy=GatePolicy(min_accuracy=0.995, min_robust=0.5, early_stop=False),
                     spec=NoiseSpec(max_steps=20))
     assert full.decision == "fail" and full.images_evaluated == 500 and not full.stopped_early
