@@ -16,13 +16,14 @@ import fcntl
 import io
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
 from pyrobust.engine import RunState
 from pyrobust.errors import DataError, InvalidInput, OutputError
-from pyrobust.results import write_bytes_atomic
+from pyrobust.results import read_run_file, write_bytes_atomic
 
 CHECKPOINT_FILE = "checkpoint.npz"
 LOCK_FILE = ".pyrobust.lock"
@@ -47,8 +48,9 @@ def save_checkpoint(folder: Path, state: RunState, fp: dict) -> None:
 def load_checkpoint(folder: Path, fp: dict) -> RunState:
     """The saved state, if its fingerprint matches ``fp``; otherwise a one-line refusal naming what differs."""
     path = folder / CHECKPOINT_FILE
+    raw = read_run_file(path, what="checkpoint")
     try:
-        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes().decode())
             arrays = {name: z[name] for name in RunState.ARRAYS}
     except Exception as exc:  # a checkpoint is ours, but a disk can still hand back garbage
@@ -96,10 +98,18 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a symbolic link planted at the lock's name (results folders travel as tarballs and shared
+            # folders) must not let this open truncate or create a file elsewhere.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OutputError(f"{self.path}: is a symbolic link; pyrobust never follows links inside an output "
+                                  "folder. Remove it or choose another output folder") from None
             raise OutputError(f"{self.path.parent}: cannot write there ({exc.strerror}); choose a writable --out") \
                 from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OutputError(f"{self.path}: is not a regular file; remove it or choose another output folder")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -74,16 +74,19 @@ def _worker_model(model: bytes | str, sha256: str, threads: int) -> OnnxModel:
         if isinstance(model, bytes):
             if hashlib.sha256(model).hexdigest() != sha256:
                 raise ModelError(f"the model received by the worker has another SHA-256 than {sha256[:12]}…")
-            path = Path(tempfile.gettempdir()) / f"pyrobust-model-{sha256}.onnx"
-            if not path.exists():
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_bytes(model)
-                os.replace(tmp, path)
+            # A private file (mkstemp: a fresh name, mode 0600, never an existing file or link), gone as soon as
+            # onnxruntime has read it: no predictable name in $TMPDIR for anyone to plant a link or a file at.
+            fd, tmp = tempfile.mkstemp(prefix="pyrobust-model-", suffix=".onnx")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(model)
+                m = OnnxModel(tmp, threads=threads)
+            finally:
+                os.unlink(tmp)
         else:
-            path = Path(model)
-        m = OnnxModel(path, threads=threads)
+            m = OnnxModel(Path(model), threads=threads)
         if m.sha256 != sha256:
-            raise ModelError(f"{path}: on this worker the model has SHA-256 {m.sha256[:12]}…, not {sha256[:12]}…; "
+            raise ModelError(f"{m.path}: on this worker the model has SHA-256 {m.sha256[:12]}…, not {sha256[:12]}…; "
                              "every worker must see the same file")
         _SESSIONS[key] = m
     return _SESSIONS[key]

@@ -6,10 +6,14 @@ folder holding ``results.npz`` without ``summary.json`` is an unfinished run.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import platform
+import stat
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
@@ -132,6 +136,43 @@ def atomic_path(path: Path):
         raise
 
 
+MAX_RUN_FILE_BYTES = 2 * 2**30  # results of 50 M images; anything larger in a run folder is not ours
+
+
+def read_run_file(path: Path, *, what: str, max_bytes: int = MAX_RUN_FILE_BYTES) -> bytes:
+    """The bytes of a file inside a run folder, read as untrusted input: never through a symbolic link, only from a
+    regular file (a FIFO or a device would hang or never end), and only up to ``max_bytes``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataError(f"{path}: the {what} is a symbolic link; pyrobust never follows links inside a run "
+                            "folder") from None
+        raise DataError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{path}: the {what} is not a regular file")
+        if st.st_size > max_bytes:
+            raise DataError(f"{path}: the {what} is {st.st_size / 2**20:,.0f} MiB, more than a run writes "
+                            f"({max_bytes / 2**20:,.0f} MiB at most)")
+        chunks, left = [], st.st_size + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > st.st_size:
+            raise DataError(f"{path}: the {what} grew while it was read")
+        return data
+    finally:
+        os.close(fd)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -178,15 +219,17 @@ def write_results(out: Path, outcome: Outcome, summary: dict) -> None:
 def load_results(folder: str | os.PathLike) -> tuple[Outcome, dict]:
     """Read a finished run's per-image arrays and summary."""
     p = Path(folder)
-    if not (p / SUMMARY_FILE).is_file():
-        unfinished = (p / RESULTS_FILE).exists()
+    if not os.path.lexists(p / SUMMARY_FILE):
+        unfinished = os.path.lexists(p / RESULTS_FILE)
         state = "an unfinished run (no summary.json)" if unfinished else "not a pyrobust results folder"
         raise DataError(f"{p}: {state}; run pyrobust evaluate --out {p}")
+    summary_bytes = read_run_file(p / SUMMARY_FILE, what="summary", max_bytes=256 * 2**20)
+    results_bytes = read_run_file(p / RESULTS_FILE, what="results file")
     try:
-        summary = json.loads((p / SUMMARY_FILE).read_text())
-        with np.load(p / RESULTS_FILE, allow_pickle=False) as z:
+        summary = json.loads(summary_bytes.decode())
+        with np.load(io.BytesIO(results_bytes), allow_pickle=False) as z:
             arrays = {name: z[name] for name in Outcome.ARRAYS}
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
         raise DataError(f"{p}: unreadable results ({exc}); rerun the evaluation") from None
     if summary.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{p}: summary schema_version {summary.get('schema_version')!r}; this pyrobust reads "
