@@ -45,6 +45,19 @@ def save_checkpoint(folder: Path, state: RunState, fp: dict) -> None:
     write_bytes_atomic(folder / CHECKPOINT_FILE, buf.getvalue())
 
 
+def checkpoint_fingerprint(folder: Path) -> dict:
+    """The fingerprint a checkpoint was saved with (DataError when it cannot be read)."""
+    path = folder / CHECKPOINT_FILE
+    try:
+        with np.load(io.BytesIO(read_run_file(path, what="checkpoint")), allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes().decode())
+        return dict(meta["fingerprint"])
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
+
+
 def load_checkpoint(folder: Path, fp: dict) -> RunState:
     """The saved state, if its fingerprint matches ``fp``; otherwise a one-line refusal naming what differs."""
     path = folder / CHECKPOINT_FILE

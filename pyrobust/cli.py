@@ -253,15 +253,23 @@ def evaluate(model, dataset, data_dir, limit, index_range, sample, out, overwrit
 @click.option("--out", type=click.Path(path_type=Path), default=Path("pyrobust-demo"), show_default=True)
 @click.option("--limit", type=int, default=None, help="Only the first N sample images.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
-def demo(out, limit, threads) -> int:
+@click.option("--overwrite", is_flag=True, help="Replace whatever run --out holds, not only an earlier demo.")
+def demo(out, limit, threads, overwrite) -> int:
     """Run the bundled MNIST model on the bundled MNIST sample with the paper's settings (offline).
 
-    Replaces an earlier demo's results in --out.
+    Replaces an earlier demo's results in --out (only a demo's: another run there is refused without --overwrite).
 
     Example: pyrobust demo --out pyrobust-demo
     """
+    from pyrobust.evaluation import holds_only_runs_of
+
     ref = resources.files("pyrobust") / "assets" / DEMO_MODEL
     with resources.as_file(ref) as model:
+        if not overwrite and not holds_only_runs_of(out, model, dataset="sample"):
+            from pyrobust.errors import OutputError
+
+            raise OutputError(f"{out}: holds a run that is not a pyrobust demo; pyrobust demo replaces only an "
+                              "earlier demo. Choose another --out, or pass --overwrite to replace it")
         return _run_evaluation(model, "sample", limit=limit, out=out, overwrite=True, report=True, json_out=False,
                                threads=threads)
 

@@ -24,6 +24,7 @@ from pyrobust.results import (
     clear_run_files,
     load_results,
     make_out_dir,
+    read_run_file,
     run_files,
     write_results,
 )
@@ -257,10 +258,17 @@ def evaluate(
                 raise
             summary = finish(outcome, used, prec, state)
             _warn_nonfinite(summary)
-            if report:
-                write_report(out_dir, outcome, summary, used)
+            # Only now, with the new run complete, does an earlier run's output go (summary first, so the folder is
+            # never a mix that passes for complete); the checkpoint stays until the new results are written.
+            clear_run_files(out_dir)
             write_results(out_dir, outcome, summary)
             (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+            if report:  # after the results: a reporting step never costs finished work
+                try:
+                    write_report(out_dir, outcome, summary, used)
+                except KeyboardInterrupt:
+                    raise Interrupted(f"interrupted while drawing the figures; the results are saved in {out_dir} "
+                                      "(summary.json, results.npz)") from None
         return Evaluation(outcome=outcome, summary=summary, out=out_dir, resumed=resumed)
 
     finally:
@@ -291,28 +299,59 @@ def _plan(m: OnnxModel, ds: Dataset, *, batch_size, sessions, scheduler, custom_
     return {"batch_size": size, "batch_size_choice": how, "parallel": parallel}
 
 
+def holds_only_runs_of(folder: str | os.PathLike, model: str | os.PathLike, *, dataset: str) -> bool:
+    """True when ``folder`` holds no run, or only a run (finished or not) of ``model`` on ``dataset``: what
+    ``pyrobust demo`` may replace without being told to."""
+    import hashlib
+    import json
+
+    from pyrobust.checkpoint import checkpoint_fingerprint
+
+    out = Path(folder)
+    if not out.is_dir():
+        return True
+    sha = hashlib.sha256(Path(model).read_bytes()).hexdigest()
+    if os.path.lexists(out / CHECKPOINT_FILE):
+        try:
+            if checkpoint_fingerprint(out).get("model_sha256") != sha:
+                return False
+        except DataError:
+            return False
+    if os.path.lexists(out / SUMMARY_FILE):
+        try:
+            summary = json.loads(read_run_file(out / SUMMARY_FILE, what="summary", max_bytes=256 * 2**20))
+            return summary["model"]["sha256"] == sha and summary["dataset"]["spec"] == dataset
+        except (DataError, ValueError, KeyError, TypeError):
+            return False
+    return not run_files(out) or os.path.lexists(out / CHECKPOINT_FILE)
+
+
 def _start_state(out_dir: Path, fp: dict, *, overwrite: bool, resume: bool) -> RunState | Evaluation | None:
-    """Decide what to do with what ``out_dir`` already holds: the state to resume from, a finished run (resume
-    of a complete run), or None for a fresh start (after clearing an old run when ``overwrite``)."""
-    complete = (out_dir / SUMMARY_FILE).exists()
-    unfinished = (out_dir / CHECKPOINT_FILE).exists()
+    """Decide what to do with what ``out_dir`` already holds: the state to resume from (a checkpoint comes first:
+    an interrupted ``overwrite`` run leaves one beside the earlier run's results), a finished run (resume of a
+    complete run), or None for a fresh start. Nothing is deleted here: with ``overwrite`` the earlier run's files
+    are replaced only when the new run has finished."""
+    complete = os.path.lexists(out_dir / SUMMARY_FILE)
+    unfinished = os.path.lexists(out_dir / CHECKPOINT_FILE)
     present = run_files(out_dir, (CHECKPOINT_FILE,))
-    if resume and complete:
-        outcome, summary = load_results(out_dir)
-        saved = fingerprint(model_sha256=summary["model"]["sha256"], dataset_sha256=summary["dataset"]["sha256"],
-                            count=summary["dataset"]["count"], spec=NoiseSpec.from_dict(summary["settings"]).to_dict())
-        if saved != fp:
-            raise InvalidInput(f"{out_dir} holds a finished run of another model, data or settings; pass --overwrite "
-                               "to replace it or choose another --out")
-        return Evaluation(outcome=outcome, summary=summary, out=out_dir, resumed=True, already_complete=True)
     if resume and unfinished:
         return load_checkpoint(out_dir, fp)
+    if resume and complete:
+        outcome, summary = load_results(out_dir)
+        count = (summary.get("precision") or {}).get("images_total", summary["dataset"]["count"])
+        saved = fingerprint(model_sha256=summary["model"]["sha256"], dataset_sha256=summary["dataset"]["sha256"],
+                            count=count, spec=NoiseSpec.from_dict(summary["settings"]).to_dict())
+        if saved != fp:
+            raise InvalidInput(f"{out_dir} holds a finished run of another model, data or settings; pass overwrite "
+                               "to replace it or choose another output folder")
+        return Evaluation(outcome=outcome, summary=summary, out=out_dir, resumed=True, already_complete=True)
     if present and not overwrite and not resume:
-        what = "an unfinished run (checkpoint.npz)" if unfinished and not complete else "a run's results"
-        hint = "pass --resume to continue it, --overwrite to start over," if unfinished and not complete else \
-            "pass --overwrite to replace them"
+        if unfinished:
+            what = "an unfinished run (checkpoint.npz)" + (" beside an earlier run's results" if complete else "")
+            hint = "pass --resume to continue it, --overwrite to start over,"
+        else:
+            what, hint = "a run's results", "pass --overwrite to replace them"
         raise OutputError(f"{out_dir}: already holds {what} ({', '.join(present)}); {hint} or choose another --out")
-    clear_run_files(out_dir, (CHECKPOINT_FILE,))
     return None
 
 

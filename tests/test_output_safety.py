@@ -85,3 +85,58 @@ def test_dask_workers_write_the_model_to_a_private_file_and_remove_it(tmp_path, 
     assert m.sha256 == sha and victim.read_text() == "do not overwrite\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([planted.name, "victim.txt"])  # nothing left behind
     assert m.session.get_inputs()[0].name == m.input.name  # the session lives on without its file
+
+
+def _interrupt(done, total, inferences):
+    raise KeyboardInterrupt
+
+
+def test_overwrite_replaces_the_earlier_run_only_at_the_end(tmp_path, bundled_model, models):
+    out = tmp_path / "out"
+    old = pyrobust.evaluate(models["linear_nchw"], "sample", out=out, **FAST)
+    before = {f: (out / f).read_bytes() for f in ("summary.json", "results.npz")}
+    with pytest.raises(Interrupted):
+        pyrobust.evaluate(bundled_model, "sample", out=out, overwrite=True, progress=_interrupt, batch_size=4,
+                          sessions=1, **FAST)
+    assert {f: (out / f).read_bytes() for f in before} == before  # the earlier run is intact
+    assert load_results(out)[1]["model"]["sha256"] == old.summary["model"]["sha256"]
+    with pytest.raises(OutputError, match=r"an unfinished run \(checkpoint.npz\) beside an earlier run's results.*"
+                                          "--resume"):
+        pyrobust.evaluate(bundled_model, "sample", out=out, **FAST)
+    new = pyrobust.evaluate(bundled_model, "sample", out=out, resume=True, **FAST)
+    assert new.resumed and load_results(out)[1]["model"]["sha256"] == new.summary["model"]["sha256"]
+    assert not (out / "checkpoint.npz").exists()
+
+
+def test_results_are_saved_before_the_figures(tmp_path, monkeypatch, bundled_model, capsys):
+    import pyrobust.evaluation as evaluation
+
+    def interrupted_report(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "write_report", interrupted_report)
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted, match="interrupted while drawing the figures; the results are saved"):
+        pyrobust.evaluate(bundled_model, "sample", out=out, limit=20, max_steps=3)
+    outcome, summary = load_results(out)
+    assert outcome.n == 20 and not (out / "checkpoint.npz").exists()
+
+
+def test_demo_replaces_only_an_earlier_demo(tmp_path, models, bundled_model, capsys):
+    out = tmp_path / "d"
+    assert main(["demo", "--out", str(out), "--limit", "10"]) == 0
+    assert main(["demo", "--out", str(out), "--limit", "10"]) == 0  # an earlier demo: replaced
+    other = tmp_path / "other"
+    pyrobust.evaluate(models["linear_nchw"], "sample", out=other, **FAST)
+    before = (other / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert main(["demo", "--out", str(other), "--limit", "10"]) == 2
+    assert "not a pyrobust demo" in capsys.readouterr().err and (other / "summary.json").read_bytes() == before
+    unfinished = tmp_path / "unfinished"
+    with pytest.raises(Interrupted):
+        pyrobust.evaluate(models["linear_nchw"], "sample", out=unfinished, progress=_interrupt, batch_size=4,
+                          sessions=1, **FAST)
+    assert main(["demo", "--out", str(unfinished), "--limit", "10"]) == 2
+    assert (unfinished / "checkpoint.npz").exists()
+    assert main(["demo", "--out", str(other), "--limit", "10", "--overwrite"]) == 0
+    assert load_results(other)[1]["dataset"]["spec"] == "sample"
