@@ -20,6 +20,7 @@ from pyrobust.errors import InvalidInput
 MODES = ("restart", "cumulative")
 PAPER_PIXELS = 28
 PAPER_MAX_STEPS = 250
+MAX_STEPS_LIMIT = 100_000  # the survival curve has max_steps + 1 points in summary.json and the figures
 
 __all__ = ["MODES", "NONFINITE", "ROBUST", "SCHEMES", "NoiseSpec", "Outcome"]
 
@@ -45,8 +46,9 @@ class NoiseSpec:
     def __post_init__(self) -> None:
         if not _is_int(self.pixels) or self.pixels < 1:
             raise InvalidInput(f"pixels must be an integer >= 1; got {self.pixels!r}")
-        if not _is_int(self.max_steps) or self.max_steps < 1:
-            raise InvalidInput(f"max_steps must be an integer >= 1; got {self.max_steps!r}")
+        if not _is_int(self.max_steps) or not 1 <= self.max_steps <= MAX_STEPS_LIMIT:
+            raise InvalidInput(f"max_steps must be an integer in [1, {MAX_STEPS_LIMIT:,}] (the paper uses "
+                               f"{PAPER_MAX_STEPS}); got {self.max_steps!r}")
         if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
             raise InvalidInput(f"noise values need finite low < high; got low={self.low}, high={self.high}")
         if self.scheme not in SCHEMES:
