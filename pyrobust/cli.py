@@ -626,6 +626,50 @@ def _write_replay(out: Path, r) -> None:
     _save(fig, out)
 
 
+@cli.group()
+def data() -> None:
+    """Get the named datasets (verified downloads) and see what is where."""
+
+
+@data.command("fetch")
+@click.argument("name", type=click.Choice(["mnist", "fashion-mnist"]))
+@click.option("--dir", "dest", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Put the files in DIR/NAME/ (default: the per-user data folder, searched by --dataset NAME:SPLIT).")
+def data_fetch(name, dest) -> int:
+    """Download dataset NAME from its canonical location (then mirrors), verify every file's SHA-256, and store it.
+
+    Example: pyrobust data fetch mnist
+    """
+    from pyrobust.fetch import fetch_dataset
+
+    files = fetch_dataset(name, dest=dest, log=_err)
+    for f in files:
+        click.echo(f"{f.status:10} {f.sha256}  {f.path}")
+    hint = f" --data-dir {dest}" if dest is not None else ""
+    click.echo(f"{name}: ready; use --dataset {name}:test or {name}:train{hint}")
+    return EXIT_OK
+
+
+@data.command("list")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also look here first, as --data-dir does for the other commands.")
+def data_list(data_dir) -> int:
+    """Show where named datasets are looked for, and every file found, with its SHA-256 and whether it is verified.
+
+    Example: pyrobust data list
+    """
+    from pyrobust.fetch import list_data
+
+    roots, found = list_data(data_dir)
+    click.echo("searched, in order: " + ", ".join(str(r) for r in roots))
+    if not found:
+        click.echo("no dataset files found; get them with: pyrobust data fetch mnist (or fashion-mnist)")
+    for f in found:
+        mark = "verified" if f.verified else "NOT the published file"
+        click.echo(f"{f.dataset:13} {f.name:28} {f.size:>10,} B  {f.sha256[:16]}…  {mark}  {f.path}")
+    return EXIT_OK
+
+
 def _sigterm_as_interrupt(signum, frame):
     # CI systems cancel jobs with SIGTERM: stop the way Ctrl-C does, checkpoint saved.
     raise KeyboardInterrupt

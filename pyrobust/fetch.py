@@ -1,0 +1,323 @@
+"""``pyrobust data fetch`` / ``data list``: get the named datasets the way a user can, and say what is where.
+
+Each file is downloaded from the dataset's canonical location, then from public mirrors in turn; a download that
+breaks off resumes where it stopped (an HTTP range request) and is retried a few times with a growing pause. Nothing
+is trusted until it is verified: the file's SHA-256 must be one pinned here for the published ``.gz``, or, because
+mirrors recompress the files, the SHA-256 of its decompressed IDX bytes must be the pinned one (the decompressed size
+is known exactly, so no more is ever inflated). A verified file is renamed into place atomically; a partial or bad one
+never carries the final name. Files go to ``DIR/<name>/`` (default: the per-user data folder that named datasets
+are searched in, ``~/.cache/pyrobust/data``), so ``--dataset mnist:test`` finds them with no further option.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import gzip
+import hashlib
+import http.client
+import os
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyrobust.datasets import search_roots
+from pyrobust.errors import DataError, OutputError
+
+MAX_DOWNLOAD_BYTES = 64 * 2**20  # the largest file (Fashion-MNIST training images) is 26 MB
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    content_size: int  # bytes of the decompressed IDX file
+    content_sha256: str | None  # SHA-256 of the decompressed IDX bytes
+    gz_sha256: frozenset[str] = frozenset()  # SHA-256 of published .gz files with this content
+
+
+@dataclass(frozen=True)
+class RemoteDataset:
+    name: str
+    mirrors: tuple[str, ...]  # base URLs, canonical first; a file's URL is base + name
+    files: tuple[RemoteFile, ...]
+    licence: str = ""
+
+
+def _idx(name: str, n: int, content_sha256: str | None, *gz: str) -> RemoteFile:
+    size = 16 + n * 784 if "images" in name else 8 + n
+    return RemoteFile(name, size, content_sha256, frozenset(gz))
+
+
+CATALOG: dict[str, RemoteDataset] = {
+    "mnist": RemoteDataset(
+        "mnist",
+        ("https://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/",
+         "https://storage.googleapis.com/cvdf-datasets/mnist/"),
+        (
+            _idx("train-images-idx3-ubyte.gz", 60000, None,
+                 "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+            _idx("train-labels-idx1-ubyte.gz", 60000, None,
+                 "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+            _idx("t10k-images-idx3-ubyte.gz", 10000,
+                 "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+                 "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+            _idx("t10k-labels-idx1-ubyte.gz", 10000,
+                 "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+                 "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+        ),
+        "CC BY-SA 3.0, Y. LeCun, C. Cortes, C. J. C. Burges",
+    ),
+    "fashion-mnist": RemoteDataset(
+        "fashion-mnist",
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+         "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"),
+        (
+            _idx("train-images-idx3-ubyte.gz", 60000,
+                 "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+            _idx("train-labels-idx1-ubyte.gz", 60000,
+                 "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+            _idx("t10k-images-idx3-ubyte.gz", 10000,
+                 "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+            _idx("t10k-labels-idx1-ubyte.gz", 10000,
+                 "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+        ),
+        "MIT, Zalando Research",
+    ),
+}
+
+
+@dataclass
+class FetchedFile:
+    path: Path
+    sha256: str
+    status: str  # "downloaded" or "present"
+    url: str | None = None
+    attempts: list[str] = field(default_factory=list)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyrobust" / "data"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(path: Path, spec: RemoteFile) -> tuple[bool, str]:
+    """(matches, SHA-256 of the file): the published .gz, or a .gz whose decompressed bytes are the pinned ones."""
+    digest = sha256_file(path)
+    if digest in spec.gz_sha256:
+        return True, digest
+    if spec.content_sha256 is None:
+        return False, digest
+    h, size = hashlib.sha256(), 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while size <= spec.content_size:
+                block = fh.read(min(1 << 20, spec.content_size + 1 - size))
+                if not block:
+                    break
+                h.update(block)
+                size += len(block)
+    except (OSError, EOFError, zlib.error):
+        return False, digest
+    return size == spec.content_size and h.hexdigest() == spec.content_sha256, digest
+
+
+def fetch_dataset(name: str, *, dest: str | os.PathLike | None = None, catalog: dict[str, RemoteDataset] | None = None,
+                  retries: int = 3, timeout: float = 30.0, backoff: float = 1.0,
+                  log: Callable[[str], None] | None = None) -> list[FetchedFile]:
+    """Download (or find already present) every file of dataset ``name`` into ``dest/<name>/``, verified."""
+    catalog = CATALOG if catalog is None else catalog
+    if name not in catalog:
+        raise DataError(f"unknown dataset {name!r}; pyrobust can fetch {', '.join(sorted(catalog))}")
+    if retries < 1:
+        raise ValueError("retries must be >= 1")
+    remote = catalog[name]
+    log = log or (lambda line: None)
+    folder = Path(dest if dest is not None else default_data_dir()) / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the data folder ({exc.strerror}); choose another --dir") from None
+    out = []
+    with _FolderLock(folder):
+        for spec in remote.files:
+            out.append(_fetch_file(remote, spec, folder, retries=retries, timeout=timeout, backoff=backoff, log=log))
+    return out
+
+
+def _fetch_file(remote: RemoteDataset, spec: RemoteFile, folder: Path, *, retries, timeout, backoff,
+                log) -> FetchedFile:
+    final = folder / spec.name
+    if os.path.lexists(final):
+        if final.is_symlink() or not final.is_file():
+            raise DataError(f"{final}: exists and is not a regular file; move it away or choose another --dir")
+        ok, digest = verify(final, spec)
+        if ok:
+            log(f"{final}: present, verified (SHA-256 {digest[:12]}…)")
+            return FetchedFile(final, digest, "present")
+        raise DataError(f"{final}: exists but is not the published file (SHA-256 {digest[:12]}…); move it away or "
+                        "choose another --dir")
+    part = folder / f".{spec.name}.part"
+    attempts: list[str] = []
+    for base in remote.mirrors:
+        url = base + spec.name
+        for attempt in range(1, retries + 1):
+            try:
+                _download(url, part, timeout=timeout)
+            except _Retryable as exc:
+                attempts.append(f"{url}: {exc}")
+                log(f"{url}: {exc} (attempt {attempt} of {retries})")
+                if attempt < retries:
+                    time.sleep(backoff * 2 ** (attempt - 1))
+                continue
+            except _Fatal as exc:
+                attempts.append(f"{url}: {exc}")
+                log(f"{url}: {exc}; trying the next source")
+                part.unlink(missing_ok=True)
+                break
+            ok, digest = verify(part, spec)
+            if ok:
+                os.replace(part, final)
+                log(f"{final}: downloaded from {url}, verified (SHA-256 {digest[:12]}…)")
+                return FetchedFile(final, digest, "downloaded", url, attempts)
+            attempts.append(f"{url}: checksum mismatch (SHA-256 {digest[:12]}…)")
+            log(f"{url}: checksum mismatch (SHA-256 {digest[:12]}…); discarded, trying the next source")
+            part.unlink(missing_ok=True)
+            break
+        else:
+            part.unlink(missing_ok=True)  # this source kept failing: the next one starts from zero
+    raise DataError(f"{spec.name}: could not be downloaded and verified from any source ({'; '.join(attempts)}); "
+                    f"check the network, or copy the file into {folder} by hand")
+
+
+class _Retryable(Exception):
+    """A broken connection or a server error: try again, resuming what arrived."""
+
+
+class _Fatal(Exception):
+    """This source does not have the file (404 and friends): go to the next source."""
+
+
+def _download(url: str, part: Path, *, timeout: float) -> None:
+    from pyrobust import __version__
+
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": f"pyrobust/{__version__}"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
+            if have and resp.status == 206:
+                start = _range_start(resp.headers.get("Content-Range", ""))
+                if start != have:
+                    raise _Retryable(f"the server resumed at byte {start}, not {have}")
+                mode = "ab"
+            else:
+                mode, have = "wb", 0
+            length = resp.headers.get("Content-Length")
+            expected = have + int(length) if length and length.isdigit() else None
+            if expected is not None and expected > MAX_DOWNLOAD_BYTES:
+                raise _Fatal(f"announces {expected:,} bytes, more than any file of these datasets")
+            got = have
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if mode == "ab" else
+                                                                             os.O_TRUNC), 0o644)
+            with os.fdopen(fd, mode) as fh:
+                while True:
+                    block = resp.read(1 << 16)
+                    if not block:
+                        break
+                    got += len(block)
+                    if got > MAX_DOWNLOAD_BYTES:
+                        raise _Fatal("sent more bytes than any file of these datasets has")
+                    fh.write(block)
+            if expected is not None and got != expected:
+                raise _Retryable(f"the download broke off at {got:,} of {expected:,} bytes")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # the range asked for is past the end: start over
+            part.unlink(missing_ok=True)
+            raise _Retryable("the partial file did not fit the server's; starting over") from None
+        if exc.code >= 500 or exc.code in (408, 429):
+            raise _Retryable(f"server error {exc.code}") from None
+        raise _Fatal(f"HTTP {exc.code}") from None
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        raise _Retryable(f"connection failed ({reason})") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputError(f"{part}: is a symbolic link; remove it") from None
+        raise _Retryable(f"connection failed ({exc.strerror or type(exc).__name__})") from None
+
+
+def _range_start(content_range: str) -> int | None:
+    # "bytes 100-199/200"
+    try:
+        return int(content_range.split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        return None
+
+
+class _FolderLock:
+    """Two fetches into one folder would write the same partial files: the second waits for none, it refuses."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / ".pyrobust-fetch.lock"
+        self.fd: int | None = None
+
+    def __enter__(self):
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise OutputError(f"{self.path.parent}: another pyrobust data fetch is writing there") from None
+            raise OutputError(f"{self.path.parent}: cannot lock the data folder ({exc.strerror})") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.path.unlink(missing_ok=True)
+            self.fd = None
+
+
+@dataclass
+class ListedFile:
+    root: Path
+    dataset: str
+    name: str
+    path: Path
+    size: int
+    sha256: str
+    verified: bool
+
+
+def list_data(data_dir: str | os.PathLike | None = None,
+              catalog: dict[str, RemoteDataset] | None = None) -> tuple[list[Path], list[ListedFile]]:
+    """The folders named datasets are searched in (in order) and every dataset file found there, checked."""
+    catalog = CATALOG if catalog is None else catalog
+    roots = search_roots(data_dir)
+    found = []
+    for root in roots:
+        for name, remote in catalog.items():
+            for spec in remote.files:
+                for folder in (root / name, root) if root.name == name else (root / name,):
+                    p = folder / spec.name
+                    if p.is_file() and not p.is_symlink():
+                        ok, digest = verify(p, spec)
+                        found.append(ListedFile(root, name, spec.name, p, p.stat().st_size, digest, ok))
+                        break
+    return roots, found
