@@ -90,11 +90,64 @@ def noise_options(func):
     return func
 
 
+_QUIET = {"on": False}  # set by --quiet on the command being run; main() resets it
+
+
+def _quiet_option(func):
+    def remember(ctx, param, value):
+        _QUIET["on"] = bool(value)
+        return value
+
+    return click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=remember, is_eager=True,
+                        help="No progress output (results and errors are still printed).")(func)
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class _Lines:
+    """Progress when stderr is not a terminal (a CI log): a plain line every ``every`` seconds with images done,
+    rate and ETA, so a runner's no-output timeout never fires and the log says where the run is."""
+
+    def __init__(self, label: str, every: float) -> None:
+        import time
+
+        self.label, self.every, self.clock = label, every, time.monotonic
+        self.start = self.last = self.clock()
+
+    def status(self, text: str) -> None:
+        """Nothing in a log: the first progress line follows within seconds, and an error stays one line."""
+
+    def __call__(self, done: int, total: int, inferences: int) -> None:
+        now = self.clock()
+        if now - self.last < self.every and done < total:
+            return
+        if done >= total and now - self.last < self.every and now - self.start < self.every:
+            return  # a short run: the summary says it all
+        self.last = now
+        took = now - self.start
+        rate = inferences / took if took > 0 else 0.0
+        eta = (total - done) * took / done if done else None
+        click.echo(f"{self.label}: {done:,}/{total:,} images ({done / max(total, 1):.0%}), {rate:,.0f} inferences/s, "
+                   f"elapsed {_fmt_seconds(took)}" + (f", ETA {_fmt_seconds(eta)}" if eta is not None else ""),
+                   err=True)
+
+
 @contextmanager
 def _progress(label: str):
-    """A progress callback for the engine: a bar on stderr when it is a terminal, else nothing."""
-    if not sys.stderr.isatty():
+    """A progress reporter for the engine (call it with (done, total, inferences); ``.status(text)`` says what is
+    happening before the first image): a bar on stderr when it is a terminal, plain lines every
+    $PYROBUST_PROGRESS_SECONDS (default 10) seconds otherwise, nothing with --quiet."""
+    if _QUIET["on"]:
         yield None
+        return
+    if not sys.stderr.isatty():
+        import os
+
+        yield _Lines(label, float(os.environ.get("PYROBUST_PROGRESS_SECONDS", "10")))
         return
     from rich.console import Console
     from rich.progress import (
@@ -106,21 +159,28 @@ def _progress(label: str):
         TimeRemainingColumn,
     )
 
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=None, rate="")
-        state = {"t": None}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"{label}: starting", total=None, rate="")
 
-        def update(done: int, total: int, inferences: int) -> None:
-            import time
+        class _Bar:
+            t: float | None = None
 
-            now = time.perf_counter()
-            if state["t"] is None:
-                state["t"] = now
-            rate = inferences / (now - state["t"]) if now > state["t"] else 0.0
-            bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} inf/s")
+            def status(self, text: str) -> None:
+                bar.update(task, description=f"{label}: {text}")
 
-        yield update
+            def __call__(self, done: int, total: int, inferences: int) -> None:
+                import time
+
+                now = time.perf_counter()
+                if self.t is None:
+                    self.t = now
+                    bar.update(task, description=label)
+                rate = inferences / (now - self.t) if now > self.t else 0.0
+                bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} inf/s")
+
+        yield _Bar()
 
 
 def _print_summary(summary: dict, out: Path | None) -> None:
@@ -174,7 +234,8 @@ def _run_evaluation(model, dataset, *, out, overwrite, report, json_out, **kwarg
 
     with warnings.catch_warnings(record=True) as caught, _progress("evaluating") as progress:
         warnings.simplefilter("always")
-        result = evaluate(model, dataset, out=out, overwrite=overwrite, report=report, progress=progress, **kwargs)
+        result = evaluate(model, dataset, out=out, overwrite=overwrite, report=report, progress=progress,
+                          status=getattr(progress, "status", None), **kwargs)
     for w in caught:
         _err(f"warning: {w.message}")
     if result.already_complete:
@@ -231,6 +292,7 @@ def cli(debug: bool) -> None:
 @click.option("--no-report", is_flag=True, help="Skip the PNG figures.")
 @click.option("--json", "json_out", is_flag=True, help="Print summary.json to stdout instead of the table.")
 @noise_options
+@_quiet_option
 def evaluate(model, dataset, data_dir, limit, index_range, sample, out, overwrite, resume, checkpoint_every,
              chunk_size, max_memory, custom_ops, sessions, scheduler, shard_size, precision, no_report, json_out,
              **noise) -> int:
@@ -254,6 +316,7 @@ def evaluate(model, dataset, data_dir, limit, index_range, sample, out, overwrit
 @click.option("--limit", type=int, default=None, help="Only the first N sample images.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
 @click.option("--overwrite", is_flag=True, help="Replace whatever run --out holds, not only an earlier demo.")
+@_quiet_option
 def demo(out, limit, threads, overwrite) -> int:
     """Run the bundled MNIST model on the bundled MNIST sample with the paper's settings (offline).
 
@@ -387,6 +450,7 @@ def retrain(subset, like, epochs, seed, threads, out) -> int:
 @click.option("--quick", is_flag=True, help="A few hundred images, few steps: the whole pipeline in < 2 minutes.")
 @click.option("--scheduler", default=None, help="Run the evaluations on Dask: local:N or tcp://HOST:PORT.")
 @noise_options
+@_quiet_option
 def reproduce(dataset, data_dir, out, per_class, shortfall, arch, epochs, train_sample, test_sample, schemes, quick,
               scheduler, pixels, max_steps, low, high, scheme, mode, seed, mean, std, batch_size, threads) -> int:
     """The paper end to end: train, evaluate, select robust images, retrain, compare with a random control, report.
@@ -497,6 +561,7 @@ def _load_gate_config(ctx, param, value):
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Markdown summary file (also appended to $GITHUB_STEP_SUMMARY when set).")
 @noise_options
+@_quiet_option
 def gate(candidate, dataset, data_dir, limit, index_range, min_accuracy, min_robust, min_class_robust, baseline,
          max_robust_drop, max_accuracy_drop, confidence, inconclusive, no_early_stop, family, spending, out, junit,
          summary, **noise) -> int:
@@ -677,6 +742,7 @@ def _sigterm_as_interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; errors become one line on stderr (``--debug`` adds the traceback)."""
+    _QUIET["on"] = False
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     import signal

@@ -110,6 +110,7 @@ def evaluate(
     precision: float | None = None,
     report: bool = True,
     progress: Progress | None = None,
+    status=None,
 ) -> Evaluation:
     """Measure how robust ``model`` is to random L0 noise on ``dataset``.
 
@@ -129,7 +130,11 @@ def evaluate(
     intervals are exact (Clopper-Pearson) at level 1 - 0.05/K for K planned looks (Bonferroni over the looks), so
     they hold at 95 % jointly over every look, whichever look stops the run; the summary's ``precision`` block
     records them, the number of images used and why the run stopped. Results cover the images evaluated.
+
+    ``progress(done, total, inferences)`` is called as images finish; ``status(text)`` says what happens before the
+    first one (loading, measuring the batch size).
     """
+    status = status or (lambda text: None)
     if precision is not None and (isinstance(precision, bool) or not isinstance(precision, (int, float))
                                   or not 0 < precision < 0.5):
         raise InvalidInput(f"precision must be a half-width in (0, 0.5), e.g. 0.01 for ±1 point; got {precision!r}")
@@ -149,6 +154,7 @@ def evaluate(
     if resume and overwrite:
         raise InvalidInput("--resume continues a run and --overwrite discards it: pass one of them")
     budget = memory_budget(max_memory_mb)
+    status("loading the data")
     if isinstance(dataset, Dataset):
         ds = dataset.select(start=start, stop=stop, limit=limit, sample=sample, sample_seed=sample_seed)
         ds_spec = ds.spec
@@ -168,8 +174,11 @@ def evaluate(
                         "--sessions, a --range, or decompressed IDX files (memory-mapped)")
     if isinstance(model, OnnxModel) and sessions == "auto":
         sessions = 1  # the caller's own session is the one that runs
+    status("loading the model")
     m = model if isinstance(model, OnnxModel) else OnnxModel(model, threads=threads, custom_ops=custom_ops)
     bind_model(m, ds, spec)  # every model and shape error surfaces before any output is touched
+    if batch_size == "auto" or sessions == "auto":
+        status("choosing the batch size and session layout (measured once per model and machine, then cached)")
     plan = _plan(m, ds, batch_size=batch_size, sessions=sessions, scheduler=scheduler, custom_ops=custom_ops)
     connection = None
     if scheduler is not None:  # reach the cluster before any output is written

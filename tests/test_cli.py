@@ -161,3 +161,20 @@ def test_progress_bar_when_stderr_is_a_terminal(capsys, monkeypatch, tmp_path, b
     assert code == 0, err
     assert "robust, of all images" in stdout  # results on stdout; the bar went to stderr
     assert "robust" not in err
+
+
+def test_progress_lines_in_a_log_and_quiet(capsys, tmp_path, bundled_model, monkeypatch):
+    """stderr is not a terminal here (as in CI): plain progress lines with images, rate and ETA; --quiet: none."""
+    monkeypatch.setenv("PYROBUST_PROGRESS_SECONDS", "0")
+    args = ["evaluate", bundled_model, "--dataset", "sample", "--limit", "40", "--max-steps", "5", "--batch-size", "8",
+            "--sessions", "1", "--no-report"]
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "a")
+    lines = [line for line in err.splitlines() if line.startswith("evaluating: ")]
+    assert code == 0 and len(lines) >= 3, err
+    pattern = r"evaluating: \d+/40 images \(\d+%\), [\d,]+ inferences/s, elapsed \d+s, ETA \d+s"
+    assert any(re.search(pattern, line) for line in lines), lines
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "b", "--quiet")
+    assert code == 0 and "evaluating:" not in err
+    monkeypatch.setenv("PYROBUST_PROGRESS_SECONDS", "3600")
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "c")
+    assert code == 0 and "evaluating:" not in err  # a run shorter than the interval prints no progress line
