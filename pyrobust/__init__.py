@@ -4,7 +4,7 @@ Implements the protocol of "Robustness as Inherent Property of Datapoints" (Ilie
 ONNX models run by onnxruntime on the CPU.
 """
 
-from pyrobust.datasets import Dataset, load_dataset
+from pyrobust.datasets import Dataset, from_arrays, load_dataset
 from pyrobust.errors import DataError, InvalidInput, ModelError, OutputError, PyRobustError
 from pyrobust.evaluation import Evaluation, NonFiniteOutputWarning, evaluate
 from pyrobust.replay import replay
@@ -27,6 +27,7 @@ __all__ = [
     "OutputError",
     "PyRobustError",
     "evaluate",
+    "from_arrays",
     "load_dataset",
     "load_results",
     "replay",

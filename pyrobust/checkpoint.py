@@ -67,17 +67,17 @@ def load_checkpoint(folder: Path, fp: dict) -> RunState:
             meta = json.loads(z["meta"].tobytes().decode())
             arrays = {name: z[name] for name in RunState.ARRAYS}
     except Exception as exc:  # a checkpoint is ours, but a disk can still hand back garbage
-        raise DataError(f"{path}: unreadable checkpoint ({type(exc).__name__}); pass --overwrite to start over") \
+        raise DataError(f"{path}: unreadable checkpoint ({type(exc).__name__}); pass overwrite=True to start over") \
             from None
     saved = meta.get("fingerprint", {})
     diffs = _differences(saved, fp)
     if diffs:
         raise InvalidInput(f"cannot resume the run in {folder}: {'; '.join(diffs)}. Resume with the same model, data "
-                           "and settings, or pass --overwrite to start over")
+                           "and settings, or pass overwrite=True to start over")
     state = RunState(fp["count"])
     for name, arr in arrays.items():
         if arr.shape != (fp["count"],):
-            raise DataError(f"{path}: checkpoint arrays do not match the run; pass --overwrite to start over")
+            raise DataError(f"{path}: checkpoint arrays do not match the run; pass overwrite=True to start over")
         getattr(state, name)[:] = arr
     state.inferences = int(meta.get("inferences", 0))
     state.noisy_inferences = int(meta.get("noisy_inferences", 0))

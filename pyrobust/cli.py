@@ -7,6 +7,7 @@ stderr is a terminal). Exit codes: 0 success, 1 a check failed, 2 usage error, 3
 from __future__ import annotations
 
 import json
+import re
 import sys
 import traceback
 import warnings
@@ -678,17 +679,9 @@ def _write_replay(out: Path, r) -> None:
         np.save(buf, r.perturbed)
         write_bytes_atomic(out, buf.getvalue())
         return
-    from matplotlib.figure import Figure
+    from pyrobust.report import plot_replay
 
-    from pyrobust.report import _save, _show
-
-    fig = Figure(figsize=(4.8, 2.6))
-    a, b = fig.subplots(1, 2)
-    _show(a, r.original)
-    a.set_title(f"#{r.index} label {r.label}", fontsize=8)
-    _show(b, r.perturbed)
-    b.set_title(f"step {r.step}: model {r.prediction if r.prediction is not None else r.recorded_label}", fontsize=8)
-    _save(fig, out)
+    plot_replay(r, out)
 
 
 @cli.group()
@@ -773,7 +766,7 @@ def _main(args: list[str], debug: bool) -> int:
     except PyRobustError as exc:
         if debug:
             traceback.print_exc()
-        _err(f"error: {exc}")
+        _err(f"error: {cli_words(str(exc))}")
         return exc.exit_code
     except Exception as exc:  # the promise is: never a bare traceback
         if debug:
@@ -781,6 +774,16 @@ def _main(args: list[str], debug: bool) -> int:
         _err(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and report it)")
         return EXIT_INTERNAL
     return rv if isinstance(rv, int) else EXIT_OK
+
+
+# Library messages name Python arguments ("pass overwrite=True"); on the command line the same advice is a flag.
+_FLAG_WORDS = re.compile(r"\b(overwrite|resume|step|precision|allow_test_split)=(True\b|[A-Z]\b)")
+
+
+def cli_words(message: str) -> str:
+    """A library message in command-line words: ``overwrite=True`` -> ``--overwrite``, ``step=S`` -> ``--step S``."""
+    return _FLAG_WORDS.sub(lambda m: "--" + m.group(1).replace("_", "-") +
+                           ("" if m.group(2) == "True" else " " + m.group(2)), message)
 
 
 def run() -> None:

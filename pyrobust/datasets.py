@@ -399,6 +399,42 @@ def load_dataset(spec: str, *, data_dir=None, start: int | None = None, stop: in
     return ds.select(start=start, stop=stop, limit=limit, sample=sample, sample_seed=sample_seed)
 
 
+def from_arrays(x, y, *, name: str = "arrays") -> Dataset:
+    """A dataset from in-memory arrays, the rule for notebooks:
+
+    * ``x``: ``N×H×W`` (one channel) or ``N×H×W×C`` (channels last, C = 1, 3 or 4); ``uint8`` holds pixels in
+      0–255, a float array holds pixels in [0, 1] (anything else is refused, never rescaled silently);
+    * ``y``: N integer labels >= 0.
+
+    Channels-first arrays (``N×C×H×W``, as torch keeps them) are refused with the transpose that fixes them."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise DataError(f"images must be an array N×H×W or N×H×W×C; got shape {x.shape}")
+    if x.shape[3] not in (1, 3, 4) and x.shape[1] in (1, 3, 4):
+        raise DataError(f"images of shape {x.shape} look channels-first (N×C×H×W); pass x.transpose(0, 2, 3, 1)")
+    if x.dtype == np.uint8:
+        images = np.ascontiguousarray(x)
+    elif np.issubdtype(x.dtype, np.floating):
+        images = np.ascontiguousarray(x, dtype=np.float32)
+        if images.size and (not np.isfinite(images).all() or images.min() < 0 or images.max() > 1):
+            raise DataError(f"float images must be in [0, 1] (found {float(np.nanmin(images)):.4g} to "
+                            f"{float(np.nanmax(images)):.4g}); divide 0-255 pixels by 255, or pass uint8 arrays")
+    else:
+        raise DataError(f"images must be uint8 (0-255) or float (0-1); got {x.dtype}: convert with "
+                        "x.astype(np.uint8) for 0-255 pixels or x / 255 as float")
+    if y.ndim != 1 or y.shape[0] != images.shape[0]:
+        raise DataError(f"labels must be a 1-D array with one label per image ({images.shape[0]}); got shape "
+                        f"{y.shape}")
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.mod(y, 1) == 0):
+            raise DataError(f"labels must be integers; got {y.dtype} values such as {y.flat[0]!r}")
+    labels = y.astype(np.int64)
+    return Dataset(name, None, images, labels, np.arange(images.shape[0], dtype=np.int64), name)
+
+
 def load_recorded(recorded: dict, *, data_dir=None) -> Dataset:
     """The exact images a run evaluated (``summary["dataset"]``), checked against its recorded SHA-256."""
     ds = load_dataset(recorded["spec"], data_dir=data_dir if data_dir is not None else recorded.get("data_dir"),

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pyrobust.checkpoint import CHECKPOINT_FILE, RunLock, fingerprint, load_checkpoint, save_checkpoint
-from pyrobust.datasets import Dataset, load_dataset
+from pyrobust.datasets import Dataset, from_arrays, load_dataset
 from pyrobust.engine import Progress, RunState, bind_model, check_spec_for_data, run_protocol, working_memory_bytes
 from pyrobust.errors import DataError, Interrupted, InvalidInput, ModelError, OutputError
 from pyrobust.parallel import run_sessions
@@ -47,11 +47,118 @@ class NonFiniteOutputWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Evaluation:
+    """One evaluation: per-image ``outcome``, the ``summary`` (as in summary.json) and where it was written.
+
+    In a notebook: ``ev.robust_fraction``, ``ev.accuracy``, ``ev.first_failure`` (per image: -1 robust, 0 wrong
+    before noise, s fooled at step s), ``ev.failing_inputs(i)`` (image i's original and first failing input as
+    arrays, asked of the model again), ``ev.plot_survival()`` and friends (matplotlib figures),
+    ``ev.to_dataframe()`` (with pandas)."""
+
     outcome: Outcome
     summary: dict
     out: Path | None
     resumed: bool = False  # continued from a checkpoint, or found already complete
     already_complete: bool = False  # ``resume`` found a finished run and did nothing
+    dataset: Dataset | None = field(default=None, repr=False, compare=False)  # the images, aligned with outcome
+    model: OnnxModel | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def robust_fraction(self) -> float:
+        return float(self.summary["metrics"]["robust"]["fraction"])
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.summary["metrics"]["accuracy"]["fraction"])
+
+    @property
+    def first_failure(self) -> np.ndarray:
+        return self.outcome.first_failure
+
+    @property
+    def robust(self) -> np.ndarray:
+        return self.outcome.robust
+
+    @property
+    def index(self) -> np.ndarray:
+        return self.outcome.index
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.outcome.label
+
+    @property
+    def noise(self) -> NoiseSpec:
+        return NoiseSpec.from_dict(self.summary["settings"])
+
+    def _data(self) -> Dataset:
+        if self.dataset is not None:
+            return self.dataset
+        from pyrobust.datasets import load_recorded
+
+        return load_recorded(self.summary["dataset"])
+
+    def failing_inputs(self, index: int, step: int | None = None):
+        """Image ``index`` (its original index, as in ``ev.index``) and its input at ``step`` (default: its first
+        failure), rebuilt exactly and asked of the model again: a :class:`~pyrobust.replay.Replay` with
+        ``.original`` and ``.perturbed`` (float32 H×W×C arrays in [0, 1]), ``.prediction`` and ``.matches``."""
+        from pyrobust.replay import rebuild
+
+        return rebuild(self.outcome, self.noise, self._data(), index=int(index), step=step, model=self.model,
+                       where="this evaluation")
+
+    def plot_survival(self):
+        """The survival curve (the paper's Figures 3 and 5), as a matplotlib figure."""
+        from pyrobust.report import plot_survival
+
+        return plot_survival(self.summary)
+
+    def plot_per_class(self):
+        from pyrobust.report import plot_per_class
+
+        return plot_per_class(self.summary)
+
+    def plot_examples(self):
+        from pyrobust.report import plot_examples
+        from pyrobust.results import class_names
+
+        data = self._data()
+        return plot_examples(self.outcome, data, class_names(data.name, len(self.summary["per_class"])))
+
+    def plot_failure(self, index: int | None = None):
+        """Image ``index`` (default: the one fooled earliest) beside its first failing input and the pixels
+        changed."""
+        from pyrobust.report import plot_failure
+        from pyrobust.results import class_names
+
+        data = self._data()
+        position = None
+        if index is not None:
+            found = np.flatnonzero(self.outcome.index == index)
+            if found.size == 0 or self.outcome.first_failure[found[0]] <= 0:
+                raise InvalidInput(f"image {index} has no failing input here (not evaluated, robust, or wrong before "
+                                   "any noise); pick one with ev.first_failure > 0")
+            position = int(found[0])
+        return plot_failure(self.outcome, data, self.noise, class_names(data.name, len(self.summary["per_class"])),
+                            position=position)
+
+    def to_dataframe(self):
+        """Per-image results as a pandas DataFrame (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            from pyrobust.errors import MissingDependency
+
+            raise MissingDependency("to_dataframe needs pandas: pip install pandas") from None
+        o = self.outcome
+        return pd.DataFrame({"index": o.index, "label": o.label, "clean_prediction": o.clean_prediction,
+                             "first_failure": o.first_failure, "failure_label": o.failure_label,
+                             "correct": o.correct, "robust": o.robust})
+
+    def __repr__(self) -> str:
+        m = self.summary["metrics"]
+        where = f", written to {self.out}" if self.out is not None else ""
+        return (f"Evaluation({self.summary['model']['name']} on {self.summary['dataset']['spec']}: {m['images']} "
+                f"images, accuracy {m['accuracy']['fraction']:.2%}, robust {m['robust']['fraction']:.2%}{where})")
 
 
 def available_memory_bytes() -> int | None:
@@ -77,8 +184,9 @@ def memory_budget(max_memory_mb: float | None) -> int | None:
 
 
 def evaluate(
-    model: str | os.PathLike | OnnxModel,
-    dataset: str | Dataset,
+    model,
+    dataset,
+    labels=None,
     *,
     pixels: int = 28,
     max_steps: int = 250,
@@ -114,8 +222,12 @@ def evaluate(
 ) -> Evaluation:
     """Measure how robust ``model`` is to random L0 noise on ``dataset``.
 
-    ``model`` is an ONNX file (or a loaded :class:`~pyrobust.runtime.OnnxModel`); ``dataset`` a spec such as
-    ``"mnist:test"`` (see :func:`pyrobust.datasets.load_dataset`) or a :class:`~pyrobust.datasets.Dataset`.
+    ``model`` is an ONNX file, a loaded :class:`~pyrobust.runtime.OnnxModel`, or a ``torch.nn.Module`` taking
+    N×C×H×W float images in [0, 1] (after ``mean``/``std`` when given), which is exported to ONNX for the run (it
+    is put in eval mode) with the same torch/onnxruntime parity check as ``pyrobust train``. ``dataset`` is a spec
+    such as ``"mnist:test"`` (see :func:`pyrobust.datasets.load_dataset`), a
+    :class:`~pyrobust.datasets.Dataset`, or image arrays with ``labels`` (or an ``(x, y)`` pair): N×H×W or
+    N×H×W×C, uint8 in 0–255 or float in [0, 1] (:func:`pyrobust.datasets.from_arrays`).
     With ``out``, writes ``results.npz``, ``summary.json`` and (``report``) the four PNG figures there, saving a
     checkpoint every ``checkpoint_every`` seconds; ``resume`` continues an interrupted run in ``out`` and gives
     bit-identical per-image results. Every input is checked before any work starts or any file is written.
@@ -152,9 +264,18 @@ def evaluate(
     if not checkpoint_every > 0:
         raise InvalidInput(f"checkpoint_every must be > 0 seconds; got {checkpoint_every}")
     if resume and overwrite:
-        raise InvalidInput("--resume continues a run and --overwrite discards it: pass one of them")
+        raise InvalidInput("resume=True continues a run and overwrite=True replaces it: pass one of them")
     budget = memory_budget(max_memory_mb)
     status("loading the data")
+    if isinstance(dataset, tuple) and len(dataset) == 2 and labels is None:
+        dataset, labels = dataset
+    if isinstance(dataset, np.ndarray) or labels is not None:
+        if labels is None:
+            raise InvalidInput("image arrays need their labels: evaluate(model, x, y)")
+        if not isinstance(dataset, np.ndarray) and not hasattr(dataset, "__array__"):
+            raise InvalidInput("labels go with image arrays (evaluate(model, x, y)); a dataset spec or Dataset "
+                               "carries its own labels")
+        dataset = from_arrays(dataset, labels)
     if isinstance(dataset, Dataset):
         ds = dataset.select(start=start, stop=stop, limit=limit, sample=sample, sample_seed=sample_seed)
         ds_spec = ds.spec
@@ -175,7 +296,12 @@ def evaluate(
     if isinstance(model, OnnxModel) and sessions == "auto":
         sessions = 1  # the caller's own session is the one that runs
     status("loading the model")
-    m = model if isinstance(model, OnnxModel) else OnnxModel(model, threads=threads, custom_ops=custom_ops)
+    exported = None
+    if _is_torch_module(model):
+        exported = _export_module(model, ds, spec)
+        m = OnnxModel(exported.path, threads=threads)
+    else:
+        m = model if isinstance(model, OnnxModel) else OnnxModel(model, threads=threads, custom_ops=custom_ops)
     bind_model(m, ds, spec)  # every model and shape error surfaces before any output is touched
     if batch_size == "auto" or sessions == "auto":
         status("choosing the batch size and session layout (measured once per model and machine, then cached)")
@@ -190,7 +316,8 @@ def evaluate(
         def summarise(outcome: Outcome, state: RunState | None) -> dict:
             return build_summary(
                 outcome, spec=spec, n_classes=max(ds.n_classes, 1),
-                model={"path": str(Path(m.path).resolve()), "name": Path(m.path).stem, "sha256": m.sha256,
+                model={"path": None if exported else str(Path(m.path).resolve()),
+                       "name": exported.name if exported else Path(m.path).stem, "sha256": m.sha256,
                        "input": m.input.name, "input_shape": m.input_shape, "layout": m.binding.layout,
                        "fixed_batch": m.binding.fixed_batch},
                 dataset={"spec": ds_spec, "name": ds.name, "split": ds.split, "source": ds.source,
@@ -244,7 +371,8 @@ def evaluate(
         fp = fingerprint(model_sha256=m.sha256, dataset_sha256=ds.sha256, count=ds.n, spec=spec.to_dict())
         if out is None:
             outcome, used, prec = run_all(None, None)
-            result = Evaluation(outcome=outcome, summary=finish(outcome, used, prec, None), out=None)
+            result = Evaluation(outcome=outcome, summary=finish(outcome, used, prec, None), out=None, dataset=used,
+                                model=m)
             _warn_nonfinite(result.summary)
             return result
 
@@ -261,7 +389,7 @@ def evaluate(
             except KeyboardInterrupt:
                 save_checkpoint(out_dir, state, fp)
                 raise Interrupted(f"interrupted after {state.n_done} of {state.n} images; checkpoint saved in "
-                                  f"{out_dir}: run the same command with --resume to continue") from None
+                                  f"{out_dir}: run the same command with resume=True to continue") from None
             except ModelError:
                 (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # a run of a model that gives only NaN is void
                 raise
@@ -278,9 +406,11 @@ def evaluate(
                 except KeyboardInterrupt:
                     raise Interrupted(f"interrupted while drawing the figures; the results are saved in {out_dir} "
                                       "(summary.json, results.npz)") from None
-        return Evaluation(outcome=outcome, summary=summary, out=out_dir, resumed=resumed)
+        return Evaluation(outcome=outcome, summary=summary, out=out_dir, resumed=resumed, dataset=used, model=m)
 
     finally:
+        if exported is not None:
+            exported.cleanup()
         if connection is not None:  # closed by the run already, unless something failed before it started
             from pyrobust.distributed import disconnect
 
@@ -357,10 +487,11 @@ def _start_state(out_dir: Path, fp: dict, *, overwrite: bool, resume: bool) -> R
     if present and not overwrite and not resume:
         if unfinished:
             what = "an unfinished run (checkpoint.npz)" + (" beside an earlier run's results" if complete else "")
-            hint = "pass --resume to continue it, --overwrite to start over,"
+            hint = "pass resume=True to continue it, overwrite=True to start over,"
         else:
-            what, hint = "a run's results", "pass --overwrite to replace them"
-        raise OutputError(f"{out_dir}: already holds {what} ({', '.join(present)}); {hint} or choose another --out")
+            what, hint = "a run's results", "pass overwrite=True to replace them"
+        raise OutputError(f"{out_dir}: already holds {what} ({', '.join(present)}); {hint} or choose another "
+                          "output folder")
     return None
 
 
@@ -442,3 +573,41 @@ def _run_to_precision(ds: Dataset, precision: float, seed: int, execute, state: 
             "reached": reached, "stopped_early": n < ds.n, "images_evaluated": int(n), "images_total": ds.n,
             "reason": reason, **widths}
     return outcome, used, prec
+
+
+def _is_torch_module(obj) -> bool:
+    return any(c.__module__.startswith("torch.nn") and c.__name__ == "Module" for c in type(obj).__mro__)
+
+
+@dataclass
+class _Exported:
+    path: Path
+    name: str
+    tmp: object
+
+    def cleanup(self) -> None:
+        self.tmp.cleanup()
+
+
+def _export_module(module, ds: Dataset, spec: NoiseSpec) -> _Exported:
+    """Export a torch module to ONNX in a private temporary folder, checked for parity with torch on the first
+    images as the engine feeds them (normalised when ``mean``/``std`` are given)."""
+    import tempfile
+
+    from pyrobust.engine import _channel_values, _prepare
+    from pyrobust.training import check_parity, export_onnx
+
+    module.eval()
+    tmp = tempfile.TemporaryDirectory(prefix="pyrobust-module-")
+    path = Path(tmp.name) / "module.onnx"
+    c = ds.image_shape[2]
+    try:
+        export_onnx(module, ds.image_shape, path, metadata={"pyrobust.source": f"torch module {type(module).__name__}"})
+        sample = _prepare(ds, slice(0, min(ds.n, 64)), _channel_values(spec.mean, c, "mean"),
+                          _channel_values(spec.std, c, "std"))
+        check_parity(module, path, np.ascontiguousarray(sample.transpose(0, 3, 1, 2), dtype=np.float32))
+    except BaseException:
+        tmp.cleanup()
+        raise
+    return _Exported(path, f"{type(module).__name__} (torch module)", tmp)
+

@@ -35,7 +35,7 @@ def perturbed_image(original: np.ndarray, *, index: int, step: int, spec: NoiseS
     return out.reshape(h, w, c)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Replay:
     index: int
     label: int
@@ -53,6 +53,57 @@ class Replay:
             return None
         return self.prediction == self.recorded_label
 
+    @property
+    def changed_pixels(self) -> int:
+        return int((self.perturbed != self.original).any(axis=2).sum())
+
+    def __repr__(self) -> str:
+        now = "not checked" if self.prediction is None else f"model now says {self.prediction} " + \
+            ("(matches the record)" if self.matches else "(DOES NOT match the record)")
+        return (f"Replay(image {self.index}, label {self.label}, step {self.step}: {self.changed_pixels} pixels "
+                f"changed, recorded prediction {self.recorded_label}, {now}; .original and .perturbed are "
+                f"{self.original.shape} arrays)")
+
+    def plot(self):
+        """The original beside its rebuilt input, as a matplotlib figure."""
+        from pyrobust.report import plot_replay
+
+        return plot_replay(self)
+
+
+def rebuild(outcome, spec: NoiseSpec, dataset, *, index: int, step: int | None = None, model=None,
+            where: str = "the run") -> Replay:
+    """Image ``index``'s input at ``step`` (default: its first failure) from in-memory results: ``outcome`` and
+    ``dataset`` aligned, ``model`` an :class:`~pyrobust.runtime.OnnxModel` to ask again (or None)."""
+    found = np.flatnonzero(outcome.index == index)
+    if found.size == 0:
+        raise InvalidInput(f"image {index} was not evaluated in {where} (original indices "
+                           f"{int(outcome.index.min())}..{int(outcome.index.max())})")
+    pos = int(found[0])
+    ff = int(outcome.first_failure[pos])
+    if step is None:
+        if ff == ROBUST:
+            raise InvalidInput(f"image {index} is robust (never fooled in {spec.max_steps} steps), so it has no "
+                               "failing input; pass step=S to rebuild its input at step S")
+        step = ff
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= spec.max_steps:
+        raise InvalidInput(f"step must be an integer in [0, {spec.max_steps}]; got {step!r}")
+    if ff != ROBUST and step > ff:
+        raise InvalidInput(f"image {index} left play at step {ff}; steps after it were never run")
+    original = dataset.float_images(pos, pos + 1)[0]
+    perturbed = perturbed_image(original, index=index, step=int(step), spec=spec)
+    prediction = None
+    if model is not None:
+        x = perturbed[None]
+        if spec.mean is not None:
+            x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+        model.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=x)
+        prediction = int(perturbcore.predict(model.run(model.to_flat(x)))[0])
+    # Before its first failure the model gave the true label at every step; at it, the recorded failure label.
+    recorded = int(outcome.failure_label[pos]) if step == ff else int(outcome.label[pos])
+    return Replay(index=index, label=int(outcome.label[pos]), step=int(step), recorded_failure_step=ff,
+                  recorded_label=recorded, original=original, perturbed=perturbed, prediction=prediction)
+
 
 def replay(results_dir: str | os.PathLike, *, index: int, step: int | None = None, model=None, data_dir=None,
            threads: int | None = None) -> Replay:
@@ -62,38 +113,14 @@ def replay(results_dir: str | os.PathLike, *, index: int, step: int | None = Non
 
     outcome, summary = load_results(results_dir)
     spec = NoiseSpec.from_dict(summary["settings"])
-    where = np.flatnonzero(outcome.index == index)
-    if where.size == 0:
-        raise InvalidInput(f"image {index} was not evaluated in {results_dir} (original indices "
-                           f"{int(outcome.index.min())}..{int(outcome.index.max())})")
-    pos = int(where[0])
-    ff = int(outcome.first_failure[pos])
-    if step is None:
-        if ff == ROBUST:
-            raise InvalidInput(f"image {index} is robust (never fooled in {spec.max_steps} steps), so it has no "
-                               "failing input; pass --step S to rebuild its input at step S")
-        step = ff
-    if not 0 <= step <= spec.max_steps:
-        raise InvalidInput(f"step must be in [0, {spec.max_steps}]; got {step}")
-    if ff != ROBUST and step > ff:
-        raise InvalidInput(f"image {index} left play at step {ff}; steps after it were never run")
+    if index not in outcome.index:
+        rebuild(outcome, spec, None, index=index, where=str(results_dir))  # raises the message
     ds = load_recorded(summary["dataset"], data_dir=data_dir)
-    original = ds.float_images(pos, pos + 1)[0]
-    perturbed = perturbed_image(original, index=index, step=step, spec=spec)
-
-    prediction = None
+    m = None
     model_path = model if model is not None else summary["model"].get("path")
     if model_path is not None and (model is not None or Path(model_path).is_file()):
         m = model_path if isinstance(model_path, OnnxModel) else OnnxModel(model_path, threads=threads)
         if m.sha256 != summary["model"]["sha256"]:
             raise ModelError(f"{m.path}: SHA-256 {m.sha256[:12]}… differs from the model the run evaluated "
                              f"({summary['model']['sha256'][:12]}…); pass --model with that file")
-        x = perturbed[None]
-        if spec.mean is not None:
-            x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-        m.bind(ds.image_shape, n_classes=ds.n_classes, probe=x)
-        prediction = int(perturbcore.predict(m.run(m.to_flat(x)))[0])
-    # Before its first failure the model gave the true label at every step; at it, the recorded failure label.
-    recorded = int(outcome.failure_label[pos]) if step == ff else int(outcome.label[pos])
-    return Replay(index=index, label=int(outcome.label[pos]), step=step, recorded_failure_step=ff,
-                  recorded_label=recorded, original=original, perturbed=perturbed, prediction=prediction)
+    return rebuild(outcome, spec, ds, index=index, step=step, model=m, where=str(results_dir))

@@ -5,7 +5,8 @@
 * ``examples.png``: robust images above fragile ones that were correct before noise (Figure 1);
 * ``failure.png``: an original beside its first failing perturbation (Figure 2).
 
-Figures are built with ``matplotlib.figure.Figure`` (no pyplot global state) and written atomically.
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot global state): each ``plot_*`` function returns its
+figure (a notebook shows it) and, given a path, also writes it atomically as PNG.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome
 REPORT_FILES = ("survival.png", "per_class.png", "examples.png", "failure.png")
 
 
-def _save(fig: Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+def save_figure(fig: Figure, path: Path | None) -> Figure:
+    """Write ``fig`` to ``path`` as PNG, atomically (nothing when ``path`` is None); return ``fig``."""
+    if path is not None:
+        with atomic_path(Path(path)) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return fig
 
 
-def _show(ax, img: np.ndarray) -> None:
+def show_image(ax, img: np.ndarray) -> None:
+    """Draw a float (H, W, C) image in [0, 1] on ``ax``, without ticks."""
     if img.shape[2] == 1:
         ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     else:
@@ -43,7 +48,8 @@ def _label_text(k: int, names: list[str]) -> str:
     return names[k] if 0 <= k < len(names) else str(k)
 
 
-def plot_survival(summary: dict, path: Path, *, curves: dict[str, list[float]] | None = None) -> None:
+def plot_survival(summary: dict, path: Path | None = None, *,
+                  curves: dict[str, list[float]] | None = None) -> Figure:
     """One curve, or several (``curves``: name -> fractions) on the same axes."""
     curves = curves or {summary["model"].get("name", "model"): summary["survival"]["fraction"]}
     fig = Figure(figsize=(6.4, 4.0))
@@ -58,11 +64,12 @@ def plot_survival(summary: dict, path: Path, *, curves: dict[str, list[float]] |
     ax.set_title(f"{summary['dataset']['spec']}: {s['pixels']} pixels, {s['scheme']}, {s['mode']}, seed {s['seed']}",
                  fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
-    _save(fig, path)
+    # the curves fall from the top left: the lower left corner is where they are least likely to be
+    ax.legend(loc="lower left", fontsize=8)
+    return save_figure(fig, path)
 
 
-def plot_per_class(summary: dict, path: Path) -> None:
+def plot_per_class(summary: dict, path: Path | None = None) -> Figure:
     rows = summary["per_class"]
     names = [r["name"] for r in rows]
     robust = np.array([r["robust"] for r in rows])
@@ -82,10 +89,11 @@ def plot_per_class(summary: dict, path: Path) -> None:
     ax.set_ylim(0, max(1, max(r["images"] for r in rows)) * 1.08)  # room for the rate labels
     ax.set_title(f"robust images per class ({summary['dataset']['spec']}; % = robust rate)", fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_examples(outcome: Outcome, dataset: Dataset, names: list[str], path: Path, *, per_row: int = 8) -> None:
+def plot_examples(outcome: Outcome, dataset: Dataset, names: list[str], path: Path | None = None, *,
+                  per_row: int = 8) -> Figure:
     robust = np.flatnonzero(outcome.first_failure == ROBUST)[:per_row]
     fooled = np.flatnonzero(outcome.first_failure > 0)
     fragile = fooled[np.argsort(outcome.first_failure[fooled], kind="stable")][:per_row]
@@ -98,7 +106,7 @@ def plot_examples(outcome: Outcome, dataset: Dataset, names: list[str], path: Pa
                 ax.axis("off")
                 continue
             i = int(picks[col])
-            _show(ax, dataset.float_images(i, i + 1)[0])
+            show_image(ax, dataset.float_images(i, i + 1)[0])
             label = _label_text(int(outcome.label[i]), names)
             if row == 0:
                 ax.set_title(f"#{outcome.index[i]} {label}", fontsize=7)
@@ -112,32 +120,44 @@ def plot_examples(outcome: Outcome, dataset: Dataset, names: list[str], path: Pa
             axes[row, 0].set_yticks([])
             axes[row, 0].text(0.05, 0.5, f"no {title} images", fontsize=8, transform=axes[row, 0].transAxes)
     fig.suptitle("robust images (top) and fragile ones fooled earliest (bottom)", fontsize=9)
-    _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_failure(outcome: Outcome, dataset: Dataset, spec: NoiseSpec, names: list[str], path: Path) -> None:
+def plot_failure(outcome: Outcome, dataset: Dataset, spec: NoiseSpec, names: list[str], path: Path | None = None,
+                 *, position: int | None = None) -> Figure:
+    """The image at ``position`` (default: the one fooled earliest) beside its first failing input."""
     fooled = np.flatnonzero(outcome.first_failure > 0)
     fig = Figure(figsize=(7.2, 2.8))
     axes = fig.subplots(1, 3)
-    if fooled.size == 0:
+    if position is None and fooled.size == 0:
         for ax in axes:
             ax.axis("off")
         axes[1].text(0.5, 0.5, "no image was fooled by the noise", ha="center", va="center")
-        _save(fig, path)
-        return
-    i = int(fooled[np.argmin(outcome.first_failure[fooled])])
+        return save_figure(fig, path)
+    i = int(fooled[np.argmin(outcome.first_failure[fooled])]) if position is None else int(position)
     original = dataset.float_images(i, i + 1)[0]
     step = int(outcome.first_failure[i])
     noisy = perturbed_image(original, index=int(outcome.index[i]), step=step, spec=spec)
     changed = np.any(noisy != original, axis=2).astype(np.float32)[..., None]
-    _show(axes[0], original)
+    show_image(axes[0], original)
     axes[0].set_title(f"original #{outcome.index[i]}\nlabel {_label_text(int(outcome.label[i]), names)}", fontsize=8)
-    _show(axes[1], noisy)
+    show_image(axes[1], noisy)
     axes[1].set_title(f"step {step} ({int(changed.sum())} pixels changed)\nmodel says "
                       f"{_label_text(int(outcome.failure_label[i]), names)}", fontsize=8)
-    _show(axes[2], changed)
+    show_image(axes[2], changed)
     axes[2].set_title("changed pixels", fontsize=8)
-    _save(fig, path)
+    return save_figure(fig, path)
+
+
+def plot_replay(r, path: Path | None = None) -> Figure:
+    """An original beside its rebuilt input at the replayed step (a :class:`~pyrobust.replay.Replay`)."""
+    fig = Figure(figsize=(4.8, 2.6))
+    a, b = fig.subplots(1, 2)
+    show_image(a, r.original)
+    a.set_title(f"#{r.index} label {r.label}", fontsize=8)
+    show_image(b, r.perturbed)
+    b.set_title(f"step {r.step}: model {r.prediction if r.prediction is not None else r.recorded_label}", fontsize=8)
+    return save_figure(fig, path)
 
 
 def write_report(out: Path, outcome: Outcome, summary: dict, dataset: Dataset) -> list[Path]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from pyrobust.report import _save, plot_survival
+from pyrobust.report import plot_survival, save_figure
 from pyrobust.results import load_results, versions, write_bytes_atomic, write_json_atomic
 from pyrobust.types import NONFINITE
 
@@ -226,7 +226,7 @@ def plot_flips(rep: dict, path: Path) -> None:
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
         ax.set_yticks(range(len(names) - 1), names[:-1], fontsize=6)
         ax.set_title(f"{n}: true → at first failure", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_study_report(root: Path, *, config: dict, stages: dict, test_spec: str, train_spec: str) -> dict:

@@ -114,7 +114,7 @@ CASES = [
     ("limit beyond", None, "sample", {"limit": 501}, InvalidInput, 2, r"limit 501 is beyond the dataset"),
     ("max memory", None, "sample", {"max_memory_mb": 0}, InvalidInput, 2, r"max_memory must be > 0 MiB"),
     ("resume and overwrite", None, "sample", {"resume": True, "overwrite": True}, InvalidInput, 2,
-     r"--resume continues a run and --overwrite discards it"),
+     r"(resume=True|--resume) continues a run and (overwrite=True|--overwrite) replaces it"),
 ]
 _CLI = {"pixels": "--pixels", "max_steps": "--max-steps", "low": "--low", "high": "--high", "limit": "--limit",
         "max_memory_mb": "--max-memory", "resume": "--resume", "overwrite": "--overwrite"}
@@ -170,7 +170,7 @@ def test_nan_outputs_warn_with_the_count(models):
 
 def test_existing_results_and_unwritable_folder(tmp_path, bundled_model, capsys):
     pyrobust.evaluate(bundled_model, "sample", limit=5, max_steps=2, out=tmp_path / "r", report=False)
-    with pytest.raises(OutputError, match="already holds a run's results .* pass --overwrite"):
+    with pytest.raises(OutputError, match="already holds a run's results .* pass overwrite=True"):
         pyrobust.evaluate(bundled_model, "sample", limit=5, max_steps=2, out=tmp_path / "r")
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="exists and is not a folder|cannot write there"):

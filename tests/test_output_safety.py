@@ -101,7 +101,7 @@ def test_overwrite_replaces_the_earlier_run_only_at_the_end(tmp_path, bundled_mo
     assert {f: (out / f).read_bytes() for f in before} == before  # the earlier run is intact
     assert load_results(out)[1]["model"]["sha256"] == old.summary["model"]["sha256"]
     with pytest.raises(OutputError, match=r"an unfinished run \(checkpoint.npz\) beside an earlier run's results.*"
-                                          "--resume"):
+                                          "resume=True"):
         pyrobust.evaluate(bundled_model, "sample", out=out, **FAST)
     new = pyrobust.evaluate(bundled_model, "sample", out=out, resume=True, **FAST)
     assert new.resumed and load_results(out)[1]["model"]["sha256"] == new.summary["model"]["sha256"]

@@ -49,7 +49,7 @@ def test_replay_any_step_and_errors(tmp_path, bundled_model, sample):
     r = replay(tmp_path, index=robust, step=30)
     assert r.recorded_label == r.label and r.matches
     assert replay(tmp_path, index=fooled, step=0).matches
-    with pytest.raises(InvalidInput, match=f"image {robust} is robust .* pass --step S"):
+    with pytest.raises(InvalidInput, match=f"image {robust} is robust .* pass step=S"):
         replay(tmp_path, index=robust)
     with pytest.raises(InvalidInput, match=r"image 400 was not evaluated .* \(original indices 0..79\)"):
         replay(tmp_path, index=400)

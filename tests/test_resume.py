@@ -129,7 +129,7 @@ def test_resume_refuses_other_settings_model_or_data(tmp_path, bundled_model, mo
         assert main(args) == 2
         err = capsys.readouterr().err
         assert re_match(f"pyrobust: error: .*{match}.*", err.strip()), err
-    with pytest.raises(InvalidInput, match="Resume with the same model, data and settings, or pass --overwrite"):
+    with pytest.raises(InvalidInput, match="Resume with the same model, data and settings, or pass overwrite=True"):
         pyrobust.evaluate(bundled_model, "sample", max_steps=149, seed=3, out=out, resume=True)
     # batch size and threads are free to change on resume
     assert main(base[:-1] + ["--batch-size", "17", "--threads", "1", "--resume"]) == 0
