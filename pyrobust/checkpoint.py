@@ -103,13 +103,42 @@ def _differences(saved: dict, now: dict) -> list[str]:
 
 
 class RunLock:
-    """An exclusive, non-blocking ``flock`` on ``FOLDER/.pyrobust.lock`` for the life of a run."""
+    """An exclusive, non-blocking ``flock`` on ``FOLDER/.pyrobust.lock`` for the life of a run.
+
+    The holder removes the file when it is done (while still holding the lock), so finished folders carry no lock
+    file. A run that opened the old file just before it went away finds, once it holds the lock, that the name no
+    longer leads to the file it locked, and starts over with a fresh one: two runs never both believe they hold it.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.path = Path(folder) / LOCK_FILE
         self.fd: int | None = None
 
     def __enter__(self) -> RunLock:
+        for _ in range(100):
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise OutputError(f"{self.path.parent}: another pyrobust run (pid {holder}) is writing there; "
+                                      "wait for it to finish or choose another output folder") from None
+                raise
+            try:
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self.fd = fd
+                return self
+            os.close(fd)  # the previous holder removed this file as we locked it: lock the new one
+        raise OutputError(f"{self.path}: the lock file keeps changing; is something else writing there?")
+
+    def _open(self) -> int:
         try:
             # O_NOFOLLOW: a symbolic link planted at the lock's name (results folders travel as tarballs and shared
             # folders) must not let this open truncate or create a file elsewhere.
@@ -118,27 +147,16 @@ class RunLock:
             if exc.errno == errno.ELOOP:
                 raise OutputError(f"{self.path}: is a symbolic link; pyrobust never follows links inside an output "
                                   "folder. Remove it or choose another output folder") from None
-            raise OutputError(f"{self.path.parent}: cannot write there ({exc.strerror}); choose a writable --out") \
-                from None
+            raise OutputError(f"{self.path.parent}: cannot write there ({exc.strerror}); choose a writable output "
+                              "folder") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise OutputError(f"{self.path}: is not a regular file; remove it or choose another output folder")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutputError(f"{self.path.parent}: another pyrobust run (pid {holder}) is writing there; wait "
-                                  "for it to finish or choose another --out") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        return self
+        return fd
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: see the class docstring
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

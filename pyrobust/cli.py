@@ -184,6 +184,10 @@ def _progress(label: str):
         yield _Bar()
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def _print_summary(summary: dict, out: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -197,7 +201,7 @@ def _print_summary(summary: dict, out: Path | None) -> None:
             return "n/a"
         return f"{r['fraction']:.2%}  [{lo:.2%}, {hi:.2%}]  ({r['count']}/{r['of']})"
 
-    t = Table(title=f"{summary['model']['name']} on {summary['dataset']['spec']} ({m['images']} images)",
+    t = Table(title=f"{summary['model']['name']} on {summary['dataset']['spec']} ({_count(m['images'], 'image')})",
               show_header=False, title_justify="left")
     t.add_column(no_wrap=True)
     t.add_column(overflow="fold")
@@ -215,14 +219,17 @@ def _print_summary(summary: dict, out: Path | None) -> None:
                                f"[{prec['robust']['interval'][0]:.2%}, {prec['robust']['interval'][1]:.2%}], accuracy "
                                f"[{prec['accuracy']['interval'][0]:.2%}, {prec['accuracy']['interval'][1]:.2%}]")
     s = summary["settings"]
-    t.add_row("noise", f"{s['pixels']} pixels, {s['max_steps']} steps, {s['scheme']} [{s['low']}, {s['high']}), "
+    values = f"{{{s['low']}, {s['high']}}}" if s["scheme"] == "salt-pepper" else f"[{s['low']}, {s['high']})"
+    t.add_row("noise", f"{_count(s['pixels'], 'pixel')}, {_count(s['max_steps'], 'step')}, {s['scheme']} {values}, "
                        f"{s['mode']}, seed {s['seed']}")
     par = s.get("parallel") or {}
     if "workers" in par:
-        t.add_row("ran on", f"Dask {par['scheduler']}: {par['workers']} workers, {par['shards']} shards")
+        t.add_row("ran on", f"Dask {par['scheduler']}: {_count(par['workers'], 'worker')}, "
+                            f"{_count(par['shards'], 'shard')}")
     elif par.get("sessions", 1) > 1:
-        t.add_row("ran on", f"{par['sessions']} sessions × {par['threads_per_session']} threads, "
-                            f"{par.get('shards', '?')} shards (layout {par['choice']})")
+        t.add_row("ran on", f"{par['sessions']} sessions × {_count(par['threads_per_session'], 'thread')}, "
+                            f"{_count(par.get('shards', 0), 'shard')} (layout {par['choice']})")
+    t.add_row("batch size", f"{s['batch_size']} ({s.get('batch_size_choice', 'given')})")
     ips = p["inferences_per_second"]
     t.add_row("work", f"{p['inferences']:,} inferences in {p['seconds']:.1f} s ({ips:,.0f}/s)" if ips else "-")
     Console().print(t)
@@ -270,7 +277,9 @@ def cli(debug: bool) -> None:
               help="Where named datasets live (DIR/mnist/, DIR/fashion-mnist/); also $PYROBUST_DATA.")
 @click.option("--limit", type=int, default=None, help="Only the first N images (of the range).")
 @click.option("--range", "index_range", default=None, help="Positions START:STOP of the dataset, e.g. 100:200.")
-@click.option("--sample", type=int, default=None, help="A random N of the selected images (seeded by --seed).")
+@click.option("--sample", type=int, default=None, help="A random N of the selected images (see --sample-seed).")
+@click.option("--sample-seed", type=int, default=0, show_default=True,
+              help="Seeds --sample's choice of images, apart from the noise --seed.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for results and figures.")
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in --out.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (same model, data, settings).")
@@ -279,7 +288,7 @@ def cli(debug: bool) -> None:
 @click.option("--chunk-size", type=int, default=4096, show_default=True,
               help="Images converted to float at a time (bounds memory).")
 @click.option("--max-memory", type=float, default=None,
-              help="MiB pyrobust may use for data and buffers (default: 80%% of available memory).")
+              help="MiB pyrobust may use for data and buffers (default: 80% of available memory).")
 @click.option("--custom-ops", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A custom-op library for onnxruntime to load (never loaded unless named).")
 @click.option("--sessions", type=INT_OR_AUTO, default="auto", show_default=True,
@@ -294,9 +303,9 @@ def cli(debug: bool) -> None:
 @click.option("--json", "json_out", is_flag=True, help="Print summary.json to stdout instead of the table.")
 @noise_options
 @_quiet_option
-def evaluate(model, dataset, data_dir, limit, index_range, sample, out, overwrite, resume, checkpoint_every,
-             chunk_size, max_memory, custom_ops, sessions, scheduler, shard_size, precision, no_report, json_out,
-             **noise) -> int:
+def evaluate(model, dataset, data_dir, limit, index_range, sample, sample_seed, out, overwrite, resume,
+             checkpoint_every, chunk_size, max_memory, custom_ops, sessions, scheduler, shard_size, precision,
+             no_report, json_out, **noise) -> int:
     """Evaluate MODEL (an ONNX file) under random L0 noise and write results to --out.
 
     Example: pyrobust evaluate model.onnx --dataset mnist:test --data-dir ../shared/data --out runs/mnist
@@ -305,7 +314,7 @@ def evaluate(model, dataset, data_dir, limit, index_range, sample, out, overwrit
 
     start, stop = parse_range(index_range) if index_range else (None, None)
     return _run_evaluation(model, dataset, data_dir=data_dir, limit=limit, start=start, stop=stop, sample=sample,
-                           sample_seed=noise["seed"], out=out,
+                           sample_seed=sample_seed, out=out,
                            overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
                            chunk_size=chunk_size, max_memory_mb=max_memory, custom_ops=custom_ops,
                            sessions=sessions, scheduler=scheduler, shard_size=shard_size, precision=precision,
@@ -313,7 +322,8 @@ def evaluate(model, dataset, data_dir, limit, index_range, sample, out, overwrit
 
 
 @cli.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("pyrobust-demo"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("pyrobust-demo"), show_default=True,
+              help="Folder for the demo's results and figures.")
 @click.option("--limit", type=int, default=None, help="Only the first N sample images.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
 @click.option("--overwrite", is_flag=True, help="Replace whatever run --out holds, not only an earlier demo.")
@@ -340,14 +350,16 @@ def demo(out, limit, threads, overwrite) -> int:
 
 @cli.command()
 @click.option("--dataset", required=True, help="Training data, e.g. mnist:train or fashion-mnist:train.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where named datasets live (DIR/mnist/, DIR/fashion-mnist/); also $PYROBUST_DATA.")
 @click.option("--limit", type=int, default=None, help="Only the first N training images.")
-@click.option("--arch", type=click.Choice(["cnn", "mlp"]), default="cnn", show_default=True)
-@click.option("--epochs", type=int, default=5, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--arch", type=click.Choice(["cnn", "mlp"]), default="cnn", show_default=True,
+              help="Network: a two-convolution CNN or a one-hidden-layer MLP.")
+@click.option("--epochs", type=int, default=5, show_default=True, help="Passes over the training images.")
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Training images per Adam step.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation, shuffling and sampling.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
 @click.option("--test-dataset", default=None, help="Report clean accuracy on this dataset too, e.g. mnist:test.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The .onnx file to write.")
 def train(dataset, data_dir, limit, arch, epochs, batch_size, lr, seed, threads, test_dataset, out) -> int:
@@ -379,7 +391,7 @@ def train(dataset, data_dir, limit, arch, epochs, batch_size, lr, seed, threads,
 @cli.command()
 @click.argument("results", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--per-class", type=int, required=True, help="Images to take per class (paper: 1500).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation, shuffling and sampling.")
 @click.option("--shortfall", type=click.Choice(["all", "replace", "fill"]), default="all", show_default=True,
               help="A class with too few robust images: take them all, sample with replacement, or fill up with the "
                    "most robust non-robust ones.")
@@ -400,14 +412,19 @@ def select(results, per_class, seed, shortfall, data_dir, out) -> int:
 
     sel, npz = select_from_results(results, per_class=per_class, seed=seed, shortfall=shortfall, out=out,
                                    data_dir=data_dir)
-    t = Table("class", "asked", "available", "taken", "filled", title=f"selection ({sel.n} images)",
+    from pyrobust.results import load_results
+
+    names = {r["class"]: r["name"] for r in load_results(results)[1]["per_class"]}
+    t = Table("class", "asked", "available", "taken", "filled", title=f"selection ({_count(sel.n, 'image')})",
               title_justify="left")
     for r in sel.table:
-        t.add_row(str(r["class"]), str(r["asked"]), str(r["available"]),
+        name = names.get(r["class"], str(r["class"]))
+        t.add_row(name if name == str(r["class"]) else f"{r['class']} {name}", str(r["asked"]), str(r["available"]),
                   f"{r['taken']}{' (with replacement)' if r['replaced'] else ''}", str(r["filled"]))
     Console().print(t)
     if sel.short_classes and shortfall == "all":
-        _err(f"warning: classes {', '.join(map(str, sel.short_classes))} have fewer robust images than asked; "
+        short = ", ".join(names.get(k, str(k)) for k in sel.short_classes)
+        _err(f"warning: classes {short} have fewer robust images than asked; "
              "took all of them (see --shortfall)")
     click.echo(f"wrote {npz}")
     return EXIT_OK
@@ -419,7 +436,7 @@ def select(results, per_class, seed, shortfall, data_dir, out) -> int:
               help="A model made by pyrobust train: its architecture and settings are reused.")
 @click.option("--epochs", type=int, default=None, help="Override the recorded number of epochs.")
 @click.option("--seed", type=int, default=None, help="Override the recorded seed.")
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The .onnx file to write.")
 def retrain(subset, like, epochs, seed, threads, out) -> int:
     """Train the architecture of --like, with its recorded settings, on SUBSET (from pyrobust select).
@@ -439,12 +456,18 @@ def retrain(subset, like, epochs, seed, threads, out) -> int:
 
 @cli.command()
 @click.option("--dataset", required=True, help="mnist, fashion-mnist, or a folder of MNIST-named IDX files.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where named datasets live (DIR/mnist/, DIR/fashion-mnist/); also $PYROBUST_DATA.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Study folder (resumable).")
-@click.option("--per-class", type=int, default=1500, show_default=True)
-@click.option("--shortfall", type=click.Choice(["all", "replace", "fill"]), default="all", show_default=True)
-@click.option("--arch", type=click.Choice(["cnn", "mlp"]), default="cnn", show_default=True)
-@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--per-class", type=int, default=1500, show_default=True,
+              help="Robust training images to keep per class (paper: 1500).")
+@click.option("--shortfall", type=click.Choice(["all", "replace", "fill"]), default="all", show_default=True,
+              help="A class with too few robust images: take all, sample with replacement, or fill with the most "
+                   "robust others.")
+@click.option("--arch", type=click.Choice(["cnn", "mlp"]), default="cnn", show_default=True,
+              help="Network: a two-convolution CNN or a one-hidden-layer MLP.")
+@click.option("--epochs", type=int, default=10, show_default=True,
+              help="Passes over the training images, for M, M_R and M_rand.")
 @click.option("--train-sample", type=int, default=None, help="A random N of the training images (seeded).")
 @click.option("--test-sample", type=int, default=None, help="A random N of the test images (seeded).")
 @click.option("--schemes", is_flag=True, help="Also evaluate M with salt-and-pepper values and the random walk.")
@@ -538,8 +561,9 @@ def _load_gate_config(ctx, param, value):
 @click.option("--config", type=click.Path(dir_okay=False), callback=_load_gate_config, is_eager=True,
               expose_value=False, help="A TOML file holding any of these options (e.g. gate.toml); flags override it.")
 @click.option("--dataset", required=True, help="Test data, e.g. mnist:test.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--limit", type=int, default=None)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where named datasets live (DIR/mnist/, DIR/fashion-mnist/); also $PYROBUST_DATA.")
+@click.option("--limit", type=int, default=None, help="Only the first N images (of the range).")
 @click.option("--range", "index_range", default=None, help="Positions START:STOP of the dataset.")
 @click.option("--min-accuracy", callback=_fraction, help="Clean accuracy must be at least this (0.98 or 98%).")
 @click.option("--min-robust", callback=_fraction, help="Fraction of all test images never fooled, at least.")
@@ -548,7 +572,8 @@ def _load_gate_config(ctx, param, value):
               help="The production model (.onnx) or a results folder of it on the same data and settings.")
 @click.option("--max-robust-drop", callback=_fraction, help="Robust fraction may drop at most this vs the baseline.")
 @click.option("--max-accuracy-drop", callback=_fraction, help="Accuracy may drop at most this vs the baseline.")
-@click.option("--confidence", type=float, default=0.95, show_default=True)
+@click.option("--confidence", type=float, default=0.95, show_default=True,
+              help="Overall confidence of the decisions: each check errs on either side at most (1 - confidence)/2.")
 @click.option("--inconclusive", type=click.Choice(["fail", "pass"]), default="fail", show_default=True,
               help="Exit code of an undecided gate.")
 @click.option("--no-early-stop", is_flag=True,

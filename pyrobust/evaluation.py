@@ -490,8 +490,9 @@ def _start_state(out_dir: Path, fp: dict, *, overwrite: bool, resume: bool) -> R
             hint = "pass resume=True to continue it, overwrite=True to start over,"
         else:
             what, hint = "a run's results", "pass overwrite=True to replace them"
-        raise OutputError(f"{out_dir}: already holds {what} ({', '.join(present)}); {hint} or choose another "
-                          "output folder")
+        others = [f for f in present if f != CHECKPOINT_FILE]
+        listed = f" ({', '.join(others)})" if others and not unfinished else ""
+        raise OutputError(f"{out_dir}: already holds {what}{listed}; {hint} or choose another output folder")
     return None
 
 

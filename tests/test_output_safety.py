@@ -140,3 +140,16 @@ def test_demo_replaces_only_an_earlier_demo(tmp_path, models, bundled_model, cap
     assert (unfinished / "checkpoint.npz").exists()
     assert main(["demo", "--out", str(other), "--limit", "10", "--overwrite"]) == 0
     assert load_results(other)[1]["dataset"]["spec"] == "sample"
+
+
+def test_no_lock_file_is_left_behind_and_a_second_run_is_still_refused(tmp_path, bundled_model):
+    from pyrobust.checkpoint import RunLock
+
+    out = tmp_path / "out"
+    pyrobust.evaluate(bundled_model, "sample", out=out, **FAST)
+    assert not (out / ".pyrobust.lock").exists()
+    with RunLock(out):
+        assert (out / ".pyrobust.lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(OutputError, match=r"another pyrobust run \(pid \d+\) is writing there"):
+            pyrobust.evaluate(bundled_model, "sample", out=out, overwrite=True, **FAST)
+    assert not (out / ".pyrobust.lock").exists()
