@@ -471,7 +471,9 @@ def retrain(subset, like, epochs, seed, threads, out) -> int:
 @click.option("--train-sample", type=int, default=None, help="A random N of the training images (seeded).")
 @click.option("--test-sample", type=int, default=None, help="A random N of the test images (seeded).")
 @click.option("--schemes", is_flag=True, help="Also evaluate M with salt-and-pepper values and the random walk.")
-@click.option("--quick", is_flag=True, help="A few hundred images, few steps: the whole pipeline in < 2 minutes.")
+@click.option("--quick", is_flag=True,
+              help="A few hundred images, few steps, 2 epochs: the whole pipeline in about 15 s (a smoke test, not "
+                   "results).")
 @click.option("--scheduler", default=None, help="Run the evaluations on Dask: local:N or tcp://HOST:PORT.")
 @noise_options
 @_quiet_option
@@ -502,6 +504,9 @@ def reproduce(dataset, data_dir, out, per_class, shortfall, arch, epochs, train_
     for name in ("M", "M_R", "M_rand"):
         click.echo(f"{name:7s} {m[name]['train_images']:>6} training images   test accuracy "
                    f"{m[name]['accuracy']['fraction']:.2%}   robust {m[name]['robust']['fraction']:.2%}")
+    if quick:
+        click.echo("quick run: a smoke test of the pipeline on a few hundred images with 2 epochs; these numbers are "
+                   "not results (models this small sit near chance level)")
     click.echo(f"report: {Path(out) / 'report.md'}")
     return EXIT_OK
 

@@ -123,3 +123,24 @@ def test_the_scheduler_reaches_every_evaluation(monkeypatch, tmp_path, shared_da
     monkeypatch.setattr(pyrobust.evaluation, "evaluate", spy)
     reproduce(StudyConfig.quick_config("mnist", data_dir=str(shared_data), scheduler="local:2"), tmp_path)
     assert len(seen) == 4 and set(seen) == {"local:2"}  # M on test and train, M_R, M_rand
+
+
+def test_report_has_the_paired_comparisons_and_a_conclusion(study):
+    import numpy as np
+
+    from pyrobust.results import load_results
+    from pyrobust.study_report import conclusion
+
+    rep = json.loads((study / "report.json").read_text())
+    md = (study / "report.md").read_text()
+    a, _ = load_results(study / "eval" / "M_rand-test")
+    b, _ = load_results(study / "eval" / "M_R-test")
+    pr = rep["paired"]["M_rand->M_R"]["robust"]
+    assert pr["lost"] == int((a.robust & ~b.robust).sum()) and pr["gained"] == int((~a.robust & b.robust).sum())
+    assert np.isclose(pr["change"], b.robust.mean() - a.robust.mean())
+    assert pr["ci95"][0] <= pr["change"] <= pr["ci95"][1]
+    assert f"{100 * pr['change']:+.2f} points" in md and "## Conclusion" in md
+    assert "Its numbers are not results" in md  # a quick run says so
+    full = {**rep, "quick": False}
+    text = conclusion(full)
+    assert "M_R is" in text and f"{100 * pr['change']:+.2f} points" in text and "training randomness" in text
