@@ -141,6 +141,10 @@ def train(
             "pyrobust.dataset_sha256": dataset.sha256, "pyrobust.seed": str(seed), "pyrobust.epochs": str(epochs),
             "pyrobust.classes": str(k), "pyrobust.batch_size": str(batch_size),
             "pyrobust.learning_rate": repr(float(learning_rate)), "pyrobust.train_images": str(dataset.n),
+            # What else decides the weights: the same seed, data and settings give the same bytes only with the same
+            # thread count and torch version (reductions split across threads round differently).
+            "pyrobust.torch_version": torch.__version__, "pyrobust.threads": str(torch.get_num_threads()),
+            "pyrobust.deterministic": "torch.use_deterministic_algorithms(True)",
         })
         diff = check_parity(model, out, _nchw(dataset, 0, min(dataset.n, 256)))
     finally:

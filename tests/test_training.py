@@ -44,6 +44,20 @@ def test_cnn_export_has_dynamic_batch_and_metadata(tmp_path, small):
     meta = {p.key: p.value for p in onnx.load(str(r.out)).metadata_props}
     assert meta["pyrobust.architecture"] == "cnn" and meta["pyrobust.seed"] == "0"
     assert meta["pyrobust.dataset_sha256"] == small.sha256
+    import torch
+
+    assert meta["pyrobust.torch_version"] == torch.__version__ and int(meta["pyrobust.threads"]) >= 1
+    assert "use_deterministic_algorithms(True)" in meta["pyrobust.deterministic"]
+
+
+def test_same_seed_threads_and_torch_give_the_same_bytes(tmp_path, small):
+    """What the README promises, no more: the same seed, data, settings, thread count and torch version give the
+    same file, byte for byte."""
+    a = train(small, out=tmp_path / "a.onnx", architecture="cnn", epochs=1, seed=3, threads=1)
+    b = train(small, out=tmp_path / "b.onnx", architecture="cnn", epochs=1, seed=3, threads=1)
+    assert a.sha256 == b.sha256
+    meta = {p.key: p.value for p in onnx.load(str(a.out)).metadata_props}
+    assert meta["pyrobust.threads"] == "1"
 
 
 @pytest.mark.parametrize("kwargs,match", [
