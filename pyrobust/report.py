@@ -64,8 +64,8 @@ def plot_survival(summary: dict, path: Path | None = None, *,
     ax.set_title(f"{summary['dataset']['spec']}: {s['pixels']} pixels, {s['scheme']}, {s['mode']}, seed {s['seed']}",
                  fontsize=9)
     ax.grid(alpha=0.3)
-    # the curves fall from the top left: the lower left corner is where they are least likely to be
-    ax.legend(loc="lower left", fontsize=8)
+    # below the axes: a curve can pass through any corner of them (a fragile model's runs along the bottom)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(3, len(curves)), fontsize=8, frameon=False)
     return save_figure(fig, path)
 
 
