@@ -398,7 +398,8 @@ def train(dataset, data_dir, limit, arch, epochs, batch_size, lr, seed, threads,
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the data is now, if it moved since the run.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="subset.npz, or a folder.")
-def select(results, per_class, seed, shortfall, data_dir, out) -> int:
+@click.option("--allow-test-split", is_flag=True, help="Select from an evaluation of a test split anyway.")
+def select(results, per_class, seed, shortfall, data_dir, out, allow_test_split) -> int:
     """Keep the robust images (never fooled) of an evaluated training set, PER_CLASS per class.
 
     Writes x, y and source_index (original indices) to an .npz, and the per-class table to a .json beside it.
@@ -411,7 +412,7 @@ def select(results, per_class, seed, shortfall, data_dir, out) -> int:
     from pyrobust.selection import select_from_results
 
     sel, npz = select_from_results(results, per_class=per_class, seed=seed, shortfall=shortfall, out=out,
-                                   data_dir=data_dir)
+                                   data_dir=data_dir, allow_test_split=allow_test_split)
     from pyrobust.results import load_results
 
     names = {r["class"]: r["name"] for r in load_results(results)[1]["per_class"]}
@@ -620,22 +621,40 @@ def gate(candidate, dataset, data_dir, limit, index_range, min_accuracy, min_rob
     spec = NoiseSpec(**{k: kw[k] for k in ("pixels", "max_steps", "low", "high", "scheme", "mode", "seed", "mean",
                                            "std")})
     start, stop = parse_range(index_range) if index_range else (None, None)
-    with _progress("gate") as progress:
+    from pyrobust.results import check_output_file, make_out_dir
+
+    # Every output is checked before any work: a decision must never be lost to a path that cannot be written.
+    if out is not None:
+        make_out_dir(out)
+    for path, what in ((junit, "--junit"), (summary, "--summary")):
+        if path is not None:
+            check_output_file(path, what)
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY") or None
+    if step_summary:
+        check_output_file(Path(step_summary), "$GITHUB_STEP_SUMMARY", create_parent=False)
+    with warnings.catch_warnings(record=True) as caught, _progress("gate") as progress:
+        warnings.simplefilter("always")
         result = run_gate(candidate, dataset, policy=policy, baseline=baseline, data_dir=data_dir, limit=limit,
                           start=start, stop=stop, spec=spec, batch_size=kw["batch_size"], threads=kw["threads"],
                           progress=progress, log=lambda line: _err(line))
-    write_outputs(result, out=out, junit=junit, summary=summary)
-    md = markdown_summary(result)
-    if os.environ.get("GITHUB_STEP_SUMMARY"):
-        if not append_github_summary(md, os.environ["GITHUB_STEP_SUMMARY"]):
-            _err("warning: $GITHUB_STEP_SUMMARY is full (1 MiB); the summary was not added")
-    for w in result.warnings:
+    for w in [*(str(c.message) for c in caught), *result.warnings]:
         _err(f"warning: {w}")
     for c in result.checks:
         click.echo(c.message)
     how = f"; stopped early: {result.stop_reason}" if result.stopped_early else ""
     click.echo(f"gate {result.decision.upper()}: {result.images_evaluated} of {result.images} images through the "
                f"noise protocol, {result.inferences:,} inferences{how}")
+    # The verdict is out; writing the reports can still fail (a full disk): say so, with the verdict above.
+    try:
+        write_outputs(result, out=out, junit=junit, summary=summary)
+        if step_summary:
+            if not append_github_summary(markdown_summary(result), step_summary):
+                _err("warning: $GITHUB_STEP_SUMMARY is full (1 MiB); the summary was not added")
+    except OSError as exc:
+        from pyrobust.errors import OutputError
+
+        raise OutputError(f"the gate decided {result.decision.upper()} (above), but its reports could not be "
+                          f"written: {exc.strerror or exc} ({exc.filename or 'output'})") from None
     return result.exit_code
 
 
@@ -672,7 +691,9 @@ def compare(a, b, out) -> int:
               help="Where the data is now, if it moved since the run.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the input: .npy (float32 H×W×C) or .png (original | perturbed).")
-def replay(results, index, step, model, data_dir, out) -> int:
+@click.option("--no-check", is_flag=True,
+              help="Only rebuild the input when the run's model file is gone (else: exit 3).")
+def replay(results, index, step, model, data_dir, out, no_check) -> int:
     """Rebuild image INDEX's input at its first failure (or --step) from RESULTS and ask the model again.
 
     Exit 0 when the model's prediction matches the run's record, 1 when it does not.
@@ -691,8 +712,12 @@ def replay(results, index, step, model, data_dir, out) -> int:
         _write_replay(out, r)
         click.echo(f"wrote {out}")
     if r.prediction is None:
-        _err("warning: model file not found; pass --model to check the prediction")
-        return EXIT_OK
+        if no_check:
+            return EXIT_OK
+        from pyrobust.errors import ModelError
+
+        raise ModelError("the run's model file was not found, so the prediction could not be checked; pass --model "
+                         "FILE, or --no-check to only rebuild the input")
     click.echo(f"model now predicts {r.prediction}: {'matches' if r.matches else 'DOES NOT MATCH'} the record")
     return EXIT_OK if r.matches else EXIT_FAILED
 
@@ -807,13 +832,17 @@ def _main(args: list[str], debug: bool) -> int:
 
 
 # Library messages name Python arguments ("pass overwrite=True"); on the command line the same advice is a flag.
-_FLAG_WORDS = re.compile(r"\b(overwrite|resume|step|precision|allow_test_split)=(True\b|[A-Z]\b)")
+_FLAG_WORDS = re.compile(r"\b(overwrite|resume|step|precision|allow_test_split)=(True\b|[A-Z]\b)|\bdata_dir\b()()")
 
 
 def cli_words(message: str) -> str:
     """A library message in command-line words: ``overwrite=True`` -> ``--overwrite``, ``step=S`` -> ``--step S``."""
-    return _FLAG_WORDS.sub(lambda m: "--" + m.group(1).replace("_", "-") +
-                           ("" if m.group(2) == "True" else " " + m.group(2)), message)
+    def flag(m):
+        if m.group(1) is None:
+            return "--data-dir"
+        return "--" + m.group(1).replace("_", "-") + ("" if m.group(2) == "True" else " " + m.group(2))
+
+    return _FLAG_WORDS.sub(flag, message)
 
 
 def run() -> None:

@@ -383,6 +383,9 @@ def load_dataset(spec: str, *, data_dir=None, start: int | None = None, stop: in
     if target in ("sample", SAMPLE_NAME):
         ds = bundled_sample()
     elif target in NAMED:
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise DataError(f"data_dir {data_dir}: no such folder; point it at the folder that holds {target}/ "
+                            "(or fetch the data: pyrobust data fetch)")
         ds = load_idx_pair(*find_named(target, split or "test", data_dir), name=target, split=split or "test",
                            max_bytes=max_bytes)
     else:
@@ -437,7 +440,10 @@ def from_arrays(x, y, *, name: str = "arrays") -> Dataset:
 
 def load_recorded(recorded: dict, *, data_dir=None) -> Dataset:
     """The exact images a run evaluated (``summary["dataset"]``), checked against its recorded SHA-256."""
-    ds = load_dataset(recorded["spec"], data_dir=data_dir if data_dir is not None else recorded.get("data_dir"),
+    recorded_dir = recorded.get("data_dir")
+    if data_dir is None and recorded_dir is not None and Path(recorded_dir).is_dir():
+        data_dir = recorded_dir  # where the run found it; elsewhere, the usual search (the SHA-256 decides)
+    ds = load_dataset(recorded["spec"], data_dir=data_dir,
                       start=recorded.get("start"), stop=recorded.get("stop"), limit=recorded.get("limit"),
                       sample=recorded.get("sample"), sample_seed=recorded.get("sample_seed", 0))
     if ds.sha256 != recorded["sha256"]:

@@ -28,7 +28,7 @@ from pyrobust.results import (
     run_files,
     write_results,
 )
-from pyrobust.runtime import OnnxModel, default_threads
+from pyrobust.runtime import OnnxModel, check_threads, default_threads
 from pyrobust.sequential import precision_bounds, random_order
 from pyrobust.stats import look_schedule
 from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome
@@ -259,8 +259,7 @@ def evaluate(
         if v is None or isinstance(v, (bool, str)) or int(v) != v or v < 1:
             raise InvalidInput(f"{name} must be an integer >= 1{' or auto' if name != 'chunk_size' else ''}; "
                                f"got {v!r}")
-    if threads is not None and (int(threads) != threads or threads < 1):
-        raise InvalidInput(f"threads must be an integer >= 1; got {threads!r}")
+    threads = check_threads(threads)  # an integer >= 1, at most the CPUs available (with a warning)
     if not checkpoint_every > 0:
         raise InvalidInput(f"checkpoint_every must be > 0 seconds; got {checkpoint_every}")
     if resume and overwrite:

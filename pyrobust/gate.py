@@ -32,7 +32,7 @@ from pyrobust.datasets import Dataset, load_dataset
 from pyrobust.engine import bind_model, clean_predictions, run_protocol
 from pyrobust.errors import InvalidInput, ModelError
 from pyrobust.results import load_results, versions, write_bytes_atomic, write_json_atomic
-from pyrobust.runtime import OnnxModel
+from pyrobust.runtime import OnnxModel, check_threads
 from pyrobust.sequential import (
     FAIL,
     FAMILIES,
@@ -310,6 +310,7 @@ def run_gate(
     if policy.needs_baseline and baseline is None:
         raise InvalidInput("max_robust_drop and max_accuracy_drop compare with a baseline: give a baseline model "
                            "or a results folder of it")
+    threads = check_threads(threads)
     ds = load_dataset(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit)
     cand = OnnxModel(candidate, threads=threads)
     bind_model(cand, ds, spec)

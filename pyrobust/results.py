@@ -196,6 +196,24 @@ def make_out_dir(out: str | os.PathLike) -> Path:
     return p
 
 
+def check_output_file(path: Path, what: str, *, create_parent: bool = True) -> None:
+    """Before any work: ``path`` can be written as a file (its folder exists, or is created, and takes a file; the
+    path itself is not a folder)."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{what} {p}: is a folder; give a file name")
+    parent = p.parent
+    try:
+        if create_parent:
+            parent.mkdir(parents=True, exist_ok=True)
+        elif not parent.is_dir():
+            raise OutputError(f"{what} {p}: its folder {parent} does not exist")
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise OutputError(f"{what} {p}: cannot write there ({exc.strerror})") from None
+
+
 def run_files(folder: Path, extra: tuple[str, ...] = ()) -> list[str]:
     """The files of a pyrobust run present in ``folder``."""
     return [f for f in (*RUN_FILES, *extra) if (folder / f).exists()]

@@ -10,13 +10,15 @@ the session is therefore created with ``session.intra_op.allow_spinning = 0`` un
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pyrobust.errors import ClassCountMismatch, ModelError
+from pyrobust.errors import ClassCountMismatch, InvalidInput, ModelError
 
 # Operator domains onnxruntime implements itself; anything else needs a custom-op library, which pyrobust never loads.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc",
@@ -25,11 +27,52 @@ LAYOUTS = ("NCHW", "NHWC", "NHW", "NF")
 _INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
 
 
-def default_threads() -> int:
+class ThreadsCappedWarning(UserWarning):
+    """More threads were asked for than this process may use; the count was lowered."""
+
+
+def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
+    """CPUs a container's CPU quota allows (cgroup v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``), or None without a quota."""
+    base = Path(root)
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        quota, period = (base / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((base / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((base / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def default_threads() -> int:
+    """CPUs this process may use: its affinity mask, lowered to a container's CPU quota."""
+    try:
+        n = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        n = max(1, os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        n = max(1, min(n, math.ceil(limit)))
+    return n
+
+
+def check_threads(threads) -> int:
+    """A thread count to use: an integer >= 1 (None: every CPU available), capped at the CPUs available with a
+    warning (onnxruntime with far more threads than cores is slow, and can hang under an address-space limit)."""
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise InvalidInput(f"threads must be an integer >= 1; got {threads!r}")
+    available = default_threads()
+    if threads > available:
+        warnings.warn(f"{threads} threads asked for, but this process may use {available} CPU(s); using "
+                      f"{available}", ThreadsCappedWarning, stacklevel=3)
+        return available
+    return int(threads)
 
 
 def _first_line(exc: Exception) -> str:
@@ -125,7 +168,7 @@ class OnnxModel:
         except Exception as exc:
             raise ModelError(f"{self.path}: invalid ONNX model ({_first_line(exc)})") from None
 
-        self.threads = int(threads) if threads else default_threads()
+        self.threads = check_threads(threads)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1

@@ -120,9 +120,16 @@ def write_subset(out: str | os.PathLike, dataset: Dataset, positions: np.ndarray
 
 
 def select_from_results(results_dir: str | os.PathLike, *, per_class: int, seed: int = 0, shortfall: str = "all",
-                        out: str | os.PathLike, data_dir=None) -> tuple[Selection, Path]:
-    """``pyrobust select``: robust images of an evaluated (training) set, written to ``out``."""
+                        out: str | os.PathLike, data_dir=None, allow_test_split: bool = False
+                        ) -> tuple[Selection, Path]:
+    """``pyrobust select``: robust images of an evaluated (training) set, written to ``out``. An evaluation of a
+    test split is refused unless ``allow_test_split``: training on the images a model is then tested on makes its
+    test results meaningless."""
     outcome, summary = load_results(results_dir)
+    if summary["dataset"].get("split") == "test" and not allow_test_split:
+        raise InvalidInput(f"{results_dir} evaluated a test split ({summary['dataset'].get('spec')}); selecting "
+                           "training images from it puts test images into training. Evaluate the training split, or "
+                           "pass allow_test_split=True if that is really what you want")
     ds = load_recorded(summary["dataset"], data_dir=data_dir)
     sel = select_robust(outcome, per_class=per_class, seed=seed, shortfall=shortfall,
                         n_classes=len(summary["per_class"]))

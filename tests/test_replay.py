@@ -56,7 +56,7 @@ def test_replay_any_step_and_errors(tmp_path, bundled_model, sample):
     ff = int(o.first_failure[o.index == fooled][0])
     with pytest.raises(InvalidInput, match=f"left play at step {ff}"):
         replay(tmp_path, index=fooled, step=ff + 1)
-    with pytest.raises(InvalidInput, match=r"step must be in \[0, 30\]"):
+    with pytest.raises(InvalidInput, match=r"step must be an integer in \[0, 30\]"):
         replay(tmp_path, index=robust, step=31)
     proto = onnx.load(str(bundled_model))
     proto.doc_string = "changed"
@@ -91,3 +91,19 @@ def test_replay_cli(capsys, tmp_path, bundled_model, sample):
     assert main(["replay", str(tmp_path / "run"), "--index", "0", "--out", str(tmp_path / "f.txt")]) == 2
     assert "--out must end in .npy or .png" in capsys.readouterr().err
     assert main(["replay", str(tmp_path / "nothing"), "--index", "0"]) == 3
+
+
+def test_replay_without_the_model_fails_unless_told(capsys, tmp_path, bundled_model, sample):
+    import shutil
+
+    model = tmp_path / "m.onnx"
+    shutil.copy(bundled_model, model)
+    ev = evaluate(model, sample, limit=60, max_steps=30, out=tmp_path / "run", report=False)
+    fooled = str(int(ev.outcome.index[ev.outcome.first_failure > 0][0]))
+    model.unlink()
+    capsys.readouterr()
+    assert main(["replay", str(tmp_path / "run"), "--index", fooled, "--out", str(tmp_path / "f.npy")]) == 3
+    assert "could not be checked; pass --model FILE, or --no-check" in capsys.readouterr().err
+    assert (tmp_path / "f.npy").exists()  # the input was rebuilt and written all the same
+    assert main(["replay", str(tmp_path / "run"), "--index", fooled, "--no-check"]) == 0
+    assert main(["replay", str(tmp_path / "run"), "--index", fooled, "--model", str(bundled_model)]) == 0

@@ -78,8 +78,13 @@ def test_random_subset():
 def test_select_cli_writes_a_traceable_subset(capsys, tmp_path, bundled_model, sample):
     ev = pyrobust.evaluate(bundled_model, "sample", start=100, stop=400, max_steps=30, out=tmp_path / "run",
                            report=False)
+    # the sample is test data: selecting training images from it is refused unless asked for
+    assert main(["select", str(tmp_path / "run"), "--per-class", "12", "--out", str(tmp_path / "subset.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "evaluated a test split (sample)" in err and "--allow-test-split" in err
+    assert not (tmp_path / "subset.npz").exists()
     code = main(["select", str(tmp_path / "run"), "--per-class", "12", "--seed", "5", "--out",
-                 str(tmp_path / "subset.npz")])
+                 str(tmp_path / "subset.npz"), "--allow-test-split"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "selection (" in out and "wrote" in out
@@ -95,7 +100,8 @@ def test_select_cli_writes_a_traceable_subset(capsys, tmp_path, bundled_model, s
     assert np.array_equal(x, sample.images[src][..., 0])
     ds = pyrobust.load_dataset(str(tmp_path / "subset.npz"))
     assert ds.n == len(y)
-    assert main(["select", str(tmp_path / "run"), "--per-class", "500", "--out", str(tmp_path / "s2")]) == 0
+    assert main(["select", str(tmp_path / "run"), "--per-class", "500", "--out", str(tmp_path / "s2"),
+                 "--allow-test-split"]) == 0
     assert "have fewer robust images than asked; took all of them" in capsys.readouterr().err
     assert (tmp_path / "s2" / "subset.npz").exists() and (tmp_path / "s2" / "selection.json").exists()
     assert main(["select", str(tmp_path / "nothing"), "--per-class", "5", "--out", str(tmp_path / "s3")]) == 3

@@ -1,0 +1,126 @@
+"""Time, memory and thread limits, and the validation of every number an option or config can carry."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+
+import pytest
+
+import pyrobust
+from pyrobust.cli import main
+from pyrobust.errors import InvalidInput
+from pyrobust.runtime import OnnxModel, ThreadsCappedWarning, cgroup_cpu_limit, check_threads, default_threads
+
+
+def test_cgroup_quotas_are_read(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(tmp_path) == 3.0
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    assert cgroup_cpu_limit(tmp_path / "nowhere") is None
+
+
+def test_threads_are_capped_at_the_cpus_available(bundled_model):
+    n = default_threads()
+    with pytest.warns(ThreadsCappedWarning, match=f"999 threads asked for, but this process may use {n}"):
+        assert check_threads(999) == n
+    with pytest.warns(ThreadsCappedWarning):
+        assert OnnxModel(bundled_model, threads=10**20).threads == n
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_threads(1) == 1 and check_threads(None) == n
+    for bad in (0, -3, 1.5, True, "2"):
+        with pytest.raises(InvalidInput, match="threads must be an integer >= 1"):
+            check_threads(bad)
+
+
+def test_threads_in_the_cli_and_the_gate_config(capsys, tmp_path, bundled_model):
+    code = main(["evaluate", str(bundled_model), "--dataset", "sample", "--limit", "5", "--max-steps", "2",
+                 "--threads", "100000000000000000000", "--no-report", "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert code == 0 and "warning: 100000000000000000000 threads asked for" in err
+    assert main(["gate", str(bundled_model), "--dataset", "sample", "--min-robust", "0.5", "--threads", "-3"]) == 2
+    assert "threads must be an integer >= 1; got -3" in capsys.readouterr().err
+    cfg = tmp_path / "gate.toml"
+    cfg.write_text('dataset = "sample"\nmin-robust = "50%"\nthreads = 0\n')
+    assert main(["gate", str(bundled_model), "--config", str(cfg)]) == 2
+    assert "threads must be an integer >= 1; got 0" in capsys.readouterr().err
+    code = main(["gate", str(bundled_model), "--dataset", "sample", "--min-robust", "0.5", "--max-steps", "10",
+                 "--threads", "999", "--out", str(tmp_path / "g")])
+    assert code == 0 and "warning: 999 threads asked for" in capsys.readouterr().err
+    assert json.loads((tmp_path / "g" / "gate.json").read_text())["settings"]["threads"] == default_threads()
+
+
+def test_evaluate_caps_threads_in_python(bundled_model):
+    with pytest.warns(ThreadsCappedWarning):
+        ev = pyrobust.evaluate(bundled_model, "sample", limit=5, max_steps=2, threads=64, sessions=1)
+    assert ev.summary["settings"]["threads"] == default_threads()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--std", "1e-50", "--mean", "0.1"], r"std in \[1e-06, 1e\+06\]"),
+    (["--low", "-1e308", "--high", "1e308"], r"noise values must lie within ±1e\+06"),
+    (["--mean", "inf", "--std", "1"], r"mean must be within"),
+    (["--max-steps", "100000000"], r"max_steps must be an integer in \[1, 100,000\]"),
+])
+def test_numbers_that_can_only_be_mistakes_are_refused(capsys, tmp_path, bundled_model, args, match):
+    for command in (["evaluate", str(bundled_model), "--dataset", "sample", "--out", str(tmp_path / "o")],
+                    ["gate", str(bundled_model), "--dataset", "sample", "--min-robust", "0.5"]):
+        assert main([*command, *args]) == 2
+        err = capsys.readouterr().err
+        assert re.search(match, err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_gate_outputs_are_checked_before_any_work(capsys, tmp_path, monkeypatch, bundled_model):
+    base = ["gate", str(bundled_model), "--dataset", "sample", "--min-robust", "0.5", "--max-steps", "10"]
+    # a report into a folder that does not exist yet: created
+    assert main([*base, "--junit", str(tmp_path / "new" / "gate.xml"), "--out", str(tmp_path / "o1")]) == 0
+    assert (tmp_path / "new" / "gate.xml").is_file() and (tmp_path / "o1" / "gate.json").is_file()
+    capsys.readouterr()
+    (tmp_path / "adir").mkdir()
+    assert main([*base, "--junit", str(tmp_path / "adir"), "--out", str(tmp_path / "o2")]) == 2
+    out, err = capsys.readouterr()
+    assert "--junit" in err and "is a directory" in err and "gate PASS" not in out  # refused before deciding
+    (tmp_path / "file").write_text("x")
+    assert main([*base, "--out", str(tmp_path / "file")]) == 2
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "adir"))
+    assert main(base) == 2
+    assert "$GITHUB_STEP_SUMMARY" in capsys.readouterr().err
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "missing-folder" / "summary.md"))
+    assert main(base) == 2
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY")
+
+
+def test_a_report_that_cannot_be_written_after_the_decision_keeps_the_verdict(capsys, tmp_path, monkeypatch,
+                                                                             bundled_model):
+    import errno
+
+    import pyrobust.gate as gate
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "gate.json"))
+
+    monkeypatch.setattr(gate, "write_outputs", full_disk)
+    code = main(["gate", str(bundled_model), "--dataset", "sample", "--min-robust", "0.5", "--max-steps", "10",
+                 "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "gate PASS" in out
+    assert "the gate decided PASS (above), but its reports could not be written: No space left on device" in err
+
+
+def test_an_explicit_data_dir_that_does_not_exist_is_an_error(capsys, tmp_path, bundled_model):
+    with pytest.raises(pyrobust.DataError, match="data_dir .*: no such folder"):
+        pyrobust.load_dataset("mnist:test", data_dir=tmp_path / "nope")
+    assert main(["evaluate", str(bundled_model), "--dataset", "mnist:test", "--data-dir", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "o")]) == 3
+    assert "--data-dir" in capsys.readouterr().err and not (tmp_path / "o").exists()
