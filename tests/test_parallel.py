@@ -157,7 +157,7 @@ def test_the_terminal_summary_says_where_it_ran(capsys, tmp_path, bundled_model)
     assert "Dask local:2: 2 workers, 4 shards" in capsys.readouterr().out
     assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--limit", "40", "--max-steps", "5",
                  "--sessions", "2", "--threads", "2", "--no-report", "--out", str(tmp_path / "s")]) == 0
-    assert "2 sessions × 1 threads" in capsys.readouterr().out
+    assert "2 sessions × 1 thread," in capsys.readouterr().out
 
 
 def test_a_cluster_opened_before_a_refused_run_is_closed(bundled_model, tmp_path, monkeypatch):
