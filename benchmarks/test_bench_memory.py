@@ -1,5 +1,5 @@
 """Peak memory (RSS) of ``pyrobust evaluate`` on the 60,000 Fashion-MNIST training images, against 10,000 and 1,000
-of them, from gzip files (decompressed into memory: 784 bytes an image) and from raw IDX files (memory-mapped), with
+of them, from gzip files (decompressed into memory: 784 bytes an image) and from raw IDX files (read into memory), with
 one session (each further parallel session adds its own slot and chunk buffers, ~26 MiB at the default chunk).
 
 Each run is a fresh subprocess; peak RSS is its ``ru_maxrss``. Steps are limited to 3: memory does not depend on

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pyrobust.errors import DataError, InvalidInput
+from pyrobust.files import open_regular
 
 NAMED = ("mnist", "fashion-mnist")
 SPLITS = ("train", "test")
@@ -143,16 +144,11 @@ class Dataset:
 
 # ---------------------------------------------------------------------------------------------------------- IDX
 def _open_bytes(path: Path):
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(2)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, expected a file") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    return gzip.open(path, "rb") if head == _GZIP_MAGIC else open(path, "rb")
+    """One open of a regular file (a FIFO or a device is refused, never read); gzip is decompressed on the fly."""
+    fh = os.fdopen(open_regular(path, what="data file"), "rb")
+    head = fh.read(2)
+    fh.seek(0)
+    return gzip.GzipFile(fileobj=fh, mode="rb") if head == _GZIP_MAGIC else fh
 
 
 def _idx_header(stream, source: str) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -175,7 +171,7 @@ def _idx_header(stream, source: str) -> tuple[tuple[int, ...], np.dtype, int]:
 
 def _too_big(source: str, needed: int, max_bytes: int) -> DataError:
     return DataError(f"{source}: holds {needed / 2**20:.0f} MiB of images, more than the {max_bytes / 2**20:.0f} MiB "
-                     "of memory allowed (--max-memory); decompress it (gunzip) so pyrobust memory-maps it, evaluate "
+                     "of memory allowed (--max-memory); evaluate "
                      "a --range, or allow more memory")
 
 
@@ -199,23 +195,18 @@ def parse_idx(stream, source: str = "<bytes>", *, max_bytes: int | None = None) 
 
 
 def read_idx(path: str | os.PathLike, *, max_bytes: int | None = None) -> np.ndarray:
-    """Read an IDX file. A gzip file is decompressed into memory (at most ``max_bytes``); a raw one is
-    memory-mapped read-only, so its size does not count against memory."""
+    """Read an IDX file (gzip or raw) into memory, at most ``max_bytes`` of data (checked from the header before
+    the data is read). Read, not memory-mapped: a file rewritten or truncated while a run works can then neither
+    change the images the run uses nor kill it, and the recorded SHA-256 is that of what was used."""
     p = Path(path)
-    with _open_bytes(p) as fh:
-        if isinstance(fh, gzip.GzipFile):
+    fh = _open_bytes(p)
+    with fh:
+        inner = getattr(fh, "fileobj", None)
+        try:
             return parse_idx(fh, str(p), max_bytes=max_bytes)
-        dims, dtype, expected = _idx_header(fh, str(p))
-        offset = fh.tell()
-    size = p.stat().st_size
-    if size - offset < expected:
-        raise DataError(f"{p}: truncated IDX data: dimensions {dims} need {expected} bytes, found {size - offset}")
-    if size - offset > expected:
-        raise DataError(f"{p}: IDX data is longer than its dimensions {dims} say ({expected} bytes)")
-    if expected == 0:
-        return np.zeros(dims, dtype=dtype.newbyteorder("="))
-    arr = np.memmap(p, dtype=dtype, mode="r", offset=offset, shape=dims)
-    return arr if dtype.itemsize == 1 else arr.astype(dtype.newbyteorder("="))
+        finally:
+            if inner is not None:
+                inner.close()
 
 
 def _images_from_array(x: np.ndarray, source: str) -> np.ndarray:
@@ -257,7 +248,7 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None, max_bytes: int
     p = Path(path)
     try:
         # Our own handle: np.load leaks the one it opens when the archive is corrupt.
-        with open(p, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+        with os.fdopen(open_regular(p, what="data file"), "rb") as fh, np.load(fh, allow_pickle=False) as z:
             if not hasattr(z, "files"):
                 raise DataError(f"{p}: holds a single array, not an .npz archive with arrays 'x' and 'y'")
             keys = set(z.files)
@@ -297,7 +288,7 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None, max_bytes: int
 # ------------------------------------------------------------------------------------------------------- folders
 def _idx_file(folder: Path, stem: str) -> Path | None:
     for candidate in (folder / f"{stem}.gz", folder / stem):
-        if candidate.is_file():
+        if os.path.lexists(candidate) and not candidate.is_dir():  # reading it says what is wrong with it
             return candidate
     return None
 
@@ -374,7 +365,7 @@ def load_dataset(spec: str, *, data_dir=None, start: int | None = None, stop: in
     ``spec`` is ``mnist:test`` / ``fashion-mnist:train`` (a named dataset, split ``test`` when omitted),
     ``sample`` (the bundled MNIST sample), a ``.npz`` file, or a folder of MNIST-named files with ``:train`` or
     ``:test``. ``start``/``stop``/``limit`` select a part; images keep their original indices. Compressed data
-    larger than ``max_bytes`` is refused before it is decompressed; raw IDX files are memory-mapped.
+    larger than ``max_bytes`` is refused before it is decompressed (raw IDX files too: they are read, not mapped).
     """
     if not spec:
         raise InvalidInput("dataset must be NAME:SPLIT (mnist or fashion-mnist, train or test), 'sample', "

@@ -291,7 +291,7 @@ def evaluate(
         raise DataError(f"{ds.spec}: evaluating {ds.n} images needs about {need / 2**20:.0f} MiB "
                         f"({ds.memory_bytes / 2**20:.0f} MiB of images in memory), more than the "
                         f"{budget / 2**20:.0f} MiB allowed (--max-memory); use a smaller --chunk-size, fewer "
-                        "--sessions, a --range, or decompressed IDX files (memory-mapped)")
+                        "--sessions or a --range")
     if isinstance(model, OnnxModel) and sessions == "auto":
         sessions = 1  # the caller's own session is the one that runs
     status("loading the model")
@@ -317,6 +317,7 @@ def evaluate(
                 outcome, spec=spec, n_classes=max(ds.n_classes, 1),
                 model={"path": None if exported else str(Path(m.path).resolve()),
                        "name": exported.name if exported else Path(m.path).stem, "sha256": m.sha256,
+                       "external_data": m.external_data,
                        "input": m.input.name, "input_shape": m.input_shape, "layout": m.binding.layout,
                        "fixed_batch": m.binding.fixed_batch},
                 dataset={"spec": ds_spec, "name": ds.name, "split": ds.split, "source": ds.source,
@@ -345,7 +346,7 @@ def evaluate(
                                                         connection=conn, **kw)
                 return outcome
             if par["sessions"] > 1:
-                outcome, work["info"] = run_sessions(m.path, ds, spec, sessions=par["sessions"],
+                outcome, work["info"] = run_sessions(m, ds, spec, sessions=par["sessions"],
                                                      threads_per_session=par["threads_per_session"],
                                                      batch_size=plan["batch_size"], chunk_size=int(chunk_size),
                                                      custom_ops=custom_ops, shard_size=shard_size, **kw)
@@ -480,8 +481,8 @@ def _start_state(out_dir: Path, fp: dict, *, overwrite: bool, resume: bool) -> R
         saved = fingerprint(model_sha256=summary["model"]["sha256"], dataset_sha256=summary["dataset"]["sha256"],
                             count=count, spec=NoiseSpec.from_dict(summary["settings"]).to_dict())
         if saved != fp:
-            raise InvalidInput(f"{out_dir} holds a finished run of another model, data or settings; pass overwrite "
-                               "to replace it or choose another output folder")
+            raise InvalidInput(f"{out_dir} holds a finished run of another model, data or settings; pass "
+                               "overwrite=True to replace it or choose another output folder")
         return Evaluation(outcome=outcome, summary=summary, out=out_dir, resumed=True, already_complete=True)
     if present and not overwrite and not resume:
         if unfinished:

@@ -50,7 +50,7 @@ def merge(state: RunState, positions: np.ndarray, part: Outcome, lock: threading
 
 
 def run_sessions(
-    model_path,
+    model,
     dataset: Dataset,
     spec: NoiseSpec,
     *,
@@ -70,7 +70,9 @@ def run_sessions(
     state = state or RunState(dataset.n)
     state.sessions += 1
     shards = make_shards(state, workers=sessions, shard_size=shard_size)
-    models = [OnnxModel(model_path, threads=threads_per_session, custom_ops=custom_ops) for _ in range(sessions)]
+    # sessions of the model's own bytes (read once, hashed once), or of a path
+    models = [model.copy(threads=threads_per_session) if isinstance(model, OnnxModel) else
+              OnnxModel(model, threads=threads_per_session, custom_ops=custom_ops) for _ in range(sessions)]
     free = list(range(sessions))
     lock = threading.Lock()
     stop = threading.Event()

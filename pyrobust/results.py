@@ -6,12 +6,10 @@ folder holding ``results.npz`` without ``summary.json`` is an unfinished run.
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
 import platform
-import stat
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pyrobust.errors import DataError, OutputError
+from pyrobust.files import read_bounded
 from pyrobust.stats import survival_curve, wilson_interval
 from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome
 
@@ -142,35 +141,8 @@ MAX_RUN_FILE_BYTES = 2 * 2**30  # results of 50 M images; anything larger in a r
 def read_run_file(path: Path, *, what: str, max_bytes: int = MAX_RUN_FILE_BYTES) -> bytes:
     """The bytes of a file inside a run folder, read as untrusted input: never through a symbolic link, only from a
     regular file (a FIFO or a device would hang or never end), and only up to ``max_bytes``."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise DataError(f"{path}: {what} not found") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise DataError(f"{path}: the {what} is a symbolic link; pyrobust never follows links inside a run "
-                            "folder") from None
-        raise DataError(f"{path}: cannot read the {what} ({exc.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise DataError(f"{path}: the {what} is not a regular file")
-        if st.st_size > max_bytes:
-            raise DataError(f"{path}: the {what} is {st.st_size / 2**20:,.0f} MiB, more than a run writes "
-                            f"({max_bytes / 2**20:,.0f} MiB at most)")
-        chunks, left = [], st.st_size + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 24))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > st.st_size:
-            raise DataError(f"{path}: the {what} grew while it was read")
-        return data
-    finally:
-        os.close(fd)
+    return read_bounded(path, what=what, max_bytes=max_bytes, follow_symlinks=False,
+                        hint=" (more than a run writes)")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pyrobust.errors import ClassCountMismatch, InvalidInput, ModelError
+from pyrobust.files import read_bounded
 
 # Operator domains onnxruntime implements itself; anything else needs a custom-op library, which pyrobust never loads.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc",
@@ -132,24 +133,78 @@ def describe_shape(shape) -> str:
     return "[" + ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in shape) + "]"
 
 
+MODEL_MAX_BYTES = 2 * 2**30  # protobuf's limit for one ONNX file
+EXTERNAL_MAX_BYTES = 4 * 2**30  # weights kept beside the model, all files together
+
+
+def _external_files(proto, model_path: Path) -> dict[str, bytes]:
+    """The bytes of every external-data file the model references (already checked to sit beside it), read once."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import _get_all_tensors
+
+    base = model_path.resolve().parent
+    out: dict[str, bytes] = {}
+    total = 0
+    for tensor in _get_all_tensors(proto):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        loc = {e.key: e.value for e in tensor.external_data}["location"]
+        if loc not in out:
+            out[loc] = read_bounded(base / loc, what="external-data file", max_bytes=EXTERNAL_MAX_BYTES - total,
+                                    error=ModelError, hint=" for a model's external data")
+            total += len(out[loc])
+    return out
+
+
+def _inline_external(proto, files: dict[str, bytes]) -> None:
+    """Put the external tensors' bytes (those read and hashed) into the model itself."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import _get_all_tensors
+
+    for tensor in _get_all_tensors(proto):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        blob = files[info["location"]]
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info["length"]) if info.get("length") else len(blob) - offset
+        if offset < 0 or length < 0 or offset + length > len(blob):
+            raise ModelError(f"tensor '{tensor.name}' points past the end of {info['location']}")
+        tensor.raw_data = blob[offset: offset + length]
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT
+
+
+def model_digest(data: bytes, external: dict[str, bytes]) -> str:
+    """The model's SHA-256: of the .onnx file alone when it keeps its weights inside (the file's own SHA-256), else
+    of the .onnx and every external-data file by name, so a swapped weight file changes it."""
+    h = hashlib.sha256(data)
+    for loc in sorted(external):
+        h.update(b"\0" + loc.encode() + b"\0" + hashlib.sha256(external[loc]).digest())
+    return h.hexdigest()
+
+
 class OnnxModel:
-    """An ONNX image classifier run by onnxruntime on the CPU."""
+    """An ONNX image classifier run by onnxruntime on the CPU.
+
+    The file (and its external-data files) is read **once**: those bytes are hashed, checked and given to
+    onnxruntime, so what the record says ran is what ran, even if the file is swapped meanwhile. ``copy()`` opens
+    more sessions from the same bytes."""
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, spinning: bool = False,
-                 custom_ops: str | os.PathLike | None = None) -> None:
+                 custom_ops: str | os.PathLike | None = None, _from: OnnxModel | None = None) -> None:
         import onnx
-        import onnxruntime as ort
 
         self.path = Path(path)
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            raise ModelError(f"{self.path}: model file not found") from None
-        except IsADirectoryError:
-            raise ModelError(f"{self.path}: is a folder, expected an .onnx file") from None
-        except OSError as exc:
-            raise ModelError(f"{self.path}: cannot read ({exc.strerror})") from None
-        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.custom_ops = custom_ops
+        self.threads = check_threads(threads)
+        self.spinning = spinning
+        if _from is not None:
+            self.sha256, self.external_data, self._bytes = _from.sha256, _from.external_data, _from._bytes
+            self._start_session()
+            return
+        data = read_bounded(self.path, what="model file", max_bytes=MODEL_MAX_BYTES, error=ModelError,
+                            hint=" (one ONNX file holds at most 2 GiB; keep larger weights as external data)")
         try:
             proto = onnx.load_model_from_string(data)
         except Exception as exc:  # protobuf raises DecodeError and friends, not a common base
@@ -163,21 +218,39 @@ class OnnxModel:
                              "does not implement; pyrobust loads a custom-op library only when you name it "
                              "(--custom-ops LIB)")
         check_external_data(proto, self.path)
+        external = _external_files(proto, self.path)
+        self.sha256 = model_digest(data, external)
+        self.external_data = [{"location": loc, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+                              for loc, blob in sorted(external.items())]
+        if external:
+            _inline_external(proto, external)
+            if proto.ByteSize() >= MODEL_MAX_BYTES:
+                raise ModelError(f"{self.path}: the model with its external data is over 2 GiB, more than pyrobust "
+                                 "loads")
+            data = proto.SerializeToString()
         try:
-            onnx.checker.check_model(str(self.path))
+            onnx.checker.check_model(proto)
         except Exception as exc:
             raise ModelError(f"{self.path}: invalid ONNX model ({_first_line(exc)})") from None
+        self._bytes = data
+        self._start_session()
 
-        self.threads = check_threads(threads)
+    def copy(self, *, threads: int | None = None) -> OnnxModel:
+        """Another session of the same model bytes (for parallel sessions), not re-read from the file."""
+        return OnnxModel(self.path, threads=threads, spinning=self.spinning, custom_ops=self.custom_ops, _from=self)
+
+    def _start_session(self) -> None:
+        import onnxruntime as ort
+
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        if custom_ops is not None:
-            lib = Path(custom_ops)
+        opts.log_severity_level = 3  # errors reach the user as pyrobust's one line, not onnxruntime's log
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        if self.custom_ops is not None:
+            lib = Path(self.custom_ops)
             if not lib.is_file():
                 raise ModelError(f"{lib}: custom-op library not found")
             try:
@@ -185,12 +258,13 @@ class OnnxModel:
             except Exception as exc:
                 raise ModelError(f"{lib}: onnxruntime cannot load this custom-op library ({_first_line(exc)})") \
                     from None
-        self.spinning = spinning
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(self._bytes, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise ModelError(f"{self.path}: onnxruntime cannot load the model ({_first_line(exc)})") from None
+        self._describe()
 
+    def _describe(self) -> None:
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             names = ", ".join(f"{i.name} {describe_shape(i.shape)}" for i in inputs)

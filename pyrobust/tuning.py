@@ -137,7 +137,8 @@ def measure_layouts(path, *, threads: int, batch_size: int, seconds: float = 0.5
     perturbcore.perturb_flat(x0, indices=[0], steps=[1], pixels=1, n_positions=4, channels=1, seed=0, threads=1)
     perturbcore.predict(x0)
     for sessions, per in layouts(threads):
-        models = [OnnxModel(path, threads=per, custom_ops=custom_ops) for _ in range(sessions)]
+        models = [path.copy(threads=per) if isinstance(path, OnnxModel) else
+                  OnnxModel(path, threads=per, custom_ops=custom_ops) for _ in range(sessions)]
         for m in models:
             m.bind(image_shape, n_classes=n_classes)
         x = _random_batch(models[0], batch_size)
@@ -164,7 +165,7 @@ def auto_layout(model: OnnxModel, *, threads: int, batch_size: int, image_shape,
     hit = _load().get("layout", {}).get(key)
     if hit:
         return int(hit["sessions"]), int(hit["threads_per_session"]), "cached"
-    rates = measure_layouts(model.path, threads=threads, batch_size=batch_size, custom_ops=custom_ops,
+    rates = measure_layouts(model, threads=threads, batch_size=batch_size, custom_ops=custom_ops,
                             image_shape=image_shape, n_classes=n_classes)
     best = max(rates, key=rates.get)
     sessions, per = (int(v) for v in best.split("x"))

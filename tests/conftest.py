@@ -165,8 +165,8 @@ def synthetic(n=20, h=28, w=28, c=1, label=0, seed=0, zeros=False, name="synthet
     return Dataset(name, "test", x, y, np.arange(n, dtype=np.int64), name)
 
 
-MISSING_DATA = ("needs the real MNIST files (mnist/t10k-*.gz, mnist/train-*.gz) under {where}: put them there or "
-                "point PYROBUST_TEST_DATA at a folder holding them")
+MISSING_DATA = ("needs the real MNIST files (mnist/t10k-*.gz, mnist/train-*.gz) under {where}: get them with "
+                "`pyrobust data fetch mnist --dir DIR` and set PYROBUST_TEST_DATA=DIR")
 
 
 @pytest.fixture(scope="session")

@@ -70,6 +70,8 @@ def test_evaluate_json_and_options(capsys, tmp_path, bundled_model):
     (["evaluate", "{models[size_8x8]}", "--dataset", "sample", "--out", "{out}"], 3, "does not fit the data"),
     (["evaluate", "{models[not_onnx]}", "--dataset", "sample", "--out", "{out}"], 3, "not an ONNX model"),
     (["evaluate", "{model}", "--dataset", "mnist:test", "--data-dir", "{tmp}/none", "--out", "{out}"], 3,
+     "--data-dir .*/none: no such folder"),
+    (["evaluate", "{model}", "--dataset", "mnist:test", "--data-dir", "{tmp}", "--out", "{out}"], 3,
      "dataset mnist:test not found; looked in"),
     (["evaluate", "{model}", "--dataset", "{tmp}/bad.npz", "--out", "{out}"], 3, "holds pickled objects"),
 ])
