@@ -13,6 +13,7 @@ import os
 import platform
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,17 +44,48 @@ def machine_key() -> str:
     return f"{cpu}|cores={os.cpu_count()}|usable={default_threads()}|ort={onnxruntime.__version__}"
 
 
+class TuningCacheWarning(UserWarning):
+    """The tuning cache could not be used (corrupt or unexpected contents); it is measured and written anew."""
+
+
 def _load() -> dict:
-    try:
-        return json.loads(cache_path().read_text())
-    except (OSError, ValueError):
+    """The cache, as {section: {key: entry}}; a corrupt or crafted file is ignored (with a warning) and rewritten on
+    the next store, never an error: it only holds speed choices."""
+    path = cache_path()
+    if not path.exists():
         return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        warnings.warn(f"{path}: not a pyrobust tuning cache; ignoring it (it is rewritten after the next "
+                      "measurement)", TuningCacheWarning, stacklevel=3)
+        return {}
+    return data
+
+
+def _cached(section: str, key: str, fields: tuple[str, ...], limit: int) -> tuple[int, ...] | None:
+    """A cached entry's integer fields, each in [1, limit]; None (measure again) when missing or malformed."""
+    hit = _load().get(section, {}).get(key)
+    if hit is None:
+        return None
+    try:
+        values = tuple(hit[f] for f in fields)
+        if all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit for v in values):
+            return values
+    except (TypeError, KeyError):
+        pass
+    warnings.warn(f"{cache_path()}: a malformed {section} entry; measuring again", TuningCacheWarning, stacklevel=3)
+    return None
 
 
 def _store(section: str, key: str, value) -> None:
     from pyrobust.results import write_json_atomic
 
-    data = _load()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TuningCacheWarning)  # already said when it was read
+        data = _load()
     data.setdefault(section, {})[key] = value
     try:
         cache_path().parent.mkdir(parents=True, exist_ok=True)
@@ -84,9 +116,9 @@ def measure_batch_sizes(model: OnnxModel, sizes=BATCH_SIZES, seconds: float = 0.
 def auto_batch_size(model: OnnxModel, *, log=None) -> tuple[int, str]:
     """The batch size for ``model`` (bound): (size, "cached" or "measured")."""
     key = f"{model.sha256}|{model.binding.input_shape}|threads={model.threads}|{machine_key()}"
-    hit = _load().get("batch_size", {}).get(key)
+    hit = _cached("batch_size", key, ("batch_size",), 1 << 16)
     if hit:
-        return int(hit["batch_size"]), "cached"
+        return hit[0], "cached"
     rates = measure_batch_sizes(model)
     best = max(rates.values())
     size = min(s for s, r in rates.items() if r >= NEAR_BEST * best)
@@ -162,9 +194,9 @@ def auto_layout(model: OnnxModel, *, threads: int, batch_size: int, image_shape,
     if threads <= 1:
         return 1, 1, "single"
     key = f"{model.sha256}|{model.binding.input_shape}|threads={threads}|batch={batch_size}|{machine_key()}"
-    hit = _load().get("layout", {}).get(key)
+    hit = _cached("layout", key, ("sessions", "threads_per_session"), threads)
     if hit:
-        return int(hit["sessions"]), int(hit["threads_per_session"]), "cached"
+        return hit[0], hit[1], "cached"
     rates = measure_layouts(model, threads=threads, batch_size=batch_size, custom_ops=custom_ops,
                             image_shape=image_shape, n_classes=n_classes)
     best = max(rates, key=rates.get)

@@ -124,3 +124,27 @@ def test_an_explicit_data_dir_that_does_not_exist_is_an_error(capsys, tmp_path, 
     assert main(["evaluate", str(bundled_model), "--dataset", "mnist:test", "--data-dir", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "o")]) == 3
     assert "--data-dir" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_a_corrupt_tuning_cache_is_ignored_and_rewritten(tmp_path, monkeypatch, bundled_model, capsys):
+    from pyrobust.tuning import TuningCacheWarning, cache_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    pyrobust.evaluate(bundled_model, "sample", limit=5, max_steps=2)  # measures and caches
+    good = json.loads(cache_path().read_text())
+    assert good["batch_size"] and good["layout"]
+    for content in ("{not json", "[]", '{"batch_size": 5}'):
+        cache_path().write_text(content)
+        with pytest.warns(TuningCacheWarning, match="not a pyrobust tuning cache"):
+            ev = pyrobust.evaluate(bundled_model, "sample", limit=5, max_steps=2)
+        assert ev.summary["settings"]["batch_size_choice"] == "measured"
+        assert json.loads(cache_path().read_text())["batch_size"]  # rewritten whole
+    crafted = {section: {k: {f: -5 for f in v} for k, v in entries.items()} for section, entries in good.items()}
+    cache_path().write_text(json.dumps(crafted))
+    with pytest.warns(TuningCacheWarning, match="malformed"):
+        ev = pyrobust.evaluate(bundled_model, "sample", limit=5, max_steps=2)
+    assert ev.summary["settings"]["batch_size"] > 0
+    cache_path().write_text("{not json")
+    assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--limit", "5", "--max-steps", "2",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert "warning:" in capsys.readouterr().err
