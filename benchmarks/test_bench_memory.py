@@ -75,5 +75,5 @@ def test_report_memory(capsys):
     # From gzip the whole file is decompressed (47 MiB for 60k images) whatever the limit; beyond it, 60k images
     # cost only per-image arrays and a full chunk buffer more than 1k images.
     assert peak["gzip_60000"] - peak["gzip_1000"] < 30
-    # Memory-mapped raw files hold no decompressed copy: 1k images of them need ~40 MiB less than from gzip.
-    assert peak["gzip_1000"] - peak["raw_1000"] > 30
+    # Raw files are read, not memory-mapped (a file rewritten during a run cannot change it): the same as gzip.
+    assert all(abs(peak[f"gzip_{n}"] - peak[f"raw_{n}"]) < 10 for n in (1000, 10000, 60000))
