@@ -549,13 +549,19 @@ def _load_gate_config(ctx, param, value):
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise click.BadParameter(f"{value}: not valid TOML ({exc})") from None
     table = data.get("gate", data)
+    if not isinstance(table, dict):
+        raise click.BadParameter(f"{value}: [gate] must be a table of options; got {type(table).__name__}")
     values = {}
     for key, v in table.items():
         name = key.replace("-", "_")
         if name not in _GATE_CONFIG_KEYS:
             raise click.BadParameter(f"{value}: unknown key {key!r}; allowed: {', '.join(sorted(_GATE_CONFIG_KEYS))}")
-        values["index_range" if name == "range" else name] = str(v) if name in (
-            "min_accuracy", "min_robust", "min_class_robust", "max_robust_drop", "max_accuracy_drop") else v
+        if isinstance(v, bool) != (name == "early_stop") or not isinstance(v, (str, int, float, bool)):
+            raise click.BadParameter(f"{value}: {key} = {v!r} is not a valid value for it"
+                                     + (" (true or false)" if name == "early_stop" else ""))
+        if not isinstance(v, bool):
+            v = str(v)  # parsed by the option's own type, as if typed on the command line
+        values["index_range" if name == "range" else name] = v
     if "early_stop" in values:
         values["no_early_stop"] = not values.pop("early_stop")
     ctx.default_map = {**(ctx.default_map or {}), **values}
@@ -698,9 +704,13 @@ def replay(results, index, step, model, data_dir, out, no_check) -> int:
 
     Exit 0 when the model's prediction matches the run's record, 1 when it does not.
 
-    Example: pyrobust replay runs/mnist --index 8 --out failing.png
+    Example: pyrobust replay runs/mnist --index 7 --out failing.png
     """
     from pyrobust.replay import replay as do_replay
+    from pyrobust.results import check_output_file
+
+    if out is not None:
+        check_output_file(out, "--out")  # before any work
 
     if out is not None and out.suffix not in (".npy", ".png"):
         raise InvalidInput(f"--out must end in .npy or .png; got {out}")

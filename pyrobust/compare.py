@@ -9,7 +9,7 @@ import numpy as np
 
 from pyrobust.errors import InvalidInput
 from pyrobust.report import plot_survival
-from pyrobust.results import load_results, write_bytes_atomic, write_json_atomic
+from pyrobust.results import load_results, make_out_dir, write_bytes_atomic, write_json_atomic
 from pyrobust.stats import paired_difference_interval
 from pyrobust.types import ROBUST, NoiseSpec
 
@@ -40,6 +40,8 @@ def compare_runs(a_dir: str | os.PathLike, b_dir: str | os.PathLike, *, out: str
                  listed: int = 50) -> dict:
     """Compare run A with run B (B is "after"); write ``compare.json``, ``compare.md`` and ``survival_compare.png``
     to ``out`` when given."""
+    if out is not None:
+        make_out_dir(out)  # before any work: an output that cannot be written is an error up front
     oa, sa = load_results(a_dir)
     ob, sb = load_results(b_dir)
     _refuse_unless_comparable(sa, sb)
@@ -82,7 +84,6 @@ def compare_runs(a_dir: str | os.PathLike, b_dir: str | os.PathLike, *, out: str
     }
     if out is not None:
         o = Path(out)
-        o.mkdir(parents=True, exist_ok=True)
         name_a, name_b = f"A: {sa['model']['name']}", f"B: {sb['model']['name']}"
         if name_a[3:] == name_b[3:]:
             name_a, name_b = f"A: {Path(a_dir).name}", f"B: {Path(b_dir).name}"

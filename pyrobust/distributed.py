@@ -36,8 +36,30 @@ def _dask():
     return distributed
 
 
+def check_scheduler(scheduler: str) -> None:
+    """``local:N`` (N >= 1) or ``tcp://HOST:PORT`` / ``tls://HOST:PORT``; anything else is a usage error."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(scheduler, str):
+        raise InvalidInput(f"scheduler takes local:N or tcp://HOST:PORT; got {scheduler!r}")
+    if scheduler.startswith("local:"):
+        n = scheduler.split(":", 1)[1]
+        if not n.isdigit() or not 1 <= int(n) <= 1024:
+            raise InvalidInput(f"scheduler local:N needs a number of workers in [1, 1024]; got {scheduler!r}")
+        return
+    parts = urlsplit(scheduler)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme not in ("tcp", "tls") or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise InvalidInput(f"scheduler takes local:N or tcp://HOST:PORT (e.g. tcp://10.0.0.5:8786); got "
+                           f"{scheduler!r}")
+
+
 def connect(scheduler: str, *, threads_per_worker: int = 1):
     """(client, cluster or None) for ``local:N`` (a LocalCluster of N worker processes) or a scheduler address."""
+    check_scheduler(scheduler)
     distributed = _dask()
     if scheduler.startswith("local:"):
         try:

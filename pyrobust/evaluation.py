@@ -5,6 +5,7 @@ With an output folder the run is checkpointed as it goes, holds a lock on the fo
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -176,8 +177,9 @@ def available_memory_bytes() -> int | None:
 def memory_budget(max_memory_mb: float | None) -> int | None:
     """Bytes pyrobust may use for data and working buffers: ``max_memory_mb``, or 80 % of the available memory."""
     if max_memory_mb is not None:
-        if not max_memory_mb > 0:
-            raise InvalidInput(f"max_memory must be > 0 MiB; got {max_memory_mb}")
+        if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or \
+                not 0 < max_memory_mb < 2**40 or not math.isfinite(max_memory_mb):
+            raise InvalidInput(f"max_memory must be a finite number of MiB > 0; got {max_memory_mb}")
         return int(max_memory_mb * 2**20)
     avail = available_memory_bytes()
     return int(avail * 0.8) if avail else None
@@ -265,6 +267,10 @@ def evaluate(
     if resume and overwrite:
         raise InvalidInput("resume=True continues a run and overwrite=True replaces it: pass one of them")
     budget = memory_budget(max_memory_mb)
+    if scheduler is not None:
+        from pyrobust.distributed import check_scheduler
+
+        check_scheduler(scheduler)
     status("loading the data")
     if isinstance(dataset, tuple) and len(dataset) == 2 and labels is None:
         dataset, labels = dataset

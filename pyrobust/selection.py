@@ -18,9 +18,10 @@ import numpy as np
 
 from pyrobust.datasets import Dataset, load_recorded
 from pyrobust.errors import InvalidInput
-from pyrobust.results import load_results, write_bytes_atomic, write_json_atomic
+from pyrobust.results import check_output_file, load_results, make_out_dir, write_bytes_atomic, write_json_atomic
 from pyrobust.types import ROBUST, Outcome
 
+MAX_PER_CLASS = 1_000_000  # images kept per class; sampling with replacement could otherwise ask for any number
 SHORTFALLS = ("all", "replace", "fill")
 
 
@@ -43,8 +44,8 @@ class Selection:
 
 
 def _check(per_class, seed, shortfall) -> None:
-    if isinstance(per_class, bool) or int(per_class) != per_class or per_class < 1:
-        raise InvalidInput(f"per_class must be an integer >= 1; got {per_class!r}")
+    if isinstance(per_class, bool) or int(per_class) != per_class or not 1 <= per_class <= MAX_PER_CLASS:
+        raise InvalidInput(f"per_class must be an integer in [1, {MAX_PER_CLASS:,}]; got {per_class!r}")
     if isinstance(seed, bool) or int(seed) != seed or seed < 0:
         raise InvalidInput(f"seed must be an integer >= 0; got {seed!r}")
     if shortfall not in SHORTFALLS:
@@ -100,16 +101,20 @@ def random_subset(labels: np.ndarray, counts: dict[int, int], *, seed: int) -> n
     return np.concatenate(picks) if picks else np.empty(0, np.int64)
 
 
+def subset_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """Where a subset goes (``.npz`` and its JSON), checked writable (folders created): call before the work."""
+    out = Path(out)
+    if out.suffix == ".npz":
+        check_output_file(out, "output")
+        return out, out.with_suffix(".json")
+    folder = make_out_dir(out)
+    return folder / "subset.npz", folder / "selection.json"
+
+
 def write_subset(out: str | os.PathLike, dataset: Dataset, positions: np.ndarray, meta: dict) -> tuple[Path, Path]:
     """Write the images at ``positions`` as ``.npz`` (``x``, ``y``, ``source_index``) and ``selection.json``.
     ``out`` is a ``.npz`` file (the JSON goes beside it, same stem) or a folder (``subset.npz`` in it)."""
-    out = Path(out)
-    if out.suffix == ".npz":
-        npz, meta_path = out, out.with_suffix(".json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        npz, meta_path = out / "subset.npz", out / "selection.json"
+    npz, meta_path = subset_paths(out)
     x = dataset.images[positions]
     buf = io.BytesIO()
     np.savez_compressed(buf, x=x[..., 0] if x.shape[3] == 1 else x, y=dataset.labels[positions],
@@ -125,6 +130,8 @@ def select_from_results(results_dir: str | os.PathLike, *, per_class: int, seed:
     """``pyrobust select``: robust images of an evaluated (training) set, written to ``out``. An evaluation of a
     test split is refused unless ``allow_test_split``: training on the images a model is then tested on makes its
     test results meaningless."""
+    _check(per_class, seed, shortfall)
+    subset_paths(out)
     outcome, summary = load_results(results_dir)
     if summary["dataset"].get("split") == "test" and not allow_test_split:
         raise InvalidInput(f"{results_dir} evaluated a test split ({summary['dataset'].get('spec')}); selecting "

@@ -112,7 +112,7 @@ CASES = [
      r"max_steps must be an integer in \[1, 100,000\] .*; got 100000000"),
     ("low >= high", None, "sample", {"low": 0.5, "high": 0.5}, InvalidInput, 2, r"finite low < high"),
     ("limit beyond", None, "sample", {"limit": 501}, InvalidInput, 2, r"limit 501 is beyond the dataset"),
-    ("max memory", None, "sample", {"max_memory_mb": 0}, InvalidInput, 2, r"max_memory must be > 0 MiB"),
+    ("max memory", None, "sample", {"max_memory_mb": 0}, InvalidInput, 2, r"max_memory must be a finite number"),
     ("resume and overwrite", None, "sample", {"resume": True, "overwrite": True}, InvalidInput, 2,
      r"(resume=True|--resume) continues a run and (overwrite=True|--overwrite) replaces it"),
 ]
@@ -197,13 +197,15 @@ def test_memory_budget(tmp_path, shared_data, bundled_model, capsys):
         pyrobust.evaluate(bundled_model, "mnist:test", data_dir=shared_data, max_memory_mb=5)
     assert main(["evaluate", str(bundled_model), "--dataset", "mnist:test", "--data-dir", str(shared_data),
                  "--max-memory", "5", "--out", str(tmp_path / "o")]) == 3
-    assert "decompress it (gunzip)" in capsys.readouterr().err
-    # The same images decompressed are memory-mapped and fit a budget the gzip files do not.
+    assert "more than the 5 MiB of memory allowed (--max-memory)" in capsys.readouterr().err
+    # Decompressed (raw) files are read, not memory-mapped: the same budget applies, checked from the header.
     raw = tmp_path / "raw" / "mnist"
     raw.mkdir(parents=True)
     for f in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (raw / f).write_bytes(gzip.decompress((shared_data / "mnist" / f"{f}.gz").read_bytes()))
-    ev = pyrobust.evaluate(bundled_model, "mnist:test", data_dir=raw.parent, max_memory_mb=30, limit=2000,
+    with pytest.raises(DataError, match=r"holds 7 MiB of images, more than the 5 MiB of memory allowed"):
+        pyrobust.evaluate(bundled_model, "mnist:test", data_dir=raw.parent, max_memory_mb=5)
+    ev = pyrobust.evaluate(bundled_model, "mnist:test", data_dir=raw.parent, max_memory_mb=60, limit=2000,
                            max_steps=1, sessions=1)
     assert ev.outcome.n == 2000
     # every parallel session keeps its own buffers, and the check counts them

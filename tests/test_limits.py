@@ -148,3 +148,50 @@ def test_a_corrupt_tuning_cache_is_ignored_and_rewritten(tmp_path, monkeypatch, 
     assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--limit", "5", "--max-steps", "2",
                  "--out", str(tmp_path / "o")]) == 0
     assert "warning:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--max-memory", "inf"], "max_memory must be a finite number of MiB > 0"),
+    (["--max-memory", "nan"], "max_memory must be a finite number of MiB > 0"),
+    (["--scheduler", "tcp://"], r"scheduler takes local:N or tcp://HOST:PORT"),
+    (["--scheduler", "foo://bar"], r"scheduler takes local:N or tcp://HOST:PORT"),
+    (["--scheduler", "tcp://host:99999"], r"scheduler takes local:N or tcp://HOST:PORT"),
+    (["--scheduler", "local:0"], r"local:N needs a number of workers in \[1, 1024\]"),
+])
+def test_bad_option_values_exit_2_before_any_work(capsys, tmp_path, bundled_model, args, match):
+    code = main(["evaluate", str(bundled_model), "--dataset", "sample", "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(match, err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("toml,match", [
+    ('gate = "x"\n', r"\[gate\] must be a table"),
+    ('dataset = "sample"\nmin-robust = "50%"\nlimit = inf\n', r"'inf' is not a valid integer"),
+    ('dataset = "sample"\nmin-robust = "50%"\nlimit = [1]\n', r"limit = \[1\] is not a valid value"),
+    ('dataset = "sample"\nmin-robust = "50%"\nearly-stop = "no"\n', r"\(true or false\)"),
+    ('dataset = "mnist:test"\nmin-robust = "50%"\ndata-dir = 5\n', r"--data-dir 5: no such folder"),
+])
+def test_gate_config_values_are_checked_like_options(capsys, tmp_path, bundled_model, toml, match):
+    cfg = tmp_path / "gate.toml"
+    cfg.write_text(toml)
+    code = main(["gate", str(bundled_model), "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert code in (2, 3) and len(err.strip().splitlines()) == 1 and "internal error" not in err, err
+    if match:
+        assert re.search(match, err), err
+
+
+def test_outputs_that_cannot_be_written_are_refused_up_front(capsys, tmp_path, bundled_model):
+    run = tmp_path / "run"
+    pyrobust.evaluate(bundled_model, "sample", limit=30, max_steps=5, out=run, report=False)
+    (tmp_path / "file").write_text("x")
+    blocked = tmp_path / "file" / "sub"  # a path under a regular file can never be created
+    assert main(["compare", str(run), str(run), "--out", str(blocked)]) == 2
+    assert main(["select", str(run), "--per-class", "3", "--allow-test-split", "--out", str(blocked / "s.npz")]) == 2
+    assert main(["replay", str(run), "--index", "1", "--step", "1", "--out", str(blocked / "r.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "internal error" not in err and err.count("pyrobust: error:") == 3
+    assert main(["select", str(run), "--per-class", "100000000000", "--allow-test-split", "--out",
+                 str(tmp_path / "s.npz")]) == 2
+    assert "per_class must be an integer in [1, 1,000,000]" in capsys.readouterr().err

@@ -58,7 +58,7 @@ def test_shortfall_replace_and_fill(outcome):
     assert fill.table[2]["taken"] == 1 and fill.table[2]["filled"] == 1  # class 2: only the one fooled at step 3
 
 
-@pytest.mark.parametrize("kwargs,match", [({"per_class": 0}, "per_class must be an integer >= 1"),
+@pytest.mark.parametrize("kwargs,match", [({"per_class": 0}, r"per_class must be an integer in \[1, "),
                                           ({"per_class": 2, "seed": -1}, "seed must be an integer >= 0"),
                                           ({"per_class": 2, "shortfall": "x"}, "shortfall must be one of")])
 def test_bad_options(outcome, kwargs, match):
