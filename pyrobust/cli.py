@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from pyrobust import __version__
-from pyrobust.errors import InvalidInput, PyRobustError
+from pyrobust.errors import Interrupted, InvalidInput, PyRobustError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
 DEMO_MODEL = "mnist-cnn.onnx"
@@ -101,6 +101,30 @@ def _quiet_option(func):
 
     return click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=remember, is_eager=True,
                         help="No progress output (results and errors are still printed).")(func)
+
+
+_WATCHDOG: dict = {"dog": None}
+
+
+def _timeout_option(func):
+    def arm(ctx, param, value):
+        if value is not None:
+            if not 0 < value < 10**7:
+                raise click.BadParameter(f"must be a number of seconds > 0; got {value}")
+            if _WATCHDOG["dog"] is not None:
+                _WATCHDOG["dog"].set_timeout(value)
+        return value
+
+    return click.option("--timeout", type=float, default=None, expose_value=False, callback=arm,
+                        help="Stop after this many seconds (exit 130, checkpoint saved), even inside a model that "
+                             "never returns.")(func)
+
+
+def _interruption(message: str) -> str:
+    dog = _WATCHDOG["dog"]
+    if dog is not None and dog.reason == "timeout":
+        return f"timed out after {dog.timeout:g} s (--timeout); {message}"
+    return message
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -303,6 +327,7 @@ def cli(debug: bool) -> None:
 @click.option("--json", "json_out", is_flag=True, help="Print summary.json to stdout instead of the table.")
 @noise_options
 @_quiet_option
+@_timeout_option
 def evaluate(model, dataset, data_dir, limit, index_range, sample, sample_seed, out, overwrite, resume,
              checkpoint_every, chunk_size, max_memory, custom_ops, sessions, scheduler, shard_size, precision,
              no_report, json_out, **noise) -> int:
@@ -478,6 +503,7 @@ def retrain(subset, like, epochs, seed, threads, out) -> int:
 @click.option("--scheduler", default=None, help="Run the evaluations on Dask: local:N or tcp://HOST:PORT.")
 @noise_options
 @_quiet_option
+@_timeout_option
 def reproduce(dataset, data_dir, out, per_class, shortfall, arch, epochs, train_sample, test_sample, schemes, quick,
               scheduler, pixels, max_steps, low, high, scheme, mode, seed, mean, std, batch_size, threads) -> int:
     """The paper end to end: train, evaluate, select robust images, retrain, compare with a random control, report.
@@ -600,6 +626,7 @@ def _load_gate_config(ctx, param, value):
               help="Markdown summary file (also appended to $GITHUB_STEP_SUMMARY when set).")
 @noise_options
 @_quiet_option
+@_timeout_option
 def gate(candidate, dataset, data_dir, limit, index_range, min_accuracy, min_robust, min_class_robust, baseline,
          max_robust_drop, max_accuracy_drop, confidence, inconclusive, no_early_stop, family, spending, out, junit,
          summary, **noise) -> int:
@@ -806,25 +833,36 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
+    from pyrobust.watchdog import Watchdog
+
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     else:  # pragma: no cover - signals can only be set from the main thread
         previous = None
     try:
-        return _main(args, debug)
+        with Watchdog() as dog:  # Ctrl-C, SIGTERM and --timeout reach even a run stuck inside onnxruntime
+            _WATCHDOG["dog"] = dog
+            return _main(args, debug)
     finally:
+        _WATCHDOG["dog"] = None
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
 def _main(args: list[str], debug: bool) -> int:
     try:
-        rv = cli.main(args=args, prog_name="pyrobust", standalone_mode=False)
+        # make_context + invoke rather than cli.main: click's main prints a bare newline on KeyboardInterrupt, and
+        # an interrupted run's stderr is one line like every other error.
+        with cli.make_context("pyrobust", list(args)) as ctx:
+            rv = cli.invoke(ctx)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt):
-        _err("interrupted")
+        _err(_interruption("stopped before any result was saved"))
         return 130
+    except Interrupted as exc:
+        _err(f"error: {_interruption(cli_words(str(exc)))}")
+        return exc.exit_code
     except click.ClickException as exc:
         _err(f"error: {exc.format_message()} (see pyrobust --help)")
         return EXIT_USAGE

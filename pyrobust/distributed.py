@@ -156,7 +156,8 @@ def run_distributed(
         workers = len(client.scheduler_info()["workers"])
         if on_client is not None:
             on_client(client)
-        shards = make_shards(state, workers=workers, shard_size=shard_size)
+        # shards of at most 512 images: results come back per shard, so the checkpoint is never far behind
+        shards = make_shards(state, workers=workers, shard_size=shard_size, max_size=512)
         external = any(t.data_location == 1 for t in _initializers(model.path))
         if external:  # weights in files beside the model: every worker reads the same path
             payload, transfer = str(Path(model.path).resolve()), "path"

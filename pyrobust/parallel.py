@@ -26,12 +26,13 @@ class _Stopped(Exception):
     """Raised inside a worker thread when the run is being interrupted."""
 
 
-def make_shards(state: RunState, *, workers: int, shard_size: int | None = None) -> list[np.ndarray]:
-    """Positions still to do, cut into shards: by default about four per worker, 64 to 4096 images each."""
+def make_shards(state: RunState, *, workers: int, shard_size: int | None = None,
+                max_size: int = 4096) -> list[np.ndarray]:
+    """Positions still to do, cut into shards: by default about four per worker, 64 to ``max_size`` images each."""
     todo = np.flatnonzero(~state.done)
     if todo.size == 0:
         return []
-    size = shard_size or max(64, min(4096, math.ceil(todo.size / (4 * workers))))
+    size = shard_size or max(64, min(max_size, math.ceil(todo.size / (4 * workers))))
     return [todo[i: i + size] for i in range(0, todo.size, size)]
 
 
@@ -77,23 +78,44 @@ def run_sessions(
     lock = threading.Lock()
     stop = threading.Event()
 
-    def stop_check(done, total, inferences) -> None:
-        # called after every batch of a shard: lets Ctrl-C stop the other sessions within one batch
-        if stop.is_set():
-            raise _Stopped
     t0 = time.perf_counter()
     seconds_before = state.seconds
 
-    def work(positions: np.ndarray) -> tuple[np.ndarray, Outcome]:
+    def work(positions: np.ndarray) -> None:
+        """One shard on a free session. Its images are folded into ``state`` as they finish (after every batch),
+        so the checkpoint and the progress are as fresh as with one session."""
+        sub = RunState(positions.size)
+        merged = np.zeros(positions.size, np.bool_)
+        counted = [0, 0]
+
+        def fold() -> None:
+            with lock:
+                new = sub.done & ~merged
+                if new.any():
+                    where = positions[new]
+                    state.clean_prediction[where] = sub.clean_prediction[new]
+                    state.first_failure[where] = sub.first_failure[new]
+                    state.failure_label[where] = sub.failure_label[new]
+                    state.done[where] = True  # last: a checkpoint taken meanwhile stays consistent
+                    merged[new] = True
+                state.inferences += sub.inferences - counted[0]
+                state.noisy_inferences += sub.noisy_inferences - counted[1]
+                counted[:] = [sub.inferences, sub.noisy_inferences]
+
+        def after_batch(done, total, inferences) -> None:
+            if stop.is_set():  # Ctrl-C: the other sessions stop within one batch
+                raise _Stopped
+            fold()
+
         with lock:
             slot = free.pop()
         try:
-            part = run_protocol(models[slot], dataset.take(positions), spec, batch_size=batch_size,
-                                chunk_size=chunk_size, progress=stop_check)
+            run_protocol(models[slot], dataset.take(positions), spec, batch_size=batch_size, chunk_size=chunk_size,
+                         progress=after_batch, state=sub)
+            fold()
         finally:
             with lock:
                 free.append(slot)
-        return positions, part
 
     last = time.perf_counter()
     with ThreadPoolExecutor(max_workers=sessions, thread_name_prefix="pyrobust-session") as pool:
@@ -102,10 +124,9 @@ def run_sessions(
             while pending:
                 finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for f in finished:
-                    positions, part = f.result()
-                    merge(state, positions, part, lock)
+                    f.result()  # a shard's error surfaces here
                 state.seconds = seconds_before + time.perf_counter() - t0
-                if progress is not None and finished:
+                if progress is not None:
                     progress(state.n_done, state.n, state.inferences)
                 if on_checkpoint is not None and time.perf_counter() - last >= checkpoint_every:
                     with lock:

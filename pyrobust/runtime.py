@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 
 from pyrobust.errors import ClassCountMismatch, InvalidInput, ModelError
 from pyrobust.files import read_bounded
+from pyrobust.watchdog import register_run_options
 
 # Operator domains onnxruntime implements itself; anything else needs a custom-op library, which pyrobust never loads.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc",
@@ -242,12 +244,13 @@ class OnnxModel:
     def _start_session(self) -> None:
         import onnxruntime as ort
 
+        ort.set_default_logger_severity(4)  # errors reach the user as pyrobust's one line, not onnxruntime's log
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3  # errors reach the user as pyrobust's one line, not onnxruntime's log
+        opts.log_severity_level = 4  # errors reach the user as pyrobust's one line, not onnxruntime's log
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         if self.custom_ops is not None:
             lib = Path(self.custom_ops)
@@ -258,6 +261,9 @@ class OnnxModel:
             except Exception as exc:
                 raise ModelError(f"{lib}: onnxruntime cannot load this custom-op library ({_first_line(exc)})") \
                     from None
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
+        register_run_options(self._run_options)  # Ctrl-C, SIGTERM and --timeout can stop a run in flight
         try:
             self.session = ort.InferenceSession(self._bytes, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
@@ -337,8 +343,13 @@ class OnnxModel:
     # --------------------------------------------------------------------------------------------------------- run
     def _run_once(self, x: np.ndarray) -> np.ndarray:
         try:
-            out = self.session.run([self.output.name], {self.input.name: x})[0]
+            out = self.session.run([self.output.name], {self.input.name: x}, self._run_options)[0]
         except Exception as exc:
+            if self._run_options.terminate:
+                # Stopped by the watchdog: the pending signal handler (or the watchdog's interrupt) raises
+                # KeyboardInterrupt at the next bytecode, here, and not later inside the checkpoint save.
+                time.sleep(0.05)
+                raise KeyboardInterrupt from None
             raise ModelError(f"{self.path}: onnxruntime failed to run the model ({_first_line(exc)})") from None
         if out.ndim != 2 or out.shape[0] != x.shape[0]:
             raise ModelError(f"{self.path}: for a batch of {x.shape[0]} images the first output has shape "

@@ -1,0 +1,97 @@
+"""Ctrl-C, SIGTERM and ``--timeout`` stay effective while onnxruntime runs.
+
+Python runs signal handlers only between bytecodes of the main thread, so a model whose inference never ends (a
+``Loop`` with an enormous trip count) would ignore SIGTERM and keep a CI runner waiting. While a command runs, the
+:class:`Watchdog` listens on Python's signal wake-up descriptor (written by the C-level handler the moment a signal
+arrives, whichever thread takes it) and watches the deadline from a thread of its own. When either fires it asks
+every onnxruntime run in flight to stop (``RunOptions.terminate``, checked by onnxruntime between nodes and loop
+iterations); the signal's own handler then raises ``KeyboardInterrupt`` in the main thread (for the deadline the
+watchdog raises it), which saves its checkpoint and exits 130, as after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import select
+import signal
+import threading
+import time
+import weakref
+
+_ACTIVE_RUNS: weakref.WeakSet = weakref.WeakSet()  # RunOptions of the sessions that exist
+
+
+def register_run_options(options) -> None:
+    _ACTIVE_RUNS.add(options)
+
+
+def terminate_runs() -> None:
+    for options in list(_ACTIVE_RUNS):
+        options.terminate = True
+
+
+class Watchdog:
+    """Within ``with Watchdog():`` SIGINT, SIGTERM and the deadline (``set_timeout``) stop onnxruntime runs in
+    flight, and the main thread gets ``KeyboardInterrupt``. ``reason``: ``"timeout"``, ``"SIGTERM"``, ``"SIGINT"``
+    or None."""
+
+    def __init__(self, timeout: float | None = None) -> None:
+        self.timeout = timeout
+        self.reason: str | None = None
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pipe: tuple[int, int] | None = None
+        self._previous_fd = -1
+
+    def set_timeout(self, seconds: float) -> None:
+        """Arm (or re-arm) the deadline, counted from now."""
+        self.timeout = seconds
+        self._deadline = time.monotonic() + seconds
+
+    def __enter__(self) -> Watchdog:
+        if threading.current_thread() is threading.main_thread():
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
+            self._previous_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            self._pipe = (r, w)
+        self._thread = threading.Thread(target=self._watch, name="pyrobust-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        r = self._pipe[0] if self._pipe else None
+        while not self._stop.is_set():
+            wait = 0.2 if self._deadline is None else max(0.0, min(0.2, self._deadline - time.monotonic()))
+            if r is not None:
+                ready, _, _ = select.select([r], [], [], wait)
+                if ready:
+                    try:
+                        data = os.read(r, 64)
+                    except BlockingIOError:
+                        data = b""
+                    for signo in data:
+                        if signo in (signal.SIGINT, signal.SIGTERM):
+                            # the signal's handler raises KeyboardInterrupt once the main thread leaves C code
+                            self.reason = signal.Signals(signo).name
+                            terminate_runs()
+                            return
+            else:
+                time.sleep(wait)
+            if self._deadline is not None and time.monotonic() >= self._deadline and not self._stop.is_set():
+                self.reason = "timeout"
+                terminate_runs()
+                _thread.interrupt_main()
+                return
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._previous_fd)
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
