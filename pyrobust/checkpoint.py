@@ -23,7 +23,7 @@ import numpy as np
 
 from pyrobust.engine import RunState
 from pyrobust.errors import DataError, InvalidInput, OutputError
-from pyrobust.results import read_run_file, write_bytes_atomic
+from pyrobust.results import check_outcome_arrays, read_run_file, write_bytes_atomic
 
 CHECKPOINT_FILE = "checkpoint.npz"
 LOCK_FILE = ".pyrobust.lock"
@@ -75,14 +75,21 @@ def load_checkpoint(folder: Path, fp: dict) -> RunState:
         raise InvalidInput(f"cannot resume the run in {folder}: {'; '.join(diffs)}. Resume with the same model, data "
                            "and settings, or pass overwrite=True to start over")
     state = RunState(fp["count"])
-    for name, arr in arrays.items():
+    for arr in arrays.values():
         if arr.shape != (fp["count"],):
             raise DataError(f"{path}: checkpoint arrays do not match the run; pass overwrite=True to start over")
+    check_outcome_arrays(arrays, int(fp["spec"]["max_steps"]), f"{path} (pass overwrite=True to start over)")
+    if arrays["done"].dtype != np.bool_:
+        raise DataError(f"{path}: the 'done' mask is not boolean; pass overwrite=True to start over")
+    for name, arr in arrays.items():
         getattr(state, name)[:] = arr
-    state.inferences = int(meta.get("inferences", 0))
-    state.noisy_inferences = int(meta.get("noisy_inferences", 0))
-    state.seconds = float(meta.get("seconds", 0.0))
-    state.sessions = int(meta.get("sessions", 0))
+    counts = [meta.get(k, 0) for k in ("inferences", "noisy_inferences", "sessions")]
+    seconds = meta.get("seconds", 0.0)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts) or \
+            not isinstance(seconds, (int, float)) or not 0 <= seconds < 1e9:
+        raise DataError(f"{path}: malformed counters in the checkpoint; pass overwrite=True to start over")
+    state.inferences, state.noisy_inferences, state.sessions = counts
+    state.seconds = float(seconds)
     return state
 
 

@@ -224,7 +224,91 @@ def load_results(folder: str | os.PathLike) -> tuple[Outcome, dict]:
     if summary.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{p}: summary schema_version {summary.get('schema_version')!r}; this pyrobust reads "
                         f"{SCHEMA_VERSION}")
-    perf = summary.get("performance", {})
-    outcome = Outcome(**arrays, inferences=perf.get("inferences", 0), noisy_inferences=perf.get("noisy_inferences", 0),
-                      seconds=perf.get("seconds", 0.0))
+    perf = summary.get("performance", {}) if isinstance(summary, dict) else {}
+    outcome = Outcome(**arrays, inferences=_count(perf.get("inferences", 0)),
+                      noisy_inferences=_count(perf.get("noisy_inferences", 0)),
+                      seconds=float(perf.get("seconds", 0.0)) if isinstance(perf.get("seconds", 0.0), (int, float))
+                      else 0.0)
+    check_record(outcome, summary, p)
     return outcome, summary
+
+
+def _count(v) -> int:
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+
+def check_outcome_arrays(arrays: dict, max_steps: int, where: str) -> None:
+    """Per-image arrays as pyrobust writes them, checked as strictly as input: shapes, types, ranges, sentinels and
+    their consistency (a crafted or damaged file is refused, never reported)."""
+    def bad(what: str) -> DataError:
+        return DataError(f"{where}: {what}; the file is damaged or was not written by pyrobust")
+
+    n = None
+    for name, arr in arrays.items():
+        if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype.kind not in "iub":
+            raise bad(f"'{name}' is not a 1-D integer array")
+        if n is None:
+            n = arr.shape[0]
+        elif arr.shape[0] != n:
+            raise bad(f"'{name}' holds {arr.shape[0]} entries, not {n}")
+    ff = arrays.get("first_failure")
+    if ff is not None and ff.size:
+        if ff.min() < ROBUST or ff.max() > max_steps:
+            raise bad(f"first-failure steps outside [-1, {max_steps}] (max_steps)")
+        fl = arrays.get("failure_label")
+        if fl is not None and (np.any((ff == ROBUST) != (fl == ROBUST)) or fl.min() < NONFINITE):
+            raise bad("failure labels do not match the first-failure steps")
+        cp = arrays.get("clean_prediction")
+        label = arrays.get("label")
+        if cp is not None and cp.size and cp.min() < NONFINITE:
+            raise bad("clean predictions below -2")
+        if cp is not None and label is not None and "done" not in arrays and \
+                np.any((ff == 0) != (cp != label)):
+            raise bad("clean predictions do not match the steps (wrong before noise exactly when step 0)")
+    for name in ("index", "label"):
+        arr = arrays.get(name)
+        if arr is not None and arr.size and arr.min() < 0:
+            raise bad(f"negative '{name}' values")
+    index = arrays.get("index")
+    if index is not None and np.unique(index).size != index.size:
+        raise bad("repeated image indices")
+
+
+def check_record(outcome: Outcome, summary, where: Path) -> None:
+    """A results folder read back: the summary's settings are valid, and every count it states is the one its
+    arrays give."""
+    from pyrobust.errors import InvalidInput
+
+    def bad(what: str) -> DataError:
+        return DataError(f"{where / SUMMARY_FILE}: {what}; the folder is damaged or was not written by pyrobust")
+
+    if not isinstance(summary, dict):
+        raise bad("not a JSON object")
+    try:
+        spec = NoiseSpec.from_dict(summary["settings"])
+        model, dataset, metrics, per_class = (summary["model"], summary["dataset"], summary["metrics"],
+                                              summary["per_class"])
+    except (KeyError, TypeError) as exc:
+        raise bad(f"missing or malformed field {exc}") from None
+    except InvalidInput as exc:
+        raise bad(f"invalid settings ({exc})") from None
+    for what, value in (("model SHA-256", model.get("sha256") if isinstance(model, dict) else None),
+                        ("dataset SHA-256", dataset.get("sha256") if isinstance(dataset, dict) else None)):
+        if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise bad(f"{what} is not a SHA-256 hex digest")
+    arrays = {name: getattr(outcome, name) for name in Outcome.ARRAYS}
+    check_outcome_arrays(arrays, spec.max_steps, str(where / RESULTS_FILE))
+    n = outcome.n
+    try:
+        stated = (dataset["count"], metrics["images"], metrics["robust"]["count"], metrics["accuracy"]["count"])
+        rows = [(r["class"], r["images"], r["correct"], r["robust"]) for r in per_class]
+    except (KeyError, TypeError) as exc:
+        raise bad(f"missing or malformed field {exc}") from None
+    actual = (n, n, int(outcome.robust.sum()), int(outcome.correct.sum()))
+    if stated != actual:
+        raise bad(f"its counts {stated} are not those of results.npz {actual}")
+    for k, images, correct, robust in rows:
+        sel = outcome.label == k
+        if (images, correct, robust) != (int(sel.sum()), int((outcome.correct & sel).sum()),
+                                          int((outcome.robust & sel).sum())):
+            raise bad(f"the counts of class {k!r} are not those of results.npz")

@@ -7,6 +7,7 @@ import hashlib
 import os
 import tempfile
 
+import numpy as np
 import pytest
 
 import pyrobust
@@ -153,3 +154,30 @@ def test_no_lock_file_is_left_behind_and_a_second_run_is_still_refused(tmp_path,
         with pytest.raises(OutputError, match=r"another pyrobust run \(pid \d+\) is writing there"):
             pyrobust.evaluate(bundled_model, "sample", out=out, overwrite=True, **FAST)
     assert not (out / ".pyrobust.lock").exists()
+
+
+def test_a_crafted_checkpoint_is_refused(tmp_path, bundled_model):
+    import io
+    import json as _json
+
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted):
+        pyrobust.evaluate(bundled_model, "sample", out=out, progress=_interrupt, batch_size=4, sessions=1, **FAST)
+    with np.load(out / "checkpoint.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["first_failure"] = arrays["first_failure"].copy()
+    arrays["first_failure"][0] = 10_000  # beyond max_steps (3)
+    arrays["done"] = arrays["done"].copy()
+    arrays["done"][0] = True
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    (out / "checkpoint.npz").write_bytes(buf.getvalue())
+    with pytest.raises(DataError, match=r"steps outside \[-1, 3\]"):
+        pyrobust.evaluate(bundled_model, "sample", out=out, resume=True, **FAST)
+    meta = _json.loads(arrays["meta"].tobytes().decode())
+    meta["inferences"] = -7
+    arrays["meta"] = np.frombuffer(_json.dumps(meta).encode(), np.uint8)
+    arrays["first_failure"][0] = -1
+    np.savez(out / "checkpoint.npz", **arrays)
+    with pytest.raises(DataError, match="malformed counters"):
+        pyrobust.evaluate(bundled_model, "sample", out=out, resume=True, **FAST)

@@ -63,7 +63,8 @@ def test_summary_numbers():
 
 def test_write_and_load_roundtrip(tmp_path):
     o = _outcome()
-    s = build_summary(o, spec=NoiseSpec(max_steps=5), model={}, dataset={}, settings={}, n_classes=3)
+    s = build_summary(o, spec=NoiseSpec(max_steps=5), model={"sha256": "a" * 64}, dataset={"sha256": "b" * 64},
+                      settings={}, n_classes=3)
     out = make_out_dir(tmp_path / "run")
     write_results(out, o, s)
     got, summary = load_results(out)
@@ -71,6 +72,32 @@ def test_write_and_load_roundtrip(tmp_path):
         assert np.array_equal(getattr(got, name), getattr(o, name))
     assert summary == json.loads(json.dumps(s))
     assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("tamper,match", [
+    (lambda s, a: s["per_class"][0].update(images=-5), "the counts of class 0 are not those of results.npz"),
+    (lambda s, a: s["metrics"]["robust"].update(count=10**6), "counts .* are not those of results.npz"),
+    (lambda s, a: s["settings"].update(max_steps=0), "invalid settings"),
+    (lambda s, a: s["model"].update(sha256="not-a-digest"), "model SHA-256 is not a SHA-256 hex digest"),
+    (lambda s, a: s.pop("per_class"), "missing or malformed field 'per_class'"),
+    (lambda s, a: a.update(first_failure=np.array([9, 4, 0, -1, -1, 1], np.int32)), r"steps outside \[-1, 5\]"),
+    (lambda s, a: a.update(failure_label=np.full(6, -1, np.int32)), "failure labels do not match"),
+    (lambda s, a: a.update(index=np.array([0, 0, 1, 2, 3, 4])), "repeated image indices"),
+    (lambda s, a: a.update(label=np.array([0, 1, 2])), "'label' holds 3 entries, not 6"),
+])
+def test_crafted_results_are_refused(tmp_path, tamper, match):
+    """A results folder is read back as strictly as input: every count must be its arrays'."""
+    o = _outcome()
+    s = build_summary(o, spec=NoiseSpec(max_steps=5), model={"sha256": "a" * 64}, dataset={"sha256": "b" * 64},
+                      settings={}, n_classes=3)
+    out = make_out_dir(tmp_path / "run")
+    s = json.loads(json.dumps(s))
+    arrays = {name: getattr(o, name) for name in Outcome.ARRAYS}
+    tamper(s, arrays)
+    (out / "summary.json").write_text(json.dumps(s))
+    np.savez(out / "results.npz", **arrays)
+    with pytest.raises(DataError, match=match):
+        load_results(out)
 
 
 def test_out_dir_helpers(tmp_path):
