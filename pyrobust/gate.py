@@ -182,7 +182,10 @@ class GatePlan:
         return self.clean + self.noise
 
 
-def plan_gate(policy: GatePolicy, total: int, n_classes: int, *, baseline: bool = True) -> GatePlan:
+def plan_gate(policy: GatePolicy, total: int, classes, *, baseline: bool = True) -> GatePlan:
+    """``classes``: the number of classes, or the labels that occur (one ``min_class_robust`` check each)."""
+    if isinstance(classes, (int, np.integer)):
+        classes = range(int(classes))
     specs = []
     if policy.min_accuracy is not None:
         specs.append(CheckSpec("min_accuracy", "min_accuracy", policy.min_accuracy))
@@ -191,8 +194,8 @@ def plan_gate(policy: GatePolicy, total: int, n_classes: int, *, baseline: bool 
     if policy.min_robust is not None:
         specs.append(CheckSpec("min_robust", "min_robust", policy.min_robust))
     if policy.min_class_robust is not None:
-        specs += [CheckSpec(f"min_class_robust[{k}]", "min_class_robust", policy.min_class_robust)
-                  for k in range(n_classes)]
+        specs += [CheckSpec(f"min_class_robust[{int(k)}]", "min_class_robust", policy.min_class_robust)
+                  for k in classes]
     if policy.max_robust_drop is not None and baseline:
         specs.append(CheckSpec("max_robust_drop", "max_robust_drop", policy.max_robust_drop))
     clean_alpha, noise_alpha = stage_alphas(specs, policy.alpha, policy.family)
@@ -339,7 +342,7 @@ def run_gate(
 
         batch_size, _ = auto_batch_size(cand)
     total = ds.n
-    plan = plan_gate(policy, total, ds.n_classes, baseline=baseline is not None)
+    plan = plan_gate(policy, total, np.unique(ds.labels), baseline=baseline is not None)
     inferences = 0
     look_log: list[dict] = []
     checks: list[Check] = []

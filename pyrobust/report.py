@@ -69,8 +69,16 @@ def plot_survival(summary: dict, path: Path | None = None, *,
     return save_figure(fig, path)
 
 
+PLOTTED_CLASSES = 40  # more bars than this are unreadable: the least robust classes are shown
+
+
 def plot_per_class(summary: dict, path: Path | None = None) -> Figure:
     rows = summary["per_class"]
+    shown_note = ""
+    if len(rows) > PLOTTED_CLASSES:
+        rows = sorted((r for r in rows if r["images"]), key=lambda r: (r["robust_rate"], r["class"]))[:PLOTTED_CLASSES]
+        rows.sort(key=lambda r: r["class"])
+        shown_note = f"; the {len(rows)} least robust of {len(summary['per_class'])} classes"
     names = [r["name"] for r in rows]
     robust = np.array([r["robust"] for r in rows])
     fooled = np.array([r["fooled"] for r in rows])
@@ -87,7 +95,7 @@ def plot_per_class(summary: dict, path: Path | None = None) -> Figure:
     ax.set_xticks(x, names, rotation=30 if max(len(n) for n in names) > 2 else 0, fontsize=8)
     ax.set_ylabel("images")
     ax.set_ylim(0, max(1, max(r["images"] for r in rows)) * 1.08)  # room for the rate labels
-    ax.set_title(f"robust images per class ({summary['dataset']['spec']}; % = robust rate)", fontsize=9)
+    ax.set_title(f"robust images per class ({summary['dataset']['spec']}; % = robust rate{shown_note})", fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
 

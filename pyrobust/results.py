@@ -33,6 +33,9 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle boot")
 
 
+MANY_CLASSES = 1000
+
+
 def class_names(dataset_name: str, n_classes: int) -> list[str]:
     if dataset_name.startswith("fashion-mnist") and n_classes <= len(FASHION_CLASSES):
         return list(FASHION_CLASSES[:n_classes])
@@ -67,9 +70,15 @@ def build_summary(outcome: Outcome, *, spec: NoiseSpec, model: dict, dataset: di
     fooled_steps = ff[ff > 0]
     per_class = []
     names = class_names(dataset.get("name", ""), n_classes)
-    for k in range(n_classes):
-        sel = y == k
-        nk, ck, rk = int(sel.sum()), int((correct & sel).sum()), int((robust & sel).sum())
+    images_k = np.bincount(y, minlength=n_classes)
+    correct_k = np.bincount(y[correct], minlength=n_classes)
+    robust_k = np.bincount(y[robust], minlength=n_classes)
+    # Every class up to MANY_CLASSES; beyond (labels up to 99,999, say) only the classes that have images, so the
+    # summary's size follows the data, not the largest label.
+    listed = range(n_classes) if n_classes <= MANY_CLASSES else np.flatnonzero(images_k)
+    for k in listed:
+        k = int(k)
+        nk, ck, rk = int(images_k[k]), int(correct_k[k]), int(robust_k[k])
         per_class.append({
             "class": k, "name": names[k], "images": nk, "correct": ck, "robust": rk,
             "fooled": ck - rk,

@@ -195,3 +195,36 @@ def test_outputs_that_cannot_be_written_are_refused_up_front(capsys, tmp_path, b
     assert main(["select", str(run), "--per-class", "100000000000", "--allow-test-split", "--out",
                  str(tmp_path / "s.npz")]) == 2
     assert "per_class must be an integer in [1, 1,000,000]" in capsys.readouterr().err
+
+
+def test_huge_label_values_keep_the_outputs_small(tmp_path):
+    """Labels up to 99,999 on 20 images: the summary lists the classes present, the figure the least robust."""
+    import time
+
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from tests.conftest import save_model
+
+    k = 100_000
+    row = np.zeros((1, k), np.float32)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Unsqueeze", ["m", "ax"], ["m2"]),
+             helper.make_node("Mul", ["m2", "zero"], ["z"]), helper.make_node("Add", ["z", "row"], ["y"])]
+    inits = [helper.make_tensor("ax", TensorProto.INT64, [1], [1]),
+             helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+             helper.make_tensor("row", TensorProto.FLOAT, [1, k], row.ravel())]
+    model = save_model(tmp_path / "wide.onnx", nodes,
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 28, 28])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", k])], inits)
+    x = np.zeros((20, 28, 28), np.uint8)
+    y = np.array([0, 99_999] * 10)
+    t0 = time.monotonic()
+    ev = pyrobust.evaluate(model, x, y, max_steps=3, out=tmp_path / "o", sessions=1, batch_size=16)
+    assert time.monotonic() - t0 < 60
+    assert [r["class"] for r in ev.summary["per_class"]] == [0, 99_999]
+    assert (tmp_path / "o" / "summary.json").stat().st_size < 200_000 and (tmp_path / "o" / "per_class.png").exists()
+    from pyrobust.gate import GatePolicy, plan_gate
+
+    assert [s.name for s in plan_gate(GatePolicy(min_class_robust=0.5), 20, np.unique(y)).noise] == \
+        ["min_class_robust[0]", "min_class_robust[99999]"]
