@@ -323,6 +323,7 @@ def cli(debug: bool) -> None:
 @click.option("--precision", callback=_fraction, default=None,
               help="Stop once the 95% intervals of robust fraction and accuracy are within ± this (0.01 or 1%), "
                    "taking images in a seeded random order.")
+@click.option("--retune", is_flag=True, help="Measure the batch size and session layout again (ignore the cache).")
 @click.option("--no-report", is_flag=True, help="Skip the PNG figures.")
 @click.option("--json", "json_out", is_flag=True, help="Print summary.json to stdout instead of the table.")
 @noise_options
@@ -330,7 +331,7 @@ def cli(debug: bool) -> None:
 @_timeout_option
 def evaluate(model, dataset, data_dir, limit, index_range, sample, sample_seed, out, overwrite, resume,
              checkpoint_every, chunk_size, max_memory, custom_ops, sessions, scheduler, shard_size, precision,
-             no_report, json_out, **noise) -> int:
+             retune, no_report, json_out, **noise) -> int:
     """Evaluate MODEL (an ONNX file) under random L0 noise and write results to --out.
 
     Example: pyrobust evaluate model.onnx --dataset mnist:test --data-dir ../shared/data --out runs/mnist
@@ -343,6 +344,7 @@ def evaluate(model, dataset, data_dir, limit, index_range, sample, sample_seed, 
                            overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
                            chunk_size=chunk_size, max_memory_mb=max_memory, custom_ops=custom_ops,
                            sessions=sessions, scheduler=scheduler, shard_size=shard_size, precision=precision,
+                           retune=retune,
                            report=not no_report, json_out=json_out, **_noise_kwargs(**noise))
 
 

@@ -42,6 +42,10 @@ def precision_alpha_side(looks: int) -> float:
     return (1 - PRECISION_CONFIDENCE) / looks / 2
 
 
+class SlowRunWarning(UserWarning):
+    """A run was far slower than the measurement its batch size was chosen from; the choice is measured again."""
+
+
 class NonFiniteOutputWarning(UserWarning):
     """The model returned NaN or infinity for some inputs; those images count as failures with their own status."""
 
@@ -218,6 +222,7 @@ def evaluate(
     max_memory_mb: float | None = None,
     custom_ops: str | os.PathLike | None = None,
     precision: float | None = None,
+    retune: bool = False,
     report: bool = True,
     progress: Progress | None = None,
     status=None,
@@ -232,7 +237,8 @@ def evaluate(
     N×H×W×C, uint8 in 0–255 or float in [0, 1] (:func:`pyrobust.datasets.from_arrays`).
     With ``out``, writes ``results.npz``, ``summary.json`` and (``report``) the four PNG figures there, saving a
     checkpoint every ``checkpoint_every`` seconds; ``resume`` continues an interrupted run in ``out`` and gives
-    bit-identical per-image results. Every input is checked before any work starts or any file is written.
+    bit-identical per-image results. Every input is checked before any work starts or any file is written;
+    ``retune`` measures the batch size and layout again instead of using the cached choice.
 
     ``batch_size`` and ``sessions`` (parallel onnxruntime sessions sharing ``threads`` cores) are measured for the
     model and machine when ``"auto"`` (cached; see :mod:`pyrobust.tuning`). ``scheduler`` (``"local:N"`` or
@@ -310,7 +316,8 @@ def evaluate(
     bind_model(m, ds, spec)  # every model and shape error surfaces before any output is touched
     if batch_size == "auto" or sessions == "auto":
         status("choosing the batch size and session layout (measured once per model and machine, then cached)")
-    plan = _plan(m, ds, batch_size=batch_size, sessions=sessions, scheduler=scheduler, custom_ops=custom_ops)
+    plan = _plan(m, ds, batch_size=batch_size, sessions=sessions, scheduler=scheduler, custom_ops=custom_ops,
+                 retune=retune)
     connection = None
     if scheduler is not None:  # reach the cluster before any output is written
         from pyrobust.distributed import connect
@@ -368,6 +375,13 @@ def evaluate(
 
         def finish(outcome: Outcome, used: Dataset, prec: dict | None, state: RunState | None) -> dict:
             summary = summarise(outcome, state)
+            if plan["batch_size_choice"] in ("cached", "measured") and scheduler is None:
+                from pyrobust.tuning import check_run_rate
+
+                slow = check_run_rate(m, plan["batch_size"], outcome.inferences / max(outcome.seconds, 1e-9),
+                                      outcome.seconds)
+                if slow:
+                    warnings.warn(slow, SlowRunWarning, stacklevel=3)
             if used is not ds:
                 summary["dataset"].update(first_index=int(used.index.min()), last_index=int(used.index.max()))
             if prec is not None:
@@ -422,19 +436,19 @@ def evaluate(
 
             disconnect(connection)
 
-def _plan(m: OnnxModel, ds: Dataset, *, batch_size, sessions, scheduler, custom_ops) -> dict:
+def _plan(m: OnnxModel, ds: Dataset, *, batch_size, sessions, scheduler, custom_ops, retune: bool = False) -> dict:
     """Batch size and session layout: given, or measured for this model and machine (cached)."""
     from pyrobust.tuning import auto_batch_size, auto_layout
 
     if batch_size == "auto":
-        size, how = auto_batch_size(m)
+        size, how = auto_batch_size(m, retune=retune)
     else:
         size, how = int(batch_size), "given"
     if scheduler is not None:
         parallel = {"choice": "dask"}
     elif sessions == "auto":
         s, per, choice = auto_layout(m, threads=m.threads, batch_size=size, image_shape=ds.image_shape,
-                                     n_classes=ds.n_classes, custom_ops=custom_ops)
+                                     n_classes=ds.n_classes, custom_ops=custom_ops, retune=retune)
         parallel = {"sessions": s, "threads_per_session": per, "choice": choice}
     else:
         s = int(sessions)

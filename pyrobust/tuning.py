@@ -39,9 +39,11 @@ def machine_key() -> str:
                     break
     except OSError:
         pass
-    import onnxruntime
+    from pyrobust.results import versions
 
-    return f"{cpu}|cores={os.cpu_count()}|usable={default_threads()}|ort={onnxruntime.__version__}"
+    v = versions()  # a new onnxruntime, numba or numpy can change the best choice: measure again
+    libs = ",".join(f"{k}={v.get(k)}" for k in ("pyrobust", "onnxruntime", "numba", "numpy"))
+    return f"{cpu}|cores={os.cpu_count()}|usable={default_threads()}|{libs}"
 
 
 class TuningCacheWarning(UserWarning):
@@ -108,15 +110,26 @@ def _rate(model: OnnxModel, x: np.ndarray, seconds: float) -> float:
     return runs * x.shape[0] / (time.perf_counter() - t0)
 
 
-def measure_batch_sizes(model: OnnxModel, sizes=BATCH_SIZES, seconds: float = 0.08) -> dict[int, float]:
-    """Inferences per second of ``model`` (bound) at each batch size."""
-    return {int(s): _rate(model, _random_batch(model, s), seconds) for s in sizes}
+def measure_batch_sizes(model: OnnxModel, sizes=BATCH_SIZES, seconds: float = 0.12,
+                        rounds: int = 2) -> dict[int, float]:
+    """Inferences per second of ``model`` (bound) at each batch size: the best of ``rounds`` rounds that visit
+    every size in turn, so a burst of load elsewhere on the machine cannot decide the choice alone."""
+    batches = {int(s): _random_batch(model, s) for s in sizes}
+    best = dict.fromkeys(batches, 0.0)
+    for _ in range(rounds):
+        for size, x in batches.items():
+            best[size] = max(best[size], _rate(model, x, seconds))
+    return best
 
 
-def auto_batch_size(model: OnnxModel, *, log=None) -> tuple[int, str]:
-    """The batch size for ``model`` (bound): (size, "cached" or "measured")."""
-    key = f"{model.sha256}|{model.binding.input_shape}|threads={model.threads}|{machine_key()}"
-    hit = _cached("batch_size", key, ("batch_size",), 1 << 16)
+def _batch_key(model: OnnxModel) -> str:
+    return f"{model.sha256}|{model.binding.input_shape}|threads={model.threads}|{machine_key()}"
+
+
+def auto_batch_size(model: OnnxModel, *, log=None, retune: bool = False) -> tuple[int, str]:
+    """The batch size for ``model`` (bound): (size, "cached" or "measured"); ``retune`` ignores the cache."""
+    key = _batch_key(model)
+    hit = None if retune else _cached("batch_size", key, ("batch_size",), 1 << 16)
     if hit:
         return hit[0], "cached"
     rates = measure_batch_sizes(model)
@@ -189,12 +202,12 @@ def measure_layouts(path, *, threads: int, batch_size: int, seconds: float = 0.5
 
 
 def auto_layout(model: OnnxModel, *, threads: int, batch_size: int, image_shape, n_classes: int,
-                custom_ops=None, log=None) -> tuple[int, int, str]:
+                custom_ops=None, log=None, retune: bool = False) -> tuple[int, int, str]:
     """(sessions, threads per session, "cached"/"measured"/"single") for ``threads`` cores."""
     if threads <= 1:
         return 1, 1, "single"
     key = f"{model.sha256}|{model.binding.input_shape}|threads={threads}|batch={batch_size}|{machine_key()}"
-    hit = _cached("layout", key, ("sessions", "threads_per_session"), threads)
+    hit = None if retune else _cached("layout", key, ("sessions", "threads_per_session"), threads)
     if hit:
         return hit[0], hit[1], "cached"
     rates = measure_layouts(model, threads=threads, batch_size=batch_size, custom_ops=custom_ops,
@@ -206,3 +219,33 @@ def auto_layout(model: OnnxModel, *, threads: int, batch_size: int, image_shape,
         log(f"layout {best} (sessions × threads; measured: " + ", ".join(f"{k}: {v:,.0f}/s" for k, v in
                                                                           rates.items()) + ")")
     return sessions, per, "measured"
+
+
+SLOW_RUN = 0.5  # a run this much slower than the cached measurement says the measurement is stale
+
+
+def check_run_rate(model: OnnxModel, batch_size: int, achieved: float, seconds: float) -> str | None:
+    """After a run of at least 5 s: when it ran at under half the rate cached for its batch size (measured under
+    load, or the machine changed), drop the cached choices so the next run measures again, and say so."""
+    if seconds < 5 or achieved <= 0:
+        return None
+    entry = _load().get("batch_size", {}).get(_batch_key(model))
+    try:
+        cached = float(entry["rates"][str(batch_size)])
+    except (TypeError, KeyError, ValueError):
+        return None
+    if achieved >= SLOW_RUN * cached:
+        return None
+    data = _load()
+    data.get("batch_size", {}).pop(_batch_key(model), None)
+    for key in [k for k in data.get("layout", {}) if k.startswith(model.sha256)]:
+        data["layout"].pop(key)
+    from pyrobust.results import write_json_atomic
+
+    try:
+        write_json_atomic(cache_path(), data)
+    except OSError:
+        return None
+    return (f"this run scored {achieved:,.0f} inferences/s, under half the {cached:,.0f}/s measured when batch size "
+            f"{batch_size} was chosen; the cached choice is dropped and will be measured again on the next run")
+

@@ -228,3 +228,21 @@ def test_huge_label_values_keep_the_outputs_small(tmp_path):
 
     assert [s.name for s in plan_gate(GatePolicy(min_class_robust=0.5), 20, np.unique(y)).noise] == \
         ["min_class_robust[0]", "min_class_robust[99999]"]
+
+
+def test_tuning_is_measured_again_when_asked_or_when_a_run_was_far_slower(tmp_path, monkeypatch, bundled_model):
+    from pyrobust.tuning import _batch_key, _load, _store, auto_batch_size, cache_path, check_run_rate
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    m = OnnxModel(bundled_model, threads=1)
+    m.bind((28, 28, 1), n_classes=10)
+    size, how = auto_batch_size(m)
+    assert how == "measured" and auto_batch_size(m) == (size, "cached")
+    assert auto_batch_size(m, retune=True)[1] == "measured"  # --retune
+    _store("batch_size", _batch_key(m), {"batch_size": size, "rates": {str(size): 1e9}})
+    assert check_run_rate(m, size, achieved=1e9, seconds=10) is None
+    assert check_run_rate(m, size, achieved=10.0, seconds=2) is None  # a short run proves nothing
+    msg = check_run_rate(m, size, achieved=10.0, seconds=10)
+    assert "under half the 1,000,000,000/s measured" in msg and _batch_key(m) not in _load()["batch_size"]
+    assert auto_batch_size(m)[1] == "measured" and cache_path().exists()
+    assert "numba=" in _batch_key(m) and "onnxruntime=" in _batch_key(m)  # new libraries: measured again
