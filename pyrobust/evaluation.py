@@ -16,7 +16,7 @@ import numpy as np
 from pyrobust.checkpoint import CHECKPOINT_FILE, RunLock, fingerprint, load_checkpoint, save_checkpoint
 from pyrobust.datasets import Dataset, from_arrays, load_dataset
 from pyrobust.engine import Progress, RunState, bind_model, check_spec_for_data, run_protocol, working_memory_bytes
-from pyrobust.errors import DataError, Interrupted, InvalidInput, ModelError, OutputError
+from pyrobust.errors import DataError, Interrupted, InvalidInput, ModelError, OutputError, PyRobustError
 from pyrobust.parallel import run_sessions
 from pyrobust.report import write_report
 from pyrobust.results import (
@@ -410,9 +410,17 @@ def evaluate(
                 save_checkpoint(out_dir, state, fp)
                 raise Interrupted(f"interrupted after {state.n_done} of {state.n} images; checkpoint saved in "
                                   f"{out_dir}: run the same command with resume=True to continue") from None
-            except ModelError:
+            except NonFiniteModel:
                 (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # a run of a model that gives only NaN is void
                 raise
+            except PyRobustError as exc:
+                # Failed after the folder was set up: never leave a checkpoint that silently blocks the next run.
+                if state.n_done == 0 and not resumed:
+                    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+                    raise
+                save_checkpoint(out_dir, state, fp)
+                raise type(exc)(f"{exc}; the {state.n_done} of {state.n} images finished before it are saved in "
+                                f"{out_dir}: fix the cause and run it again with resume=True") from None
             summary = finish(outcome, used, prec, state)
             _warn_nonfinite(summary)
             # Only now, with the new run complete, does an earlier run's output go (summary first, so the folder is
@@ -523,11 +531,15 @@ def _warn_nonfinite(summary: dict) -> None:
                       "label -2 (non-finite)", NonFiniteOutputWarning, stacklevel=3)
 
 
+class NonFiniteModel(ModelError):
+    """Every output of the model is NaN or infinite: nothing can be measured (exit code 3)."""
+
+
 def _refuse_all_nonfinite(outcome: Outcome, path) -> None:
     if outcome.n and bool((outcome.clean_prediction == NONFINITE).all()):
-        raise ModelError(f"{path}: every output of the model is NaN or infinite ({outcome.n} clean images), so there "
-                         "is nothing to measure; check the model's export and the input range and normalisation it "
-                         "expects")
+        raise NonFiniteModel(f"{path}: every output of the model is NaN or infinite ({outcome.n} clean images), so "
+                             "there is nothing to measure; check the model's export and the input range and "
+                             "normalisation it expects")
 
 
 def _run_to_precision(ds: Dataset, precision: float, seed: int, execute, state: RunState | None, on_checkpoint,

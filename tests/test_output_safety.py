@@ -181,3 +181,30 @@ def test_a_crafted_checkpoint_is_refused(tmp_path, bundled_model):
     np.savez(out / "checkpoint.npz", **arrays)
     with pytest.raises(DataError, match="malformed counters"):
         pyrobust.evaluate(bundled_model, "sample", out=out, resume=True, **FAST)
+
+
+def test_an_error_mid_run_leaves_a_resumable_checkpoint_or_nothing(tmp_path, bundled_model, monkeypatch):
+    import pyrobust.runtime as runtime
+    from pyrobust.errors import ModelError
+
+    calls = {"n": 0}
+    real = runtime.OnnxModel._run_once
+
+    def flaky(self, x):
+        calls["n"] += 1
+        if calls["n"] > limit:
+            raise ModelError("onnxruntime failed to run the model (simulated)")
+        return real(self, x)
+
+    monkeypatch.setattr(runtime.OnnxModel, "_run_once", flaky)
+    limit = 1  # fails at once (the first call is the probe): nothing finished, nothing left behind
+    with pytest.raises(ModelError, match="simulated"):
+        pyrobust.evaluate(bundled_model, "sample", out=tmp_path / "a", batch_size=4, sessions=1, **FAST)
+    assert not (tmp_path / "a" / "checkpoint.npz").exists()
+    calls["n"], limit = 0, 6  # fails after some images finished: they are saved, and the message says so
+    with pytest.raises(ModelError, match=r"images finished before it are saved in .*run it again with resume=True"):
+        pyrobust.evaluate(bundled_model, "sample", out=tmp_path / "b", batch_size=4, sessions=1, **FAST)
+    assert (tmp_path / "b" / "checkpoint.npz").exists()
+    monkeypatch.setattr(runtime.OnnxModel, "_run_once", real)
+    ev = pyrobust.evaluate(bundled_model, "sample", out=tmp_path / "b", resume=True, **FAST)
+    assert ev.resumed and ev.outcome.n == 20
