@@ -32,6 +32,7 @@ from pyrobust.results import (
 from pyrobust.runtime import OnnxModel, check_threads, default_threads
 from pyrobust.sequential import precision_bounds, random_order
 from pyrobust.stats import look_schedule
+from pyrobust.tuning import BATCH_SIZES
 from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome
 
 PRECISION_CONFIDENCE = 0.95
@@ -314,10 +315,27 @@ def evaluate(
     else:
         m = model if isinstance(model, OnnxModel) else OnnxModel(model, threads=threads, custom_ops=custom_ops)
     bind_model(m, ds, spec)  # every model and shape error surfaces before any output is touched
+    max_batch = None
+    if budget is not None:
+        # onnxruntime's own working memory grows with the batch: estimated per image, and checked for the batch size
+        # given, or used to bound the sizes "auto" may choose from
+        per_image = m.memory_per_image()
+        copies = 1 if scheduler is not None else most_sessions
+        fits = [b for b in (BATCH_SIZES if batch_size == "auto" else (int(batch_size),))
+                if need + per_image * b * copies <= budget]
+        if not fits:
+            smallest = min(BATCH_SIZES) if batch_size == "auto" else int(batch_size)
+            model_need = int(per_image * smallest * copies)
+            raise DataError(f"{ds.spec}: evaluating with batches of {smallest} needs about "
+                            f"{(need + model_need) / 2**20:.0f} MiB ({model_need / 2**20:.0f} MiB of it the model's "
+                            f"working memory, about {per_image / 2**10:.0f} KiB an image), more than the "
+                            f"{budget / 2**20:.0f} MiB allowed (--max-memory); use a smaller --batch-size or fewer "
+                            "--sessions")
+        max_batch = max(fits)
     if batch_size == "auto" or sessions == "auto":
         status("choosing the batch size and session layout (measured once per model and machine, then cached)")
     plan = _plan(m, ds, batch_size=batch_size, sessions=sessions, scheduler=scheduler, custom_ops=custom_ops,
-                 retune=retune)
+                 retune=retune, max_batch=max_batch)
     connection = None
     if scheduler is not None:  # reach the cluster before any output is written
         from pyrobust.distributed import connect
@@ -444,12 +462,13 @@ def evaluate(
 
             disconnect(connection)
 
-def _plan(m: OnnxModel, ds: Dataset, *, batch_size, sessions, scheduler, custom_ops, retune: bool = False) -> dict:
+def _plan(m: OnnxModel, ds: Dataset, *, batch_size, sessions, scheduler, custom_ops, retune: bool = False,
+          max_batch: int | None = None) -> dict:
     """Batch size and session layout: given, or measured for this model and machine (cached)."""
     from pyrobust.tuning import auto_batch_size, auto_layout
 
     if batch_size == "auto":
-        size, how = auto_batch_size(m, retune=retune)
+        size, how = auto_batch_size(m, retune=retune, max_size=max_batch)
     else:
         size, how = int(batch_size), "given"
     if scheduler is not None:

@@ -359,6 +359,49 @@ class OnnxModel:
                              "scores (logits or probabilities), not labels")
         return out
 
+    def memory_per_image(self, small: int = 8, large: int = 64) -> float:
+        """Bytes of onnxruntime working memory per image in a batch (bound model), an estimate for the memory check:
+        the larger of the model's four largest intermediate tensors per image together (from onnx shape inference:
+        onnxruntime reuses buffers, so only a few are alive at once) and the growth of the resident set from a
+        batch of ``small`` images to one of ``large``."""
+        return max(self._tensor_bytes_per_image(), self._measured_bytes_per_image(small, large))
+
+    def _tensor_bytes_per_image(self) -> float:
+        import onnx
+
+        try:
+            proto = onnx.shape_inference.infer_shapes(onnx.load_model_from_string(self._bytes))
+        except Exception:  # shape inference is best effort: the measurement still stands
+            return 0.0
+        sizes = []
+        for vi in proto.graph.value_info:
+            t = vi.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            if not dims or any(d is None for d in dims[1:]):
+                continue  # unknown sizes: left to the measurement
+            size = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize if t.elem_type else 4
+            per = int(np.prod(dims[1:], dtype=np.int64)) if dims[0] is None or dims[0] > 1 else \
+                int(np.prod(dims, dtype=np.int64))
+            sizes.append(per * size)
+        return float(sum(sorted(sizes)[-4:]))
+
+    def _measured_bytes_per_image(self, small: int, large: int) -> float:
+        def resident() -> int | None:
+            try:
+                with open("/proc/self/statm") as fh:
+                    return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError, IndexError):
+                return None
+
+        d = int(np.prod(self.binding.input_shape))
+        self.run(np.zeros((small, d), np.float32))
+        before = resident()
+        self.run(np.zeros((large, d), np.float32))
+        after = resident()
+        if before is None or after is None:
+            return 0.0
+        return max(0.0, (after - before) / (large - small))
+
     def run(self, flat: np.ndarray) -> np.ndarray:
         """Scores (m, K) for a flat (m, D) float32 buffer; splits and pads for a model with a fixed batch size."""
         assert self.binding is not None, "bind() first"

@@ -126,13 +126,15 @@ def _batch_key(model: OnnxModel) -> str:
     return f"{model.sha256}|{model.binding.input_shape}|threads={model.threads}|{machine_key()}"
 
 
-def auto_batch_size(model: OnnxModel, *, log=None, retune: bool = False) -> tuple[int, str]:
-    """The batch size for ``model`` (bound): (size, "cached" or "measured"); ``retune`` ignores the cache."""
-    key = _batch_key(model)
+def auto_batch_size(model: OnnxModel, *, log=None, retune: bool = False,
+                    max_size: int | None = None) -> tuple[int, str]:
+    """The batch size for ``model`` (bound): (size, "cached" or "measured"); ``retune`` ignores the cache;
+    ``max_size`` bounds the candidates (memory)."""
+    key = _batch_key(model) + (f"|max={max_size}" if max_size is not None and max_size < max(BATCH_SIZES) else "")
     hit = None if retune else _cached("batch_size", key, ("batch_size",), 1 << 16)
     if hit:
         return hit[0], "cached"
-    rates = measure_batch_sizes(model)
+    rates = measure_batch_sizes(model, sizes=[s for s in BATCH_SIZES if max_size is None or s <= max_size])
     best = max(rates.values())
     size = min(s for s, r in rates.items() if r >= NEAR_BEST * best)
     _store("batch_size", key, {"batch_size": size, "rates": {str(k): v for k, v in rates.items()}})

@@ -206,7 +206,7 @@ def test_memory_budget(tmp_path, shared_data, bundled_model, capsys):
     with pytest.raises(DataError, match=r"holds 7 MiB of images, more than the 5 MiB of memory allowed"):
         pyrobust.evaluate(bundled_model, "mnist:test", data_dir=raw.parent, max_memory_mb=5)
     ev = pyrobust.evaluate(bundled_model, "mnist:test", data_dir=raw.parent, max_memory_mb=60, limit=2000,
-                           max_steps=1, sessions=1)
+                           max_steps=1, sessions=1, batch_size=64)
     assert ev.outcome.n == 2000
     # every parallel session keeps its own buffers, and the check counts them
     with pytest.raises(DataError, match="fewer --sessions"):

@@ -246,3 +246,19 @@ def test_tuning_is_measured_again_when_asked_or_when_a_run_was_far_slower(tmp_pa
     assert "under half the 1,000,000,000/s measured" in msg and _batch_key(m) not in _load()["batch_size"]
     assert auto_batch_size(m)[1] == "measured" and cache_path().exists()
     assert "numba=" in _batch_key(m) and "onnxruntime=" in _batch_key(m)  # new libraries: measured again
+
+
+def test_the_memory_check_counts_the_models_working_memory(capsys, tmp_path, bundled_model):
+    """The issue's case: --max-memory 600 --batch-size 16384 peaked at 5.3 GB; the model's own memory (measured on
+    two small batches and scaled) is now part of the check, made before any work."""
+    m = OnnxModel(bundled_model, threads=1)
+    m.bind((28, 28, 1), n_classes=10)
+    per_image = m.memory_per_image()
+    assert 10_000 < per_image < 10_000_000  # the CNN's activations: tens to hundreds of KiB an image
+    code = main(["evaluate", str(bundled_model), "--dataset", "sample", "--max-memory", "600", "--batch-size",
+                 "16384", "--sessions", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 3 and "the model's working memory" in err and "use a smaller --batch-size" in err
+    assert not (tmp_path / "o").exists()
+    assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--limit", "20", "--max-steps", "2",
+                 "--max-memory", "600", "--batch-size", "256", "--sessions", "1", "--out", str(tmp_path / "p")]) == 0
