@@ -434,7 +434,9 @@ def load_recorded(recorded: dict, *, data_dir=None) -> Dataset:
     recorded_dir = recorded.get("data_dir")
     if data_dir is None and recorded_dir is not None and Path(recorded_dir).is_dir():
         data_dir = recorded_dir  # where the run found it; elsewhere, the usual search (the SHA-256 decides)
-    ds = load_dataset(recorded["spec"], data_dir=data_dir,
+    from pyrobust.limits import memory_budget
+
+    ds = load_dataset(recorded["spec"], data_dir=data_dir, max_bytes=memory_budget(None),
                       start=recorded.get("start"), stop=recorded.get("stop"), limit=recorded.get("limit"),
                       sample=recorded.get("sample"), sample_seed=recorded.get("sample_seed", 0))
     if ds.sha256 != recorded["sha256"]:

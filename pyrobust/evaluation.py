@@ -5,7 +5,6 @@ With an output folder the run is checkpointed as it goes, holds a lock on the fo
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pyrobust.checkpoint import CHECKPOINT_FILE, RunLock, fingerprint, load_chec
 from pyrobust.datasets import Dataset, from_arrays, load_dataset
 from pyrobust.engine import Progress, RunState, bind_model, check_spec_for_data, run_protocol, working_memory_bytes
 from pyrobust.errors import DataError, Interrupted, InvalidInput, ModelError, OutputError, PyRobustError
+from pyrobust.limits import available_memory_bytes, memory_budget  # noqa: F401 - part of this module's API
 from pyrobust.parallel import run_sessions
 from pyrobust.report import write_report
 from pyrobust.results import (
@@ -165,29 +165,6 @@ class Evaluation:
         where = f", written to {self.out}" if self.out is not None else ""
         return (f"Evaluation({self.summary['model']['name']} on {self.summary['dataset']['spec']}: {m['images']} "
                 f"images, accuracy {m['accuracy']['fraction']:.2%}, robust {m['robust']['fraction']:.2%}{where})")
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo, or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def memory_budget(max_memory_mb: float | None) -> int | None:
-    """Bytes pyrobust may use for data and working buffers: ``max_memory_mb``, or 80 % of the available memory."""
-    if max_memory_mb is not None:
-        if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or \
-                not 0 < max_memory_mb < 2**40 or not math.isfinite(max_memory_mb):
-            raise InvalidInput(f"max_memory must be a finite number of MiB > 0; got {max_memory_mb}")
-        return int(max_memory_mb * 2**20)
-    avail = available_memory_bytes()
-    return int(avail * 0.8) if avail else None
 
 
 def evaluate(

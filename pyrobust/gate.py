@@ -314,7 +314,7 @@ def run_gate(
         raise InvalidInput("max_robust_drop and max_accuracy_drop compare with a baseline: give a baseline model "
                            "or a results folder of it")
     threads = check_threads(threads)
-    from pyrobust.evaluation import memory_budget
+    from pyrobust.limits import memory_budget
 
     # the data is refused from its header when it cannot fit, rather than found out by a MemoryError
     ds = load_dataset(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit, max_bytes=memory_budget(None))
