@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pyrobust.datasets import search_roots
 from pyrobust.errors import DataError, OutputError
+from pyrobust.files import file_sha256
 
 MAX_DOWNLOAD_BYTES = 64 * 2**20  # the largest file (Fashion-MNIST training images) is 26 MB
 
@@ -100,20 +101,13 @@ class FetchedFile:
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyrobust" / "data"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The per-user data folder, one of the places named datasets are searched in."""
+    return search_roots(None)[-2]
 
 
 def verify(path: Path, spec: RemoteFile) -> tuple[bool, str]:
     """(matches, SHA-256 of the file): the published .gz, or a .gz whose decompressed bytes are the pinned ones."""
-    digest = sha256_file(path)
+    digest = file_sha256(path)
     if digest in spec.gz_sha256:
         return True, digest
     if spec.content_sha256 is None:

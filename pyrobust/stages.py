@@ -15,17 +15,12 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pyrobust.files import file_sha256
 from pyrobust.results import write_json_atomic
 
+__all__ = ["STAGES_FILE", "StageRunner", "file_sha256"]
+
 STAGES_FILE = "stages.json"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _digest(inputs: dict) -> str:

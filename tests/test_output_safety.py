@@ -201,7 +201,7 @@ def test_an_error_mid_run_leaves_a_resumable_checkpoint_or_nothing(tmp_path, bun
     with pytest.raises(ModelError, match="simulated"):
         pyrobust.evaluate(bundled_model, "sample", out=tmp_path / "a", batch_size=4, sessions=1, **FAST)
     assert not (tmp_path / "a" / "checkpoint.npz").exists()
-    calls["n"], limit = 0, 6  # fails after some images finished: they are saved, and the message says so
+    calls["n"], limit = 0, 20  # fails after some images finished: they are saved, and the message says so
     with pytest.raises(ModelError, match=r"images finished before it are saved in .*run it again with resume=True"):
         pyrobust.evaluate(bundled_model, "sample", out=tmp_path / "b", batch_size=4, sessions=1, **FAST)
     assert (tmp_path / "b" / "checkpoint.npz").exists()
