@@ -4,14 +4,41 @@ Implements the protocol of "Robustness as Inherent Property of Datapoints" (Ilie
 ONNX models run by onnxruntime on the CPU.
 """
 
-from pyrobust.datasets import Dataset, from_arrays, load_dataset
-from pyrobust.errors import DataError, InvalidInput, ModelError, OutputError, PyRobustError
-from pyrobust.evaluation import Evaluation, NonFiniteOutputWarning, evaluate
-from pyrobust.replay import replay
-from pyrobust.results import load_results
-from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
+
+# The package face is lazy: `import pyrobust` (and `pyrobust --help`) does not load numpy, numba, onnxruntime or
+# matplotlib; each name below is imported from its module the first time it is used.
+_LAZY = {
+    "Dataset": "pyrobust.datasets", "from_arrays": "pyrobust.datasets", "load_dataset": "pyrobust.datasets",
+    "DataError": "pyrobust.errors", "InvalidInput": "pyrobust.errors", "ModelError": "pyrobust.errors",
+    "OutputError": "pyrobust.errors", "PyRobustError": "pyrobust.errors",
+    "Evaluation": "pyrobust.evaluation", "NonFiniteOutputWarning": "pyrobust.evaluation",
+    "evaluate": "pyrobust.evaluation",
+    "load_results": "pyrobust.results",
+    "NONFINITE": "pyrobust.types", "ROBUST": "pyrobust.types", "NoiseSpec": "pyrobust.types",
+    "Outcome": "pyrobust.types",
+}
+_SUBMODULES = {"errors", "gate", "datasets", "evaluation", "fetch", "results", "runtime", "sequential", "stats",
+               "types"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"pyrobust.{name}")
+    raise AttributeError(f"module 'pyrobust' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY, "replay"])
+
 
 __all__ = [
     "NONFINITE",
@@ -32,3 +59,22 @@ __all__ = [
     "load_results",
     "replay",
 ]
+
+
+class _Package(types.ModuleType):
+    """``pyrobust.replay`` is the function, though a submodule has the same name: importing the submodule binds it
+    on the package, which this setter declines (``from pyrobust.replay import ...`` still finds the module)."""
+
+    @property
+    def replay(self):
+        from pyrobust.replay import replay
+
+        return replay
+
+    @replay.setter
+    def replay(self, value) -> None:
+        pass
+
+
+sys.modules[__name__].__class__ = _Package
+

@@ -12,14 +12,24 @@ figure (a notebook shows it) and, given a path, also writes it atomically as PNG
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from pyrobust.datasets import Dataset
 from pyrobust.replay import perturbed_image
 from pyrobust.results import atomic_path, class_names
 from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, not with the package
+    from matplotlib.figure import Figure
+
+
+def _figure(**kwargs) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
 
 REPORT_FILES = ("survival.png", "per_class.png", "examples.png", "failure.png")
 
@@ -52,7 +62,7 @@ def plot_survival(summary: dict, path: Path | None = None, *,
                   curves: dict[str, list[float]] | None = None) -> Figure:
     """One curve, or several (``curves``: name -> fractions) on the same axes."""
     curves = curves or {summary["model"].get("name", "model"): summary["survival"]["fraction"]}
-    fig = Figure(figsize=(6.4, 4.0))
+    fig = _figure(figsize=(6.4, 4.0))
     ax = fig.subplots()
     for name, frac in curves.items():
         ax.step(np.arange(len(frac)), frac, where="post", label=f"{name}: {frac[-1]:.1%} robust")
@@ -84,7 +94,7 @@ def plot_per_class(summary: dict, path: Path | None = None) -> Figure:
     fooled = np.array([r["fooled"] for r in rows])
     wrong = np.array([r["images"] - r["correct"] for r in rows])
     x = np.arange(len(rows))
-    fig = Figure(figsize=(max(6.4, 0.6 * len(rows)), 4.0))
+    fig = _figure(figsize=(max(6.4, 0.6 * len(rows)), 4.0))
     ax = fig.subplots()
     ax.bar(x, robust, color="#2a9d8f", label="robust (never fooled)")
     ax.bar(x, fooled, bottom=robust, color="#e76f51", label="fooled by noise")
@@ -105,7 +115,7 @@ def plot_examples(outcome: Outcome, dataset: Dataset, names: list[str], path: Pa
     robust = np.flatnonzero(outcome.first_failure == ROBUST)[:per_row]
     fooled = np.flatnonzero(outcome.first_failure > 0)
     fragile = fooled[np.argsort(outcome.first_failure[fooled], kind="stable")][:per_row]
-    fig = Figure(figsize=(1.3 * per_row, 3.4))
+    fig = _figure(figsize=(1.3 * per_row, 3.4))
     axes = fig.subplots(2, per_row, squeeze=False)
     for row, (title, picks) in enumerate((("robust", robust), ("fragile", fragile))):
         for col in range(per_row):
@@ -135,7 +145,7 @@ def plot_failure(outcome: Outcome, dataset: Dataset, spec: NoiseSpec, names: lis
                  *, position: int | None = None) -> Figure:
     """The image at ``position`` (default: the one fooled earliest) beside its first failing input."""
     fooled = np.flatnonzero(outcome.first_failure > 0)
-    fig = Figure(figsize=(7.2, 2.8))
+    fig = _figure(figsize=(7.2, 2.8))
     axes = fig.subplots(1, 3)
     if position is None and fooled.size == 0:
         for ax in axes:
@@ -159,7 +169,7 @@ def plot_failure(outcome: Outcome, dataset: Dataset, spec: NoiseSpec, names: lis
 
 def plot_replay(r, path: Path | None = None) -> Figure:
     """An original beside its rebuilt input at the replayed step (a :class:`~pyrobust.replay.Replay`)."""
-    fig = Figure(figsize=(4.8, 2.6))
+    fig = _figure(figsize=(4.8, 2.6))
     a, b = fig.subplots(1, 2)
     show_image(a, r.original)
     a.set_title(f"#{r.index} label {r.label}", fontsize=8)

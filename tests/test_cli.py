@@ -180,3 +180,21 @@ def test_progress_lines_in_a_log_and_quiet(capsys, tmp_path, bundled_model, monk
     monkeypatch.setenv("PYROBUST_PROGRESS_SECONDS", "3600")
     code, _, err = run_cli(capsys, *args, "--out", tmp_path / "c")
     assert code == 0 and "evaluating:" not in err  # a run shorter than the interval prints no progress line
+
+
+def test_the_package_face_and_help_are_cheap():
+    """`import pyrobust` and `pyrobust --help` load none of the heavy libraries (README: --help in about 0.25 s)."""
+    code = ("import sys, pyrobust, pyrobust.cli; "
+            "from pyrobust.cli import main; rc = main(['--help']); "
+            "heavy = [m for m in ('numpy', 'numba', 'onnxruntime', 'matplotlib', 'scipy', 'torch') "
+            "if m in sys.modules]; "
+            "print(rc, heavy, pyrobust.__version__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "0 [] 0.1.0"
+    # and the lazy names resolve to the real objects
+    import pyrobust
+    from pyrobust.evaluation import evaluate
+
+    assert pyrobust.evaluate is evaluate and "evaluate" in dir(pyrobust) and pyrobust.errors.PyRobustError
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        pyrobust.nothing  # noqa: B018
