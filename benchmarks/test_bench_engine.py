@@ -20,8 +20,8 @@ import pytest
 
 import perturbcore
 from pyrobust.datasets import load_dataset
-from pyrobust.engine import run_protocol
-from pyrobust.runtime import OnnxModel, default_threads
+from pyrobust.engine.loop import run_protocol
+from pyrobust.engine.runtime import OnnxModel, default_threads
 from pyrobust.types import NoiseSpec
 
 torch = pytest.importorskip("torch")

@@ -50,9 +50,9 @@ def test_large_batch_reference(benchmark, model):
 @pytest.mark.parametrize("pack", [True, False])
 def test_small_set(benchmark, model, pack):
     from pyrobust.datasets import load_dataset
-    from pyrobust.engine import run_protocol
-    from pyrobust.results import build_summary
-    from pyrobust.runtime import OnnxModel
+    from pyrobust.engine.loop import run_protocol
+    from pyrobust.engine.runtime import OnnxModel
+    from pyrobust.store.results import build_summary
     from pyrobust.types import NoiseSpec
 
     ds = load_dataset("mnist:test", data_dir=DATA, limit=100)

@@ -1,17 +1,19 @@
 """perturbcore: numba kernels for random L0 noise and first-failure tracking (arrays in, arrays out, no I/O)."""
 
-from perturbcore.noise import SCHEMES, check_noise_params, perturb_flat, perturb_images
+from perturbcore.noise import SCHEMES, PreparedNoise, check_noise_params, perturb_flat, perturb_images, prepare_noise
 from perturbcore.rng import random_u64
 from perturbcore.tracking import NONFINITE, ROBUST, predict, record_batch
 
 __all__ = [
     "NONFINITE",
+    "PreparedNoise",
     "ROBUST",
     "SCHEMES",
     "check_noise_params",
     "perturb_flat",
     "perturb_images",
     "predict",
+    "prepare_noise",
     "random_u64",
     "record_batch",
 ]

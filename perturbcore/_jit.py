@@ -37,13 +37,13 @@ os.environ["NUMBA_CACHE_DIR"] = str(cache_dir())
 
 import numba  # noqa: E402
 
-numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]  # type: ignore[attr-defined]
 
 JIT_OPTIONS = {"cache": True, "error_model": "numpy", "nogil": True}
 
 
 def _prefer_256_bit_vectors() -> None:
-    if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES") or numba.config.CPU_FEATURES:
+    if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES") or numba.config.CPU_FEATURES:  # type: ignore[attr-defined]
         return
     try:
         import llvmlite.binding as ll
@@ -52,7 +52,7 @@ def _prefer_256_bit_vectors() -> None:
     except Exception:  # pragma: no cover - no host introspection: leave numba's default
         return
     if "+avx512f" in features.split(",") and "prefer-256-bit" not in features:
-        numba.config.CPU_FEATURES = features + ",+prefer-256-bit"
+        numba.config.CPU_FEATURES = features + ",+prefer-256-bit"  # type: ignore[attr-defined]
 
 
 _prefer_256_bit_vectors()

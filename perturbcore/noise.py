@@ -74,7 +74,7 @@ def _perturb(
 
 
 # Two compilations of one kernel: the serial one never touches numba's threading layer, so it is safe to call from
-# several Python threads at once and leaves no spinning OpenMP workers behind (see pyrobust.engine).
+# several Python threads at once and leaves no spinning OpenMP workers behind (see pyrobust.engine.loop).
 _perturb_kernel = parallel_kernel(_perturb)
 _perturb_kernel_serial = kernel(_perturb)
 
@@ -128,9 +128,6 @@ def perturb_flat(
     ``threads=1`` runs the serial compilation; otherwise numba's pool with ``threads`` (default: its setting).
     Returns ``out``.
     """
-    check_noise_params(pixels=pixels, n_positions=n_positions, low=low, high=high, scheme=scheme)
-    if not 0 <= int(seed) < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64); got {seed}")
     if source.ndim != 2 or source.shape[1] != n_positions * channels:
         raise ValueError(f"source must have shape (slots, {n_positions * channels}); got {source.shape}")
     if write_back and not (source.dtype == np.float32 and source.flags.c_contiguous):
@@ -157,24 +154,10 @@ def perturb_flat(
     elif (out.dtype != np.float32 or not out.flags.c_contiguous or out.shape[0] < rws.size
           or out.shape[1] != src.shape[1]):
         raise ValueError(f"out must be a C-contiguous float32 array of at least ({rws.size}, {src.shape[1]})")
-    mean_arr = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32).reshape(channels)
-    std_arr = np.ones(channels, np.float32) if std is None else np.asarray(std, np.float32).reshape(channels)
-    high32 = np.float32(high)
+    noise = prepare_noise(pixels=pixels, n_positions=n_positions, channels=channels, seed=seed, low=low, high=high,
+                          scheme=scheme, channels_first=channels_first, mean=mean, std=std)
+    noise.perturb(src, rws, rsteps, idx, out, threads=threads)
     m = rws.size
-    np.take(src, rws, axis=0, out=out[:m])
-    args = (rws, rsteps, idx, out, int(pixels), int(n_positions), int(channels), bool(channels_first),
-            float(low), float(high) - float(low), high32, np.nextafter(high32, np.float32(-np.inf)),
-            scheme == "salt-pepper", np.uint64(seed), mean_arr, std_arr)
-    if threads == 1:
-        _perturb_kernel_serial(*args)
-    else:
-        previous = numba.get_num_threads()
-        try:
-            if threads is not None:
-                numba.set_num_threads(int(threads))
-            _perturb_kernel(*args)
-        finally:
-            numba.set_num_threads(previous)
     if write_back:
         source[rws] = out[:m]
     return out
@@ -195,3 +178,50 @@ def perturb_images(
         seed=seed, low=low, high=high, scheme=scheme, threads=threads,
     )
     return out.reshape(x.shape)
+
+
+class PreparedNoise:
+    """A noise setting validated once, for a loop that calls the kernel every batch (:func:`prepare_noise`).
+
+    :meth:`perturb` checks nothing: the caller owns the arrays (int64 ``rows``/``row_steps``/``indices``, float32
+    C-contiguous ``source`` and ``out`` of width ``n_positions * channels``), as :func:`perturb_flat` would check
+    them. Results are bit-identical to :func:`perturb_flat` with the same settings.
+    """
+
+    def __init__(self, *, pixels, n_positions, channels, seed, low, high, scheme, channels_first, mean, std):
+        high32 = np.float32(high)
+        self.width = int(n_positions) * int(channels)
+        self._args = (int(pixels), int(n_positions), int(channels), bool(channels_first), float(low),
+                      float(high) - float(low), high32, np.nextafter(high32, np.float32(-np.inf)),
+                      scheme == "salt-pepper", np.uint64(seed), mean, std)
+
+    def perturb(self, source, rows, row_steps, indices, out, *, threads: int | None = 1) -> None:
+        """Write row ``j`` of ``out``: slot ``rows[j]`` of ``source`` at step ``row_steps[j]``."""
+        m = rows.shape[0]
+        np.take(source, rows, axis=0, out=out[:m])
+        args = (rows, row_steps, indices, out, *self._args)
+        if threads == 1:
+            _perturb_kernel_serial(*args)
+            return
+        previous = numba.get_num_threads()
+        try:
+            if threads is not None:
+                numba.set_num_threads(int(threads))
+            _perturb_kernel(*args)
+        finally:
+            numba.set_num_threads(previous)
+
+
+def prepare_noise(*, pixels: int, n_positions: int, channels: int, seed: int, low: float = 0.0, high: float = 1.0,
+                  scheme: str = "uniform", channels_first: bool = False, mean=None, std=None) -> PreparedNoise:
+    """Validate a noise setting once (``ValueError`` naming the bad parameter) and return its prepared kernel."""
+    check_noise_params(pixels=pixels, n_positions=n_positions, low=low, high=high, scheme=scheme)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64); got {seed!r}")
+    if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
+        raise ValueError(f"channels must be an integer >= 1; got {channels!r}")
+    mean_arr = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, np.float32).reshape(channels)
+    std_arr = np.ones(channels, np.float32) if std is None else np.asarray(std, np.float32).reshape(channels)
+    return PreparedNoise(pixels=pixels, n_positions=n_positions, channels=channels, seed=seed, low=low, high=high,
+                         scheme=scheme, channels_first=channels_first, mean=np.ascontiguousarray(mean_arr),
+                         std=np.ascontiguousarray(std_arr))

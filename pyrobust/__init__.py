@@ -18,7 +18,7 @@ _LAZY = {
     "OutputError": "pyrobust.errors", "PyRobustError": "pyrobust.errors",
     "Evaluation": "pyrobust.evaluation", "NonFiniteOutputWarning": "pyrobust.evaluation",
     "evaluate": "pyrobust.evaluation",
-    "load_results": "pyrobust.results",
+    "load_results": "pyrobust.store.results",
     "NONFINITE": "pyrobust.types", "ROBUST": "pyrobust.types", "NoiseSpec": "pyrobust.types",
     "Outcome": "pyrobust.types",
 }

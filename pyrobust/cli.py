@@ -12,6 +12,7 @@ import sys
 import traceback
 import warnings
 from contextlib import contextmanager
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def _fraction(ctx, param, value):
 
 
 def noise_options(func):
-    """The protocol's options, shared by every command that runs it."""
+    """The noise options (one per :class:`~pyrobust.types.NoiseSpec` field), shared by every command that runs the
+    protocol; :func:`_settings` turns them into one ``noise`` value."""
     options = [
         click.option("--pixels", type=int, default=28, show_default=True,
                      help="Pixels drawn per step (with replacement)."),
@@ -82,13 +84,65 @@ def noise_options(func):
         click.option("--seed", type=int, default=0, show_default=True, help="Keys all the noise."),
         click.option("--mean", default=None, help="Normalise after the noise: per-channel means, e.g. 0.1307."),
         click.option("--std", default=None, help="Per-channel standard deviations, e.g. 0.3081."),
-        click.option("--batch-size", type=INT_OR_AUTO, default="auto", show_default=True,
-                     help="Images per inference; auto measures the fastest for this model and machine (cached)."),
-        click.option("--threads", type=int, default=None, help="CPU threads (default: all available)."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def run_options(checkpoints: bool = True):
+    """The run options (one per :class:`~pyrobust.engine.plan.RunOptions` field): how a run uses the machine.
+    ``checkpoints``: the command writes a run folder (``--checkpoint-every``)."""
+    def decorate(func):
+        options = [
+            click.option("--batch-size", type=INT_OR_AUTO, default="auto", show_default=True,
+                         help="Images per inference; auto measures the fastest for this model and machine (cached)."),
+            click.option("--threads", type=int, default=None, help="CPU threads (default: all available)."),
+            click.option("--chunk-size", type=int, default=4096, show_default=True,
+                         help="Images converted to float at a time (bounds memory)."),
+            click.option("--max-memory", "max_memory_mb", type=float, default=None,
+                         help="MiB pyrobust may use for data and buffers (default: 80% of available memory)."),
+            click.option("--custom-ops", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                         help="A custom-op library for onnxruntime to load (never loaded unless named)."),
+            click.option("--sessions", type=INT_OR_AUTO, default="auto", show_default=True,
+                         help="Parallel onnxruntime sessions sharing --threads; auto measures the fastest split "
+                              "(cached)."),
+            click.option("--scheduler", default=None,
+                         help="Run on Dask: local:N (N worker processes here) or tcp://HOST:PORT (needs "
+                              "pyrobust[dask])."),
+            click.option("--shard-size", type=int, default=None,
+                         help="Images per shard with --sessions > 1 or --scheduler."),
+            click.option("--retune", is_flag=True,
+                         help="Measure the batch size and session layout again (ignore the cache)."),
+        ]
+        if checkpoints:
+            options.append(click.option("--checkpoint-every", type=float, default=30.0, show_default=True,
+                                        help="Seconds between checkpoints of the per-image state."))
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorate
+
+
+def _settings(func):
+    """Innermost decorator of a command with :func:`noise_options` and :func:`run_options`: their values arrive as
+    ``noise`` (a NoiseSpec, built once here) and ``options`` (a RunOptions)."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(**kwargs):
+        from dataclasses import fields
+
+        from pyrobust.engine.plan import RunOptions
+        from pyrobust.types import NoiseSpec
+
+        noise = {f.name: kwargs.pop(f.name) for f in fields(NoiseSpec)}
+        for name in ("mean", "std"):
+            noise[name] = _floats(noise[name], name)
+        options = {f.name: kwargs.pop(f.name) for f in fields(RunOptions) if f.name in kwargs}
+        return func(noise=NoiseSpec(**noise), options=RunOptions(**options), **kwargs)
+
+    return wrapper
 
 
 _QUIET = {"on": False}  # set by --quiet on the command being run; main() resets it
@@ -242,10 +296,12 @@ def _print_summary(summary: dict, out: Path | None) -> None:
         t.add_row("precision", f"{prec['reason']}; sequential 95% intervals: robust "
                                f"[{prec['robust']['interval'][0]:.2%}, {prec['robust']['interval'][1]:.2%}], accuracy "
                                f"[{prec['accuracy']['interval'][0]:.2%}, {prec['accuracy']['interval'][1]:.2%}]")
-    s = summary["settings"]
-    values = f"{{{s['low']}, {s['high']}}}" if s["scheme"] == "salt-pepper" else f"[{s['low']}, {s['high']})"
-    t.add_row("noise", f"{_count(s['pixels'], 'pixel')}, {_count(s['max_steps'], 'step')}, {s['scheme']} {values}, "
-                       f"{s['mode']}, seed {s['seed']}")
+    from pyrobust.store.results import noise_of
+
+    n, s = noise_of(summary), summary["settings"]
+    values = f"{{{n.low}, {n.high}}}" if n.scheme == "salt-pepper" else f"[{n.low}, {n.high})"
+    t.add_row("noise", f"{_count(n.pixels, 'pixel')}, {_count(n.max_steps, 'step')}, {n.scheme} {values}, "
+                       f"{n.mode}, seed {n.seed}")
     par = s.get("parallel") or {}
     if "workers" in par:
         t.add_row("ran on", f"Dask {par['scheduler']}: {_count(par['workers'], 'worker')}, "
@@ -281,11 +337,6 @@ def _run_evaluation(model, dataset, *, out, overwrite, report, json_out, **kwarg
     return EXIT_OK
 
 
-def _noise_kwargs(pixels, max_steps, low, high, scheme, mode, seed, mean, std, batch_size, threads) -> dict:
-    return dict(pixels=pixels, max_steps=max_steps, low=low, high=high, scheme=scheme, mode=mode, seed=seed,
-                mean=_floats(mean, "mean"), std=_floats(std, "std"), batch_size=batch_size, threads=threads)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="pyrobust")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
@@ -307,31 +358,18 @@ def cli(debug: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for results and figures.")
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in --out.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (same model, data, settings).")
-@click.option("--checkpoint-every", type=float, default=30.0, show_default=True,
-              help="Seconds between checkpoints of the per-image state.")
-@click.option("--chunk-size", type=int, default=4096, show_default=True,
-              help="Images converted to float at a time (bounds memory).")
-@click.option("--max-memory", type=float, default=None,
-              help="MiB pyrobust may use for data and buffers (default: 80% of available memory).")
-@click.option("--custom-ops", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="A custom-op library for onnxruntime to load (never loaded unless named).")
-@click.option("--sessions", type=INT_OR_AUTO, default="auto", show_default=True,
-              help="Parallel onnxruntime sessions sharing --threads; auto measures the fastest split (cached).")
-@click.option("--scheduler", default=None,
-              help="Run on Dask: local:N (N worker processes here) or tcp://HOST:PORT (needs pyrobust[dask]).")
-@click.option("--shard-size", type=int, default=None, help="Images per shard with --sessions > 1 or --scheduler.")
 @click.option("--precision", callback=_fraction, default=None,
               help="Stop once the 95% intervals of robust fraction and accuracy are within ± this (0.01 or 1%), "
                    "taking images in a seeded random order.")
-@click.option("--retune", is_flag=True, help="Measure the batch size and session layout again (ignore the cache).")
 @click.option("--no-report", is_flag=True, help="Skip the PNG figures.")
 @click.option("--json", "json_out", is_flag=True, help="Print summary.json to stdout instead of the table.")
 @noise_options
+@run_options()
 @_quiet_option
 @_timeout_option
-def evaluate(model, dataset, data_dir, limit, index_range, sample, sample_seed, out, overwrite, resume,
-             checkpoint_every, chunk_size, max_memory, custom_ops, sessions, scheduler, shard_size, precision,
-             retune, no_report, json_out, **noise) -> int:
+@_settings
+def evaluate(model, dataset, data_dir, limit, index_range, sample, sample_seed, out, overwrite, resume, precision,
+             no_report, json_out, noise, options) -> int:
     """Evaluate MODEL (an ONNX file) under random L0 noise and write results to --out.
 
     Example: pyrobust evaluate model.onnx --dataset mnist:test --data-dir ../shared/data --out runs/mnist
@@ -340,12 +378,8 @@ def evaluate(model, dataset, data_dir, limit, index_range, sample, sample_seed, 
 
     start, stop = parse_range(index_range) if index_range else (None, None)
     return _run_evaluation(model, dataset, data_dir=data_dir, limit=limit, start=start, stop=stop, sample=sample,
-                           sample_seed=sample_seed, out=out,
-                           overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
-                           chunk_size=chunk_size, max_memory_mb=max_memory, custom_ops=custom_ops,
-                           sessions=sessions, scheduler=scheduler, shard_size=shard_size, precision=precision,
-                           retune=retune,
-                           report=not no_report, json_out=json_out, **_noise_kwargs(**noise))
+                           sample_seed=sample_seed, out=out, overwrite=overwrite, resume=resume, precision=precision,
+                           report=not no_report, json_out=json_out, noise=noise, **asdict(options))
 
 
 @cli.command()
@@ -362,7 +396,7 @@ def demo(out, limit, threads, overwrite) -> int:
 
     Example: pyrobust demo --out pyrobust-demo
     """
-    from pyrobust.evaluation import holds_only_runs_of
+    from pyrobust.store.rundir import holds_only_runs_of
 
     ref = resources.files("pyrobust") / "assets" / DEMO_MODEL
     with resources.as_file(ref) as model:
@@ -401,17 +435,14 @@ def train(dataset, data_dir, limit, arch, epochs, batch_size, lr, seed, threads,
     test = load_dataset(test_dataset, data_dir=data_dir) if test_dataset else None
     report = train_model(ds, out=out, architecture=arch, epochs=epochs, batch_size=batch_size, learning_rate=lr,
                          seed=seed, threads=threads, n_classes=max(ds.n_classes, test.n_classes if test else 0),
-                         log=lambda line: _err(line))
+                         test=test, log=lambda line: _err(line))
     click.echo(f"wrote {report.out} ({report.architecture}, {report.epochs} epochs, seed {report.seed}, "
                f"{report.train_images} images, {report.seconds:.1f} s)")
     click.echo(f"train accuracy {report.train_accuracy:.2%}; torch vs onnxruntime max |diff| "
                f"{report.parity_max_abs_diff:.2g}; sha256 {report.sha256}")
-    if test is not None:
-        from pyrobust.engine import clean_predictions
-        from pyrobust.runtime import OnnxModel
-
-        acc = float((clean_predictions(OnnxModel(out, threads=threads), test) == test.labels).mean())
-        click.echo(f"test accuracy on {test.spec}: {acc:.2%} ({test.n} images)")
+    if report.test_accuracy is not None:
+        where = test.spec if test else test_dataset
+        click.echo(f"test accuracy on {where}: {report.test_accuracy:.2%} ({report.test_images} images)")
     return EXIT_OK
 
 
@@ -440,7 +471,7 @@ def select(results, per_class, seed, shortfall, data_dir, out, allow_test_split)
 
     sel, npz = select_from_results(results, per_class=per_class, seed=seed, shortfall=shortfall, out=out,
                                    data_dir=data_dir, allow_test_split=allow_test_split)
-    from pyrobust.results import load_results
+    from pyrobust.store.results import load_results
 
     names = {r["class"]: r["name"] for r in load_results(results)[1]["per_class"]}
     t = Table("class", "asked", "available", "taken", "filled", title=f"selection ({_count(sel.n, 'image')})",
@@ -503,11 +534,15 @@ def retrain(subset, like, epochs, seed, threads, out) -> int:
               help="A few hundred images, few steps, 2 epochs: the whole pipeline in about 15 s (a smoke test, not "
                    "results).")
 @click.option("--scheduler", default=None, help="Run the evaluations on Dask: local:N or tcp://HOST:PORT.")
+@click.option("--batch-size", type=INT_OR_AUTO, default="auto", show_default=True,
+              help="Images per inference in the evaluations; auto measures the fastest (cached).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
 @noise_options
 @_quiet_option
 @_timeout_option
+@_settings
 def reproduce(dataset, data_dir, out, per_class, shortfall, arch, epochs, train_sample, test_sample, schemes, quick,
-              scheduler, pixels, max_steps, low, high, scheme, mode, seed, mean, std, batch_size, threads) -> int:
+              noise, options) -> int:
     """The paper end to end: train, evaluate, select robust images, retrain, compare with a random control, report.
 
     Rerunning continues where it stopped: stages whose outputs match their inputs are not redone.
@@ -516,12 +551,10 @@ def reproduce(dataset, data_dir, out, per_class, shortfall, arch, epochs, train_
     """
     from pyrobust.reproduce import StudyConfig
     from pyrobust.reproduce import reproduce as run_study
-    from pyrobust.types import NoiseSpec
 
-    noise = NoiseSpec(pixels=pixels, max_steps=max_steps, low=low, high=high, scheme=scheme, mode=mode, seed=seed,
-                      mean=_floats(mean, "mean"), std=_floats(std, "std"))
-    common = dict(data_dir=str(data_dir) if data_dir else None, shortfall=shortfall, architecture=arch, seed=seed,
-                  noise=noise, eval_batch_size=batch_size, threads=threads, schemes=schemes, scheduler=scheduler)
+    common = dict(data_dir=str(data_dir) if data_dir else None, shortfall=shortfall, architecture=arch,
+                  seed=noise.seed, noise=noise, eval_batch_size=options.batch_size, threads=options.threads,
+                  schemes=schemes, scheduler=options.scheduler)
     if quick:
         config = StudyConfig.quick_config(dataset, **common)
     else:
@@ -557,18 +590,31 @@ def _stage_progress():
             cm.__exit__(None, None, None)
 
 
-_GATE_CONFIG_KEYS = {"dataset", "data_dir", "limit", "range", "baseline", "min_accuracy", "min_robust",
-                     "min_class_robust", "max_robust_drop", "max_accuracy_drop", "confidence", "inconclusive",
-                     "early_stop", "family", "spending", "out", "junit", "summary", "pixels", "max_steps", "low",
-                     "high", "scheme", "mode",
-                     "seed", "mean", "std", "batch_size", "threads"}
+_NOT_IN_CONFIG = ("config", "quiet", "timeout", "help")
+
+
+def config_keys(command: click.Command) -> dict[str, tuple[str, bool, bool]]:
+    """The keys a config file may set, derived from ``command``'s own options (never a hand-kept list): the option's
+    long name in snake case -> (parameter name, is a flag, inverted). A flag ``--no-X`` is also ``X = true|false``."""
+    keys = {}
+    for p in command.params:
+        if not isinstance(p, click.Option) or p.name in _NOT_IN_CONFIG or p.name is None:
+            continue
+        long = max(p.opts, key=len).lstrip("-").replace("-", "_")
+        keys[long] = (p.name, bool(p.is_flag), False)
+        if p.is_flag and long.startswith("no_"):
+            keys[long[3:]] = (p.name, True, True)
+    return keys
 
 
 def _load_gate_config(ctx, param, value):
     """Read a TOML gate policy (top level or a [gate] table) into the command's defaults; flags override it."""
     if value is None:
         return None
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there)
+        import tomli as tomllib
 
     try:
         data = tomllib.loads(Path(value).read_text())
@@ -579,19 +625,19 @@ def _load_gate_config(ctx, param, value):
     table = data.get("gate", data)
     if not isinstance(table, dict):
         raise click.BadParameter(f"{value}: [gate] must be a table of options; got {type(table).__name__}")
+    keys = config_keys(ctx.command)
     values = {}
     for key, v in table.items():
         name = key.replace("-", "_")
-        if name not in _GATE_CONFIG_KEYS:
-            raise click.BadParameter(f"{value}: unknown key {key!r}; allowed: {', '.join(sorted(_GATE_CONFIG_KEYS))}")
-        if isinstance(v, bool) != (name == "early_stop") or not isinstance(v, (str, int, float, bool)):
+        if name not in keys:
+            raise click.BadParameter(f"{value}: unknown key {key!r}; allowed: {', '.join(sorted(keys))}")
+        param_name, flag, inverted = keys[name]
+        if isinstance(v, bool) != flag or not isinstance(v, (str, int, float, bool)):
             raise click.BadParameter(f"{value}: {key} = {v!r} is not a valid value for it"
-                                     + (" (true or false)" if name == "early_stop" else ""))
+                                     + (" (true or false)" if flag else ""))
         if not isinstance(v, bool):
             v = str(v)  # parsed by the option's own type, as if typed on the command line
-        values["index_range" if name == "range" else name] = v
-    if "early_stop" in values:
-        values["no_early_stop"] = not values.pop("early_stop")
+        values[param_name] = (not v) if inverted else v
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
 
@@ -627,11 +673,13 @@ def _load_gate_config(ctx, param, value):
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Markdown summary file (also appended to $GITHUB_STEP_SUMMARY when set).")
 @noise_options
+@run_options(checkpoints=False)
 @_quiet_option
 @_timeout_option
+@_settings
 def gate(candidate, dataset, data_dir, limit, index_range, min_accuracy, min_robust, min_class_robust, baseline,
          max_robust_drop, max_accuracy_drop, confidence, inconclusive, no_early_stop, family, spending, out, junit,
-         summary, **noise) -> int:
+         summary, noise, options) -> int:
     """Pass or fail CANDIDATE (an ONNX model) on robustness thresholds, with statistical decisions.
 
     Exit 0 pass, 1 fail (or inconclusive, unless --inconclusive pass), 2 usage error, 3 bad model or data,
@@ -643,7 +691,6 @@ def gate(candidate, dataset, data_dir, limit, index_range, min_accuracy, min_rob
 
     from pyrobust.datasets import parse_range
     from pyrobust.gate import GatePolicy, append_github_summary, markdown_summary, run_gate, write_outputs
-    from pyrobust.types import NoiseSpec
 
     if (max_robust_drop is not None or max_accuracy_drop is not None) and baseline is None:
         raise InvalidInput("--max-robust-drop and --max-accuracy-drop compare with a baseline: give --baseline "
@@ -652,11 +699,8 @@ def gate(candidate, dataset, data_dir, limit, index_range, min_accuracy, min_rob
                         max_robust_drop=max_robust_drop, max_accuracy_drop=max_accuracy_drop,
                         confidence=confidence, inconclusive=inconclusive, early_stop=not no_early_stop,
                         family=family, spending=spending)
-    kw = _noise_kwargs(**noise)
-    spec = NoiseSpec(**{k: kw[k] for k in ("pixels", "max_steps", "low", "high", "scheme", "mode", "seed", "mean",
-                                           "std")})
     start, stop = parse_range(index_range) if index_range else (None, None)
-    from pyrobust.results import check_output_file, make_out_dir
+    from pyrobust.store.files import check_output_file, make_out_dir
 
     # Every output is checked before any work: a decision must never be lost to a path that cannot be written.
     if out is not None:
@@ -670,8 +714,8 @@ def gate(candidate, dataset, data_dir, limit, index_range, min_accuracy, min_rob
     with warnings.catch_warnings(record=True) as caught, _progress("gate") as progress:
         warnings.simplefilter("always")
         result = run_gate(candidate, dataset, policy=policy, baseline=baseline, data_dir=data_dir, limit=limit,
-                          start=start, stop=stop, spec=spec, batch_size=kw["batch_size"], threads=kw["threads"],
-                          progress=progress, log=lambda line: _err(line))
+                          start=start, stop=stop, noise=noise, progress=progress, log=lambda line: _err(line),
+                          status=getattr(progress, "status", None), **asdict(options))
     for w in [*(str(c.message) for c in caught), *result.warnings]:
         _err(f"warning: {w}")
     for c in result.checks:
@@ -736,7 +780,7 @@ def replay(results, index, step, model, data_dir, out, no_check) -> int:
     Example: pyrobust replay runs/mnist --index 7 --out failing.png
     """
     from pyrobust.replay import replay as do_replay
-    from pyrobust.results import check_output_file
+    from pyrobust.store.files import check_output_file
 
     if out is not None:
         check_output_file(out, "--out")  # before any work
@@ -766,7 +810,7 @@ def _write_replay(out: Path, r) -> None:
 
     import numpy as np
 
-    from pyrobust.results import write_bytes_atomic
+    from pyrobust.store.files import write_bytes_atomic
 
     if out.suffix == ".npy":
         buf = io.BytesIO()
@@ -835,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
-    from pyrobust.watchdog import Watchdog
+    from pyrobust.engine.watchdog import Watchdog
 
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)

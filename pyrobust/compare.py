@@ -9,21 +9,16 @@ import numpy as np
 
 from pyrobust.errors import InvalidInput
 from pyrobust.report import plot_survival
-from pyrobust.results import load_results, make_out_dir, write_bytes_atomic, write_json_atomic
 from pyrobust.stats import paired_difference_interval
-from pyrobust.types import ROBUST, NoiseSpec
+from pyrobust.store.files import make_out_dir, write_bytes_atomic, write_json_atomic
+from pyrobust.store.results import load_results
+from pyrobust.types import ROBUST, RunRecord, differences
 
 COMPARE_SCHEMA = 1
 
 
-def _refuse_unless_comparable(sa: dict, sb: dict) -> None:
-    diffs = []
-    if sa["dataset"]["sha256"] != sb["dataset"]["sha256"]:
-        diffs.append(f"the data differ (SHA-256 {sa['dataset']['sha256'][:12]}… vs {sb['dataset']['sha256'][:12]}…)")
-    a, b = NoiseSpec.from_dict(sa["settings"]).to_dict(), NoiseSpec.from_dict(sb["settings"]).to_dict()
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            diffs.append(f"{key} {a.get(key)!r} vs {b.get(key)!r}")
+def _refuse_unless_comparable(a: RunRecord, b: RunRecord) -> None:
+    diffs = differences(a.fingerprint, b.fingerprint, compare=("data", "noise"))
     if diffs:
         raise InvalidInput(f"these runs cannot be compared image by image: {'; '.join(diffs)}. Evaluate both models "
                            "on the same data with the same seed and settings")
@@ -42,9 +37,9 @@ def compare_runs(a_dir: str | os.PathLike, b_dir: str | os.PathLike, *, out: str
     to ``out`` when given."""
     if out is not None:
         make_out_dir(out)  # before any work: an output that cannot be written is an error up front
-    oa, sa = load_results(a_dir)
-    ob, sb = load_results(b_dir)
-    _refuse_unless_comparable(sa, sb)
+    ra_, rb_ = load_results(a_dir), load_results(b_dir)
+    _refuse_unless_comparable(ra_, rb_)
+    (oa, sa), (ob, sb) = ra_, rb_
     if oa.n != ob.n or not np.array_equal(oa.index, ob.index):
         raise InvalidInput(f"these runs cannot be compared image by image: they evaluated different images ({oa.n} "
                            f"and {ob.n}; a precision or partial run covers only some). Evaluate both on the same "
@@ -67,7 +62,7 @@ def compare_runs(a_dir: str | os.PathLike, b_dir: str | os.PathLike, *, out: str
         "schema_version": COMPARE_SCHEMA,
         "a": {"results": str(Path(a_dir).resolve()), "model": sa["model"]},
         "b": {"results": str(Path(b_dir).resolve()), "model": sb["model"]},
-        "dataset": sa["dataset"], "settings": NoiseSpec.from_dict(sa["settings"]).to_dict(),
+        "dataset": sa["dataset"], "settings": ra_.noise.to_dict(),
         "images": int(idx.size),
         "robust": _paired(ra, rb),
         "accuracy": _paired(ca, cb),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import mmap
 import os
 import zlib
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pyrobust.errors import DataError, InvalidInput
-from pyrobust.files import open_regular
+from pyrobust.store.files import open_regular
 
 NAMED = ("mnist", "fashion-mnist")
 SPLITS = ("train", "test")
@@ -434,7 +433,7 @@ def load_recorded(recorded: dict, *, data_dir=None) -> Dataset:
     recorded_dir = recorded.get("data_dir")
     if data_dir is None and recorded_dir is not None and Path(recorded_dir).is_dir():
         data_dir = recorded_dir  # where the run found it; elsewhere, the usual search (the SHA-256 decides)
-    from pyrobust.limits import memory_budget
+    from pyrobust.engine.plan import memory_budget
 
     ds = load_dataset(recorded["spec"], data_dir=data_dir, max_bytes=memory_budget(None),
                       start=recorded.get("start"), stop=recorded.get("stop"), limit=recorded.get("limit"),
@@ -456,9 +455,11 @@ def parse_range(text: str) -> tuple[int | None, int | None]:
         raise InvalidInput(f"an index range is START:STOP with integers (e.g. 100:200); got {text!r}") from None
 
 
-def save_npz(path: str | os.PathLike, ds: Dataset) -> None:
-    """Write a dataset as a plain (pickle-free) ``.npz`` with ``x``, ``y`` and ``index``."""
-    buf = io.BytesIO()
-    x = ds.images[..., 0] if ds.images.shape[3] == 1 else ds.images
-    np.savez_compressed(buf, x=x, y=ds.labels.astype(np.uint8 if ds.labels.max() < 256 else np.int64), index=ds.index)
-    Path(path).write_bytes(buf.getvalue())
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+
+
+def class_names(dataset_name: str, n_classes: int) -> list[str]:
+    if dataset_name.startswith("fashion-mnist") and n_classes <= len(FASHION_CLASSES):
+        return list(FASHION_CLASSES[:n_classes])
+    return [str(k) for k in range(n_classes)]

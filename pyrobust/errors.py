@@ -59,3 +59,15 @@ class ClusterError(PyRobustError):
     """A Dask scheduler that cannot be reached or used (exit code 3)."""
 
     exit_code = 3
+
+
+class ResumeMismatch(InvalidInput):
+    """``resume`` found a checkpoint or finished run of another model, data or settings (exit code 2)."""
+
+    exit_code = 2
+
+
+class NonFiniteModel(ModelError):
+    """Every output of the model is NaN or infinite: nothing can be measured (exit code 3)."""
+
+    exit_code = 3

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pyrobust.datasets import search_roots
 from pyrobust.errors import DataError, OutputError
-from pyrobust.files import file_sha256
+from pyrobust.store.files import file_sha256
 
 MAX_DOWNLOAD_BYTES = 64 * 2**20  # the largest file (Fashion-MNIST training images) is 26 MB
 

@@ -22,17 +22,18 @@ from __future__ import annotations
 import math
 import os
 import xml.etree.ElementTree as ET
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from pyrobust.datasets import Dataset, load_dataset
-from pyrobust.engine import bind_model, clean_predictions, run_protocol
-from pyrobust.errors import InvalidInput, ModelError
-from pyrobust.results import load_results, versions, write_bytes_atomic, write_json_atomic
-from pyrobust.runtime import OnnxModel, check_threads
+from pyrobust.datasets import Dataset
+from pyrobust.engine.loop import clean_predictions
+from pyrobust.engine.plan import RunPlan, load_data, plan_run, split_settings
+from pyrobust.engine.runtime import OnnxModel
+from pyrobust.errors import InvalidInput, NonFiniteModel
 from pyrobust.sequential import (
     FAIL,
     FAMILIES,
@@ -45,7 +46,10 @@ from pyrobust.sequential import (
     stage_alphas,
 )
 from pyrobust.stats import images_for_power, look_schedule, normal_quantile
-from pyrobust.types import NONFINITE, ROBUST, NoiseSpec
+from pyrobust.store.files import write_bytes_atomic, write_json_atomic
+from pyrobust.store.results import load_results, versions
+from pyrobust.store.rundir import fingerprint
+from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome, RunRecord, RunState, differences
 
 GATE_SCHEMA = 2
 GITHUB_SUMMARY_LIMIT = 1024 * 1024  # GitHub refuses a step summary over 1 MiB
@@ -209,6 +213,8 @@ def check_counts(spec: CheckSpec, *, labels: np.ndarray, cand: np.ndarray, base:
     """The counts a check is decided from. ``cand``/``base``: per-image flags (correct for accuracy checks, robust
     for robustness checks) on the images seen so far."""
     if spec.is_drop:
+        if base is None:
+            raise InvalidInput(f"{spec.name} compares with a baseline; none was given")
         lost = int(np.count_nonzero(base & ~cand))
         gained = int(np.count_nonzero(~base & cand))
         return (lost, gained, int(cand.size))
@@ -285,64 +291,59 @@ def decide(checks: list[Check]) -> str:
 
 # ------------------------------------------------------------------------------------------------------- run
 def _model_info(m: OnnxModel) -> dict:
-    return {"path": str(Path(m.path).resolve()), "sha256": m.sha256, "input": m.input.name,
-            "layout": m.binding.layout if m.binding else None}
+    return {"path": str(Path(m.path).resolve()), "sha256": m.sha256, "external_data": m.external_data,
+            "input": m.input.name, "layout": m.binding.layout if m.binding else None}
 
 
 def run_gate(
     candidate: str | os.PathLike,
-    dataset: str,
+    dataset,
     *,
     policy: GatePolicy,
     baseline: str | os.PathLike | None = None,
+    noise: NoiseSpec | None = None,
     data_dir=None,
     limit: int | None = None,
     start: int | None = None,
     stop: int | None = None,
-    spec: NoiseSpec | None = None,
-    batch_size: int | str = "auto",
-    threads: int | None = None,
     progress=None,
     log=None,
+    status=None,
+    **settings,
 ) -> GateResult:
     """Decide ``policy`` for ``candidate``: a clean pass for the accuracy checks, then noise looks for the
     robustness checks until the verdict can no longer change (or every image is used). A baseline is a model, or a
-    folder of its saved results on the same data and settings."""
-    spec = spec or NoiseSpec()
+    folder of its saved results on the same data and noise. ``noise`` and ``settings`` are as for
+    :func:`pyrobust.evaluate` (noise fields, and run options such as ``batch_size``, ``sessions``, ``scheduler``,
+    ``max_memory_mb``, ``custom_ops``): both go through the same run plan."""
+    spec, options = split_settings(noise, settings)
     log = log or (lambda line: None)
     if policy.needs_baseline and baseline is None:
         raise InvalidInput("max_robust_drop and max_accuracy_drop compare with a baseline: give a baseline model "
                            "or a results folder of it")
-    threads = check_threads(threads)
-    from pyrobust.limits import memory_budget
-
     # the data is refused from its header when it cannot fit, rather than found out by a MemoryError
-    ds = load_dataset(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit, max_bytes=memory_budget(None))
-    cand = OnnxModel(candidate, threads=threads)
-    bind_model(cand, ds, spec)
-    base_model, base_saved, base_info = None, None, None
-    if baseline is not None:
-        bpath = Path(baseline)
-        if bpath.is_dir():
-            outcome, summary = load_results(bpath)
-            _check_saved_baseline(summary, ds, spec)
-            if outcome.n != ds.n or not np.array_equal(outcome.index, ds.index):
-                raise InvalidInput(f"the baseline results in {bpath} cover {outcome.n} of this gate's {ds.n} images "
-                                   "(a precision or partial run); evaluate the baseline on every image, or pass the "
-                                   "baseline model")
-            base_saved = outcome
-            base_info = {"results": str(bpath.resolve()), **summary["model"]}
-        else:
-            base_model = OnnxModel(bpath, threads=threads)
-            bind_model(base_model, ds, spec)
-            base_info = _model_info(base_model)
+    ds, ds_spec = load_data(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit, max_bytes=options.budget)
+    base_saved, base_info = None, None
+    bpath = Path(baseline) if baseline is not None else None
+    if bpath is not None and bpath.is_dir():
+        base_saved = _saved_baseline(bpath, ds, spec)
+        base_info = {"results": str(bpath.resolve()), **base_saved.model}
+    with ExitStack() as stack:
+        cand = stack.enter_context(plan_run(candidate, ds, spec, options, status=status))
+        base = None
+        if bpath is not None and base_saved is None:
+            base = stack.enter_context(plan_run(bpath, ds, spec, options, status=status, connection=cand.connection))
+            base_info = _model_info(base.model)
+        return _decide(policy, cand, base, base_saved.outcome if base_saved else None, base_info, ds_spec,
+                       data_dir, (start, stop, limit), progress, log)
 
-    if batch_size == "auto":
-        from pyrobust.tuning import auto_batch_size
 
-        batch_size, _ = auto_batch_size(cand)
+def _decide(policy: GatePolicy, cand: RunPlan, base: RunPlan | None, base_saved: Outcome | None,
+            base_info: dict | None, ds_spec: str, data_dir, selection: tuple, progress, log) -> GateResult:
+    ds, spec = cand.dataset, cand.noise
+    has_baseline = base is not None or base_saved is not None
     total = ds.n
-    plan = plan_gate(policy, total, np.unique(ds.labels), baseline=baseline is not None)
+    plan = plan_gate(policy, total, np.unique(ds.labels), baseline=has_baseline)
     inferences = 0
     look_log: list[dict] = []
     checks: list[Check] = []
@@ -353,23 +354,23 @@ def run_gate(
 
     # Stage 1: the clean pass decides the accuracy checks in one look.
     if plan.clean:
-        pred = clean_predictions(cand, ds, batch_size=int(batch_size), mean=spec.mean, std=spec.std)
+        pred = clean_predictions(cand.model, ds, batch_size=cand.batch_size, mean=spec.mean, std=spec.std)
         inferences += total
-        _refuse_all_nonfinite(pred, cand.path)
+        _refuse_all_nonfinite(pred, cand.model.path)
         nonfinite["clean"] = int(np.count_nonzero(pred == NONFINITE))
         cand_ok = pred == ds.labels
         base_ok = None
-        if base_model is not None:
-            base_ok = clean_predictions(base_model, ds, batch_size=int(batch_size), mean=spec.mean,
+        if base is not None:
+            base_ok = clean_predictions(base.model, ds, batch_size=base.batch_size, mean=spec.mean,
                                         std=spec.std) == ds.labels
             inferences += total
         elif base_saved is not None:
             base_ok = base_saved.first_failure != 0
-        counts = [check_counts(s, labels=ds.labels, cand=cand_ok, base=base_ok) for s in plan.clean]
+        clean_counts = [check_counts(s, labels=ds.labels, cand=cand_ok, base=base_ok) for s in plan.clean]
         alphas = np.array([plan.clean_alpha])
         clean_decision = SequentialDecision(plan.clean, alphas, family=policy.family)
-        clean_decision.look(counts)
-        checks += _checks_from(clean_decision, plan.clean, alphas, "clean", counts, total)
+        clean_decision.look(clean_counts)
+        checks += _checks_from(clean_decision, plan.clean, alphas, "clean", clean_counts, total)
         look_log.append({"look": 0, "stage": "clean", "images": total, "inferences": inferences,
                          "confidence": 1 - plan.clean_alpha,
                          "undecided": [x.name for x in checks if x.verdict == "inconclusive"]})
@@ -379,41 +380,33 @@ def run_gate(
         if failed_early:
             stop_reason = "an accuracy check failed on the clean pass: no noise was needed"
 
-    # Stage 2: noise looks for the checks that need noise.
+    # Stage 2: noise looks for the checks that need noise, each running only its new images.
     done_n = 0
     per_image_noise = 0.0
+    info: dict = {}
     if plan.noise and not failed_early:
         order = random_order(spec.seed, total)
-        cand_ff = np.full(total, ROBUST, np.int32)
-        cand_clean = np.full(total, ROBUST, np.int32)
-        cand_flab = np.full(total, ROBUST, np.int32)
-        base_ff = None if baseline is None else np.full(total, ROBUST, np.int32)
+        cand_state = RunState(total)
+        base_state = RunState(total) if base is not None else None
+        base_ff = base_saved.first_failure if base_saved is not None else None
         decision = SequentialDecision(plan.noise, plan.noise_alphas, family=policy.family)
-        noise_inferences = 0
         counts: list[tuple] = []
         for k, n in enumerate(plan.noise_looks):
             pos = np.sort(order[done_n:n])
-            part = ds.take(pos)
-            out = run_protocol(cand, part, spec, batch_size=batch_size, progress=progress)
-            cand_ff[pos] = out.first_failure
-            cand_clean[pos] = out.clean_prediction
-            cand_flab[pos] = out.failure_label
-            noise_inferences += out.inferences
-            if base_model is not None:
-                bout = run_protocol(base_model, part, spec, batch_size=batch_size)
-                base_ff[pos] = bout.first_failure
-                noise_inferences += bout.inferences
-            elif base_saved is not None:
-                base_ff[pos] = base_saved.first_failure[pos]
+            _, info = cand.execute(cand_state, positions=pos, progress=progress)
+            if base is not None and base_state is not None:
+                base.execute(base_state, positions=pos)
+                base_ff = base_state.first_failure
             done_n = n
             seen = np.sort(order[:n])
             if k == 0:
-                _refuse_all_nonfinite(cand_clean[seen], cand.path)
-            robust = cand_ff[seen] == ROBUST
+                _refuse_all_nonfinite(cand_state.clean_prediction[seen], cand.model.path)
+            robust = cand_state.first_failure[seen] == ROBUST
             base_robust = None if base_ff is None else base_ff[seen] == ROBUST
             counts = [check_counts(s, labels=ds.labels[seen], cand=robust, base=base_robust) for s in plan.noise]
             decision.look(counts)
             undecided = [s.name for j, s in enumerate(plan.noise) if decision.verdict[0, j] == 0]
+            noise_inferences = cand_state.inferences + (base_state.inferences if base_state is not None else 0)
             look_log.append({"look": k + 1, "stage": "noise", "images": n, "inferences": inferences + noise_inferences,
                              "confidence": float(1 - plan.noise_alphas[k]), "undecided": undecided})
             log(f"look {k + 1}/{len(plan.noise_looks)}: {n} of {total} images, {len(undecided)} check(s) undecided")
@@ -422,12 +415,14 @@ def run_gate(
                 stop_reason = (f"a check failed at look {k + 1}: the verdict cannot change" if failed
                                else f"every check was decided at look {k + 1}")
                 break
+        noise_inferences = cand_state.inferences + (base_state.inferences if base_state is not None else 0)
         inferences += noise_inferences
         per_image_noise = noise_inferences / max(done_n, 1)
         seen = np.sort(order[:done_n])
-        nonfinite["noisy"] = int(np.count_nonzero((cand_clean[seen] != NONFINITE) & (cand_flab[seen] == NONFINITE)))
+        cand_clean, cand_flab = cand_state.clean_prediction[seen], cand_state.failure_label[seen]
+        nonfinite["noisy"] = int(np.count_nonzero((cand_clean != NONFINITE) & (cand_flab == NONFINITE)))
         if not plan.clean:
-            nonfinite["clean"] = int(np.count_nonzero(cand_clean[seen] == NONFINITE))
+            nonfinite["clean"] = int(np.count_nonzero(cand_clean == NONFINITE))
         checks += _checks_from(decision, plan.noise, plan.noise_alphas, "noise", counts, total)
     elif plan.noise:
         checks += [Check(s.name, s.kind, s.threshold, math.nan, (math.nan, math.nan), "inconclusive", 0,
@@ -438,46 +433,49 @@ def run_gate(
         warns.append(f"the candidate returned NaN or infinite outputs for {nonfinite['clean']} clean image(s) and "
                      f"{nonfinite['noisy']} noisy input(s); they count as wrong / fooled")
     stopped_early = failed_early or (bool(plan.noise) and done_n < total)
-    models = 1 + (base_model is not None)
+    models = 1 + (base is not None)
     # The work of the same gate without early stop; unknown when no noise look ran (the clean pass failed).
     full = None if failed_early and plan.noise else \
         (total * models if plan.clean else 0) + int(round(per_image_noise * total))
     decision_word = decide(checks)
     passed = decision_word == "pass" or (decision_word == "inconclusive" and policy.inconclusive == "pass")
+    start, stop, limit = selection
     return GateResult(
         decision=decision_word, passed=passed, checks=checks, images=total, images_evaluated=done_n,
         looks=look_log, inferences=inferences,
         inferences_full_estimate=full,
         stopped_early=stopped_early, stop_reason=stop_reason if stopped_early else "every image evaluated",
         nonfinite=nonfinite, warnings=warns, policy=policy,
-        candidate=_model_info(cand), baseline=base_info,
-        dataset={"spec": dataset, "count": total, "sha256": ds.sha256, "source": ds.source,
+        candidate=_model_info(cand.model), baseline=base_info,
+        dataset={"spec": ds_spec, "count": total, "sha256": ds.sha256, "source": ds.source,
                  "data_dir": str(Path(data_dir).resolve()) if data_dir else None, "start": start, "stop": stop,
                  "limit": limit},
-        settings={**spec.to_dict(), "batch_size": batch_size, "threads": cand.threads,
-                  "looks_planned": plan.noise_looks, "alpha_per_look": [float(a) for a in plan.noise_alphas],
+        settings={**spec.to_dict(), **cand.settings(info), "looks_planned": plan.noise_looks,
+                  "alpha_per_look": [float(a) for a in plan.noise_alphas],
                   "clean_alpha": plan.clean_alpha, "order_seed": spec.seed},
     )
 
 
 def _refuse_all_nonfinite(pred: np.ndarray, path) -> None:
     if pred.size and bool(np.all(pred == NONFINITE)):
-        raise ModelError(f"{path}: every output of the model is NaN or infinite ({pred.size} images); it cannot be "
+        raise NonFiniteModel(f"{path}: every output of the model is NaN or infinite ({pred.size} images); it cannot be "
                          "gated. Check the model's export and its expected input range and normalisation")
 
 
-def _check_saved_baseline(summary: dict, ds: Dataset, spec: NoiseSpec) -> None:
-    diffs = []
-    if summary["dataset"]["sha256"] != ds.sha256:
-        diffs.append(f"it evaluated other data (SHA-256 {summary['dataset']['sha256'][:12]}…, this gate's data "
-                     f"{ds.sha256[:12]}…)")
-    saved = NoiseSpec.from_dict(summary["settings"]).to_dict()
-    for key, value in spec.to_dict().items():
-        if saved.get(key) != value:
-            diffs.append(f"{key} {saved.get(key)!r} there, {value!r} here")
+def _saved_baseline(folder: Path, ds: Dataset, spec: NoiseSpec) -> RunRecord:
+    """A baseline's saved results, usable only for the same images, data and noise as this gate's."""
+    record = load_results(folder)
+    here = fingerprint(model_sha256="", dataset_sha256=ds.sha256, count=ds.n, spec=spec.to_dict())
+    diffs = differences(record.fingerprint, here, compare=("data", "noise"))
     if diffs:
-        raise InvalidInput(f"the baseline results cannot be paired with this gate: {'; '.join(diffs)}. Evaluate the "
-                           "baseline on the same data with the same settings, or pass the baseline model")
+        raise InvalidInput(f"the baseline results in {folder} cannot be paired with this gate: {'; '.join(diffs)} "
+                           "(there → here). Evaluate the baseline on the same data with the same settings, or pass "
+                           "the baseline model")
+    if record.outcome.n != ds.n or not np.array_equal(record.outcome.index, ds.index):
+        raise InvalidInput(f"the baseline results in {folder} cover {record.outcome.n} of this gate's {ds.n} images "
+                           "(a precision or partial run); evaluate the baseline on every image, or pass the "
+                           "baseline model")
+    return record
 
 
 # --------------------------------------------------------------------------------------------------- reports
@@ -539,7 +537,7 @@ def junit_xml(result: GateResult) -> bytes:
             ET.SubElement(case, "skipped", message=c.message)
         out = ET.SubElement(case, "system-out")
         out.text = c.message
-    root = ET.Element("testsuites", name="pyrobust", tests=suite.get("tests"), failures=suite.get("failures"))
+    root = ET.Element("testsuites", name="pyrobust", tests=suite.get("tests", "0"), failures=suite.get("failures", "0"))
     root.append(suite)
     ET.indent(root)
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="utf-8") + b"\n"

@@ -12,27 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-import perturbcore
 from pyrobust.datasets import load_recorded
+from pyrobust.engine.loop import perturbed_image, predict_one
 from pyrobust.errors import InvalidInput, ModelError
-from pyrobust.results import load_results
+from pyrobust.store.results import load_results
 from pyrobust.types import ROBUST, NoiseSpec
-
-
-def perturbed_image(original: np.ndarray, *, index: int, step: int, spec: NoiseSpec) -> np.ndarray:
-    """The input at ``step`` (0 = clean) of the image with original index ``index``; ``original`` is float32
-    (H, W, C) in data space (before normalisation), and so is the result."""
-    h, w, c = original.shape
-    flat = np.ascontiguousarray(original, dtype=np.float32).reshape(1, h * w * c).copy()
-    common = dict(pixels=spec.pixels, n_positions=h * w, channels=c, seed=spec.seed, low=spec.low, high=spec.high,
-                  scheme=spec.scheme, indices=[index])
-    if spec.mode == "restart" or step == 0:
-        out = perturbcore.perturb_flat(flat, steps=[step], **common)
-    else:
-        out = np.empty_like(flat)
-        for s in range(1, step + 1):
-            perturbcore.perturb_flat(flat, steps=[s], out=out, write_back=True, **common)
-    return out.reshape(h, w, c)
 
 
 @dataclass(frozen=True, repr=False)
@@ -74,7 +58,7 @@ class Replay:
 def rebuild(outcome, spec: NoiseSpec, dataset, *, index: int, step: int | None = None, model=None,
             where: str = "the run") -> Replay:
     """Image ``index``'s input at ``step`` (default: its first failure) from in-memory results: ``outcome`` and
-    ``dataset`` aligned, ``model`` an :class:`~pyrobust.runtime.OnnxModel` to ask again (or None)."""
+    ``dataset`` aligned, ``model`` an :class:`~pyrobust.engine.runtime.OnnxModel` to ask again (or None)."""
     found = np.flatnonzero(outcome.index == index)
     if found.size == 0:
         raise InvalidInput(f"image {index} was not evaluated in {where} (original indices "
@@ -97,8 +81,7 @@ def rebuild(outcome, spec: NoiseSpec, dataset, *, index: int, step: int | None =
         x = perturbed[None]
         if spec.mean is not None:
             x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-        model.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=x)
-        prediction = int(perturbcore.predict(model.run(model.to_flat(x)))[0])
+        prediction = predict_one(model, dataset, x)
     # Before its first failure the model gave the true label at every step; at it, the recorded failure label.
     recorded = int(outcome.failure_label[pos]) if step == ff else int(outcome.label[pos])
     return Replay(index=index, label=int(outcome.label[pos]), step=int(step), recorded_failure_step=ff,
@@ -109,10 +92,10 @@ def replay(results_dir: str | os.PathLike, *, index: int, step: int | None = Non
            threads: int | None = None) -> Replay:
     """Rebuild image ``index``'s input at ``step`` (default: its first-failure step) and, when the model is at hand
     (``model`` or the path the run recorded), ask it again."""
-    from pyrobust.runtime import OnnxModel
+    from pyrobust.engine.runtime import OnnxModel
 
-    outcome, summary = load_results(results_dir)
-    spec = NoiseSpec.from_dict(summary["settings"])
+    record = load_results(results_dir)
+    outcome, summary, spec = record.outcome, record.summary, record.noise
     if index not in outcome.index:
         rebuild(outcome, spec, None, index=index, where=str(results_dir))  # raises the message
     ds = load_recorded(summary["dataset"], data_dir=data_dir)

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pyrobust.datasets import Dataset
-from pyrobust.replay import perturbed_image
-from pyrobust.results import atomic_path, class_names
+from pyrobust.datasets import Dataset, class_names
+from pyrobust.engine.loop import perturbed_image
+from pyrobust.store.files import atomic_path
+from pyrobust.store.results import REPORT_FILES, noise_of
 from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome
 
 if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, not with the package
@@ -31,7 +32,6 @@ def _figure(**kwargs) -> Figure:
     return Figure(**kwargs)
 
 
-REPORT_FILES = ("survival.png", "per_class.png", "examples.png", "failure.png")
 
 
 def save_figure(fig: Figure, path: Path | None) -> Figure:
@@ -70,9 +70,8 @@ def plot_survival(summary: dict, path: Path | None = None, *,
     ax.set_ylabel("fraction of images not yet fooled")
     ax.set_ylim(0, 1.02)
     ax.set_xlim(0, len(next(iter(curves.values()))) - 1)
-    s = summary["settings"]
-    ax.set_title(f"{summary['dataset']['spec']}: {s['pixels']} pixels, {s['scheme']}, {s['mode']}, seed {s['seed']}",
-                 fontsize=9)
+    s = noise_of(summary)
+    ax.set_title(f"{summary['dataset']['spec']}: {s.pixels} pixels, {s.scheme}, {s.mode}, seed {s.seed}", fontsize=9)
     ax.grid(alpha=0.3)
     # below the axes: a curve can pass through any corner of them (a fragile model's runs along the bottom)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(3, len(curves)), fontsize=8, frameon=False)
@@ -101,7 +100,7 @@ def plot_per_class(summary: dict, path: Path | None = None) -> Figure:
     ax.bar(x, wrong, bottom=robust + fooled, color="#adb5bd", label="wrong before noise")
     for xi, r in zip(x, rows, strict=True):
         if r["images"]:
-            ax.text(xi, r["images"], f"{r['robust_rate']:.0%}", ha="center", va="bottom", fontsize=7)
+            ax.text(float(xi), r["images"], f"{r['robust_rate']:.0%}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, names, rotation=30 if max(len(n) for n in names) > 2 else 0, fontsize=8)
     ax.set_ylabel("images")
     ax.set_ylim(0, max(1, max(r["images"] for r in rows)) * 1.08)  # room for the rate labels
@@ -179,7 +178,7 @@ def plot_replay(r, path: Path | None = None) -> Figure:
 
 
 def write_report(out: Path, outcome: Outcome, summary: dict, dataset: Dataset) -> list[Path]:
-    spec = NoiseSpec.from_dict(summary["settings"])
+    spec = noise_of(summary)
     names = class_names(dataset.name, len(summary["per_class"]))
     plot_survival(summary, out / "survival.png")
     plot_per_class(summary, out / "per_class.png")

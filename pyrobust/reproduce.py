@@ -17,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pyrobust.checkpoint import RunLock
 from pyrobust.datasets import Dataset, load_dataset, load_npz
-from pyrobust.errors import InvalidInput
-from pyrobust.results import RESULTS_FILE, SUMMARY_FILE, load_results, make_out_dir
+from pyrobust.errors import InvalidInput, ResumeMismatch
 from pyrobust.selection import SHORTFALLS, random_subset, read_selection, select_robust, write_subset
-from pyrobust.stages import StageRunner, file_sha256
+from pyrobust.store.files import make_out_dir
+from pyrobust.store.results import RESULTS_FILE, SUMMARY_FILE, load_results
+from pyrobust.store.rundir import RunLock
+from pyrobust.store.stages import StageRunner, file_sha256
 from pyrobust.types import NoiseSpec
 
 QUICK = {"train_sample": 600, "test_sample": 300, "max_steps": 20, "epochs": 2, "per_class": 20}
@@ -124,7 +125,7 @@ def reproduce(config: StudyConfig, out: str | os.PathLike, *, log: Callable[[str
                               progress=progress_factory(title) if progress_factory else None, **sp)
                 try:
                     evaluate(model, ds.spec, resume=not start_over, overwrite=start_over, **kwargs)
-                except InvalidInput:  # a checkpoint or result of other inputs: start this stage over
+                except ResumeMismatch:  # a checkpoint or result of other inputs: start this stage over
                     evaluate(model, ds.spec, overwrite=True, **kwargs)
 
             runner.run(name, title, inputs={"model_sha256": file_sha256(model), "data_sha256": ds.sha256,

@@ -11,14 +11,15 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pyrobust.datasets import Dataset, load_recorded
 from pyrobust.errors import InvalidInput
-from pyrobust.results import check_output_file, load_results, make_out_dir, write_bytes_atomic, write_json_atomic
+from pyrobust.store.files import check_output_file, make_out_dir, write_bytes_atomic, write_json_atomic
+from pyrobust.store.results import load_results
 from pyrobust.types import ROBUST, Outcome
 
 MAX_PER_CLASS = 1_000_000  # images kept per class; sampling with replacement could otherwise ask for any number
@@ -32,7 +33,6 @@ class Selection:
     per_class: int
     seed: int
     shortfall: str
-    source: dict = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -132,7 +132,8 @@ def select_from_results(results_dir: str | os.PathLike, *, per_class: int, seed:
     test results meaningless."""
     _check(per_class, seed, shortfall)
     subset_paths(out)
-    outcome, summary = load_results(results_dir)
+    record = load_results(results_dir)
+    outcome, summary = record
     if summary["dataset"].get("split") == "test" and not allow_test_split:
         raise InvalidInput(f"{results_dir} evaluated a test split ({summary['dataset'].get('spec')}); selecting "
                            "training images from it puts test images into training. Evaluate the training split, or "
@@ -143,7 +144,7 @@ def select_from_results(results_dir: str | os.PathLike, *, per_class: int, seed:
     meta = {"kind": "robust", "per_class": sel.per_class, "seed": sel.seed, "shortfall": sel.shortfall,
             "table": sel.table, "source": {"results": str(Path(results_dir).resolve()),
                                            "dataset": summary["dataset"], "model": summary["model"],
-                                           "settings": summary["settings"]}}
+                                           "noise": record.noise.to_dict(), "settings": summary["settings"]}}
     npz, _ = write_subset(out, ds, sel.positions, meta)
     return sel, npz
 

@@ -69,7 +69,7 @@ def paired_difference_interval(both: int, only_first: int, only_second: int, nei
     l1, u1 = wilson_interval(a + b, n, confidence)
     l2, u2 = wilson_interval(a + c, n, confidence)
     denom = (a + b) * (c + d) * (a + c) * (b + d)
-    cross = a * d - b * c
+    cross: float = a * d - b * c
     cross = cross - n / 2 if cross > n / 2 else 0.0 if cross >= 0 else cross
     phi = cross / math.sqrt(denom) if denom > 0 else 0.0
     diff = p1 - p2

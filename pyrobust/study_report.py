@@ -17,7 +17,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pyrobust.report import plot_survival, save_figure
-from pyrobust.results import load_results, versions, write_bytes_atomic, write_json_atomic
+from pyrobust.store.files import write_bytes_atomic, write_json_atomic
+from pyrobust.store.results import load_results, versions
 from pyrobust.types import NONFINITE
 
 PAPER = {"accuracy": {"M": 0.9885, "M_R": 0.9692}, "robust": {"M": 0.2957, "M_R": 0.5101}}
@@ -99,16 +100,18 @@ def gather(root: Path, *, config: dict, stages: dict, test_spec: str, train_spec
         }
         flips[name] = flip_matrix(outcome.first_failure, outcome.label, outcome.failure_label, k)
     _, train_summary = load_results(root / "eval" / "M-train")
-    _, test_summary = load_results(root / "eval" / "M-test")
+    test_record = load_results(root / "eval" / "M-test")
+    test_summary, test_noise = test_record.summary, test_record.noise
     selection = json.loads((root / "select" / "robust.json").read_text())
-    schemes = [{"scheme": test_summary["settings"]["scheme"], "mode": test_summary["settings"]["mode"],
+    schemes = [{"scheme": test_noise.scheme, "mode": test_noise.mode,
                 "results": "eval/M-test", "accuracy": _rate(test_summary["metrics"]["accuracy"]),
                 "robust": _rate(test_summary["metrics"]["robust"])}]
-    for folder in sorted((root / "eval").glob("M-test-*")):
-        if (folder / "summary.json").exists():
-            _, s = load_results(folder)
-            schemes.append({"scheme": s["settings"]["scheme"], "mode": s["settings"]["mode"],
-                            "results": f"eval/{folder.name}", "accuracy": _rate(s["metrics"]["accuracy"]),
+    for scheme_folder in sorted((root / "eval").glob("M-test-*")):
+        if (scheme_folder / "summary.json").exists():
+            record = load_results(scheme_folder)
+            s = record.summary
+            schemes.append({"scheme": record.noise.scheme, "mode": record.noise.mode,
+                            "results": f"eval/{scheme_folder.name}", "accuracy": _rate(s["metrics"]["accuracy"]),
                             "robust": _rate(s["metrics"]["robust"])})
     # uniform/restart (the paper's) first, then the other values, then the random walk
     schemes.sort(key=lambda r: (r["mode"] != "restart", r["scheme"] != "uniform"))
@@ -117,8 +120,7 @@ def gather(root: Path, *, config: dict, stages: dict, test_spec: str, train_spec
         "config": config,
         "datasets": {"train": {"spec": train_spec, **{k: train_summary["dataset"][k] for k in ("sha256", "count")}},
                      "test": {"spec": test_spec, **{k: test_summary["dataset"][k] for k in ("sha256", "count")}}},
-        "noise": {k: test_summary["settings"][k] for k in ("pixels", "max_steps", "low", "high", "scheme", "mode",
-                                                           "seed")},
+        "noise": {k: v for k, v in test_noise.to_dict().items() if k not in ("mean", "std")},
         "paper": PAPER,
         "models": models,
         "train_under_M": {"accuracy": _rate(train_summary["metrics"]["accuracy"]),

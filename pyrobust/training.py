@@ -24,7 +24,7 @@ import numpy as np
 
 from pyrobust.datasets import Dataset
 from pyrobust.errors import InvalidInput, MissingDependency, ModelError
-from pyrobust.results import atomic_path
+from pyrobust.store.files import atomic_path
 
 ARCHITECTURES = ("cnn", "mlp")
 
@@ -69,6 +69,8 @@ class TrainReport:
     parity_max_abs_diff: float
     seconds: float
     sha256: str
+    test_accuracy: float | None = None  # clean accuracy of the exported model on ``test`` (onnxruntime)
+    test_images: int | None = None
 
 
 def _nchw(ds: Dataset, lo: int = 0, hi: int | None = None) -> np.ndarray:
@@ -86,10 +88,12 @@ def train(
     seed: int = 0,
     threads: int | None = None,
     n_classes: int | None = None,
+    test: Dataset | None = None,
     log=None,
 ) -> TrainReport:
     """Train ``architecture`` on ``dataset`` with Adam, export to ONNX at ``out`` and check torch and onnxruntime
-    agree on a sample. The same seed, data and settings give the same weights."""
+    agree on a sample; with ``test``, also measure the exported model's clean accuracy on it. The same seed, data
+    and settings give the same weights (with the same thread count and torch version)."""
     if architecture not in ARCHITECTURES:
         raise InvalidInput(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {architecture!r}")
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
@@ -150,9 +154,16 @@ def train(
     finally:
         torch.set_num_threads(previous_threads)
         torch.use_deterministic_algorithms(previous_deterministic)
+    test_acc = None
+    if test is not None:
+        from pyrobust.engine.loop import clean_predictions
+        from pyrobust.engine.runtime import OnnxModel
+
+        test_acc = float((clean_predictions(OnnxModel(out, threads=threads), test) == test.labels).mean())
     return TrainReport(out=out, architecture=architecture, epochs=int(epochs), seed=seed, train_images=dataset.n,
                        train_accuracy=train_acc, losses=tuple(losses), parity_max_abs_diff=diff,
-                       seconds=time.perf_counter() - t0, sha256=hashlib.sha256(out.read_bytes()).hexdigest())
+                       seconds=time.perf_counter() - t0, sha256=hashlib.sha256(out.read_bytes()).hexdigest(),
+                       test_accuracy=test_acc, test_images=None if test is None else test.n)
 
 
 def _with_image_input(torch, module):

@@ -10,7 +10,8 @@ Sentinels, per image:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -26,7 +27,7 @@ MAX_STEPS_LIMIT = 100_000
 VALUE_LIMIT = 1e6
 STD_MIN = 1e-6  # the survival curve has max_steps + 1 points in summary.json and the figures
 
-__all__ = ["MODES", "NONFINITE", "ROBUST", "SCHEMES", "NoiseSpec", "Outcome"]
+__all__ = ["MODES", "NONFINITE", "ROBUST", "SCHEMES", "NoiseSpec", "Outcome", "RunRecord", "RunState", "differences"]
 
 
 def _is_int(value) -> bool:
@@ -68,7 +69,7 @@ class NoiseSpec:
             raise InvalidInput("normalisation needs both mean and std (one value per channel), or neither")
         if self.mean is not None:
             mean = tuple(float(v) for v in self.mean)
-            std = tuple(float(v) for v in self.std)
+            std = tuple(float(v) for v in self.std or ())
             if len(mean) != len(std) or not mean:
                 raise InvalidInput(f"mean and std need one value per channel each; got {len(mean)} and {len(std)}")
             if not all(math.isfinite(v) and abs(v) <= VALUE_LIMIT for v in mean) or \
@@ -110,7 +111,6 @@ class Outcome:
     inferences: int = 0
     noisy_inferences: int = 0
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     ARRAYS = ("index", "label", "clean_prediction", "first_failure", "failure_label")
 
@@ -125,3 +125,93 @@ class Outcome:
     @property
     def robust(self) -> np.ndarray:
         return self.first_failure == ROBUST
+
+
+class RunState:
+    """The per-image results of a run as it goes, plus which images are finished.
+
+    The engine marks an image ``done`` only after its results are written, so a state saved at any moment holds
+    only final results; an image in flight when a run stops is simply evaluated again on resume, and because its
+    noise depends only on (seed, index, step) it gets exactly the same result.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.clean_prediction = np.full(n, ROBUST, np.int32)
+        self.first_failure = np.full(n, ROBUST, np.int32)
+        self.failure_label = np.full(n, ROBUST, np.int32)
+        self.done = np.zeros(n, np.bool_)
+        self.inferences = 0
+        self.noisy_inferences = 0
+        self.seconds = 0.0
+        self.sessions = 0
+
+    ARRAYS = ("clean_prediction", "first_failure", "failure_label", "done")
+
+    @property
+    def n(self) -> int:
+        return int(self.done.shape[0])
+
+    @property
+    def n_done(self) -> int:
+        return int(np.count_nonzero(self.done))
+
+    def outcome(self, dataset) -> Outcome:
+        return Outcome(index=dataset.index.copy(), label=dataset.labels.copy(),
+                       clean_prediction=self.clean_prediction.copy(), first_failure=self.first_failure.copy(),
+                       failure_label=self.failure_label.copy(), inferences=self.inferences,
+                       noisy_inferences=self.noisy_inferences, seconds=self.seconds)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A finished run read back (:func:`pyrobust.load_results`): the per-image ``outcome``, its ``noise``, what
+    was evaluated (``model``, ``dataset``: as in summary.json) and the whole ``summary``. Unpacks as
+    ``outcome, summary = load_results(folder)``."""
+
+    outcome: Outcome
+    noise: NoiseSpec
+    model: dict
+    dataset: dict
+    summary: dict
+    folder: Path | None = None
+
+    def __iter__(self):
+        return iter((self.outcome, self.summary))
+
+    def __getitem__(self, i: int):
+        return (self.outcome, self.summary)[i]
+
+    @property
+    def images_total(self) -> int:
+        """Images the run was planned over (a precision run may have stopped before all of them)."""
+        return int((self.summary.get("precision") or {}).get("images_total", self.dataset["count"]))
+
+    @property
+    def fingerprint(self) -> dict:
+        from pyrobust.store.rundir import fingerprint
+
+        return fingerprint(model_sha256=self.model["sha256"], dataset_sha256=self.dataset["sha256"],
+                           count=self.images_total, spec=self.noise.to_dict())
+
+
+_FINGERPRINT_PARTS = ("model", "data", "count", "noise")
+
+
+def differences(a: dict, b: dict, *, compare: tuple[str, ...] = _FINGERPRINT_PARTS) -> list[str]:
+    """What differs between two run fingerprints (``pyrobust.store.rundir.fingerprint``), one phrase per field, in
+    the words a refusal uses: ``the model changed (SHA-256 …)``, ``pixels 28 → 10``. ``compare`` picks the parts:
+    ``model``, ``data``, ``count`` and ``noise``."""
+    out = []
+    if a.get("version") != b.get("version"):
+        return [f"checkpoint format {a.get('version')!r}, this pyrobust writes {b.get('version')!r}"]
+    for part, key, label in (("model", "model_sha256", "the model"), ("data", "dataset_sha256", "the data")):
+        if part in compare and a.get(key) != b.get(key):
+            out.append(f"{label} changed (SHA-256 {str(a.get(key))[:12]}… → {str(b.get(key))[:12]}…)")
+    if "count" in compare and a.get("count") != b.get("count") and not out:
+        out.append(f"image count {a.get('count')} → {b.get('count')}")
+    if "noise" in compare:
+        old, new = a.get("spec") or {}, b.get("spec") or {}
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                out.append(f"{key} {old.get(key)!r} → {new.get(key)!r}")
+    return out

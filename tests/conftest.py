@@ -8,46 +8,15 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper
 
 from pyrobust.datasets import Dataset, bundled_sample
+from tests.builders import image_input, linear_nodes, logits_output, save_model, synthetic, tensor  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PYROBUST_TEST_DATA", ROOT.parent / "shared" / "data"))
 BUNDLED_MODEL = resources.files("pyrobust") / "assets" / "mnist-cnn.onnx"
-
-
-def save_model(path: Path, nodes, inputs, outputs, initializers=(), opset: int = 17, domains=()) -> Path:
-    graph = helper.make_graph(list(nodes), "g", list(inputs), list(outputs), initializer=list(initializers))
-    imports = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in domains]
-    model = helper.make_model(graph, opset_imports=imports)
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
-
-
-def tensor(name, array):
-    return helper.make_tensor(name, TensorProto.FLOAT, array.shape, array.astype(np.float32).ravel())
-
-
-def image_input(shape=("N", 1, 28, 28), name="x", elem=TensorProto.FLOAT):
-    return helper.make_tensor_value_info(name, elem, list(shape))
-
-
-def logits_output(classes=10, name="y", batch="N"):
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch, classes])
-
-
-def linear_nodes(weight: np.ndarray, bias: np.ndarray, input_name="x"):
-    """x (any shape N×...) -> flatten -> x @ W + b."""
-    return (
-        [helper.make_node("Flatten", [input_name], ["flat"], axis=1),
-         helper.make_node("MatMul", ["flat", "W"], ["mm"]),
-         helper.make_node("Add", ["mm", "B"], ["y"])],
-        [tensor("W", weight), tensor("B", bias)],
-    )
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -156,13 +125,6 @@ def sample() -> Dataset:
 def bundled_model() -> Path:
     with resources.as_file(BUNDLED_MODEL) as p:
         return Path(p)
-
-
-def synthetic(n=20, h=28, w=28, c=1, label=0, seed=0, zeros=False, name="synthetic") -> Dataset:
-    rng = np.random.default_rng(seed)
-    x = np.zeros((n, h, w, c), np.float32) if zeros else rng.random((n, h, w, c), dtype=np.float32)
-    y = np.full(n, label, np.int64) if np.isscalar(label) else np.asarray(label, np.int64)
-    return Dataset(name, "test", x, y, np.arange(n, dtype=np.int64), name)
 
 
 MISSING_DATA = ("needs the real MNIST files (mnist/t10k-*.gz, mnist/train-*.gz) under {where}: get them with "

@@ -91,3 +91,22 @@ def protocol(predict_one, images, labels, indices, *, seed, pixels, max_steps, l
 def survival(first_failure, max_steps):
     n = len(first_failure)
     return np.array([sum(1 for f in first_failure if f == -1 or f > s) / n for s in range(max_steps + 1)])
+
+
+def record_batch(preds, rows, row_steps, label, step, pos, max_steps, clean, first, fail):
+    """The tracking kernel's bookkeeping, one row at a time (``perturbcore.record_batch``)."""
+    finished = {}
+    for p, r, s in zip(preds, rows, row_steps, strict=True):
+        if finished.get(r):
+            continue
+        finished[r] = False
+        if s == 0:
+            clean[pos[r]] = p
+        if p != label[r]:
+            first[pos[r]], fail[pos[r]] = s, p
+            finished[r] = True
+        elif s >= max_steps:
+            finished[r] = True
+        else:
+            step[r] = s + 1
+    return finished

@@ -14,12 +14,12 @@ import pytest
 import pyrobust
 from pyrobust.cli import main
 from pyrobust.errors import ClassCountMismatch, DataError, InvalidInput, ModelError, OutputError
-from tests.test_datasets import idx_bytes, write_mnist_folder
+from tests.builders import idx_bytes, write_mnist_folder
 
 
 def _external_data_model(folder, location, *, make_target=True):
     """A linear model whose weights live in an external file at ``location`` (relative to the model)."""
-    from tests.conftest import image_input, linear_nodes, logits_output
+    from tests.builders import image_input, linear_nodes, logits_output
 
     folder.mkdir(parents=True, exist_ok=True)
     nodes, inits = linear_nodes(np.ones((784, 10)) * 0.01, np.zeros(10))

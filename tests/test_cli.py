@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pyrobust.cli import main
-from pyrobust.results import load_results
+from pyrobust.store.results import load_results
 
 
 def run_cli(capsys, *args):
@@ -25,7 +25,7 @@ def test_evaluate_writes_results_and_report(capsys, tmp_path, bundled_model):
     for f in ("results.npz", "summary.json", "survival.png", "per_class.png", "examples.png", "failure.png"):
         assert (out / f).stat().st_size > 0
     outcome, summary = load_results(out)
-    assert outcome.n == 40 and summary["settings"]["max_steps"] == 20
+    assert outcome.n == 40 and summary["noise"]["max_steps"] == 20
     assert summary["dataset"]["spec"] == "sample" and summary["dataset"]["count"] == 40
 
 
@@ -36,8 +36,9 @@ def test_evaluate_json_and_options(capsys, tmp_path, bundled_model):
                               "--threads", "1", "--no-report", "--json", "--out", tmp_path / "r")
     assert code == 0
     s = json.loads(stdout)
-    assert s["settings"]["scheme"] == "salt-pepper" and s["settings"]["mode"] == "cumulative"
-    assert s["settings"]["seed"] == 9 and s["settings"]["batch_size"] == 7 and s["settings"]["mean"] == [0.0]
+    assert s["noise"]["scheme"] == "salt-pepper" and s["noise"]["mode"] == "cumulative"
+    assert s["noise"]["seed"] == 9 and s["settings"]["batch_size"] == 7 and s["noise"]["mean"] == [0.0]
+    assert "pixels" not in s["settings"]  # the noise is recorded once, apart from the run settings
     assert s["dataset"]["first_index"] == 100 and s["dataset"]["count"] == 30
     assert not (tmp_path / "r" / "survival.png").exists()
 
@@ -100,7 +101,8 @@ def test_existing_results_need_overwrite(capsys, tmp_path, bundled_model):
 def test_non_finite_outputs_warn(capsys, tmp_path, models):
     import numpy as np
 
-    from pyrobust.datasets import Dataset, save_npz
+    from pyrobust.datasets import Dataset
+    from tests.builders import save_npz
 
     zeros = tmp_path / "zeros.npz"
     save_npz(zeros, Dataset("z", None, np.zeros((5, 28, 28, 1), np.uint8), np.zeros(5, np.int64), np.arange(5), "z"))

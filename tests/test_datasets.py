@@ -15,27 +15,10 @@ from pyrobust.datasets import (
     parse_idx,
     parse_range,
     read_idx,
-    save_npz,
     search_roots,
 )
 from pyrobust.errors import DataError, InvalidInput
-
-
-def idx_bytes(array: np.ndarray, code: int = 0x08) -> bytes:
-    head = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return head + array.astype({0x08: ">u1", 0x0D: ">f4", 0x0C: ">i4"}[code]).tobytes()
-
-
-def write_mnist_folder(folder, images, labels, prefix="t10k", compress=True):
-    folder.mkdir(parents=True, exist_ok=True)
-    for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
-        data = idx_bytes(arr)
-        name = f"{prefix}-{kind}-ubyte"
-        if compress:
-            (folder / f"{name}.gz").write_bytes(gzip.compress(data))
-        else:
-            (folder / name).write_bytes(data)
-    return folder
+from tests.builders import idx_bytes, save_npz, write_mnist_folder
 
 
 @pytest.fixture

@@ -3,12 +3,12 @@ import onnxruntime as ort
 import pytest
 
 from pyrobust.datasets import Dataset
-from pyrobust.engine import clean_predictions, run_protocol
+from pyrobust.engine.loop import clean_predictions, run_protocol
+from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import InvalidInput
-from pyrobust.runtime import OnnxModel
 from pyrobust.types import NONFINITE, ROBUST, NoiseSpec
 from tests import naive
-from tests.conftest import synthetic
+from tests.builders import synthetic
 
 
 def _predict_one(path, layout=(1, 28, 28), mean=None, std=None):
@@ -69,8 +69,7 @@ def test_results_do_not_depend_on_batch_size(bundled_model, sample, reference_ru
 @pytest.mark.parametrize("threads", [1, 2])
 def test_results_do_not_depend_on_threads(bundled_model, sample, reference_run, threads):
     spec, ref = reference_run
-    got = run_protocol(OnnxModel(bundled_model, threads=threads), sample.select(limit=300), spec,
-                       kernel_threads=threads)
+    got = run_protocol(OnnxModel(bundled_model, threads=threads), sample.select(limit=300), spec)
     for g, r in zip(_outcome_arrays(got), _outcome_arrays(ref), strict=True):
         assert np.array_equal(g, r)
 
@@ -138,9 +137,9 @@ def test_max_steps_one_and_pixels_all(bundled_model, sample):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"batch_size": 0}, "batch_size must be >= 1"),
-    ({"chunk_size": 0}, "chunk_size must be >= 1"),
-    ({"kernel_threads": 0}, "kernel_threads must be >= 1"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+    ({"chunk_size": 0}, "chunk_size must be an integer >= 1"),
+    ({"batch_size": 2.5}, "batch_size must be an integer >= 1"),
 ])
 def test_engine_rejects_bad_sizes(bundled_model, sample, kwargs, match):
     with pytest.raises(InvalidInput, match=match):
@@ -178,7 +177,7 @@ def test_step_packing_is_bit_identical(bundled_model, sample, batch_size, mode):
 
 
 def test_packed_rows_never_pass_max_steps():
-    from pyrobust.engine import _batch_rows
+    from pyrobust.engine.loop import _batch_rows
 
     slot_step = np.array([0, 5, 9, 10, 3])
     rows = np.array([0, 2, 3])

@@ -17,7 +17,7 @@ from pyrobust.cli import main
 from pyrobust.datasets import load_dataset
 from pyrobust.errors import DataError, OutputError
 from pyrobust.fetch import CATALOG, RemoteDataset, RemoteFile, fetch_dataset, verify
-from tests.test_datasets import idx_bytes
+from tests.builders import idx_bytes
 
 N = 6
 

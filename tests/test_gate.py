@@ -12,11 +12,12 @@ import pytest
 from onnx import numpy_helper
 
 from pyrobust.cli import main
-from pyrobust.datasets import Dataset, save_npz
+from pyrobust.datasets import Dataset
 from pyrobust.errors import InvalidInput
 from pyrobust.gate import GatePolicy, append_github_summary, run_gate
 from pyrobust.stats import look_schedule, paired_difference_interval
 from pyrobust.types import NoiseSpec
+from tests.builders import save_npz
 
 
 def _npz(path, images, labels):
@@ -221,8 +222,8 @@ def test_early_stop_takes_less_work_with_the_same_verdict(bundled_model):
     spec = NoiseSpec(max_steps=60)
     for threshold, verdict in ((0.6, "pass"), (0.97, "fail")):  # the sample is ~87 % robust at 60 steps
         policy = GatePolicy(min_robust=threshold)
-        early = run_gate(bundled_model, "sample", policy=policy, spec=spec)
-        full = run_gate(bundled_model, "sample", policy=GatePolicy(min_robust=threshold, early_stop=False), spec=spec)
+        early = run_gate(bundled_model, "sample", policy=policy, noise=spec)
+        full = run_gate(bundled_model, "sample", policy=GatePolicy(min_robust=threshold, early_stop=False), noise=spec)
         assert early.decision == full.decision == verdict
         assert early.images_evaluated < full.images_evaluated == 500
         assert early.inferences < 0.5 * full.inferences
@@ -246,7 +247,7 @@ def test_paired_baseline_detects_an_injected_regression(tmp_path, capsys, bundle
     # saved results of other settings cannot be paired
     code, _, err = gate(capsys, regressed, *common[:-3], "--max-steps", "31", "--baseline", tmp_path / "base",
                         "--max-robust-drop", "0.01")
-    assert code == 2 and "cannot be paired with this gate: max_steps 30 there, 31 here" in err
+    assert code == 2 and "cannot be paired with this gate: max_steps 30 → 31 (there → here)" in err
 
 
 def test_pairing_settles_what_independent_samples_cannot():
@@ -283,20 +284,20 @@ def test_compare(capsys, tmp_path, bundled_model, regressed, shared_data):
                  "1000", "--max-steps", "30", "--seed", "1", "--no-report", "--out", str(tmp_path / "c")]) == 0
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 2
-    assert "cannot be compared image by image: seed 0 vs 1" in capsys.readouterr().err
+    assert "cannot be compared image by image: seed 0 → 1" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 3
 
 
 # ------------------------------------------------------------------------------- order of work and fail fast
 def test_accuracy_checks_cost_one_clean_pass(bundled_model):
     """min_accuracy alone needs no noise at all: one inference per image, decided in one look."""
-    r = run_gate(bundled_model, "sample", policy=GatePolicy(min_accuracy=0.9), spec=NoiseSpec(max_steps=60))
+    r = run_gate(bundled_model, "sample", policy=GatePolicy(min_accuracy=0.9), noise=NoiseSpec(max_steps=60))
     assert r.decision == "pass" and r.inferences == 500 and r.images_evaluated == 0
     assert r.checks[0].stage == "clean" and r.checks[0].n == 500 and r.looks[0]["stage"] == "clean"
     # with a robustness check beside it, the noise looks run only for that check
     both = run_gate(bundled_model, "sample", policy=GatePolicy(min_accuracy=0.9, min_robust=0.6),
-                    spec=NoiseSpec(max_steps=60))
-    alone = run_gate(bundled_model, "sample", policy=GatePolicy(min_robust=0.6), spec=NoiseSpec(max_steps=60))
+                    noise=NoiseSpec(max_steps=60))
+    alone = run_gate(bundled_model, "sample", policy=GatePolicy(min_robust=0.6), noise=NoiseSpec(max_steps=60))
     assert both.decision == alone.decision == "pass"
     assert both.inferences == alone.inferences + 500 and both.images_evaluated == alone.images_evaluated < 500
 
@@ -310,14 +311,14 @@ def test_a_failed_accuracy_check_stops_before_any_noise(bundled_model):
     assert g["checks"][1]["value"] is None and g["checks"][1]["interval"] is None and g["work"]["stopped_early"]
     assert g["work"]["inferences_full_estimate"] is None  # no noise look ran: its cost is unknown
     full = run_gate(bundled_model, "sample", policy=GatePolicy(min_accuracy=0.995, min_robust=0.5, early_stop=False),
-                    spec=NoiseSpec(max_steps=20))
+                    noise=NoiseSpec(max_steps=20))
     assert full.decision == "fail" and full.images_evaluated == 500 and not full.stopped_early
 
 
 def test_fail_fast_with_a_baseline_model(bundled_model, regressed, shared_data, capsys, tmp_path):
     """A clear regression fails at an early look: the rest of the images, for both models, are never run."""
     r = run_gate(regressed, "mnist:test", data_dir=shared_data, limit=2000, baseline=bundled_model,
-                 policy=GatePolicy(max_robust_drop=0.0), spec=NoiseSpec(max_steps=30))
+                 policy=GatePolicy(max_robust_drop=0.0), noise=NoiseSpec(max_steps=30))
     assert r.decision == "fail" and r.stopped_early and "failed at look" in r.stop_reason
     assert r.images_evaluated < 2000 and r.inferences < 0.7 * r.inferences_full_estimate
     g = r.to_dict()["work"]

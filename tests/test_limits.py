@@ -10,8 +10,8 @@ import pytest
 
 import pyrobust
 from pyrobust.cli import main
+from pyrobust.engine.runtime import OnnxModel, ThreadsCappedWarning, cgroup_cpu_limit, check_threads, default_threads
 from pyrobust.errors import InvalidInput
-from pyrobust.runtime import OnnxModel, ThreadsCappedWarning, cgroup_cpu_limit, check_threads, default_threads
 
 
 def test_cgroup_quotas_are_read(tmp_path):
@@ -127,7 +127,7 @@ def test_an_explicit_data_dir_that_does_not_exist_is_an_error(capsys, tmp_path, 
 
 
 def test_a_corrupt_tuning_cache_is_ignored_and_rewritten(tmp_path, monkeypatch, bundled_model, capsys):
-    from pyrobust.tuning import TuningCacheWarning, cache_path
+    from pyrobust.engine.tuning import TuningCacheWarning, cache_path
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     pyrobust.evaluate(bundled_model, "sample", limit=5, max_steps=2)  # measures and caches
@@ -204,7 +204,7 @@ def test_huge_label_values_keep_the_outputs_small(tmp_path):
     import numpy as np
     from onnx import TensorProto, helper
 
-    from tests.conftest import save_model
+    from tests.builders import save_model
 
     k = 100_000
     row = np.zeros((1, k), np.float32)
@@ -231,7 +231,7 @@ def test_huge_label_values_keep_the_outputs_small(tmp_path):
 
 
 def test_tuning_is_measured_again_when_asked_or_when_a_run_was_far_slower(tmp_path, monkeypatch, bundled_model):
-    from pyrobust.tuning import _batch_key, _load, _store, auto_batch_size, cache_path, check_run_rate
+    from pyrobust.engine.tuning import _batch_key, _load, _store, auto_batch_size, cache_path, check_run_rate
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     m = OnnxModel(bundled_model, threads=1)

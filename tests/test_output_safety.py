@@ -13,7 +13,7 @@ import pytest
 import pyrobust
 from pyrobust.cli import main
 from pyrobust.errors import DataError, Interrupted, OutputError
-from pyrobust.results import load_results
+from pyrobust.store.results import load_results
 
 FAST = dict(limit=20, max_steps=3, report=False)
 
@@ -72,7 +72,7 @@ def test_a_symlinked_checkpoint_is_refused_on_resume(tmp_path, bundled_model):
 
 
 def test_dask_workers_write_the_model_to_a_private_file_and_remove_it(tmp_path, monkeypatch, bundled_model):
-    from pyrobust import distributed
+    from pyrobust.engine import dask as distributed
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     data = bundled_model.read_bytes()
@@ -144,7 +144,7 @@ def test_demo_replaces_only_an_earlier_demo(tmp_path, models, bundled_model, cap
 
 
 def test_no_lock_file_is_left_behind_and_a_second_run_is_still_refused(tmp_path, bundled_model):
-    from pyrobust.checkpoint import RunLock
+    from pyrobust.store.rundir import RunLock
 
     out = tmp_path / "out"
     pyrobust.evaluate(bundled_model, "sample", out=out, **FAST)
@@ -184,7 +184,7 @@ def test_a_crafted_checkpoint_is_refused(tmp_path, bundled_model):
 
 
 def test_an_error_mid_run_leaves_a_resumable_checkpoint_or_nothing(tmp_path, bundled_model, monkeypatch):
-    import pyrobust.runtime as runtime
+    import pyrobust.engine.runtime as runtime
     from pyrobust.errors import ModelError
 
     calls = {"n": 0}

@@ -12,8 +12,8 @@ import pytest
 
 import pyrobust
 from pyrobust.cli import main
+from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import ClusterError, InvalidInput, MissingDependency, ModelError
-from pyrobust.runtime import OnnxModel
 from pyrobust.types import NoiseSpec, Outcome
 
 
@@ -48,7 +48,7 @@ def test_sessions_cannot_exceed_threads(bundled_model):
 
 
 def test_auto_batch_size_and_layout_are_measured_once_and_cached(bundled_model, tmp_path, monkeypatch):
-    from pyrobust import tuning
+    from pyrobust.engine import tuning
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty cache: the first call must measure
     m = OnnxModel(bundled_model, threads=2)
@@ -70,7 +70,7 @@ def test_auto_batch_size_and_layout_are_measured_once_and_cached(bundled_model, 
 
 
 def test_layout_candidates():
-    from pyrobust.tuning import layouts
+    from pyrobust.engine.tuning import layouts
 
     assert layouts(1) == [(1, 1)]
     assert layouts(2) == [(1, 2), (2, 1)]
@@ -105,13 +105,13 @@ def test_dask_local_cluster_is_bit_identical(bundled_model, reference, workers, 
 
 def test_a_killed_worker_is_replaced_and_the_results_do_not_change(bundled_model, reference):
     from pyrobust.datasets import load_dataset
-    from pyrobust.distributed import run_distributed
+    from pyrobust.engine.backends import Layout, execute
+    from pyrobust.engine.dask import connect, disconnect
+    from pyrobust.engine.loop import bind_model
 
-    pids: dict = {}
     killed: list[int] = []
-
-    def on_client(client):
-        pids.update(client.run(os.getpid))
+    connection = connect("local:2")
+    pids = dict(connection[0].run(os.getpid))
 
     def progress(done, total, inferences):
         if not killed:  # the first shard is in: kill one worker process while the others are busy
@@ -121,8 +121,13 @@ def test_a_killed_worker_is_replaced_and_the_results_do_not_change(bundled_model
 
     m = OnnxModel(bundled_model)
     ds = load_dataset("sample")
-    outcome, info = run_distributed(m, ds, NoiseSpec(max_steps=40, seed=1), scheduler="local:2", batch_size=256,
-                                    shard_size=25, progress=progress, on_client=on_client)
+    spec = NoiseSpec(max_steps=40, seed=1)
+    bind_model(m, ds, spec)
+    try:
+        outcome, info = execute(m, ds, spec, layout=Layout("dask", scheduler="local:2", shard_size=25),
+                                batch_size=256, connection=connection, progress=progress)
+    finally:
+        disconnect(connection)
     assert killed and info["shards"] == 20
     _same(outcome, reference)
 
@@ -143,7 +148,7 @@ def test_dask_errors(bundled_model, monkeypatch, capsys, tmp_path):
 
 
 def test_worker_checks_the_model_digest(bundled_model):
-    from pyrobust.distributed import evaluate_shard
+    from pyrobust.engine.dask import evaluate_shard
 
     ds = pyrobust.load_dataset("sample").select(limit=3)
     with pytest.raises(ModelError, match="the model received by the worker has another SHA-256"):
@@ -162,7 +167,7 @@ def test_the_terminal_summary_says_where_it_ran(capsys, tmp_path, bundled_model)
 
 def test_a_cluster_opened_before_a_refused_run_is_closed(bundled_model, tmp_path, monkeypatch):
     """The scheduler is reached before outputs are checked; when the output is then refused, the cluster closes."""
-    import pyrobust.distributed as d
+    import pyrobust.engine.dask as d
 
     closed = []
     real = d.disconnect

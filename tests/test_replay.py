@@ -6,8 +6,8 @@ import pytest
 
 from pyrobust import evaluate, replay
 from pyrobust.cli import main
+from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import DataError, InvalidInput, ModelError
-from pyrobust.runtime import OnnxModel
 
 
 class RecordingModel(OnnxModel):
@@ -66,7 +66,8 @@ def test_replay_any_step_and_errors(tmp_path, bundled_model, sample):
 
 
 def test_replay_refuses_changed_data(tmp_path, bundled_model, sample):
-    from pyrobust.datasets import Dataset, save_npz
+    from pyrobust.datasets import Dataset
+    from tests.builders import save_npz
 
     ds = sample.select(limit=30)
     save_npz(tmp_path / "d.npz", ds)

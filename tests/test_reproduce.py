@@ -8,7 +8,7 @@ import pytest
 
 from pyrobust.cli import main
 from pyrobust.reproduce import StudyConfig, reproduce
-from pyrobust.results import load_results
+from pyrobust.store.results import load_results
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -128,7 +128,7 @@ def test_the_scheduler_reaches_every_evaluation(monkeypatch, tmp_path, shared_da
 def test_report_has_the_paired_comparisons_and_a_conclusion(study):
     import numpy as np
 
-    from pyrobust.results import load_results
+    from pyrobust.store.results import load_results
     from pyrobust.study_report import conclusion
 
     rep = json.loads((study / "report.json").read_text())

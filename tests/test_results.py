@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from pyrobust.errors import DataError, OutputError
-from pyrobust.results import build_summary, clear_run_files, load_results, make_out_dir, run_files, write_results
 from pyrobust.stats import survival_curve, wilson_interval
+from pyrobust.store.files import make_out_dir
+from pyrobust.store.results import build_summary, clear_run_files, load_results, run_files, write_results
 from pyrobust.types import NoiseSpec, Outcome
 from tests import naive
 
@@ -44,7 +45,7 @@ def test_summary_numbers():
     s = build_summary(_outcome(), spec=NoiseSpec(max_steps=5), model={"name": "m"}, dataset={"name": "d"},
                       settings={"batch_size": 4}, n_classes=3)
     m = s["metrics"]
-    assert s["schema_version"] == 1
+    assert s["schema_version"] == 2
     assert m["accuracy"]["count"] == 5 and m["accuracy"]["fraction"] == pytest.approx(5 / 6)
     assert m["robust"]["fraction"] == pytest.approx(3 / 6)
     assert m["robust_of_correct"]["fraction"] == pytest.approx(3 / 5)
@@ -56,7 +57,7 @@ def test_summary_numbers():
     assert [c["images"] for c in s["per_class"]] == [2, 2, 2]
     assert s["per_class"][1]["robust_rate_of_correct"] == 0.0
     assert s["performance"]["inferences_per_second"] == 50.0
-    assert s["settings"]["pixels"] == 28 and s["settings"]["batch_size"] == 4
+    assert s["noise"]["pixels"] == 28 and s["settings"]["batch_size"] == 4
     assert set(s["versions"]) >= {"python", "numpy", "numba", "onnxruntime"}
     json.dumps(s, allow_nan=False)
 
@@ -77,7 +78,7 @@ def test_write_and_load_roundtrip(tmp_path):
 @pytest.mark.parametrize("tamper,match", [
     (lambda s, a: s["per_class"][0].update(images=-5), "the counts of class 0 are not those of results.npz"),
     (lambda s, a: s["metrics"]["robust"].update(count=10**6), "counts .* are not those of results.npz"),
-    (lambda s, a: s["settings"].update(max_steps=0), "invalid settings"),
+    (lambda s, a: s["noise"].update(max_steps=0), "invalid noise settings"),
     (lambda s, a: s["model"].update(sha256="not-a-digest"), "model SHA-256 is not a SHA-256 hex digest"),
     (lambda s, a: s.pop("per_class"), "missing or malformed field 'per_class'"),
     (lambda s, a: a.update(first_failure=np.array([9, 4, 0, -1, -1, 1], np.int32)), r"steps outside \[-1, 5\]"),

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import pyrobust
-from pyrobust.checkpoint import RunLock, load_checkpoint
 from pyrobust.cli import main
 from pyrobust.errors import InvalidInput, OutputError
-from pyrobust.results import load_results
+from pyrobust.store.results import load_results
+from pyrobust.store.rundir import RunLock, load_checkpoint
 from pyrobust.types import Outcome
 
 SETTINGS = ["--max-steps", "150", "--seed", "3", "--batch-size", "64", "--no-report"]
@@ -181,7 +181,7 @@ def test_corrupt_checkpoint(tmp_path, bundled_model):
 
 def test_checkpoint_roundtrip_in_process(tmp_path, bundled_model, reference):
     """A KeyboardInterrupt raised from inside the engine leaves a checkpoint that resumes to the same results."""
-    from pyrobust.checkpoint import fingerprint
+    from pyrobust.store.rundir import fingerprint
 
     calls = {"n": 0}
 
@@ -194,7 +194,7 @@ def test_checkpoint_roundtrip_in_process(tmp_path, bundled_model, reference):
         pyrobust.evaluate(bundled_model, "sample", max_steps=150, seed=3, out=tmp_path, progress=interrupt,
                           batch_size=32, sessions=1)
     ds = pyrobust.load_dataset("sample")
-    m = pyrobust.runtime.OnnxModel(bundled_model)
+    m = pyrobust.engine.runtime.OnnxModel(bundled_model)
     fp = fingerprint(model_sha256=m.sha256, dataset_sha256=ds.sha256, count=ds.n,
                      spec=pyrobust.NoiseSpec(max_steps=150, seed=3).to_dict())
     state = load_checkpoint(tmp_path, fp)

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from pyrobust.datasets import Dataset
-from pyrobust.engine import clean_predictions, run_protocol
+from pyrobust.engine.loop import clean_predictions, run_protocol
+from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import ModelError
-from pyrobust.runtime import OnnxModel
 from pyrobust.types import NoiseSpec
-from tests.conftest import synthetic
+from tests.builders import synthetic
 
 torch = pytest.importorskip("torch", reason="the layout fixtures are exported from torch (pyrobust[train])")
 

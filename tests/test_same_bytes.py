@@ -13,9 +13,9 @@ import pytest
 from onnx import numpy_helper
 
 import pyrobust
+from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import DataError, ModelError
-from pyrobust.runtime import OnnxModel
-from tests.test_datasets import idx_bytes
+from tests.builders import idx_bytes
 
 
 def _with_bias(src, dst, delta):

@@ -115,7 +115,7 @@ def test_retrain_reuses_recorded_settings(capsys, tmp_path, sample):
           learning_rate=2e-3)
     assert training_settings(tmp_path / "m.onnx") == {"architecture": "mlp", "epochs": 1, "seed": 4, "n_classes": 10,
                                                       "batch_size": 64, "learning_rate": 2e-3}
-    from pyrobust.datasets import save_npz
+    from tests.builders import save_npz
 
     save_npz(tmp_path / "sub.npz", sample.select(start=200, stop=300))
     assert main(["retrain", str(tmp_path / "sub.npz"), "--like", str(tmp_path / "m.onnx"), "--out",

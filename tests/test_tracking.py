@@ -3,6 +3,7 @@ import pytest
 
 import perturbcore
 from perturbcore import NONFINITE, ROBUST
+from tests import naive
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
@@ -28,24 +29,6 @@ def test_predict_rejects_bad_shapes():
         perturbcore.predict(np.zeros((5, 0)))
 
 
-def _naive_record(preds, rows, row_steps, label, step, pos, max_steps, clean, first, fail):
-    finished = {}
-    for p, r, s in zip(preds, rows, row_steps, strict=True):
-        if finished.get(r):
-            continue
-        finished[r] = False
-        if s == 0:
-            clean[pos[r]] = p
-        if p != label[r]:
-            first[pos[r]], fail[pos[r]] = s, p
-            finished[r] = True
-        elif s >= max_steps:
-            finished[r] = True
-        else:
-            step[r] = s + 1
-    return finished
-
-
 @pytest.mark.parametrize("packed", [False, True])
 def test_record_batch_matches_reference(packed):
     rng = np.random.default_rng(1)
@@ -67,7 +50,7 @@ def test_record_batch_matches_reference(packed):
     finished = perturbcore.record_batch(preds, rows, row_steps=row_steps, slot_label=label, slot_step=step,
                                         slot_pos=pos, max_steps=5, clean_prediction=arrays[0],
                                         first_failure=arrays[1], failure_label=arrays[2])
-    want = _naive_record(preds, rows, row_steps, label, ref_step, pos, 5, *ref_arrays)
+    want = naive.record_batch(preds, rows, row_steps, label, ref_step, pos, 5, *ref_arrays)
     assert {int(r): bool(finished[r]) for r in np.unique(rows)} == want
     assert np.array_equal(step, ref_step)
     for got, ref in zip(arrays, ref_arrays, strict=True):

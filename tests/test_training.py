@@ -6,8 +6,8 @@ import pytest
 from onnx import numpy_helper
 
 from pyrobust.cli import main
+from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import InvalidInput, MissingDependency
-from pyrobust.runtime import OnnxModel
 
 pytest.importorskip("torch", reason="training needs pyrobust[train]")
 

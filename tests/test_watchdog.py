@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import pyrobust
-from pyrobust.watchdog import Watchdog
+from pyrobust.engine.watchdog import Watchdog
 
 CLI = [sys.executable, "-m", "pyrobust"]
 

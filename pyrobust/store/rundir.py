@@ -1,4 +1,4 @@
-"""Checkpoints, resumption and the folder lock of a long evaluation.
+"""A run folder: its lock, its checkpoints, and the decision to start, resume or find the run complete.
 
 ``checkpoint.npz`` holds the per-image state (results of finished images and the ``done`` mask) and the run's
 fingerprint (model and data SHA-256, every noise setting) as a JSON string in a plain uint8 array, no pickles. It is
@@ -17,13 +17,23 @@ import io
 import json
 import os
 import stat
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pyrobust.engine import RunState
-from pyrobust.errors import DataError, InvalidInput, OutputError
-from pyrobust.results import check_outcome_arrays, read_run_file, write_bytes_atomic
+from pyrobust.errors import (
+    DataError,
+    Interrupted,
+    NonFiniteModel,
+    OutputError,
+    PyRobustError,
+    ResumeMismatch,
+)
+from pyrobust.store.files import read_run_file, write_bytes_atomic
+from pyrobust.store.results import check_outcome_arrays
+from pyrobust.types import RunRecord, RunState, differences
 
 CHECKPOINT_FILE = "checkpoint.npz"
 LOCK_FILE = ".pyrobust.lock"
@@ -70,10 +80,10 @@ def load_checkpoint(folder: Path, fp: dict) -> RunState:
         raise DataError(f"{path}: unreadable checkpoint ({type(exc).__name__}); pass overwrite=True to start over") \
             from None
     saved = meta.get("fingerprint", {})
-    diffs = _differences(saved, fp)
+    diffs = differences(saved, fp)
     if diffs:
-        raise InvalidInput(f"cannot resume the run in {folder}: {'; '.join(diffs)}. Resume with the same model, data "
-                           "and settings, or pass overwrite=True to start over")
+        raise ResumeMismatch(f"cannot resume the run in {folder}: {'; '.join(diffs)}. Resume with the same model, "
+                             "data and settings, or pass overwrite=True to start over")
     state = RunState(fp["count"])
     for arr in arrays.values():
         if arr.shape != (fp["count"],):
@@ -91,22 +101,6 @@ def load_checkpoint(folder: Path, fp: dict) -> RunState:
     state.inferences, state.noisy_inferences, state.sessions = counts
     state.seconds = float(seconds)
     return state
-
-
-def _differences(saved: dict, now: dict) -> list[str]:
-    out = []
-    if saved.get("version") != now["version"]:
-        return [f"checkpoint format {saved.get('version')!r}, this pyrobust writes {now['version']}"]
-    for key, label in (("model_sha256", "the model"), ("dataset_sha256", "the data")):
-        if saved.get(key) != now[key]:
-            out.append(f"{label} changed (SHA-256 {str(saved.get(key))[:12]}… → {now[key][:12]}…)")
-    if saved.get("count") != now["count"] and not out:
-        out.append(f"image count {saved.get('count')} → {now['count']}")
-    old, new = saved.get("spec", {}), now["spec"]
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            out.append(f"{key} {old.get(key)!r} → {new.get(key)!r}")
-    return out
 
 
 class RunLock:
@@ -167,3 +161,113 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+# --------------------------------------------------------------------------------------------- the run folder
+@dataclass(frozen=True)
+class Fresh:
+    """Nothing to continue: start a new run (an earlier run's files, with ``overwrite``, go when it finishes)."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Continue from a checkpoint."""
+
+    state: RunState
+
+
+@dataclass(frozen=True)
+class Complete:
+    """``resume`` found the same run finished: nothing to do."""
+
+    record: RunRecord
+
+
+def decide_start(out_dir: Path, fp: dict, *, overwrite: bool, resume: bool) -> Fresh | Resume | Complete:
+    """What to do with what ``out_dir`` holds. A checkpoint comes first: an interrupted ``overwrite`` run leaves
+    one beside the earlier run's results. Nothing is deleted here."""
+    from pyrobust.store.results import SUMMARY_FILE, load_results, run_files
+
+    complete = os.path.lexists(out_dir / SUMMARY_FILE)
+    unfinished = os.path.lexists(out_dir / CHECKPOINT_FILE)
+    present = run_files(out_dir, (CHECKPOINT_FILE,))
+    if resume and unfinished:
+        return Resume(load_checkpoint(out_dir, fp))
+    if resume and complete:
+        record = load_results(out_dir)
+        diffs = differences(record.fingerprint, fp)
+        if diffs:
+            raise ResumeMismatch(f"{out_dir} holds a finished run of another model, data or settings "
+                                 f"({'; '.join(diffs)}); pass overwrite=True to replace it or choose another output "
+                                 "folder")
+        return Complete(record)
+    if present and not overwrite and not resume:
+        if unfinished:
+            what = "an unfinished run (checkpoint.npz)" + (" beside an earlier run's results" if complete else "")
+            hint = "pass resume=True to continue it, overwrite=True to start over,"
+        else:
+            what, hint = "a run's results", "pass overwrite=True to replace them"
+        others = [f for f in present if f != CHECKPOINT_FILE]
+        listed = f" ({', '.join(others)})" if others and not unfinished else ""
+        raise OutputError(f"{out_dir}: already holds {what}{listed}; {hint} or choose another output folder")
+    return Fresh()
+
+
+@contextmanager
+def checkpointed(out_dir: Path, state: RunState, fp: dict, *, resumed: bool):
+    """Run the body with ``state`` checkpointed in ``out_dir``: yields the function to save it. Whatever stops the
+    body, the folder is left usable: Ctrl-C saves the checkpoint (and says how to continue); an error after some
+    images finished saves them; an error before any, or a model that gives only NaN, leaves no checkpoint."""
+    save = lambda st=state: save_checkpoint(out_dir, st, fp)  # noqa: E731
+    save()
+    try:
+        yield save
+    except KeyboardInterrupt:
+        save()
+        raise Interrupted(f"interrupted after {state.n_done} of {state.n} images; checkpoint saved in {out_dir}: run "
+                          "the same command with resume=True to continue") from None
+    except NonFiniteModel:
+        (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # a run of a model that gives only NaN is void
+        raise
+    except PyRobustError as exc:
+        if state.n_done == 0 and not resumed:  # never leave a checkpoint that silently blocks the next run
+            (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+            raise
+        save()
+        raise type(exc)(f"{exc}; the {state.n_done} of {state.n} images finished before it are saved in {out_dir}: "
+                        "fix the cause and run it again with resume=True") from None
+
+
+def finish_run(out_dir: Path, outcome, summary: dict) -> None:
+    """Only now, with the new run complete, does an earlier run's output go (summary first, so the folder is never
+    a mix that passes for complete); the checkpoint stays until the new results are written."""
+    from pyrobust.store.results import clear_run_files, write_results
+
+    clear_run_files(out_dir)
+    write_results(out_dir, outcome, summary)
+    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+
+def holds_only_runs_of(folder: str | os.PathLike, model: str | os.PathLike, *, dataset: str) -> bool:
+    """True when ``folder`` holds no run, or only a run (finished or not) of ``model`` on ``dataset``: what
+    ``pyrobust demo`` may replace without being told to."""
+    from pyrobust.store.files import file_sha256
+    from pyrobust.store.results import SUMMARY_FILE, run_files
+
+    out = Path(folder)
+    if not out.is_dir():
+        return True
+    sha = file_sha256(model)
+    if os.path.lexists(out / CHECKPOINT_FILE):
+        try:
+            if checkpoint_fingerprint(out).get("model_sha256") != sha:
+                return False
+        except DataError:
+            return False
+    if os.path.lexists(out / SUMMARY_FILE):
+        try:
+            summary = json.loads(read_run_file(out / SUMMARY_FILE, what="summary", max_bytes=256 * 2**20))
+            return summary["model"]["sha256"] == sha and summary["dataset"]["spec"] == dataset
+        except (DataError, ValueError, KeyError, TypeError):
+            return False
+    return not run_files(out) or os.path.lexists(out / CHECKPOINT_FILE)

@@ -14,15 +14,15 @@ depend on ``batch_size``, thread counts, ``chunk_size``, the order of images or 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 import perturbcore
 from pyrobust.datasets import Dataset
+from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import InvalidInput
-from pyrobust.runtime import OnnxModel
-from pyrobust.types import ROBUST, NoiseSpec, Outcome
+from pyrobust.types import NoiseSpec, Outcome, RunState
 
 Progress = Callable[[int, int, int], None]  # (images finished, images in all, inferences run)
 
@@ -55,61 +55,12 @@ def bind_model(model: OnnxModel, dataset: Dataset, spec: NoiseSpec) -> None:
     model.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=probe)
 
 
-class RunState:
-    """The per-image results of a run as it goes, plus which images are finished.
-
-    The engine marks an image ``done`` only after its results are written, so a state saved at any moment holds
-    only final results; an image in flight when a run stops is simply evaluated again on resume, and because its
-    noise depends only on (seed, index, step) it gets exactly the same result.
-    """
-
-    def __init__(self, n: int) -> None:
-        self.clean_prediction = np.full(n, ROBUST, np.int32)
-        self.first_failure = np.full(n, ROBUST, np.int32)
-        self.failure_label = np.full(n, ROBUST, np.int32)
-        self.done = np.zeros(n, np.bool_)
-        self.inferences = 0
-        self.noisy_inferences = 0
-        self.seconds = 0.0
-        self.sessions = 0
-
-    ARRAYS = ("clean_prediction", "first_failure", "failure_label", "done")
-
-    @property
-    def n(self) -> int:
-        return int(self.done.shape[0])
-
-    @property
-    def n_done(self) -> int:
-        return int(np.count_nonzero(self.done))
-
-    def outcome(self, dataset: Dataset) -> Outcome:
-        return Outcome(index=dataset.index.copy(), label=dataset.labels.copy(),
-                       clean_prediction=self.clean_prediction.copy(), first_failure=self.first_failure.copy(),
-                       failure_label=self.failure_label.copy(), inferences=self.inferences,
-                       noisy_inferences=self.noisy_inferences, seconds=self.seconds)
-
-
-def run_protocol(
-    model: OnnxModel,
-    dataset: Dataset,
-    spec: NoiseSpec,
-    *,
-    batch_size: int = 256,
-    chunk_size: int = 4096,
-    kernel_threads: int = 1,
-    pack: bool = True,
-    progress: Progress | None = None,
-    state: RunState | None = None,
-    on_checkpoint: Callable[[RunState], None] | None = None,
-    checkpoint_every: float = 30.0,
-) -> Outcome:
-    """Run the paper's protocol on every image of ``dataset``; return per-image outcomes in dataset order.
-
-    onnxruntime's threads are the model session's. The noise kernel runs on ``kernel_threads`` numba threads, 1 by
-    default: for a 28x28 batch of 256 it takes ~0.07 ms serially against ~5 ms of inference, while numba's OpenMP
-    workers keep spinning after a parallel region and slow the next inference down
-    (``benchmarks/test_bench_engine.py::test_thread_pools`` measures it).
+def iter_protocol(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, state: RunState, *, batch_size: int = 256,
+                  chunk_size: int = 4096, pack: bool = True) -> Iterator[np.ndarray]:
+    """Run the paper's protocol on the images of ``dataset`` that ``state`` has not marked done, one batch per step
+    of the iteration; each step yields the positions whose results became final in that batch (``state`` holds
+    them, ``done`` set). ``model`` must be bound to the data (:func:`bind_model`); the noise setting is validated
+    once, here, and the kernels run unchecked in the loop.
 
     ``pack``: when fewer images are in play than the batch holds (a small dataset, or the last robust images of a
     large one), each image fills several rows with its next steps. Steps s..s+j of an image are independent draws
@@ -117,27 +68,30 @@ def run_protocol(
     step: results are bit-identical to the unpacked run, only some inferences past a failure are wasted. Packing
     applies to the restart mode; a random walk is sequential by nature.
 
-    ``state`` continues an earlier run: images it marks done are skipped. ``on_checkpoint(state)`` is called at
-    most every ``checkpoint_every`` seconds with a consistent state (and the state object is consistent whenever
-    the run stops, Ctrl-C included).
+    The noise kernel runs serially: for a 28x28 batch of 256 it takes ~0.07 ms against ~5 ms of inference, while
+    numba's OpenMP workers keep spinning after a parallel region and slow the next inference down
+    (``benchmarks/test_bench_engine.py::test_thread_pools`` measures it).
     """
-    if batch_size < 1:
-        raise InvalidInput(f"batch_size must be >= 1; got {batch_size}")
-    if chunk_size < 1:
-        raise InvalidInput(f"chunk_size must be >= 1; got {chunk_size}")
-    if kernel_threads < 1:
-        raise InvalidInput(f"kernel_threads must be >= 1; got {kernel_threads}")
-    bind_model(model, dataset, spec)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InvalidInput(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise InvalidInput(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
+    if state.n != dataset.n:
+        raise InvalidInput(f"the saved state holds {state.n} images but the dataset has {dataset.n}")
+    binding = model.binding
+    if binding is None:
+        raise InvalidInput("bind the model to the data first (bind_model)")
     h, w, c = dataset.image_shape
     mean = _channel_values(spec.mean, c, "mean")
     std = _channel_values(spec.std, c, "std")
-    n, n_pos = dataset.n, h * w
+    n_pos = h * w
     d = n_pos * c
-    if state is None:
-        state = RunState(n)
-    elif state.n != n:
-        raise InvalidInput(f"the saved state holds {state.n} images but the dataset has {n}")
-    state.sessions += 1
+    try:
+        noise = perturbcore.prepare_noise(pixels=spec.pixels, n_positions=n_pos, channels=c, seed=spec.seed,
+                                          low=spec.low, high=spec.high, scheme=spec.scheme,
+                                          channels_first=binding.channels_first, mean=mean, std=std)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
     todo = np.flatnonzero(~state.done)
 
     slot_src = np.zeros((batch_size, d), np.float32)
@@ -154,9 +108,6 @@ def run_protocol(
 
     nxt = 0  # next entry of ``todo`` to admit
     chunk_lo, chunk = 0, np.empty((0, d), np.float32)  # ``chunk`` holds todo[chunk_lo : chunk_lo + len(chunk)]
-    _warm_up_kernels(slot_src, slot_index, slot_step, buf, n_pos, c)  # JIT/cache load stays out of the timing
-    t0 = last_checkpoint = time.perf_counter()
-    seconds_before = state.seconds
     while True:
         free = np.flatnonzero(~busy)
         while free.size and nxt < todo.size:
@@ -175,16 +126,12 @@ def run_protocol(
             nxt += k
         rows = np.flatnonzero(busy)
         if rows.size == 0:
-            break
+            return
         row_slots, row_steps = _batch_rows(rows, slot_step, batch_size, spec.max_steps, pack)
         m = row_slots.size
-        perturbcore.perturb_flat(
-            slot_src, rows=row_slots, row_steps=row_steps, indices=slot_index, steps=slot_step, out=buf,
-            pixels=spec.pixels, n_positions=n_pos, channels=c, seed=spec.seed, low=spec.low, high=spec.high,
-            scheme=spec.scheme, channels_first=model.binding.channels_first, mean=mean, std=std,
-            write_back=cumulative, threads=kernel_threads,
-        )
-        noisy = int(np.count_nonzero(row_steps))
+        noise.perturb(slot_src, row_slots, row_steps, slot_index, buf)
+        if cumulative:  # a random walk: the perturbed input is the next step's source
+            slot_src[row_slots] = buf[:m]
         scores = model.run(buf[:m])
         perturbcore.predict(scores, out=preds)
         perturbcore.record_batch(
@@ -194,17 +141,23 @@ def run_protocol(
         )
         freed = rows[finished[rows]]
         busy[freed] = False
-        state.done[slot_pos[freed]] = True  # only now: results of these images are final
+        done = slot_pos[freed]
+        state.done[done] = True  # only now: results of these images are final
         state.inferences += m
-        state.noisy_inferences += noisy
-        now = time.perf_counter()
-        state.seconds = seconds_before + (now - t0)
-        if progress is not None:
-            progress(state.n_done, n, state.inferences)
-        if on_checkpoint is not None and now - last_checkpoint >= checkpoint_every:
-            on_checkpoint(state)
-            last_checkpoint = time.perf_counter()
-    state.seconds = seconds_before + (time.perf_counter() - t0)
+        state.noisy_inferences += int(np.count_nonzero(row_steps))
+        yield done
+
+
+def run_protocol(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, *, batch_size: int = 256,
+                 chunk_size: int = 4096, pack: bool = True, state: RunState | None = None) -> Outcome:
+    """The protocol on every image of ``dataset`` in this thread: per-image outcomes in dataset order. Runs with
+    checkpoints, progress and parallel back ends go through :func:`pyrobust.engine.backends.execute`."""
+    bind_model(model, dataset, spec)
+    state = state if state is not None else RunState(dataset.n)
+    t0 = time.perf_counter()
+    for _ in iter_protocol(model, dataset, spec, state, batch_size=batch_size, chunk_size=chunk_size, pack=pack):
+        pass
+    state.seconds += time.perf_counter() - t0
     return state.outcome(dataset)
 
 
@@ -231,12 +184,12 @@ def working_memory_bytes(dataset: Dataset, *, batch_size: int, chunk_size: int) 
     return slots + chunk + per_image
 
 
-def _warm_up_kernels(src, index, step, buf, n_positions, channels) -> None:
-    """Call every kernel once on no rows, so numba compiles (or loads from its cache) before work is timed."""
+def warm_up_kernels() -> None:
+    """Call every kernel the loop uses once on no rows, so numba compiles (or loads from its cache) before work is
+    timed."""
     none = np.empty(0, np.int64)
-    for threads in (1, None):  # the serial kernel, and the parallel one should a caller ask for it
-        perturbcore.perturb_flat(src, rows=none, indices=index, steps=step, out=buf, pixels=1,
-                                 n_positions=n_positions, channels=channels, seed=0, threads=threads)
+    src = np.zeros((1, 1), np.float32)
+    perturbcore.prepare_noise(pixels=1, n_positions=1, channels=1, seed=0).perturb(src, none, none, none, src)
     perturbcore.predict(np.empty((0, 1), np.float32))
     empty = np.empty(0, np.int32)
     perturbcore.record_batch(empty, none, row_steps=none, slot_label=none, slot_step=none, slot_pos=none,
@@ -264,3 +217,25 @@ def clean_predictions(model: OnnxModel, dataset: Dataset, *, batch_size: int = 1
         hi = min(dataset.n, lo + batch_size)
         out[lo:hi] = perturbcore.predict(model.run(model.to_flat(_prepare(dataset, slice(lo, hi), mean, std))))
     return out
+
+
+def perturbed_image(original: np.ndarray, *, index: int, step: int, spec: NoiseSpec) -> np.ndarray:
+    """The input at ``step`` (0 = clean) of the image with original index ``index``; ``original`` is float32
+    (H, W, C) in data space (before normalisation), and so is the result."""
+    h, w, c = original.shape
+    flat = np.ascontiguousarray(original, dtype=np.float32).reshape(1, h * w * c).copy()
+    common = dict(pixels=spec.pixels, n_positions=h * w, channels=c, seed=spec.seed, low=spec.low, high=spec.high,
+                  scheme=spec.scheme, indices=[index])
+    if spec.mode == "restart" or step == 0:
+        out = perturbcore.perturb_flat(flat, steps=[step], **common)
+    else:
+        out = np.empty_like(flat)
+        for s in range(1, step + 1):
+            perturbcore.perturb_flat(flat, steps=[s], out=out, write_back=True, **common)
+    return out.reshape(h, w, c)
+
+
+def predict_one(model: OnnxModel, dataset: Dataset, x: np.ndarray) -> int:
+    """The model's prediction for one prepared (normalised) image ``x`` (1, H, W, C) of ``dataset``'s shape."""
+    model.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=x)
+    return int(perturbcore.predict(model.run(model.to_flat(x)))[0])

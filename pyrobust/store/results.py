@@ -10,36 +10,27 @@ import io
 import json
 import os
 import platform
-import tempfile
 import zipfile
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from pyrobust.errors import DataError, OutputError
-from pyrobust.files import read_bounded
+from pyrobust.datasets import class_names
+from pyrobust.errors import DataError
 from pyrobust.stats import survival_curve, wilson_interval
-from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome
+from pyrobust.store.files import atomic_path, read_run_file, write_json_atomic
+from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome, RunRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the noise settings have their own block, apart from the run settings
+READABLE_SCHEMAS = (1, 2)
 RESULTS_FILE = "results.npz"
 SUMMARY_FILE = "summary.json"
 # Files a pyrobust run writes; an output folder holding any of them belongs to a run.
-RUN_FILES = (RESULTS_FILE, SUMMARY_FILE, "survival.png", "per_class.png", "examples.png", "failure.png")
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot")
-
-
+REPORT_FILES = ("survival.png", "per_class.png", "examples.png", "failure.png")  # drawn by pyrobust.report
+RUN_FILES = (RESULTS_FILE, SUMMARY_FILE, *REPORT_FILES)
 MANY_CLASSES = 1000
-
-
-def class_names(dataset_name: str, n_classes: int) -> list[str]:
-    if dataset_name.startswith("fashion-mnist") and n_classes <= len(FASHION_CLASSES):
-        return list(FASHION_CLASSES[:n_classes])
-    return [str(k) for k in range(n_classes)]
 
 
 def versions() -> dict[str, str]:
@@ -55,6 +46,12 @@ def versions() -> dict[str, str]:
 def _rate(k: int, n: int) -> dict:
     lo, hi = wilson_interval(k, n)
     return {"count": int(k), "of": int(n), "fraction": (k / n) if n else None, "ci95": [lo, hi]}
+
+
+def noise_of(summary: dict) -> NoiseSpec:
+    """The noise a summary records: its ``noise`` block (schema 2), or the noise fields of its settings (schema 1)."""
+    return NoiseSpec.from_dict(summary["noise"] if summary.get("schema_version", SCHEMA_VERSION) >= 2
+                               else summary["settings"])
 
 
 def build_summary(outcome: Outcome, *, spec: NoiseSpec, model: dict, dataset: dict, settings: dict,
@@ -96,7 +93,8 @@ def build_summary(outcome: Outcome, *, spec: NoiseSpec, model: dict, dataset: di
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": model,
         "dataset": {**dataset, "count": n},
-        "settings": {**spec.to_dict(), **settings},
+        "noise": spec.to_dict(),
+        "settings": settings,
         "metrics": {
             "images": n,
             "accuracy": _rate(n_correct, n),
@@ -124,77 +122,6 @@ def build_summary(outcome: Outcome, *, spec: NoiseSpec, model: dict, dataset: di
     }
 
 
-# ------------------------------------------------------------------------------------------------ atomic files
-@contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path beside ``path``; on success it is flushed to disk and renamed over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode a plain open() would
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-MAX_RUN_FILE_BYTES = 2 * 2**30  # results of 50 M images; anything larger in a run folder is not ours
-
-
-def read_run_file(path: Path, *, what: str, max_bytes: int = MAX_RUN_FILE_BYTES) -> bytes:
-    """The bytes of a file inside a run folder, read as untrusted input: never through a symbolic link, only from a
-    regular file (a FIFO or a device would hang or never end), and only up to ``max_bytes``."""
-    return read_bounded(path, what=what, max_bytes=max_bytes, follow_symlinks=False,
-                        hint=" (more than a run writes)")
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
-
-
-def make_out_dir(out: str | os.PathLike) -> Path:
-    """Create ``out`` if needed and check it can be written."""
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise OutputError(f"{p}: exists and is not a folder; choose another --out")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-", delete=True)
-        probe.close()
-    except OSError as exc:
-        raise OutputError(f"{p}: cannot write there ({exc.strerror}); choose a writable --out") from None
-    return p
-
-
-def check_output_file(path: Path, what: str, *, create_parent: bool = True) -> None:
-    """Before any work: ``path`` can be written as a file (its folder exists, or is created, and takes a file; the
-    path itself is not a folder)."""
-    p = Path(path)
-    if p.is_dir():
-        raise OutputError(f"{what} {p}: is a folder; give a file name")
-    parent = p.parent
-    try:
-        if create_parent:
-            parent.mkdir(parents=True, exist_ok=True)
-        elif not parent.is_dir():
-            raise OutputError(f"{what} {p}: its folder {parent} does not exist")
-        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-", delete=True)
-        probe.close()
-    except OSError as exc:
-        raise OutputError(f"{what} {p}: cannot write there ({exc.strerror})") from None
-
-
 def run_files(folder: Path, extra: tuple[str, ...] = ()) -> list[str]:
     """The files of a pyrobust run present in ``folder``."""
     return [f for f in (*RUN_FILES, *extra) if (folder / f).exists()]
@@ -215,8 +142,9 @@ def write_results(out: Path, outcome: Outcome, summary: dict) -> None:
     write_json_atomic(out / SUMMARY_FILE, summary)
 
 
-def load_results(folder: str | os.PathLike) -> tuple[Outcome, dict]:
-    """Read a finished run's per-image arrays and summary."""
+def load_results(folder: str | os.PathLike) -> RunRecord:
+    """Read a finished run back, checked as strictly as input: a :class:`~pyrobust.types.RunRecord` (which also
+    unpacks as ``outcome, summary``)."""
     p = Path(folder)
     if not os.path.lexists(p / SUMMARY_FILE):
         unfinished = os.path.lexists(p / RESULTS_FILE)
@@ -230,16 +158,18 @@ def load_results(folder: str | os.PathLike) -> tuple[Outcome, dict]:
             arrays = {name: z[name] for name in Outcome.ARRAYS}
     except (OSError, ValueError, KeyError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
         raise DataError(f"{p}: unreadable results ({exc}); rerun the evaluation") from None
-    if summary.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(f"{p}: summary schema_version {summary.get('schema_version')!r}; this pyrobust reads "
-                        f"{SCHEMA_VERSION}")
+    version = summary.get("schema_version") if isinstance(summary, dict) else None
+    if version not in READABLE_SCHEMAS or isinstance(version, bool):
+        raise DataError(f"{p}: summary schema_version {version!r}; this pyrobust reads "
+                        f"{' and '.join(map(str, READABLE_SCHEMAS))}")
     perf = summary.get("performance", {}) if isinstance(summary, dict) else {}
     outcome = Outcome(**arrays, inferences=_count(perf.get("inferences", 0)),
                       noisy_inferences=_count(perf.get("noisy_inferences", 0)),
                       seconds=float(perf.get("seconds", 0.0)) if isinstance(perf.get("seconds", 0.0), (int, float))
                       else 0.0)
-    check_record(outcome, summary, p)
-    return outcome, summary
+    spec = check_record(outcome, summary, p)
+    return RunRecord(outcome=outcome, noise=spec, model=summary["model"], dataset=summary["dataset"],
+                     summary=summary, folder=p)
 
 
 def _count(v) -> int:
@@ -283,7 +213,7 @@ def check_outcome_arrays(arrays: dict, max_steps: int, where: str) -> None:
         raise bad("repeated image indices")
 
 
-def check_record(outcome: Outcome, summary, where: Path) -> None:
+def check_record(outcome: Outcome, summary, where: Path) -> NoiseSpec:
     """A results folder read back: the summary's settings are valid, and every count it states is the one its
     arrays give."""
     from pyrobust.errors import InvalidInput
@@ -294,13 +224,15 @@ def check_record(outcome: Outcome, summary, where: Path) -> None:
     if not isinstance(summary, dict):
         raise bad("not a JSON object")
     try:
-        spec = NoiseSpec.from_dict(summary["settings"])
+        spec = noise_of(summary)
         model, dataset, metrics, per_class = (summary["model"], summary["dataset"], summary["metrics"],
                                               summary["per_class"])
     except (KeyError, TypeError) as exc:
         raise bad(f"missing or malformed field {exc}") from None
     except InvalidInput as exc:
-        raise bad(f"invalid settings ({exc})") from None
+        raise bad(f"invalid noise settings ({exc})") from None
+    if not isinstance(model, dict) or not isinstance(dataset, dict):
+        raise bad("'model' and 'dataset' are not JSON objects")
     for what, value in (("model SHA-256", model.get("sha256") if isinstance(model, dict) else None),
                         ("dataset SHA-256", dataset.get("sha256") if isinstance(dataset, dict) else None)):
         if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
@@ -321,3 +253,4 @@ def check_record(outcome: Outcome, summary, where: Path) -> None:
         if (images, correct, robust) != (int(sel.sum()), int((outcome.correct & sel).sum()),
                                           int((outcome.robust & sel).sum())):
             raise bad(f"the counts of class {k!r} are not those of results.npz")
+    return spec

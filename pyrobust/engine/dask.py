@@ -1,8 +1,9 @@
 """Running the engine on a Dask cluster (``pyrobust[dask]``): ``--scheduler local:N`` or ``tcp://HOST:PORT``.
 
-The images still to do are cut into shards (see :mod:`pyrobust.parallel`); each shard travels with its images to a
-worker, which opens its own onnxruntime session once per model (the model travels once, as bytes, or as a path every
-worker can read when it has external data, and is checked by SHA-256 on the worker) and runs the engine on it.
+The images still to do are cut into shards (see :mod:`pyrobust.engine.backends`); each shard travels with its
+images to a worker, which opens its own onnxruntime session once per model (the model travels once, as bytes, or as
+a path every worker can read when it has external data, and is checked by SHA-256 on the worker) and runs the
+engine on it.
 Results are merged by position as shards finish, so one progress bar covers all workers, checkpoints work as in a
 single process, and per-image results are bit-identical to a single-process run for any shard size and worker
 count. A shard whose worker dies is rescheduled by Dask on another worker (``retries`` covers task errors too).
@@ -14,16 +15,17 @@ import hashlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from pyrobust.datasets import Dataset
-from pyrobust.engine import RunState, run_protocol
+from pyrobust.engine.backends import Update, make_shards
+from pyrobust.engine.loop import run_protocol
+from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import ClusterError, InvalidInput, MissingDependency, ModelError
-from pyrobust.parallel import make_shards, merge
-from pyrobust.runtime import OnnxModel
-from pyrobust.types import NoiseSpec, Outcome
+from pyrobust.types import NoiseSpec
 
 _SESSIONS: dict[tuple[str, int], OnnxModel] = {}  # per worker process: (model sha256, threads) -> session
 
@@ -57,7 +59,7 @@ def check_scheduler(scheduler: str) -> None:
                            f"{scheduler!r}")
 
 
-def connect(scheduler: str, *, threads_per_worker: int = 1):
+def connect(scheduler: str):
     """(client, cluster or None) for ``local:N`` (a LocalCluster of N worker processes) or a scheduler address."""
     check_scheduler(scheduler)
     distributed = _dask()
@@ -72,11 +74,15 @@ def connect(scheduler: str, *, threads_per_worker: int = 1):
 
         cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                            dashboard_address=None, silence_logs=logging.ERROR)
-        return distributed.Client(cluster), cluster
+        client = distributed.Client(cluster)
+        client._pyrobust_scheduler = scheduler
+        return client, cluster
     if "://" not in scheduler:
         raise InvalidInput(f"--scheduler takes local:N or tcp://HOST:PORT; got {scheduler!r}")
     try:
-        return distributed.Client(scheduler, timeout="10s"), None
+        client = distributed.Client(scheduler, timeout="10s")
+        client._pyrobust_scheduler = scheduler
+        return client, None
     except (OSError, TimeoutError) as exc:
         raise ClusterError(f"cannot reach the Dask scheduler at {scheduler} ({type(exc).__name__}); start one "
                            "with 'dask scheduler' and 'dask worker', or use --scheduler local:N") from None
@@ -125,75 +131,47 @@ def evaluate_shard(model, sha256: str, images: np.ndarray, labels: np.ndarray, i
             "pid": os.getpid()}
 
 
-def run_distributed(
-    model: OnnxModel,
-    dataset: Dataset,
-    spec: NoiseSpec,
-    *,
-    scheduler: str,
-    batch_size: int,
-    chunk_size: int = 4096,
-    shard_size: int | None = None,
-    threads_per_worker: int | None = None,
-    progress=None,
-    state: RunState | None = None,
-    on_checkpoint=None,
-    checkpoint_every: float = 30.0,
-    on_client=None,
-    connection=None,
-) -> tuple[Outcome, dict]:
-    """Evaluate ``dataset`` on a Dask cluster; returns the outcome (dataset order) and what ran where.
-    ``connection`` is ``connect(scheduler)``'s result when the caller connected first (it is closed here);
-    ``on_client(client)`` is called once connected (tests use it to reach the workers)."""
+def dask_updates(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, todo: np.ndarray, *, connection,
+                 batch_size: int, chunk_size: int = 4096, shard_size: int | None = None,
+                 info: dict) -> Iterator[Update]:
+    """The back end for :func:`pyrobust.engine.backends.execute`: ``todo`` in shards of at most 512 images (results
+    come back per shard, so the checkpoint is never far behind), an update per finished shard. ``connection`` is
+    :func:`connect`'s result; it stays open (the caller closes it). ``info`` gets what ran where."""
     distributed = _dask()
-    state = state or RunState(dataset.n)
-    state.sessions += 1
-    client, cluster = connection or connect(scheduler)
-    threads = threads_per_worker or 1
-    futures = {}
+    client, _ = connection
+    futures: dict = {}
     try:
         client.wait_for_workers(1, timeout=60)
         workers = len(client.scheduler_info()["workers"])
-        if on_client is not None:
-            on_client(client)
-        # shards of at most 512 images: results come back per shard, so the checkpoint is never far behind
-        shards = make_shards(state, workers=workers, shard_size=shard_size, max_size=512)
+        shards = make_shards(todo, workers=workers, shard_size=shard_size, max_size=512)
         external = any(t.data_location == 1 for t in _initializers(model.path))
         if external:  # weights in files beside the model: every worker reads the same path
             payload, transfer = str(Path(model.path).resolve()), "path"
         else:
             payload, transfer = client.scatter(Path(model.path).read_bytes(), broadcast=True), "bytes"
+        info.update(scheduler=connection_address(connection), workers=workers, shards=len(shards),
+                    model_transfer=transfer, threads_per_worker=1, worker_processes_used=0)
         spec_dict = spec.to_dict()
         for i, pos in enumerate(shards):
             f = client.submit(evaluate_shard, payload, model.sha256, dataset.images[pos], dataset.labels[pos],
-                              dataset.index[pos], spec_dict, batch_size, chunk_size, threads, retries=2, pure=False,
+                              dataset.index[pos], spec_dict, batch_size, chunk_size, 1, retries=2, pure=False,
                               key=f"pyrobust-shard-{model.sha256[:12]}-{dataset.sha256[:12]}-{i}-{time.time_ns()}")
             futures[f] = pos
-        t0, last = time.perf_counter(), time.perf_counter()
-        seconds_before = state.seconds
         pids = set()
         for f in distributed.as_completed(futures):
             r = f.result()
             pids.add(r["pid"])
-            part = Outcome(index=dataset.index[futures[f]], label=dataset.labels[futures[f]],
-                           clean_prediction=r["clean_prediction"], first_failure=r["first_failure"],
-                           failure_label=r["failure_label"], inferences=r["inferences"], noisy_inferences=r["noisy"])
-            merge(state, futures[f], part)
-            state.seconds = seconds_before + time.perf_counter() - t0
-            if progress is not None:
-                progress(state.n_done, state.n, state.inferences)
-            if on_checkpoint is not None and time.perf_counter() - last >= checkpoint_every:
-                on_checkpoint(state)
-                last = time.perf_counter()
-    except BaseException:
+            info["worker_processes_used"] = len(pids)
+            yield Update(futures[f], r["clean_prediction"], r["first_failure"], r["failure_label"],
+                         r["inferences"], r["noisy"])
+    finally:
         for f in futures:
             f.cancel()
-        raise
-    finally:
-        disconnect((client, cluster))
-    return state.outcome(dataset), {"scheduler": scheduler, "workers": workers, "shards": len(shards),
-                                    "worker_processes_used": len(pids), "model_transfer": transfer,
-                                    "threads_per_worker": threads}
+
+
+def connection_address(connection) -> str:
+    client, cluster = connection
+    return getattr(client, "_pyrobust_scheduler", None) or str(client.scheduler.address)
 
 
 def _initializers(path):

@@ -15,8 +15,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pyrobust.files import file_sha256
-from pyrobust.results import write_json_atomic
+from pyrobust.store.files import file_sha256, write_json_atomic
 
 __all__ = ["STAGES_FILE", "StageRunner", "file_sha256"]
 
@@ -38,8 +37,6 @@ class StageRunner:
             self.records: dict = json.loads(path.read_text()) if path.exists() else {}
         except (OSError, ValueError):
             self.records = {}  # an unreadable record only costs a rerun
-        self.ran: list[str] = []
-        self.skipped: list[str] = []
 
     def up_to_date(self, name: str, inputs: dict, outputs: list[Path]) -> bool:
         rec = self.records.get(name)
@@ -57,7 +54,6 @@ class StageRunner:
         if self.up_to_date(name, inputs, outputs):
             rec = self.records[name]
             self.log(f"[{name}] {title}: up to date (took {rec['seconds']:.1f} s when it ran)")
-            self.skipped.append(name)
             return rec
         previous = self.records.get(name)
         start_over = previous is not None and previous.get("inputs_sha256") != _digest(inputs)
@@ -74,5 +70,4 @@ class StageRunner:
         self.records[name] = rec
         write_json_atomic(self.root / STAGES_FILE, self.records)
         self.log(f"[{name}] done in {seconds:.1f} s")
-        self.ran.append(name)
         return rec

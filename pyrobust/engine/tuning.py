@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyrobust.runtime import OnnxModel, default_threads
+from pyrobust.engine.runtime import OnnxModel, default_threads
 
 BATCH_SIZES = (32, 64, 128, 256, 512, 1024)
 NEAR_BEST = 0.95  # the smallest size within 5 % of the best wins: less padding at the tail, less memory
@@ -39,7 +39,7 @@ def machine_key() -> str:
                     break
     except OSError:
         pass
-    from pyrobust.results import versions
+    from pyrobust.store.results import versions
 
     v = versions()  # a new onnxruntime, numba or numpy can change the best choice: measure again
     libs = ",".join(f"{k}={v.get(k)}" for k in ("pyrobust", "onnxruntime", "numba", "numpy"))
@@ -83,7 +83,7 @@ def _cached(section: str, key: str, fields: tuple[str, ...], limit: int) -> tupl
 
 
 def _store(section: str, key: str, value) -> None:
-    from pyrobust.results import write_json_atomic
+    from pyrobust.store.files import write_json_atomic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TuningCacheWarning)  # already said when it was read
@@ -97,7 +97,7 @@ def _store(section: str, key: str, value) -> None:
 
 
 def _random_batch(model: OnnxModel, size: int) -> np.ndarray:
-    d = int(np.prod(model.binding.input_shape))
+    d = int(np.prod(model.bound.input_shape))
     return np.random.default_rng(0).random((size, d), dtype=np.float32)
 
 
@@ -123,7 +123,7 @@ def measure_batch_sizes(model: OnnxModel, sizes=BATCH_SIZES, seconds: float = 0.
 
 
 def _batch_key(model: OnnxModel) -> str:
-    return f"{model.sha256}|{model.binding.input_shape}|threads={model.threads}|{machine_key()}"
+    return f"{model.sha256}|{model.bound.input_shape}|threads={model.threads}|{machine_key()}"
 
 
 def auto_batch_size(model: OnnxModel, *, log=None, retune: bool = False,
@@ -208,13 +208,13 @@ def auto_layout(model: OnnxModel, *, threads: int, batch_size: int, image_shape,
     """(sessions, threads per session, "cached"/"measured"/"single") for ``threads`` cores."""
     if threads <= 1:
         return 1, 1, "single"
-    key = f"{model.sha256}|{model.binding.input_shape}|threads={threads}|batch={batch_size}|{machine_key()}"
+    key = f"{model.sha256}|{model.bound.input_shape}|threads={threads}|batch={batch_size}|{machine_key()}"
     hit = None if retune else _cached("layout", key, ("sessions", "threads_per_session"), threads)
     if hit:
         return hit[0], hit[1], "cached"
     rates = measure_layouts(model, threads=threads, batch_size=batch_size, custom_ops=custom_ops,
                             image_shape=image_shape, n_classes=n_classes)
-    best = max(rates, key=rates.get)
+    best = max(rates, key=lambda k: rates[k])
     sessions, per = (int(v) for v in best.split("x"))
     _store("layout", key, {"sessions": sessions, "threads_per_session": per, "rates": rates})
     if log:
@@ -242,7 +242,7 @@ def check_run_rate(model: OnnxModel, batch_size: int, achieved: float, seconds: 
     data.get("batch_size", {}).pop(_batch_key(model), None)
     for key in [k for k in data.get("layout", {}) if k.startswith(model.sha256)]:
         data["layout"].pop(key)
-    from pyrobust.results import write_json_atomic
+    from pyrobust.store.files import write_json_atomic
 
     try:
         write_json_atomic(cache_path(), data)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pyrobust.engine.watchdog import register_run_options
 from pyrobust.errors import ClassCountMismatch, InvalidInput, ModelError
-from pyrobust.files import read_bounded
-from pyrobust.watchdog import register_run_options
+from pyrobust.store.files import read_bounded
 
 # Operator domains onnxruntime implements itself; anything else needs a custom-op library, which pyrobust never loads.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc",
@@ -39,8 +39,8 @@ def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None
     ``cpu.cfs_period_us``), or None without a quota."""
     base = Path(root)
     try:
-        quota, period = (base / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
+        limit, per = (base / "cpu.max").read_text().split()[:2]
+        return None if limit == "max" else int(limit) / int(per)
     except (OSError, ValueError):
         pass
     try:
@@ -193,6 +193,10 @@ class OnnxModel:
     onnxruntime, so what the record says ran is what ran, even if the file is swapped meanwhile. ``copy()`` opens
     more sessions from the same bytes."""
 
+    sha256: str
+    external_data: list[dict]
+    _bytes: bytes
+
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, spinning: bool = False,
                  custom_ops: str | os.PathLike | None = None, _from: OnnxModel | None = None) -> None:
         import onnx
@@ -332,9 +336,23 @@ class OnnxModel:
                              f"{n_classes} (0..{n_classes - 1}); use a model trained on this dataset")
         return binding
 
+    @property
+    def bound(self) -> Binding:
+        """The binding to the data (ModelError before :meth:`bind`)."""
+        if self.binding is None:
+            raise ModelError(f"{self.path}: the model is not bound to the data yet (bind() first)")
+        return self.binding
+
+    def bind_like(self, other: OnnxModel) -> None:
+        """Take ``other``'s binding: a copy of the same bytes (:meth:`copy`) feeds the data the same way."""
+        if other.binding is None or other.sha256 != self.sha256:
+            raise ModelError(f"{self.path}: can only take the binding of a bound session of the same model")
+        self.binding = other.binding
+
     def to_flat(self, images: np.ndarray) -> np.ndarray:
         """Images (m, H, W, C) float32 -> flat (m, D) buffer in the bound model's memory layout."""
-        assert self.binding is not None, "bind() first"
+        if self.binding is None:
+            raise ModelError(f"{self.path}: the model is not bound to the data yet (bind() first)")
         m = images.shape[0]
         if self.binding.channels_first:
             images = images.transpose(0, 3, 1, 2)
@@ -380,8 +398,9 @@ class OnnxModel:
             if not dims or any(d is None for d in dims[1:]):
                 continue  # unknown sizes: left to the measurement
             size = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize if t.elem_type else 4
-            per = int(np.prod(dims[1:], dtype=np.int64)) if dims[0] is None or dims[0] > 1 else \
-                int(np.prod(dims, dtype=np.int64))
+            known = [int(d) for d in dims if d is not None]
+            per = int(np.prod(known[1:], dtype=np.int64)) if dims[0] is None or dims[0] > 1 else \
+                int(np.prod(known, dtype=np.int64))
             sizes.append(per * size)
         return float(sum(sorted(sizes)[-4:]))
 
@@ -393,6 +412,8 @@ class OnnxModel:
             except (OSError, ValueError, IndexError):
                 return None
 
+        if self.binding is None:
+            raise ModelError(f"{self.path}: the model is not bound to the data yet (bind() first)")
         d = int(np.prod(self.binding.input_shape))
         self.run(np.zeros((small, d), np.float32))
         before = resident()
@@ -404,7 +425,8 @@ class OnnxModel:
 
     def run(self, flat: np.ndarray) -> np.ndarray:
         """Scores (m, K) for a flat (m, D) float32 buffer; splits and pads for a model with a fixed batch size."""
-        assert self.binding is not None, "bind() first"
+        if self.binding is None:
+            raise ModelError(f"{self.path}: the model is not bound to the data yet (bind() first)")
         m = flat.shape[0]
         x = flat.reshape((m, *self.binding.input_shape))
         if self.input_dtype is not np.float32:

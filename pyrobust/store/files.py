@@ -12,10 +12,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import stat
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 
-from pyrobust.errors import DataError, PyRobustError
+from pyrobust.errors import DataError, OutputError, PyRobustError
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -74,3 +78,74 @@ def read_bounded(path: str | os.PathLike, *, what: str, max_bytes: int, follow_s
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside ``path``; on success it is flushed to disk and renamed over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode a plain open() would
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+MAX_RUN_FILE_BYTES = 2 * 2**30  # results of 50 M images; anything larger in a run folder is not ours
+
+
+def read_run_file(path: Path, *, what: str, max_bytes: int = MAX_RUN_FILE_BYTES) -> bytes:
+    """The bytes of a file inside a run folder, read as untrusted input: never through a symbolic link, only from a
+    regular file (a FIFO or a device would hang or never end), and only up to ``max_bytes``."""
+    return read_bounded(path, what=what, max_bytes=max_bytes, follow_symlinks=False,
+                        hint=" (more than a run writes)")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
+
+
+def make_out_dir(out: str | os.PathLike) -> Path:
+    """Create ``out`` if needed and check it can be written."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{p}: exists and is not a folder; choose another --out")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise OutputError(f"{p}: cannot write there ({exc.strerror}); choose a writable --out") from None
+    return p
+
+
+def check_output_file(path: Path, what: str, *, create_parent: bool = True) -> None:
+    """Before any work: ``path`` can be written as a file (its folder exists, or is created, and takes a file; the
+    path itself is not a folder)."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{what} {p}: is a folder; give a file name")
+    parent = p.parent
+    try:
+        if create_parent:
+            parent.mkdir(parents=True, exist_ok=True)
+        elif not parent.is_dir():
+            raise OutputError(f"{what} {p}: its folder {parent} does not exist")
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise OutputError(f"{what} {p}: cannot write there ({exc.strerror})") from None
