@@ -433,7 +433,7 @@ def load_recorded(recorded: dict, *, data_dir=None) -> Dataset:
     recorded_dir = recorded.get("data_dir")
     if data_dir is None and recorded_dir is not None and Path(recorded_dir).is_dir():
         data_dir = recorded_dir  # where the run found it; elsewhere, the usual search (the SHA-256 decides)
-    from pyrobust.engine.plan import memory_budget
+    from pyrobust.store.files import memory_budget
 
     ds = load_dataset(recorded["spec"], data_dir=data_dir, max_bytes=memory_budget(None),
                       start=recorded.get("start"), stop=recorded.get("stop"), limit=recorded.get("limit"),

@@ -48,8 +48,7 @@ from pyrobust.sequential import (
 from pyrobust.stats import images_for_power, look_schedule, normal_quantile
 from pyrobust.store.files import write_bytes_atomic, write_json_atomic
 from pyrobust.store.results import load_results, versions
-from pyrobust.store.rundir import fingerprint
-from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome, RunRecord, RunState, differences
+from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome, RunRecord, RunState, differences, fingerprint
 
 GATE_SCHEMA = 2
 GITHUB_SUMMARY_LIMIT = 1024 * 1024  # GitHub refuses a step summary over 1 MiB

@@ -188,13 +188,19 @@ class RunRecord:
 
     @property
     def fingerprint(self) -> dict:
-        from pyrobust.store.rundir import fingerprint
-
         return fingerprint(model_sha256=self.model["sha256"], dataset_sha256=self.dataset["sha256"],
                            count=self.images_total, spec=self.noise.to_dict())
 
 
 _FINGERPRINT_PARTS = ("model", "data", "count", "noise")
+FINGERPRINT_VERSION = 1
+
+
+def fingerprint(*, model_sha256: str, dataset_sha256: str, count: int, spec: dict) -> dict:
+    """What must not change between an interrupted run and its resumption (batch size and threads may)."""
+    return {"version": FINGERPRINT_VERSION, "model_sha256": model_sha256, "dataset_sha256": dataset_sha256,
+            "count": int(count), "spec": spec}
+
 
 
 def differences(a: dict, b: dict, *, compare: tuple[str, ...] = _FINGERPRINT_PARTS) -> list[str]:

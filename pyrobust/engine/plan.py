@@ -7,7 +7,6 @@ run option means the same thing, and is available, everywhere.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -19,30 +18,8 @@ from pyrobust.engine.backends import Layout, execute
 from pyrobust.engine.loop import Progress, bind_model, check_spec_for_data, working_memory_bytes
 from pyrobust.engine.runtime import OnnxModel, check_threads
 from pyrobust.errors import DataError, InvalidInput
+from pyrobust.store.files import available_memory_bytes, memory_budget  # noqa: F401 - part of this module's API
 from pyrobust.types import NoiseSpec, Outcome, RunState
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo, or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def memory_budget(max_memory_mb: float | None) -> int | None:
-    """Bytes pyrobust may use for data and working buffers: ``max_memory_mb``, or 80 % of the available memory."""
-    if max_memory_mb is not None:
-        if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or \
-                not 0 < max_memory_mb < 2**40 or not math.isfinite(max_memory_mb):
-            raise InvalidInput(f"max_memory must be a finite number of MiB > 0; got {max_memory_mb}")
-        return int(max_memory_mb * 2**20)
-    avail = available_memory_bytes()
-    return int(avail * 0.8) if avail else None
 
 
 def _whole(name: str, value, *, auto: bool = False, none: bool = False) -> None:
@@ -174,7 +151,7 @@ class RunPlan:
                 "resumed_sessions": state.sessions if state is not None else 1}
 
     def fingerprint(self) -> dict:
-        from pyrobust.store.rundir import fingerprint
+        from pyrobust.types import fingerprint
 
         return fingerprint(model_sha256=self.model.sha256, dataset_sha256=self.dataset.sha256, count=self.dataset.n,
                            spec=self.noise.to_dict())

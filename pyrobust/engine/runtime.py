@@ -398,9 +398,9 @@ class OnnxModel:
             if not dims or any(d is None for d in dims[1:]):
                 continue  # unknown sizes: left to the measurement
             size = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize if t.elem_type else 4
-            known = [int(d) for d in dims if d is not None]
-            per = int(np.prod(known[1:], dtype=np.int64)) if dims[0] is None or dims[0] > 1 else \
-                int(np.prod(known, dtype=np.int64))
+            rest = [int(d) for d in dims[1:] if d is not None]  # all known: checked above
+            per = int(np.prod(rest, dtype=np.int64)) if dims[0] is None or dims[0] > 1 else \
+                int(np.prod(rest, dtype=np.int64)) * int(dims[0])
             sizes.append(per * size)
         return float(sum(sorted(sizes)[-4:]))
 

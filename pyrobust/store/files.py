@@ -13,13 +13,14 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from pyrobust.errors import DataError, OutputError, PyRobustError
+from pyrobust.errors import DataError, InvalidInput, OutputError, PyRobustError
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -149,3 +150,27 @@ def check_output_file(path: Path, what: str, *, create_parent: bool = True) -> N
         probe.close()
     except OSError as exc:
         raise OutputError(f"{what} {p}: cannot write there ({exc.strerror})") from None
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_budget(max_memory_mb: float | None) -> int | None:
+    """Bytes pyrobust may use for data and working buffers: ``max_memory_mb``, or 80 % of the available memory."""
+    if max_memory_mb is not None:
+        if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or \
+                not 0 < max_memory_mb < 2**40 or not math.isfinite(max_memory_mb):
+            raise InvalidInput(f"max_memory must be a finite number of MiB > 0; got {max_memory_mb}")
+        return int(max_memory_mb * 2**20)
+    avail = available_memory_bytes()
+    return int(avail * 0.8) if avail else None

@@ -33,17 +33,11 @@ from pyrobust.errors import (
 )
 from pyrobust.store.files import read_run_file, write_bytes_atomic
 from pyrobust.store.results import check_outcome_arrays
-from pyrobust.types import RunRecord, RunState, differences
+from pyrobust.types import FINGERPRINT_VERSION, RunRecord, RunState, differences
 
 CHECKPOINT_FILE = "checkpoint.npz"
 LOCK_FILE = ".pyrobust.lock"
-CHECKPOINT_VERSION = 1
-
-
-def fingerprint(*, model_sha256: str, dataset_sha256: str, count: int, spec: dict) -> dict:
-    """What must not change between an interrupted run and its resumption (batch size and threads may)."""
-    return {"version": CHECKPOINT_VERSION, "model_sha256": model_sha256, "dataset_sha256": dataset_sha256,
-            "count": int(count), "spec": spec}
+CHECKPOINT_VERSION = FINGERPRINT_VERSION
 
 
 def save_checkpoint(folder: Path, state: RunState, fp: dict) -> None:
