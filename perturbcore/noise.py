@@ -26,7 +26,7 @@ _SCHEME_CODE = {name: code for code, name in enumerate(SCHEMES)}
 
 def _perturb(
     rows, row_steps, indices, out, pixels, n_positions, channels, channels_first,
-    low, span, high, high_below, salt_pepper, seed, mean, std,
+    low, span, high, high_below, salt_pepper, integer, seed, mean, std,
 ):
     """Overwrite the drawn pixels of each row of ``out`` (which already holds the row's source image).
 
@@ -44,6 +44,9 @@ def _perturb(
         writes it. ``D = n_positions * channels``.
     mean, std : float32 (channels,)
         Normalisation applied to each new value: ``(v - mean[c]) / std[c]``.
+    integer : bool
+        Integer values (a model with an integer input, e.g. uint8 pixels): uniform over the integers ``low`` ..
+        ``high`` inclusive (``span = high - low + 1``), from the same draw; salt-and-pepper is ``low`` or ``high``.
 
     The kernel touches only the drawn pixels (scalar work): the row copy is done beforehand by ``numpy.take``
     (libc ``memcpy``). A copy loop here was auto-vectorised with 512-bit instructions on AVX-512 hosts, which slowed
@@ -61,6 +64,8 @@ def _perturb(
                     u = _draw(key, base + 1 + c)
                     if salt_pepper:
                         v = np.float32(high) if (u >> np.uint64(63)) else np.float32(low)
+                    elif integer:
+                        v = np.float32(low + np.floor(span * _unit24(u)))
                     else:
                         v = np.float32(low + span * _unit24(u))
                         # float64 -> float32 rounding may land on ``high``; the interval is half-open.
@@ -118,6 +123,7 @@ def perturb_flat(
     out: np.ndarray | None = None,
     write_back: bool = False,
     threads: int | None = None,
+    integer: bool = False,
 ) -> np.ndarray:
     """Perturb flat images; the driver of :func:`_perturb`.
 
@@ -126,6 +132,7 @@ def perturb_flat(
     ``row_steps`` (default: each row's slot step) gives each row its own step, so one slot may fill several rows.
     ``write_back`` requires ``source`` to be a C-contiguous float32 array (it is updated in place) and distinct rows.
     ``threads=1`` runs the serial compilation; otherwise numba's pool with ``threads`` (default: its setting).
+    ``integer``: values are integers, uniform over ``low`` .. ``high`` inclusive (both must be whole numbers).
     Returns ``out``.
     """
     if source.ndim != 2 or source.shape[1] != n_positions * channels:
@@ -155,7 +162,7 @@ def perturb_flat(
           or out.shape[1] != src.shape[1]):
         raise ValueError(f"out must be a C-contiguous float32 array of at least ({rws.size}, {src.shape[1]})")
     noise = prepare_noise(pixels=pixels, n_positions=n_positions, channels=channels, seed=seed, low=low, high=high,
-                          scheme=scheme, channels_first=channels_first, mean=mean, std=std)
+                          scheme=scheme, channels_first=channels_first, mean=mean, std=std, integer=integer)
     noise.perturb(src, rws, rsteps, idx, out, threads=threads)
     m = rws.size
     if write_back:
@@ -188,12 +195,14 @@ class PreparedNoise:
     them. Results are bit-identical to :func:`perturb_flat` with the same settings.
     """
 
-    def __init__(self, *, pixels, n_positions, channels, seed, low, high, scheme, channels_first, mean, std):
+    def __init__(self, *, pixels, n_positions, channels, seed, low, high, scheme, channels_first, mean, std,
+                 integer=False):
         high32 = np.float32(high)
         self.width = int(n_positions) * int(channels)
-        self._args = (int(pixels), int(n_positions), int(channels), bool(channels_first), float(low),
-                      float(high) - float(low), high32, np.nextafter(high32, np.float32(-np.inf)),
-                      scheme == "salt-pepper", np.uint64(seed), mean, std)
+        span = float(high) - float(low) + (1.0 if integer else 0.0)
+        self._args = (int(pixels), int(n_positions), int(channels), bool(channels_first), float(low), span, high32,
+                      np.nextafter(high32, np.float32(-np.inf)), scheme == "salt-pepper", bool(integer),
+                      np.uint64(seed), mean, std)
 
     def perturb(self, source, rows, row_steps, indices, out, *, threads: int | None = 1) -> None:
         """Write row ``j`` of ``out``: slot ``rows[j]`` of ``source`` at step ``row_steps[j]``."""
@@ -213,9 +222,12 @@ class PreparedNoise:
 
 
 def prepare_noise(*, pixels: int, n_positions: int, channels: int, seed: int, low: float = 0.0, high: float = 1.0,
-                  scheme: str = "uniform", channels_first: bool = False, mean=None, std=None) -> PreparedNoise:
+                  scheme: str = "uniform", channels_first: bool = False, mean=None, std=None,
+                  integer: bool = False) -> PreparedNoise:
     """Validate a noise setting once (``ValueError`` naming the bad parameter) and return its prepared kernel."""
     check_noise_params(pixels=pixels, n_positions=n_positions, low=low, high=high, scheme=scheme)
+    if integer and (float(low) != int(low) or float(high) != int(high)):
+        raise ValueError(f"integer noise values need whole-number bounds; got low={low!r}, high={high!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2**64); got {seed!r}")
     if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
@@ -224,4 +236,4 @@ def prepare_noise(*, pixels: int, n_positions: int, channels: int, seed: int, lo
     std_arr = np.ones(channels, np.float32) if std is None else np.asarray(std, np.float32).reshape(channels)
     return PreparedNoise(pixels=pixels, n_positions=n_positions, channels=channels, seed=seed, low=low, high=high,
                          scheme=scheme, channels_first=channels_first, mean=np.ascontiguousarray(mean_arr),
-                         std=np.ascontiguousarray(std_arr))
+                         std=np.ascontiguousarray(std_arr), integer=integer)

@@ -69,12 +69,23 @@ def _fraction(ctx, param, value):
     return v
 
 
+def _pixels(ctx, param, value):
+    text = str(value).strip()
+    if text.endswith("%"):
+        return text  # resolved against the images' size once they are loaded
+    try:
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(f"expected a whole number or a share such as 3.5%; got {text!r}") from None
+
+
 def noise_options(func):
     """The noise options (one per :class:`~pyrobust.types.NoiseSpec` field), shared by every command that runs the
     protocol; :func:`_settings` turns them into one ``noise`` value."""
     options = [
-        click.option("--pixels", type=int, default=28, show_default=True,
-                     help="Pixels drawn per step (with replacement)."),
+        click.option("--pixels", default="28", show_default=True, callback=_pixels,
+                     help="Pixels drawn per step (with replacement): a count, or a share of the image such as 3.5% "
+                          "(rounded up; recorded as the count)."),
         click.option("--max-steps", type=int, default=250, show_default=True, help="Noise steps per image."),
         click.option("--low", type=float, default=0.0, show_default=True, help="Lowest noise value."),
         click.option("--high", type=float, default=1.0, show_default=True, help="Noise values are < high (uniform)."),
@@ -84,6 +95,10 @@ def noise_options(func):
         click.option("--seed", type=int, default=0, show_default=True, help="Keys all the noise."),
         click.option("--mean", default=None, help="Normalise after the noise: per-channel means, e.g. 0.1307."),
         click.option("--std", default=None, help="Per-channel standard deviations, e.g. 0.3081."),
+        click.option("--pixel-range", type=click.Choice(["0,1", "0,255"]), default=None,
+                     callback=lambda ctx, param, v: None if v is None else (1 if v == "0,1" else 255),
+                     help="Pixel values the model takes; images and noise are scaled to it (default: the model's "
+                          "pyrobust metadata, 0,255 for an integer input, else 0,1)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -104,6 +119,8 @@ def run_options(checkpoints: bool = True):
                          help="MiB pyrobust may use for data and buffers (default: 80% of available memory)."),
             click.option("--custom-ops", type=click.Path(dir_okay=False, path_type=Path), default=None,
                          help="A custom-op library for onnxruntime to load (never loaded unless named)."),
+            click.option("--output", default=None,
+                         help="The model output holding the class scores (needed when several could be)."),
             click.option("--sessions", type=INT_OR_AUTO, default="auto", show_default=True,
                          help="Parallel onnxruntime sessions sharing --threads; auto measures the fastest split "
                               "(cached)."),
@@ -136,7 +153,7 @@ def _settings(func):
         from pyrobust.engine.plan import RunOptions
         from pyrobust.types import NoiseSpec
 
-        noise = {f.name: kwargs.pop(f.name) for f in fields(NoiseSpec)}
+        noise = {f.name: kwargs.pop(f.name) for f in fields(NoiseSpec) if not f.metadata.get("derived")}
         for name in ("mean", "std"):
             noise[name] = _floats(noise[name], name)
         options = {f.name: kwargs.pop(f.name) for f in fields(RunOptions) if f.name in kwargs}
@@ -300,7 +317,7 @@ def _print_summary(summary: dict, out: Path | None) -> None:
 
     n, s = noise_of(summary), summary["settings"]
     values = f"{{{n.low}, {n.high}}}" if n.scheme == "salt-pepper" else f"[{n.low}, {n.high})"
-    t.add_row("noise", f"{_count(n.pixels, 'pixel')}, {_count(n.max_steps, 'step')}, {n.scheme} {values}, "
+    t.add_row("noise", f"{_count(int(n.pixels), 'pixel')}, {_count(n.max_steps, 'step')}, {n.scheme} {values}, "
                        f"{n.mode}, seed {n.seed}")
     par = s.get("parallel") or {}
     if "workers" in par:
@@ -347,7 +364,9 @@ def cli(debug: bool) -> None:
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--dataset", "dataset", required=True,
-              help="mnist:test, fashion-mnist:train, sample, a .npz file (x, y) or FOLDER:SPLIT of IDX files.")
+              help="mnist:test, fashion-mnist:train, cifar10:test, sample, a .npz file (x, y), FOLDER:SPLIT of IDX "
+                   "files, or folder:PATH (a sub-folder of images per class).")
+@click.option("--resize", default=None, help="Resample folder:PATH images to HEIGHTxWIDTH, e.g. 224x224.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where named datasets live (DIR/mnist/, DIR/fashion-mnist/); also $PYROBUST_DATA.")
 @click.option("--limit", type=int, default=None, help="Only the first N images (of the range).")
@@ -368,8 +387,8 @@ def cli(debug: bool) -> None:
 @_quiet_option
 @_timeout_option
 @_settings
-def evaluate(model, dataset, data_dir, limit, index_range, sample, sample_seed, out, overwrite, resume, precision,
-             no_report, json_out, noise, options) -> int:
+def evaluate(model, dataset, resize, data_dir, limit, index_range, sample, sample_seed, out, overwrite, resume,
+             precision, no_report, json_out, output, noise, options) -> int:
     """Evaluate MODEL (an ONNX file) under random L0 noise and write results to --out.
 
     Example: pyrobust evaluate model.onnx --dataset mnist:test --data-dir ../shared/data --out runs/mnist
@@ -377,9 +396,10 @@ def evaluate(model, dataset, data_dir, limit, index_range, sample, sample_seed, 
     from pyrobust.datasets import parse_range
 
     start, stop = parse_range(index_range) if index_range else (None, None)
-    return _run_evaluation(model, dataset, data_dir=data_dir, limit=limit, start=start, stop=stop, sample=sample,
+    return _run_evaluation(model, dataset, resize=resize, data_dir=data_dir, limit=limit, start=start, stop=stop,
+                           sample=sample,
                            sample_seed=sample_seed, out=out, overwrite=overwrite, resume=resume, precision=precision,
-                           report=not no_report, json_out=json_out, noise=noise, **asdict(options))
+                           report=not no_report, json_out=json_out, output=output, noise=noise, **asdict(options))
 
 
 @cli.command()
@@ -646,7 +666,8 @@ def _load_gate_config(ctx, param, value):
 @click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--config", type=click.Path(dir_okay=False), callback=_load_gate_config, is_eager=True,
               expose_value=False, help="A TOML file holding any of these options (e.g. gate.toml); flags override it.")
-@click.option("--dataset", required=True, help="Test data, e.g. mnist:test.")
+@click.option("--dataset", required=True, help="Test data, e.g. mnist:test or folder:PATH.")
+@click.option("--resize", default=None, help="Resample folder:PATH images to HEIGHTxWIDTH, e.g. 224x224.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where named datasets live (DIR/mnist/, DIR/fashion-mnist/); also $PYROBUST_DATA.")
 @click.option("--limit", type=int, default=None, help="Only the first N images (of the range).")
@@ -677,9 +698,9 @@ def _load_gate_config(ctx, param, value):
 @_quiet_option
 @_timeout_option
 @_settings
-def gate(candidate, dataset, data_dir, limit, index_range, min_accuracy, min_robust, min_class_robust, baseline,
+def gate(candidate, dataset, resize, data_dir, limit, index_range, min_accuracy, min_robust, min_class_robust, baseline,
          max_robust_drop, max_accuracy_drop, confidence, inconclusive, no_early_stop, family, spending, out, junit,
-         summary, noise, options) -> int:
+         summary, output, noise, options) -> int:
     """Pass or fail CANDIDATE (an ONNX model) on robustness thresholds, with statistical decisions.
 
     Exit 0 pass, 1 fail (or inconclusive, unless --inconclusive pass), 2 usage error, 3 bad model or data,
@@ -714,7 +735,9 @@ def gate(candidate, dataset, data_dir, limit, index_range, min_accuracy, min_rob
     with warnings.catch_warnings(record=True) as caught, _progress("gate") as progress:
         warnings.simplefilter("always")
         result = run_gate(candidate, dataset, policy=policy, baseline=baseline, data_dir=data_dir, limit=limit,
-                          start=start, stop=stop, noise=noise, progress=progress, log=lambda line: _err(line),
+                          resize=resize,
+                          start=start, stop=stop, noise=noise, output=output, progress=progress,
+                          log=lambda line: _err(line),
                           status=getattr(progress, "status", None), **asdict(options))
     for w in [*(str(c.message) for c in caught), *result.warnings]:
         _err(f"warning: {w}")
@@ -828,7 +851,7 @@ def data() -> None:
 
 
 @data.command("fetch")
-@click.argument("name", type=click.Choice(["mnist", "fashion-mnist"]))
+@click.argument("name", type=click.Choice(["mnist", "fashion-mnist", "cifar10"]))
 @click.option("--dir", "dest", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Put the files in DIR/NAME/ (default: the per-user data folder, searched by --dataset NAME:SPLIT).")
 def data_fetch(name, dest) -> int:

@@ -41,6 +41,7 @@ class Dataset:
     labels: np.ndarray
     index: np.ndarray
     source: str
+    classes: tuple[str, ...] | None = None  # class names by label, where the data names them (image folders)
 
     def __post_init__(self) -> None:
         x, y, idx = self.images, self.labels, self.index
@@ -110,35 +111,46 @@ class Dataset:
     def take(self, positions: np.ndarray) -> Dataset:
         """The images at ``positions`` (an index array), with their labels and original indices."""
         return Dataset(self.name, self.split, self.images[positions], self.labels[positions], self.index[positions],
-                       self.source)
+                       self.source, self.classes)
 
     def select(self, *, start: int | None = None, stop: int | None = None, limit: int | None = None,
                sample: int | None = None, sample_seed: int = 0) -> Dataset:
         """Positions ``start:stop``, then the first ``limit`` of them, then ``sample`` of those drawn at random
         (seeded by ``sample_seed``, kept in dataset order); original indices are kept."""
-        n = self.n
-        for name, v in (("start", start), ("stop", stop)):
-            if v is not None and not 0 <= v <= n:
-                raise InvalidInput(f"{name} must be in [0, {n}] for {self.spec} ({n} images); got {v}")
-        lo = 0 if start is None else start
-        hi = n if stop is None else stop
-        if hi <= lo:
-            raise InvalidInput(f"the index range {lo}:{hi} is empty; give start < stop")
-        if limit is not None:
-            if limit < 1:
-                raise InvalidInput(f"limit must be >= 1; got {limit}")
-            if limit > hi - lo:
-                raise InvalidInput(f"limit {limit} is beyond the dataset: {self.spec} has {hi - lo} images in range")
-            hi = lo + limit
-        part = self if (lo, hi) == (0, n) else Dataset(self.name, self.split, self.images[lo:hi],
-                                                         self.labels[lo:hi], self.index[lo:hi], self.source)
-        if sample is None:
-            return part
-        if sample < 1 or sample > part.n:
-            raise InvalidInput(f"sample must be in [1, {part.n}] for {self.spec} ({part.n} images selected); "
-                               f"got {sample}")
-        pos = np.sort(np.random.default_rng([sample_seed, 0x5A4D]).choice(part.n, size=sample, replace=False))
-        return Dataset(self.name, self.split, part.images[pos], part.labels[pos], part.index[pos], self.source)
+        pos = select_positions(self.n, start=start, stop=stop, limit=limit, sample=sample, sample_seed=sample_seed,
+                               what=self.spec)
+        if pos.size == self.n:
+            return self
+        if pos.size and pos[-1] - pos[0] + 1 == pos.size:  # a contiguous range: a view, no copy
+            lo, hi = int(pos[0]), int(pos[-1]) + 1
+            return Dataset(self.name, self.split, self.images[lo:hi], self.labels[lo:hi], self.index[lo:hi],
+                           self.source, self.classes)
+        return self.take(pos)
+
+
+def select_positions(n: int, *, start: int | None = None, stop: int | None = None, limit: int | None = None,
+                     sample: int | None = None, sample_seed: int = 0, what: str = "the dataset") -> np.ndarray:
+    """The positions of ``n`` images that ``start``/``stop``/``limit``/``sample`` select (see
+    :meth:`Dataset.select`), in order: loaders that decode images one by one decode only these."""
+    for name, v in (("start", start), ("stop", stop)):
+        if v is not None and not 0 <= v <= n:
+            raise InvalidInput(f"{name} must be in [0, {n}] for {what} ({n} images); got {v}")
+    lo = 0 if start is None else start
+    hi = n if stop is None else stop
+    if hi <= lo:
+        raise InvalidInput(f"the index range {lo}:{hi} is empty; give start < stop")
+    if limit is not None:
+        if limit < 1:
+            raise InvalidInput(f"limit must be >= 1; got {limit}")
+        if limit > hi - lo:
+            raise InvalidInput(f"limit {limit} is beyond the dataset: {what} has {hi - lo} images in range")
+        hi = lo + limit
+    if sample is None:
+        return np.arange(lo, hi, dtype=np.int64)
+    if sample < 1 or sample > hi - lo:
+        raise InvalidInput(f"sample must be in [1, {hi - lo}] for {what} ({hi - lo} images selected); got {sample}")
+    pos = np.sort(np.random.default_rng([sample_seed, 0x5A4D]).choice(hi - lo, size=sample, replace=False))
+    return (lo + pos).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------------------- IDX
@@ -351,26 +363,39 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
     head, sep, tail = spec.rpartition(":")
     if sep and tail in SPLITS:
         return head, tail
-    if sep and head in NAMED:
+    if sep and (head in NAMED or head == "cifar10"):
         raise InvalidInput(f"split must be one of {', '.join(SPLITS)}; got {tail!r} in {spec!r}")
     return spec, None
 
 
 def load_dataset(spec: str, *, data_dir=None, start: int | None = None, stop: int | None = None,
                  limit: int | None = None, sample: int | None = None, sample_seed: int = 0,
-                 max_bytes: int | None = None) -> Dataset:
+                 max_bytes: int | None = None, resize: tuple[int, int] | None = None) -> Dataset:
     """Load a dataset by spec.
 
     ``spec`` is ``mnist:test`` / ``fashion-mnist:train`` (a named dataset, split ``test`` when omitted),
     ``sample`` (the bundled MNIST sample), a ``.npz`` file, or a folder of MNIST-named files with ``:train`` or
-    ``:test``. ``start``/``stop``/``limit`` select a part; images keep their original indices. Compressed data
-    larger than ``max_bytes`` is refused before it is decompressed (raw IDX files too: they are read, not mapped).
+    ``:test``, ``cifar10:train|test`` (CIFAR-10's binary batches), or ``folder:PATH`` (a folder of image files
+    per class; ``resize`` (height, width) brings them to one size; see :mod:`pyrobust.images`). ``start``/
+    ``stop``/``limit`` select a part; images keep their original indices. Compressed data larger than
+    ``max_bytes`` is refused before it is decompressed (raw IDX files too: they are read, not mapped).
     """
     if not spec:
         raise InvalidInput("dataset must be NAME:SPLIT (mnist or fashion-mnist, train or test), 'sample', "
                            "a .npz file or a folder of IDX files; got an empty string")
+    if spec.startswith("folder:"):
+        from pyrobust.images import load_image_folder
+
+        return load_image_folder(spec[len("folder:"):], resize=resize, start=start, stop=stop, limit=limit,
+                                 sample=sample, sample_seed=sample_seed, max_bytes=max_bytes)
+    if resize is not None:
+        raise InvalidInput("resize applies to image folders (folder:PATH); the other datasets have one image size")
     target, split = _split_spec(spec)
-    if target in ("sample", SAMPLE_NAME):
+    if target == "cifar10":
+        from pyrobust.images import load_cifar10
+
+        ds = load_cifar10(split or "test", data_dir=data_dir, max_bytes=max_bytes)
+    elif target in ("sample", SAMPLE_NAME):
         ds = bundled_sample()
     elif target in NAMED:
         if data_dir is not None and not Path(data_dir).is_dir():
@@ -387,8 +412,9 @@ def load_dataset(spec: str, *, data_dir=None, start: int | None = None, stop: in
                 raise InvalidInput(f"a .npz file has no splits; drop ':{split}' from {spec!r}")
             ds = load_npz(p, max_bytes=max_bytes)
         else:
-            raise DataError(f"dataset {spec!r} not found: give mnist:SPLIT, fashion-mnist:SPLIT, sample, "
-                            "a .npz file with arrays x and y, or a folder of MNIST-named IDX files")
+            raise DataError(f"dataset {spec!r} not found: give mnist:SPLIT, fashion-mnist:SPLIT, cifar10:SPLIT, "
+                            "sample, a .npz file with arrays x and y, a folder of MNIST-named IDX files, or "
+                            "folder:PATH (one sub-folder of images per class)")
     return ds.select(start=start, stop=stop, limit=limit, sample=sample, sample_seed=sample_seed)
 
 
@@ -435,9 +461,11 @@ def load_recorded(recorded: dict, *, data_dir=None) -> Dataset:
         data_dir = recorded_dir  # where the run found it; elsewhere, the usual search (the SHA-256 decides)
     from pyrobust.store.files import memory_budget
 
+    resize = recorded.get("resize")
     ds = load_dataset(recorded["spec"], data_dir=data_dir, max_bytes=memory_budget(None),
                       start=recorded.get("start"), stop=recorded.get("stop"), limit=recorded.get("limit"),
-                      sample=recorded.get("sample"), sample_seed=recorded.get("sample_seed", 0))
+                      sample=recorded.get("sample"), sample_seed=recorded.get("sample_seed", 0),
+                      resize=tuple(resize) if resize else None)
     if ds.sha256 != recorded["sha256"]:
         raise DataError(f"dataset {recorded['spec']} now has SHA-256 {ds.sha256[:12]}…, but the run evaluated "
                         f"{recorded['sha256'][:12]}…; point --data-dir at the files the run used")
@@ -459,7 +487,11 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle boot")
 
 
-def class_names(dataset_name: str, n_classes: int) -> list[str]:
+def class_names(dataset_name: str, n_classes: int, named: tuple[str, ...] | list[str] | None = None) -> list[str]:
+    """Names of classes 0..n_classes-1: the dataset's own (``named``: an image folder's sub-folders, CIFAR-10's),
+    Fashion-MNIST's, or the numbers."""
+    if named:
+        return [str(named[k]) if k < len(named) else str(k) for k in range(n_classes)]
     if dataset_name.startswith("fashion-mnist") and n_classes <= len(FASHION_CLASSES):
         return list(FASHION_CLASSES[:n_classes])
     return [str(k) for k in range(n_classes)]

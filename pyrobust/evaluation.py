@@ -27,6 +27,7 @@ from pyrobust.engine.plan import (  # noqa: F401 - part of this module's API
 )
 from pyrobust.engine.runtime import OnnxModel, check_threads
 from pyrobust.errors import Interrupted, InvalidInput, NonFiniteModel
+from pyrobust.images import parse_resize
 from pyrobust.report import write_report
 from pyrobust.sequential import precision_bounds, random_order
 from pyrobust.stats import look_schedule
@@ -128,7 +129,7 @@ class Evaluation:
         from pyrobust.report import plot_examples
 
         data = self._data()
-        return plot_examples(self.outcome, data, class_names(data.name, len(self.summary["per_class"])))
+        return plot_examples(self.outcome, data, class_names(data.name, len(self.summary["per_class"]), data.classes))
 
     def plot_failure(self, index: int | None = None):
         """Image ``index`` (default: the one fooled earliest) beside its first failing input and the pixels
@@ -144,8 +145,8 @@ class Evaluation:
                 raise InvalidInput(f"image {index} has no failing input here (not evaluated, robust, or wrong before "
                                    "any noise); pick one with ev.first_failure > 0")
             position = int(found[0])
-        return plot_failure(self.outcome, data, self.noise, class_names(data.name, len(self.summary["per_class"])),
-                            position=position)
+        names = class_names(data.name, len(self.summary["per_class"]), data.classes)
+        return plot_failure(self.outcome, data, self.noise, names, position=position)
 
     def to_dataframe(self):
         """Per-image results as a pandas DataFrame (needs pandas)."""
@@ -179,10 +180,12 @@ def evaluate(
     stop: int | None = None,
     sample: int | None = None,
     sample_seed: int = 0,
+    resize: tuple[int, int] | str | None = None,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     resume: bool = False,
     precision: float | None = None,
+    output: str | None = None,
     report: bool = True,
     progress: Progress | None = None,
     status=None,
@@ -196,13 +199,16 @@ def evaluate(
     spec such as ``"mnist:test"`` (see :func:`pyrobust.datasets.load_dataset`), a
     :class:`~pyrobust.datasets.Dataset`, or image arrays with ``labels`` (or an ``(x, y)`` pair): N×H×W or
     N×H×W×C, uint8 in 0–255 or float in [0, 1] (:func:`pyrobust.datasets.from_arrays`). ``start``/``stop``/
-    ``limit``/``sample`` select a part of it.
+    ``limit``/``sample`` select a part of it; ``resize`` (``"224x224"`` or (height, width)) resamples the images of
+    a ``folder:PATH`` dataset.
 
     The noise is ``noise`` (a :class:`~pyrobust.types.NoiseSpec`, default the paper's), with any of its fields
     given here too (``pixels=10``, ``max_steps=``, ``low=``, ``high=``, ``scheme=``, ``mode=``, ``seed=``,
     ``mean=``, ``std=``). The other ``settings`` are :class:`~pyrobust.engine.plan.RunOptions` (``batch_size``,
     ``threads``, ``sessions``, ``scheduler``, ``max_memory_mb``, ``custom_ops``, ``retune``, ...), none of which
-    changes a per-image result. Every input is checked before any work starts or any file is written.
+    changes a per-image result. ``output`` names the model output that holds the class scores, needed only when
+    several could (scikit-learn's ZipMap of probabilities is read as scores; integer label outputs never are). Every
+    input is checked before any work starts or any file is written.
 
     With ``out``, writes ``results.npz``, ``summary.json`` and (``report``) the four PNG figures there, saving a
     checkpoint every ``checkpoint_every`` seconds; ``resume`` continues an interrupted run in ``out`` and gives
@@ -223,12 +229,14 @@ def evaluate(
     if resume and overwrite:
         raise InvalidInput("resume=True continues a run and overwrite=True replaces it: pass one of them")
     status("loading the data")
+    size = parse_resize(resize) if isinstance(resize, str) else resize
     ds, ds_spec = load_data(dataset, labels, data_dir=data_dir, start=start, stop=stop, limit=limit, sample=sample,
-                            sample_seed=sample_seed, max_bytes=options.budget)
+                            sample_seed=sample_seed, max_bytes=options.budget, resize=size)
     selection = {"spec": ds_spec, "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
-                 "start": start, "stop": stop, "limit": limit, "sample": sample, "sample_seed": sample_seed}
+                 "start": start, "stop": stop, "limit": limit, "sample": sample, "sample_seed": sample_seed,
+                 **({"resize": list(size)} if size else {}), **({"classes": list(ds.classes)} if ds.classes else {})}
     with _session(model, ds, spec, options, status) as (m, model_info), \
-            plan_run(m, ds, spec, options, status=status) as plan:
+            plan_run(m, ds, spec, options, status=status, output=output) as plan:
         def run(state: RunState | None, save) -> Evaluation:
             outcome, used, prec, info = _run(plan, precision, state, save, progress)
             summary = _summary(plan, outcome, used, prec, info, state, model_info, selection)
@@ -295,7 +303,8 @@ def _summary(plan: RunPlan, outcome: Outcome, used: Dataset, prec: dict | None, 
         outcome, spec=plan.noise, n_classes=max(ds.n_classes, 1),
         model={"path": str(Path(m.path).resolve()), "name": Path(m.path).stem, **(model_info or {}),
                "sha256": m.sha256, "external_data": m.external_data, "input": m.input.name,
-               "input_shape": m.input_shape, "layout": m.bound.layout, "fixed_batch": m.bound.fixed_batch},
+               "input_shape": m.input_shape, "input_type": m.input.type, "output": m.output.name,
+               "output_type": m.output.type, "layout": m.bound.layout, "fixed_batch": m.bound.fixed_batch},
         dataset={**selection, "name": ds.name, "split": ds.split, "source": ds.source, "sha256": ds.sha256,
                  "first_index": int(used.index.min()), "last_index": int(used.index.max())},
         settings=plan.settings(info, state))
@@ -304,8 +313,14 @@ def _summary(plan: RunPlan, outcome: Outcome, used: Dataset, prec: dict | None, 
     return summary
 
 
+class ResultLooksWrongWarning(UserWarning):
+    """The results look like a mistake (chance-level accuracy, predictions outside the label range)."""
+
+
 def _warned(result: Evaluation) -> Evaluation:
     _warn_nonfinite(result.summary)
+    for text in result.summary.get("warnings", []):
+        warnings.warn(text, ResultLooksWrongWarning, stacklevel=3)
     return result
 
 
@@ -403,17 +418,16 @@ def _export_module(module, ds: Dataset, spec: NoiseSpec) -> _Exported:
     images as the engine feeds them (normalised when ``mean``/``std`` are given)."""
     import tempfile
 
-    from pyrobust.engine.loop import _channel_values, _prepare
-    from pyrobust.training import check_parity, export_onnx
+    from pyrobust.engine.loop import prepare
+    from pyrobust.training import check_parity, expectation_metadata, export_onnx
 
     module.eval()
     tmp = tempfile.TemporaryDirectory(prefix="pyrobust-module-")
     path = Path(tmp.name) / "module.onnx"
-    c = ds.image_shape[2]
     try:
-        export_onnx(module, ds.image_shape, path, metadata={"pyrobust.source": f"torch module {type(module).__name__}"})
-        sample = _prepare(ds, slice(0, min(ds.n, 64)), _channel_values(spec.mean, c, "mean"),
-                          _channel_values(spec.std, c, "std"))
+        export_onnx(module, ds.image_shape, path, metadata={"pyrobust.source": f"torch module {type(module).__name__}",
+                                                            **expectation_metadata(spec)})
+        sample = prepare(ds, slice(0, min(ds.n, 64)), spec)
         check_parity(module, path, np.ascontiguousarray(sample.transpose(0, 3, 1, 2), dtype=np.float32))
     except BaseException:
         tmp.cleanup()

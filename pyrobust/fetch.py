@@ -46,6 +46,15 @@ class RemoteDataset:
     mirrors: tuple[str, ...]  # base URLs, canonical first; a file's URL is base + name
     files: tuple[RemoteFile, ...]
     licence: str = ""
+    # When set, the files come inside this archive (a .tar.gz, verified by its SHA-256), at ``member_prefix + name``:
+    # only those members are read out, each verified, and the archive is removed.
+    archive: RemoteFile | None = None
+    member_prefix: str = ""
+
+
+def _raw(name: str, size: int, sha256: str) -> RemoteFile:
+    """A file stored as is (not gzip): verified by the SHA-256 of its bytes."""
+    return RemoteFile(name, size, None, frozenset({sha256}))
 
 
 def _idx(name: str, n: int, content_sha256: str | None, *gz: str) -> RemoteFile:
@@ -87,6 +96,24 @@ CATALOG: dict[str, RemoteDataset] = {
                  "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
         ),
         "MIT, Zalando Research",
+    ),
+    # CIFAR-10's binary version (no pickles), from the authors' page; the archive's and each batch's SHA-256 as
+    # published with torchvision and TensorFlow Datasets (MD5 c32a1d4ab5d03f1284b67883e8d87530 on the authors' page).
+    "cifar10": RemoteDataset(
+        "cifar10",
+        ("https://www.cs.toronto.edu/~kriz/",),
+        (
+            _raw("data_batch_1.bin", 30_730_000, "cee916563c9f80d84e3cc88e17fdc0941787f1244f00a67874d45b261883ada5"),
+            _raw("data_batch_2.bin", 30_730_000, "a591ca11fa1708a91ee40f54b3da4784ccd871ecf2137de63f51ada8b3fa57ed"),
+            _raw("data_batch_3.bin", 30_730_000, "bbe8596564c0f86427f876058170b84dac6670ddf06d79402899d93ceea26f67"),
+            _raw("data_batch_4.bin", 30_730_000, "014e562d6e23c72197cc727519169a60359f5eccd8945ad5a09d710285ff4e48"),
+            _raw("data_batch_5.bin", 30_730_000, "755304fc0b379caeae8c14f0dac912fbc7d6cd469eb67a1029a08a39453a9add"),
+            _raw("test_batch.bin", 30_730_000, "8e2eb146ae340b09e24670f29cabc6326dba54da8789dab6768acf480273f65b"),
+        ),
+        "A. Krizhevsky, Learning Multiple Layers of Features from Tiny Images (2009)",
+        archive=_raw("cifar-10-binary.tar.gz", 170_052_171,
+                     "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"),
+        member_prefix="cifar-10-batches-bin/",
     ),
 }
 
@@ -144,8 +171,65 @@ def fetch_dataset(name: str, *, dest: str | os.PathLike | None = None, catalog: 
         raise OutputError(f"{folder}: cannot create the data folder ({exc.strerror}); choose another --dir") from None
     out = []
     with _FolderLock(folder):
+        if remote.archive is not None:
+            return _fetch_from_archive(remote, folder, retries=retries, timeout=timeout, backoff=backoff, log=log)
         for spec in remote.files:
             out.append(_fetch_file(remote, spec, folder, retries=retries, timeout=timeout, backoff=backoff, log=log))
+    return out
+
+
+def _fetch_from_archive(remote: RemoteDataset, folder: Path, *, retries, timeout, backoff, log) -> list[FetchedFile]:
+    """Files that are present and verified stay; otherwise the archive is downloaded and verified, exactly the
+    expected members are read out of it (no other path is ever written), each verified, and the archive removed."""
+    import tarfile
+
+    present = []
+    for spec in remote.files:
+        final = folder / spec.name
+        if os.path.lexists(final):
+            if final.is_symlink() or not final.is_file():
+                raise DataError(f"{final}: exists and is not a regular file; move it away or choose another --dir")
+            ok, digest = verify(final, spec)
+            if not ok:
+                raise DataError(f"{final}: exists but is not the published file (SHA-256 {digest[:12]}…); move it "
+                                "away or choose another --dir")
+            present.append(FetchedFile(final, digest, "present"))
+    if len(present) == len(remote.files):
+        for f in present:
+            log(f"{f.path}: present, verified (SHA-256 {f.sha256[:12]}…)")
+        return present
+    assert remote.archive is not None
+    got = _fetch_file(remote, remote.archive, folder, retries=retries, timeout=timeout, backoff=backoff, log=log)
+    wanted = {remote.member_prefix + spec.name: spec for spec in remote.files}
+    out = []
+    try:
+        with tarfile.open(got.path, "r:gz") as tar:
+            for member in tar:
+                spec = wanted.get(member.name)
+                if spec is None:
+                    continue
+                if not member.isfile() or member.size != spec.content_size:
+                    raise DataError(f"{got.path}: member {member.name} is not the published file; the archive is "
+                                    "damaged")
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                digest = hashlib.sha256(data).hexdigest()
+                if digest not in spec.gz_sha256:
+                    raise DataError(f"{got.path}: member {member.name} has SHA-256 {digest[:12]}…, not the published "
+                                    "one; the archive is damaged")
+                final = folder / spec.name
+                part = folder / f".{spec.name}.part"
+                with open(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), "wb") as fh:
+                    fh.write(data)
+                os.replace(part, final)
+                log(f"{final}: extracted from {got.path.name}, verified (SHA-256 {digest[:12]}…)")
+                out.append(FetchedFile(final, digest, "downloaded", got.url))
+                del wanted[member.name]
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{got.path}: cannot be read as a .tar.gz ({type(exc).__name__}); delete it and fetch again") \
+            from None
+    if wanted:
+        raise DataError(f"{got.path}: lacks {', '.join(sorted(wanted))}; it is not the published archive")
+    got.path.unlink(missing_ok=True)
     return out
 
 
@@ -167,7 +251,7 @@ def _fetch_file(remote: RemoteDataset, spec: RemoteFile, folder: Path, *, retrie
         url = base + spec.name
         for attempt in range(1, retries + 1):
             try:
-                _download(url, part, timeout=timeout)
+                _download(url, part, timeout=timeout, max_bytes=max(MAX_DOWNLOAD_BYTES, spec.content_size))
             except _Retryable as exc:
                 attempts.append(f"{url}: {exc}")
                 log(f"{url}: {exc} (attempt {attempt} of {retries})")
@@ -202,7 +286,7 @@ class _Fatal(Exception):
     """This source does not have the file (404 and friends): go to the next source."""
 
 
-def _download(url: str, part: Path, *, timeout: float) -> None:
+def _download(url: str, part: Path, *, timeout: float, max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
     from pyrobust import __version__
 
     have = part.stat().st_size if part.exists() else 0
@@ -220,7 +304,7 @@ def _download(url: str, part: Path, *, timeout: float) -> None:
                 mode, have = "wb", 0
             length = resp.headers.get("Content-Length")
             expected = have + int(length) if length and length.isdigit() else None
-            if expected is not None and expected > MAX_DOWNLOAD_BYTES:
+            if expected is not None and expected > max_bytes:
                 raise _Fatal(f"announces {expected:,} bytes, more than any file of these datasets")
             got = have
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if mode == "ab" else
@@ -231,7 +315,7 @@ def _download(url: str, part: Path, *, timeout: float) -> None:
                     if not block:
                         break
                     got += len(block)
-                    if got > MAX_DOWNLOAD_BYTES:
+                    if got > max_bytes:
                         raise _Fatal("sent more bytes than any file of these datasets has")
                     fh.write(block)
             if expected is not None and got != expected:

@@ -34,6 +34,7 @@ from pyrobust.engine.loop import clean_predictions
 from pyrobust.engine.plan import RunPlan, load_data, plan_run, split_settings
 from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import InvalidInput, NonFiniteModel
+from pyrobust.images import parse_resize
 from pyrobust.sequential import (
     FAIL,
     FAMILIES,
@@ -47,7 +48,7 @@ from pyrobust.sequential import (
 )
 from pyrobust.stats import images_for_power, look_schedule, normal_quantile
 from pyrobust.store.files import write_bytes_atomic, write_json_atomic
-from pyrobust.store.results import load_results, versions
+from pyrobust.store.results import load_results, sanity_warnings, versions
 from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome, RunRecord, RunState, differences, fingerprint
 
 GATE_SCHEMA = 2
@@ -291,7 +292,8 @@ def decide(checks: list[Check]) -> str:
 # ------------------------------------------------------------------------------------------------------- run
 def _model_info(m: OnnxModel) -> dict:
     return {"path": str(Path(m.path).resolve()), "sha256": m.sha256, "external_data": m.external_data,
-            "input": m.input.name, "layout": m.binding.layout if m.binding else None}
+            "input": m.input.name, "input_type": m.input.type, "output": m.output.name,
+            "layout": m.binding.layout if m.binding else None}
 
 
 def run_gate(
@@ -301,10 +303,12 @@ def run_gate(
     policy: GatePolicy,
     baseline: str | os.PathLike | None = None,
     noise: NoiseSpec | None = None,
+    output: str | None = None,
     data_dir=None,
     limit: int | None = None,
     start: int | None = None,
     stop: int | None = None,
+    resize=None,
     progress=None,
     log=None,
     status=None,
@@ -321,20 +325,23 @@ def run_gate(
         raise InvalidInput("max_robust_drop and max_accuracy_drop compare with a baseline: give a baseline model "
                            "or a results folder of it")
     # the data is refused from its header when it cannot fit, rather than found out by a MemoryError
-    ds, ds_spec = load_data(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit, max_bytes=options.budget)
+    size = parse_resize(resize) if isinstance(resize, str) else resize
+    ds, ds_spec = load_data(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit, max_bytes=options.budget,
+                            resize=size)
     base_saved, base_info = None, None
     bpath = Path(baseline) if baseline is not None else None
     if bpath is not None and bpath.is_dir():
         base_saved = _saved_baseline(bpath, ds, spec)
         base_info = {"results": str(bpath.resolve()), **base_saved.model}
     with ExitStack() as stack:
-        cand = stack.enter_context(plan_run(candidate, ds, spec, options, status=status))
+        cand = stack.enter_context(plan_run(candidate, ds, spec, options, status=status, output=output))
         base = None
         if bpath is not None and base_saved is None:
-            base = stack.enter_context(plan_run(bpath, ds, spec, options, status=status, connection=cand.connection))
+            base = stack.enter_context(plan_run(bpath, ds, spec, options, status=status, connection=cand.connection,
+                                                output=output))
             base_info = _model_info(base.model)
         return _decide(policy, cand, base, base_saved.outcome if base_saved else None, base_info, ds_spec,
-                       data_dir, (start, stop, limit), progress, log)
+                       data_dir, (start, stop, limit, size), progress, log)
 
 
 def _decide(policy: GatePolicy, cand: RunPlan, base: RunPlan | None, base_saved: Outcome | None,
@@ -353,15 +360,15 @@ def _decide(policy: GatePolicy, cand: RunPlan, base: RunPlan | None, base_saved:
 
     # Stage 1: the clean pass decides the accuracy checks in one look.
     if plan.clean:
-        pred = clean_predictions(cand.model, ds, batch_size=cand.batch_size, mean=spec.mean, std=spec.std)
+        pred = clean_predictions(cand.model, ds, spec, batch_size=cand.batch_size)
         inferences += total
         _refuse_all_nonfinite(pred, cand.model.path)
         nonfinite["clean"] = int(np.count_nonzero(pred == NONFINITE))
         cand_ok = pred == ds.labels
+        warns += sanity_warnings(ds.labels, pred, model="the candidate")
         base_ok = None
         if base is not None:
-            base_ok = clean_predictions(base.model, ds, batch_size=base.batch_size, mean=spec.mean,
-                                        std=spec.std) == ds.labels
+            base_ok = clean_predictions(base.model, ds, base.noise, batch_size=base.batch_size) == ds.labels
             inferences += total
         elif base_saved is not None:
             base_ok = base_saved.first_failure != 0
@@ -400,6 +407,9 @@ def _decide(policy: GatePolicy, cand: RunPlan, base: RunPlan | None, base_saved:
             seen = np.sort(order[:n])
             if k == 0:
                 _refuse_all_nonfinite(cand_state.clean_prediction[seen], cand.model.path)
+                if not plan.clean:  # no clean pass: the first look's clean predictions are checked instead
+                    warns += sanity_warnings(ds.labels[seen], cand_state.clean_prediction[seen],
+                                             model="the candidate")
             robust = cand_state.first_failure[seen] == ROBUST
             base_robust = None if base_ff is None else base_ff[seen] == ROBUST
             counts = [check_counts(s, labels=ds.labels[seen], cand=robust, base=base_robust) for s in plan.noise]
@@ -438,7 +448,7 @@ def _decide(policy: GatePolicy, cand: RunPlan, base: RunPlan | None, base_saved:
         (total * models if plan.clean else 0) + int(round(per_image_noise * total))
     decision_word = decide(checks)
     passed = decision_word == "pass" or (decision_word == "inconclusive" and policy.inconclusive == "pass")
-    start, stop, limit = selection
+    start, stop, limit, size = selection
     return GateResult(
         decision=decision_word, passed=passed, checks=checks, images=total, images_evaluated=done_n,
         looks=look_log, inferences=inferences,
@@ -448,7 +458,8 @@ def _decide(policy: GatePolicy, cand: RunPlan, base: RunPlan | None, base_saved:
         candidate=_model_info(cand.model), baseline=base_info,
         dataset={"spec": ds_spec, "count": total, "sha256": ds.sha256, "source": ds.source,
                  "data_dir": str(Path(data_dir).resolve()) if data_dir else None, "start": start, "stop": stop,
-                 "limit": limit},
+                 "limit": limit, **({"resize": list(size)} if size else {}),
+                 **({"classes": list(ds.classes)} if ds.classes else {})},
         settings={**spec.to_dict(), **cand.settings(info), "looks_planned": plan.noise_looks,
                   "alpha_per_look": [float(a) for a in plan.noise_alphas],
                   "clean_alpha": plan.clean_alpha, "order_seed": spec.seed},

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pyrobust.datasets import load_recorded
-from pyrobust.engine.loop import perturbed_image, predict_one
+from pyrobust.engine.loop import model_units, perturbed_input, predict_one
 from pyrobust.errors import InvalidInput, ModelError
 from pyrobust.store.results import load_results
 from pyrobust.types import ROBUST, NoiseSpec
@@ -74,14 +74,11 @@ def rebuild(outcome, spec: NoiseSpec, dataset, *, index: int, step: int | None =
         raise InvalidInput(f"step must be an integer in [0, {spec.max_steps}]; got {step!r}")
     if ff != ROBUST and step > ff:
         raise InvalidInput(f"image {index} left play at step {ff}; steps after it were never run")
-    original = dataset.float_images(pos, pos + 1)[0]
-    perturbed = perturbed_image(original, index=index, step=int(step), spec=spec)
-    prediction = None
-    if model is not None:
-        x = perturbed[None]
-        if spec.mean is not None:
-            x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-        prediction = predict_one(model, dataset, x)
+    base = model_units(dataset, slice(pos, pos + 1), spec)[0]
+    raw = perturbed_input(base, index=index, step=int(step), spec=spec)
+    prediction = None if model is None else predict_one(model, dataset, raw, spec)
+    original, perturbed = (base, raw) if spec.scale == 1 else (base / np.float32(spec.scale),
+                                                               raw / np.float32(spec.scale))
     # Before its first failure the model gave the true label at every step; at it, the recorded failure label.
     recorded = int(outcome.failure_label[pos]) if step == ff else int(outcome.label[pos])
     return Replay(index=index, label=int(outcome.label[pos]), step=int(step), recorded_failure_step=ff,

@@ -179,7 +179,7 @@ def plot_replay(r, path: Path | None = None) -> Figure:
 
 def write_report(out: Path, outcome: Outcome, summary: dict, dataset: Dataset) -> list[Path]:
     spec = noise_of(summary)
-    names = class_names(dataset.name, len(summary["per_class"]))
+    names = class_names(dataset.name, len(summary["per_class"]), dataset.classes)
     plot_survival(summary, out / "survival.png")
     plot_per_class(summary, out / "per_class.png")
     plot_examples(outcome, dataset, names, out / "examples.png")

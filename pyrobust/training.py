@@ -73,8 +73,21 @@ class TrainReport:
     test_images: int | None = None
 
 
-def _nchw(ds: Dataset, lo: int = 0, hi: int | None = None) -> np.ndarray:
-    return np.ascontiguousarray(ds.float_images(lo, hi).transpose(0, 3, 1, 2))
+def _nchw(ds: Dataset, lo: int = 0, hi: int | None = None, mean=None, std=None) -> np.ndarray:
+    x = ds.float_images(lo, hi)
+    if mean is not None:
+        x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def expectation_metadata(spec) -> dict:
+    """ONNX metadata saying what input the model expects (pixel range, normalisation), which pyrobust reads back
+    when it evaluates the model, so the options need not be repeated (and a mismatch is caught)."""
+    meta = {"pyrobust.pixel_range": "0,255" if spec.pixel_range == 255 else "0,1"}
+    if spec.mean is not None:
+        meta["pyrobust.mean"] = ",".join(repr(float(v)) for v in spec.mean)
+        meta["pyrobust.std"] = ",".join(repr(float(v)) for v in spec.std)
+    return meta
 
 
 def train(
@@ -89,10 +102,14 @@ def train(
     threads: int | None = None,
     n_classes: int | None = None,
     test: Dataset | None = None,
+    mean=None,
+    std=None,
     log=None,
 ) -> TrainReport:
     """Train ``architecture`` on ``dataset`` with Adam, export to ONNX at ``out`` and check torch and onnxruntime
-    agree on a sample; with ``test``, also measure the exported model's clean accuracy on it. The same seed, data
+    agree on a sample; with ``test``, also measure the exported model's clean accuracy on it. ``mean``/``std``
+    (one value per channel) normalise the [0, 1] images; the model's metadata records them (and the pixel range), and
+    ``evaluate`` applies them without being told. The same seed, data
     and settings give the same weights (with the same thread count and torch version)."""
     if architecture not in ARCHITECTURES:
         raise InvalidInput(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {architecture!r}")
@@ -108,6 +125,10 @@ def train(
         raise InvalidInput(f"{out.parent}: folder does not exist; create it or choose another --out")
     torch = _torch()
     k = n_classes or dataset.n_classes
+    from pyrobust.types import NoiseSpec
+
+    norm = NoiseSpec(mean=None if mean is None else tuple(np.atleast_1d(mean)),
+                     std=None if std is None else tuple(np.atleast_1d(std)), pixel_range=1)
     t0 = time.perf_counter()
     previous_threads = torch.get_num_threads()
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -116,7 +137,7 @@ def train(
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True)
         model = build_model(architecture, dataset.image_shape, k)
-        x_all = torch.from_numpy(_nchw(dataset))
+        x_all = torch.from_numpy(_nchw(dataset, mean=norm.mean, std=norm.std))
         y_all = torch.from_numpy(dataset.labels)
         opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
         gen = torch.Generator().manual_seed(seed)
@@ -149,8 +170,9 @@ def train(
             # thread count and torch version (reductions split across threads round differently).
             "pyrobust.torch_version": torch.__version__, "pyrobust.threads": str(torch.get_num_threads()),
             "pyrobust.deterministic": "torch.use_deterministic_algorithms(True)",
+            **expectation_metadata(norm),
         })
-        diff = check_parity(model, out, _nchw(dataset, 0, min(dataset.n, 256)))
+        diff = check_parity(model, out, _nchw(dataset, 0, min(dataset.n, 256), mean=norm.mean, std=norm.std))
     finally:
         torch.set_num_threads(previous_threads)
         torch.use_deterministic_algorithms(previous_deterministic)
@@ -159,7 +181,7 @@ def train(
         from pyrobust.engine.loop import clean_predictions
         from pyrobust.engine.runtime import OnnxModel
 
-        test_acc = float((clean_predictions(OnnxModel(out, threads=threads), test) == test.labels).mean())
+        test_acc = float((clean_predictions(OnnxModel(out, threads=threads), test, NoiseSpec()) == test.labels).mean())
     return TrainReport(out=out, architecture=architecture, epochs=int(epochs), seed=seed, train_images=dataset.n,
                        train_accuracy=train_acc, losses=tuple(losses), parity_max_abs_diff=diff,
                        seconds=time.perf_counter() - t0, sha256=hashlib.sha256(out.read_bytes()).hexdigest(),
@@ -240,9 +262,13 @@ def training_settings(model_path: str | os.PathLike) -> dict:
     if not all(k in meta for k in needed):
         raise ModelError(f"{model_path}: has no pyrobust training metadata; retrain needs a model made by "
                          "pyrobust train (or give --arch, --epochs and --seed to pyrobust train instead)")
-    return {"architecture": meta["architecture"], "epochs": int(meta["epochs"]), "seed": int(meta["seed"]),
-            "n_classes": int(meta["classes"]), "batch_size": int(meta.get("batch_size", 128)),
-            "learning_rate": float(meta.get("learning_rate", 1e-3))}
+    settings = {"architecture": meta["architecture"], "epochs": int(meta["epochs"]), "seed": int(meta["seed"]),
+                "n_classes": int(meta["classes"]), "batch_size": int(meta.get("batch_size", 128)),
+                "learning_rate": float(meta.get("learning_rate", 1e-3))}
+    if meta.get("mean") and meta.get("std"):  # the same normalisation as the model it is like
+        settings["mean"] = tuple(float(v) for v in meta["mean"].split(","))
+        settings["std"] = tuple(float(v) for v in meta["std"].split(","))
+    return settings
 
 
 def retrain(dataset: Dataset, *, like: str | os.PathLike, out: str | os.PathLike, threads: int | None = None,

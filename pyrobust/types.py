@@ -10,7 +10,7 @@ Sentinels, per image:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +25,22 @@ MAX_STEPS_LIMIT = 100_000
 # Pixels are in [0, 1]; noise values and normalisation far outside these bounds overflow float32 inputs (a std of
 # 1e-50 turns every pixel into infinity) and can only be mistakes.
 VALUE_LIMIT = 1e6
+PIXEL_RANGES = (None, 1, 255)
 STD_MIN = 1e-6  # the survival curve has max_steps + 1 points in summary.json and the figures
 
 __all__ = ["MODES", "NONFINITE", "ROBUST", "SCHEMES", "NoiseSpec", "Outcome", "RunRecord", "RunState", "differences"]
+
+
+def pixel_share(text: str) -> float | None:
+    """``"3.5%"`` -> 0.035; None unless a percentage in (0, 100]."""
+    text = text.strip()
+    if not text.endswith("%"):
+        return None
+    try:
+        v = float(text[:-1])
+    except ValueError:
+        return None
+    return v / 100 if math.isfinite(v) and 0 < v <= 100 else None
 
 
 def _is_int(value) -> bool:
@@ -38,7 +51,7 @@ def _is_int(value) -> bool:
 class NoiseSpec:
     """How images are perturbed and for how long. Defaults are the paper's (28 pixels, 250 steps, values in [0, 1))."""
 
-    pixels: int = PAPER_PIXELS
+    pixels: int | str = PAPER_PIXELS  # a count, or a share of the image such as "3.5%" (resolved per dataset)
     max_steps: int = PAPER_MAX_STEPS
     low: float = 0.0
     high: float = 1.0
@@ -47,10 +60,21 @@ class NoiseSpec:
     seed: int = 0
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    # The pixel range the model expects: 1 ([0, 1]) or 255 ([0, 255]); images and noise values are scaled to it.
+    # None: decided by the model (its pyrobust metadata, or 255 for an integer input, else 1).
+    pixel_range: int | None = None
+    # Integer noise values, for a model with an integer input (uint8 pixels): never set by hand, the model decides.
+    integer: bool = field(default=False, metadata={"derived": True})
 
     def __post_init__(self) -> None:
-        if not _is_int(self.pixels) or self.pixels < 1:
-            raise InvalidInput(f"pixels must be an integer >= 1; got {self.pixels!r}")
+        if isinstance(self.pixels, str):
+            share = pixel_share(self.pixels)
+            if share is None:
+                raise InvalidInput(f"pixels must be an integer >= 1 or a share of the image such as 3.5%; got "
+                                   f"{self.pixels!r}")
+        elif not _is_int(self.pixels) or self.pixels < 1:
+            raise InvalidInput(f"pixels must be an integer >= 1 or a share of the image such as 3.5%; got "
+                               f"{self.pixels!r}")
         if not _is_int(self.max_steps) or not 1 <= self.max_steps <= MAX_STEPS_LIMIT:
             raise InvalidInput(f"max_steps must be an integer in [1, {MAX_STEPS_LIMIT:,}] (the paper uses "
                                f"{PAPER_MAX_STEPS}); got {self.max_steps!r}")
@@ -78,24 +102,55 @@ class NoiseSpec:
                                    f"(e.g. 0.1307 and 0.3081 for MNIST); got mean={list(mean)}, std={list(std)}")
             object.__setattr__(self, "mean", mean)
             object.__setattr__(self, "std", std)
+        if self.pixel_range not in PIXEL_RANGES:
+            raise InvalidInput(f"pixel_range must be 1 (pixels in [0, 1]) or 255 (pixels in [0, 255]); got "
+                               f"{self.pixel_range!r}")
+        if self.integer and self.mean is not None:
+            raise InvalidInput("a model with an integer input takes raw pixel values: mean and std cannot apply")
+        object.__setattr__(self, "integer", bool(self.integer))
         object.__setattr__(self, "low", float(self.low))
         object.__setattr__(self, "high", float(self.high))
-        object.__setattr__(self, "pixels", int(self.pixels))
+        if not isinstance(self.pixels, str):
+            object.__setattr__(self, "pixels", int(self.pixels))
         object.__setattr__(self, "max_steps", int(self.max_steps))
         object.__setattr__(self, "seed", int(self.seed))
 
+    def for_image(self, height: int, width: int) -> NoiseSpec:
+        """This spec with a share of the image (``pixels="3.5%"``) resolved to a count for ``height``×``width``
+        images: the share of the pixel positions, rounded up (3.5 % of 784 is 28, the paper's)."""
+        if not isinstance(self.pixels, str):
+            return self
+        share = pixel_share(self.pixels)
+        assert share is not None
+        from dataclasses import replace
+
+        return replace(self, pixels=max(1, math.ceil(share * height * width - 1e-9)))
+
+    @property
+    def scale(self) -> int:
+        """The pixel range in force (1 until a model decides otherwise)."""
+        return self.pixel_range or 1
+
     def to_dict(self) -> dict:
+        """As recorded in summaries and fingerprints. The pixel-range fields appear only when they differ from what
+        every earlier pyrobust did ([0, 1], float values), so earlier records still compare equal."""
         d = asdict(self)
         d["mean"] = list(self.mean) if self.mean is not None else None
         d["std"] = list(self.std) if self.std is not None else None
+        if self.pixel_range == 1:
+            del d["pixel_range"]
+        if not self.integer:
+            del d["integer"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> NoiseSpec:
+        """A recorded spec (missing pixel-range fields: the [0, 1] float values every earlier record means)."""
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         for k in ("mean", "std"):
             if known.get(k) is not None:
                 known[k] = tuple(known[k])
+        known.setdefault("pixel_range", 1)
         return cls(**known)
 
 

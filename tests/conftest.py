@@ -89,11 +89,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
     out["rank3_output"] = save_model(d / "rank3_output.onnx", nodes, [image_input()],
                                      [helper.make_tensor_value_info("y3", TensorProto.FLOAT, ["N", 10, 1])], inits)
     nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=1), helper.make_node("Gather", ["f", "i"], ["y"], axis=1)]
-    out["int_input"] = save_model(
-        d / "int_input.onnx",
+    out["bool_input"] = save_model(
+        d / "bool_input.onnx",
         [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
          helper.make_node("Flatten", ["xf"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["y"])],
-        [image_input(elem=TensorProto.INT32)], [logits_output()], [tensor("W", w)])
+        [image_input(elem=TensorProto.BOOL)], [logits_output()], [tensor("W", w)])
     # Ignores the batch: always one row of scores.
     inits = [tensor("row", np.zeros((1, 10))), tensor("zero", np.zeros((1, 10)))]
     nodes = [helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0),

@@ -6,6 +6,8 @@ Written from the specification (README "The protocol"), in plain Python integers
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 MASK = (1 << 64) - 1
@@ -26,8 +28,9 @@ def random_u64(seed: int, index: int, step: int, counter: int) -> int:
     return mix64(key + (counter + 1) * GOLDEN)
 
 
-def noise_draws(seed, index, step, pixels, n_positions, channels, low, high, scheme):
-    """[(position, [value per channel]), ...] in draw order, values as float32."""
+def noise_draws(seed, index, step, pixels, n_positions, channels, low, high, scheme, integer=False):
+    """[(position, [value per channel]), ...] in draw order, values as float32; ``integer``: values uniform over the
+    integers low .. high inclusive."""
     draws = []
     for d in range(pixels):
         base = d * (channels + 1)
@@ -37,6 +40,8 @@ def noise_draws(seed, index, step, pixels, n_positions, channels, low, high, sch
             u = random_u64(seed, index, step, base + 1 + c)
             if scheme == "salt-pepper":
                 v = np.float32(high) if u >> 63 else np.float32(low)
+            elif integer:
+                v = np.float32(int(low) + math.floor((int(high) - int(low) + 1) * ((u >> 40) / 2.0**24)))
             else:
                 v = np.float32(low + (high - low) * ((u >> 40) / 2.0**24))
                 if v >= np.float32(high):
@@ -46,13 +51,13 @@ def noise_draws(seed, index, step, pixels, n_positions, channels, low, high, sch
     return draws
 
 
-def perturb_image(img, *, seed, index, step, pixels, low=0.0, high=1.0, scheme="uniform"):
+def perturb_image(img, *, seed, index, step, pixels, low=0.0, high=1.0, scheme="uniform", integer=False):
     """img: float32 (H, W, C) in data space -> perturbed copy (H, W, C)."""
     h, w, c = img.shape
     out = np.array(img, dtype=np.float32, copy=True)
     if step == 0:
         return out
-    for p, values in noise_draws(seed, index, step, pixels, h * w, c, low, high, scheme):
+    for p, values in noise_draws(seed, index, step, pixels, h * w, c, low, high, scheme, integer):
         for ch in range(c):
             out[p // w, p % w, ch] = values[ch]
     return out

@@ -96,7 +96,7 @@ CASES = [
     ("external data absolute", "@ext_absolute", "sample", {}, ModelError, 3, r"outside the model's folder"),
     ("external data symlink", "@ext_symlink", "sample", {}, ModelError, 3, r"through a symbolic link"),
     ("external data hardlink", "@ext_hardlink", "sample", {}, ModelError, 3, r"several hard links"),
-    ("output batch size", "one_row", "sample", {}, ModelError, 3, r"for a batch of 2 images the first output"),
+    ("output batch size", "one_row", "sample", {}, ModelError, 3, r"for a batch of 2 images output 'y' has shape"),
     ("wrong magic", None, "wrong_magic", {}, DataError, 3, r"bad magic number"),
     ("truncated data", None, "truncated", {}, DataError, 3, r"truncated IDX data"),
     ("dims vs length", None, "dims_vs_length", {}, DataError, 3, r"longer than its dimensions"),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = {"errors", "types", "stats", "sequential"}
-DATA = {"datasets", "fetch", "store"}
+DATA = {"datasets", "fetch", "images", "store"}
 
 
 def _layer(module: str) -> int:

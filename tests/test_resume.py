@@ -181,7 +181,7 @@ def test_corrupt_checkpoint(tmp_path, bundled_model):
 
 def test_checkpoint_roundtrip_in_process(tmp_path, bundled_model, reference):
     """A KeyboardInterrupt raised from inside the engine leaves a checkpoint that resumes to the same results."""
-    from pyrobust.store.rundir import fingerprint
+    from pyrobust.types import fingerprint
 
     calls = {"n": 0}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import numpy as np
 
@@ -40,19 +41,57 @@ def _channel_values(values, channels: int, name: str) -> np.ndarray | None:
 
 def check_spec_for_data(spec: NoiseSpec, image_shape: tuple[int, int, int]) -> None:
     h, w, c = image_shape
-    if spec.pixels > h * w:
+    spec = spec.for_image(h, w)
+    if int(spec.pixels) > h * w:
         raise InvalidInput(f"pixels must be an integer in [1, {h * w}] for {h}x{w} images; got {spec.pixels}")
     _channel_values(spec.mean, c, "mean")
     _channel_values(spec.std, c, "std")
 
 
-def bind_model(model: OnnxModel, dataset: Dataset, spec: NoiseSpec) -> None:
-    """Check ``spec`` against the data and bind ``model`` to the data's shape, probing it on the first image, so
-    every model or shape error surfaces before any work starts."""
+def resolve_noise(model: OnnxModel, spec: NoiseSpec) -> NoiseSpec:
+    """``spec`` as this model needs it: integer noise values for an integer input; the pixel range the model's
+    pyrobust metadata states (or 255 for an integer input, else 1) unless given; the normalisation its metadata
+    states unless given (a different one given is kept, with a warning)."""
+    import warnings
+
+    meta = model.expects
+    integer = model.integer_input
+    pixel_range = spec.pixel_range or meta.get("pixel_range") or (255 if integer else 1)
+    if integer and pixel_range != 255:
+        raise InvalidInput(f"{model.path}: the model takes integer pixels ({model.input.type}), so pixel_range must "
+                           "be 0,255; drop --pixel-range 0,1")
+    mean, std = spec.mean, spec.std
+    if meta.get("mean") is not None:
+        if mean is None:
+            mean, std = meta["mean"], meta["std"]
+        elif (tuple(mean), tuple(std or ())) != (meta["mean"], meta["std"]):
+            warnings.warn(f"{model.path}: the model's metadata says it expects mean={list(meta['mean'])}, "
+                          f"std={list(meta['std'])}; using the mean={list(mean)}, std={list(std or ())} given",
+                          NormalisationWarning, stacklevel=3)
+    return replace(spec, pixel_range=pixel_range, integer=integer, mean=mean, std=std)
+
+
+class NormalisationWarning(UserWarning):
+    """The normalisation given differs from the one the model's metadata states."""
+
+
+def bind_model(model: OnnxModel, dataset: Dataset, spec: NoiseSpec) -> NoiseSpec:
+    """Resolve ``spec`` for the model (:func:`resolve_noise`), check it against the data and bind ``model`` to the
+    data's shape, probing it on the first image, so every model or shape error surfaces before any work starts.
+    Returns the resolved spec: the one to run and record."""
+    spec = resolve_noise(model, spec.for_image(*dataset.image_shape[:2]))
     check_spec_for_data(spec, dataset.image_shape)
-    c = dataset.image_shape[2]
-    probe = _prepare(dataset, slice(0, 1), _channel_values(spec.mean, c, "mean"), _channel_values(spec.std, c, "std"))
-    model.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=probe)
+    model.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=prepare(dataset, slice(0, 1), spec))
+    return spec
+
+
+def noise_bounds(spec: NoiseSpec) -> tuple[float, float]:
+    """The noise values' bounds in the model's units: [low, high) scaled to the pixel range; for integer values the
+    whole numbers round(low·R) .. round(high·R), both included."""
+    r = spec.scale
+    if spec.integer:
+        return float(round(spec.low * r)), float(round(spec.high * r))
+    return spec.low * r, spec.high * r
 
 
 def iter_protocol(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, state: RunState, *, batch_size: int = 256,
@@ -86,9 +125,10 @@ def iter_protocol(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, state: Ru
     std = _channel_values(spec.std, c, "std")
     n_pos = h * w
     d = n_pos * c
+    low, high = noise_bounds(spec)
     try:
-        noise = perturbcore.prepare_noise(pixels=spec.pixels, n_positions=n_pos, channels=c, seed=spec.seed,
-                                          low=spec.low, high=spec.high, scheme=spec.scheme,
+        noise = perturbcore.prepare_noise(pixels=int(spec.for_image(h, w).pixels), n_positions=n_pos, channels=c,
+                                          seed=spec.seed, low=low, high=high, scheme=spec.scheme, integer=spec.integer,
                                           channels_first=binding.channels_first, mean=mean, std=std)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
@@ -113,7 +153,7 @@ def iter_protocol(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, state: Ru
         while free.size and nxt < todo.size:
             if nxt >= chunk_lo + chunk.shape[0]:
                 chunk_lo = nxt
-                chunk = model.to_flat(_prepare(dataset, todo[nxt: nxt + chunk_size], mean, std))
+                chunk = model.to_flat(prepare(dataset, todo[nxt: nxt + chunk_size], spec))
             k = min(free.size, chunk_lo + chunk.shape[0] - nxt)
             slots, free = free[:k], free[k:]
             pos = todo[nxt: nxt + k]
@@ -152,7 +192,7 @@ def run_protocol(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, *, batch_s
                  chunk_size: int = 4096, pack: bool = True, state: RunState | None = None) -> Outcome:
     """The protocol on every image of ``dataset`` in this thread: per-image outcomes in dataset order. Runs with
     checkpoints, progress and parallel back ends go through :func:`pyrobust.engine.backends.execute`."""
-    bind_model(model, dataset, spec)
+    spec = bind_model(model, dataset, spec)
     state = state if state is not None else RunState(dataset.n)
     t0 = time.perf_counter()
     for _ in iter_protocol(model, dataset, spec, state, batch_size=batch_size, chunk_size=chunk_size, pack=pack):
@@ -197,35 +237,61 @@ def warm_up_kernels() -> None:
                              finished=np.zeros(0, np.bool_))
 
 
-def _prepare(dataset: Dataset, positions, mean, std) -> np.ndarray:
-    """Images at ``positions`` (a slice or an index array) as float32 (m, H, W, C), normalised as the kernel
-    normalises its noise values."""
-    x = dataset.float_images_at(positions)
-    if mean is not None:
-        x = (x - mean) / std
+def scaled(x: np.ndarray, spec: NoiseSpec) -> np.ndarray:
+    """Float images in [0, 1] in the model's pixel range (whole numbers for an integer input), not normalised."""
+    if spec.scale != 1:
+        x = x * np.float32(spec.scale)
+    if spec.integer:
+        x = np.rint(x)
     return x
 
 
-def clean_predictions(model: OnnxModel, dataset: Dataset, *, batch_size: int = 1024,
-                      mean=None, std=None) -> np.ndarray:
+def normalised(x: np.ndarray, spec: NoiseSpec) -> np.ndarray:
+    c = x.shape[-1]
+    if spec.mean is None:
+        return x
+    return (x - _channel_values(spec.mean, c, "mean")) / _channel_values(spec.std, c, "std")
+
+
+def model_units(dataset: Dataset, positions, spec: NoiseSpec) -> np.ndarray:
+    """Images at ``positions`` (a slice or an index array) as float32 (m, H, W, C) in the model's pixel range, not
+    yet normalised."""
+    if spec.scale == 255 and dataset.images.dtype == np.uint8:
+        return dataset.images[positions].astype(np.float32)  # 0-255 exactly, no round trip through [0, 1]
+    return scaled(dataset.float_images_at(positions), spec)
+
+
+def prepare(dataset: Dataset, positions, spec: NoiseSpec) -> np.ndarray:
+    """Images at ``positions`` as float32 (m, H, W, C) the way the model takes them: in its pixel range, then
+    normalised as the kernel normalises its noise values."""
+    return normalised(model_units(dataset, positions, spec), spec)
+
+
+def clean_predictions(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, *, batch_size: int = 1024) -> np.ndarray:
     """The model's predictions on the clean images (int32 (n,); ``NONFINITE`` for non-finite outputs)."""
-    c = dataset.image_shape[2]
-    mean, std = _channel_values(mean, c, "mean"), _channel_values(std, c, "std")
-    model.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=_prepare(dataset, slice(0, 1), mean, std))
+    spec = bind_model(model, dataset, spec)
     out = np.empty(dataset.n, np.int32)
     for lo in range(0, dataset.n, batch_size):
         hi = min(dataset.n, lo + batch_size)
-        out[lo:hi] = perturbcore.predict(model.run(model.to_flat(_prepare(dataset, slice(lo, hi), mean, std))))
+        out[lo:hi] = perturbcore.predict(model.run(model.to_flat(prepare(dataset, slice(lo, hi), spec))))
     return out
 
 
 def perturbed_image(original: np.ndarray, *, index: int, step: int, spec: NoiseSpec) -> np.ndarray:
     """The input at ``step`` (0 = clean) of the image with original index ``index``; ``original`` is float32
-    (H, W, C) in data space (before normalisation), and so is the result."""
-    h, w, c = original.shape
-    flat = np.ascontiguousarray(original, dtype=np.float32).reshape(1, h * w * c).copy()
-    common = dict(pixels=spec.pixels, n_positions=h * w, channels=c, seed=spec.seed, low=spec.low, high=spec.high,
-                  scheme=spec.scheme, indices=[index])
+    (H, W, C) in [0, 1] and so is the result."""
+    x = perturbed_input(scaled(np.asarray(original, np.float32), spec), index=index, step=step, spec=spec)
+    return x / np.float32(spec.scale) if spec.scale != 1 else x
+
+
+def perturbed_input(base: np.ndarray, *, index: int, step: int, spec: NoiseSpec) -> np.ndarray:
+    """The input at ``step`` of the image with original index ``index``, in the model's units: ``base`` (H, W, C)
+    is the clean image as :func:`model_units` gives it; the result is not normalised."""
+    h, w, c = base.shape
+    flat = np.ascontiguousarray(base, dtype=np.float32).reshape(1, h * w * c).copy()
+    low, high = noise_bounds(spec)
+    common = dict(pixels=int(spec.for_image(h, w).pixels), n_positions=h * w, channels=c, seed=spec.seed, low=low,
+                  high=high, scheme=spec.scheme, indices=[index], integer=spec.integer)
     if spec.mode == "restart" or step == 0:
         out = perturbcore.perturb_flat(flat, steps=[step], **common)
     else:
@@ -235,7 +301,9 @@ def perturbed_image(original: np.ndarray, *, index: int, step: int, spec: NoiseS
     return out.reshape(h, w, c)
 
 
-def predict_one(model: OnnxModel, dataset: Dataset, x: np.ndarray) -> int:
-    """The model's prediction for one prepared (normalised) image ``x`` (1, H, W, C) of ``dataset``'s shape."""
+def predict_one(model: OnnxModel, dataset: Dataset, image: np.ndarray, spec: NoiseSpec) -> int:
+    """The model's prediction for one image (H, W, C) in the model's units (:func:`perturbed_input`), normalised as
+    the engine normalises; ``spec`` is the resolved spec of the run."""
+    x = normalised(np.asarray(image, np.float32)[None], spec)
     model.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=x)
     return int(perturbcore.predict(model.run(model.to_flat(x)))[0])

@@ -97,7 +97,7 @@ def split_settings(noise: NoiseSpec | None, settings: dict) -> tuple[NoiseSpec, 
 
 
 def load_data(dataset, labels=None, *, data_dir=None, start=None, stop=None, limit=None, sample=None,
-              sample_seed: int = 0, max_bytes: int | None = None) -> tuple[Dataset, str]:
+              sample_seed: int = 0, max_bytes: int | None = None, resize=None) -> tuple[Dataset, str]:
     """The images to evaluate and the spec that names them: ``dataset`` is a spec (``"mnist:test"``), a
     :class:`Dataset`, image arrays with ``labels``, or an ``(x, y)`` pair."""
     if isinstance(dataset, tuple) and len(dataset) == 2 and labels is None:
@@ -116,7 +116,7 @@ def load_data(dataset, labels=None, *, data_dir=None, start=None, stop=None, lim
         raise InvalidInput(f"dataset must be a spec such as 'mnist:test', a Dataset or image arrays; got "
                            f"{type(dataset).__name__}")
     return load_dataset(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit, sample=sample,
-                        sample_seed=sample_seed, max_bytes=max_bytes), dataset
+                        sample_seed=sample_seed, max_bytes=max_bytes, resize=resize), dataset
 
 
 @dataclass
@@ -171,11 +171,12 @@ class RunPlan:
 
 
 def plan_run(model, dataset: Dataset, noise: NoiseSpec, options: RunOptions, *, status=None,
-             connection=None) -> RunPlan:
+             connection=None, output: str | None = None) -> RunPlan:
     """Everything a run needs, checked before any work: ``model`` is an ONNX file or a loaded
     :class:`~pyrobust.engine.runtime.OnnxModel` (which then runs as the only session unless ``sessions`` is
-    given). Memory: the data, the engine's buffers for every session, and onnxruntime's working memory per image
-    must fit the budget; the batch sizes ``auto`` may pick are bounded by it."""
+    given); ``output`` names the output that holds the class scores (default: the one that unambiguously does).
+    Memory: the data, the engine's buffers for every session, and onnxruntime's working memory per image must fit
+    the budget; the batch sizes ``auto`` may pick are bounded by it."""
     status = status or (lambda text: None)
     threads = check_threads(options.threads)  # at most the CPUs available (with a warning)
     budget = options.budget
@@ -193,8 +194,8 @@ def plan_run(model, dataset: Dataset, noise: NoiseSpec, options: RunOptions, *, 
                         "--sessions or a --range")
     status("loading the model")
     m = model if isinstance(model, OnnxModel) else OnnxModel(Path(model), threads=threads,
-                                                             custom_ops=options.custom_ops)
-    bind_model(m, dataset, noise)  # every model and shape error surfaces before any output is touched
+                                                             custom_ops=options.custom_ops, output=output)
+    noise = bind_model(m, dataset, noise)  # every model and shape error surfaces before any output is touched
     max_batch = _batch_bound(m, dataset, need, budget, batch_size, 1 if scheduler is not None else most_sessions)
     if batch_size == "auto" or sessions == "auto":
         status("choosing the batch size and session layout (measured once per model and machine, then cached)")

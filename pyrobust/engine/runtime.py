@@ -27,7 +27,17 @@ from pyrobust.store.files import read_bounded
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc",
                            "ai.onnx.training", "ai.onnx.preview.training", "com.ms.internal.nhwc"})
 LAYOUTS = ("NCHW", "NHWC", "NHW", "NF")
-_INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
+_INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+                 # integer pixels (deployment models often take uint8): fed whole numbers in 0..255
+                 "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(int16)": np.int16,
+                 "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+_FLOAT_TENSORS = ("tensor(float)", "tensor(double)", "tensor(float16)")
+_INT_TENSORS = ("tensor(int64)", "tensor(int32)", "tensor(int16)", "tensor(int8)", "tensor(uint8)", "tensor(uint16)",
+                "tensor(uint32)", "tensor(uint64)")
+
+
+class LabelsDisagreeWarning(UserWarning):
+    """The model's own label output does not match the argmax of the scores pyrobust uses."""
 
 
 class ThreadsCappedWarning(UserWarning):
@@ -198,10 +208,12 @@ class OnnxModel:
     _bytes: bytes
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, spinning: bool = False,
-                 custom_ops: str | os.PathLike | None = None, _from: OnnxModel | None = None) -> None:
+                 custom_ops: str | os.PathLike | None = None, output: str | None = None,
+                 _from: OnnxModel | None = None) -> None:
         import onnx
 
         self.path = Path(path)
+        self.output_name = output
         self.custom_ops = custom_ops
         self.threads = check_threads(threads)
         self.spinning = spinning
@@ -243,7 +255,8 @@ class OnnxModel:
 
     def copy(self, *, threads: int | None = None) -> OnnxModel:
         """Another session of the same model bytes (for parallel sessions), not re-read from the file."""
-        return OnnxModel(self.path, threads=threads, spinning=self.spinning, custom_ops=self.custom_ops, _from=self)
+        return OnnxModel(self.path, threads=threads, spinning=self.spinning, custom_ops=self.custom_ops,
+                         output=self.output_name, _from=self)
 
     def _start_session(self) -> None:
         import onnxruntime as ort
@@ -283,10 +296,31 @@ class OnnxModel:
         self.input = inputs[0]
         if self.input.type not in _INPUT_DTYPES:
             raise ModelError(f"{self.path}: input '{self.input.name}' has type {self.input.type}; pyrobust feeds "
-                             "float images (tensor(float), tensor(double) or tensor(float16))")
+                             "float images (tensor(float), tensor(double), tensor(float16)) or integer pixels in "
+                             "0..255 (tensor(uint8), tensor(int32), ...)")
         self.input_dtype = _INPUT_DTYPES[self.input.type]
-        self.output = self.session.get_outputs()[0]
+        self.integer_input = self.input.type not in _FLOAT_TENSORS
+        self.output, self.zipmap, self.label_output = choose_output(self.session.get_outputs(), self.output_name,
+                                                                     str(self.path))
         self.binding: Binding | None = None
+        self.label_agreement: float | None = None  # share of probe rows where the label output matches the argmax
+
+    @property
+    def expects(self) -> dict:
+        """What the model's pyrobust metadata says it takes: ``pixel_range`` (1 or 255) and ``mean``/``std``
+        (tuples), where stated (``pyrobust train`` and ``evaluate`` of a torch module write them)."""
+        meta = self.session.get_modelmeta().custom_metadata_map
+        out: dict = {}
+        try:
+            if meta.get("pyrobust.pixel_range") in ("0,1", "0,255"):
+                out["pixel_range"] = 1 if meta["pyrobust.pixel_range"] == "0,1" else 255
+            if meta.get("pyrobust.mean") and meta.get("pyrobust.std"):
+                out["mean"] = tuple(float(v) for v in meta["pyrobust.mean"].split(","))
+                out["std"] = tuple(float(v) for v in meta["pyrobust.std"].split(","))
+        except ValueError:
+            raise ModelError(f"{self.path}: malformed pyrobust metadata (pyrobust.mean / pyrobust.std must be "
+                             "comma-separated numbers); fix or remove it") from None
+        return out
 
     # ------------------------------------------------------------------------------------------------------ layout
     @property
@@ -314,9 +348,9 @@ class OnnxModel:
         if binding is None:
             raise ModelError(f"{self.path}: input '{self.input.name}' has shape {describe_shape(self.input.shape)}, "
                              f"which does not fit the data: pyrobust needs {want}")
-        out_shape = self.output.shape
+        out_shape = None if self.zipmap else self.output.shape
         if out_shape and len(out_shape) != 2:
-            raise ModelError(f"{self.path}: first output '{self.output.name}' has shape {describe_shape(out_shape)}; "
+            raise ModelError(f"{self.path}: output '{self.output.name}' has shape {describe_shape(out_shape)}; "
                              "pyrobust needs N×classes scores (logits or probabilities)")
         if out_shape and isinstance(out_shape[1], int) and out_shape[1] < n_classes:
             raise ClassCountMismatch(f"{self.path}: the model outputs {out_shape[1]} classes but the labels need "
@@ -327,6 +361,7 @@ class OnnxModel:
             x = np.repeat(x, 2, axis=0)  # two rows, so an output that ignores the batch size shows here
         try:
             scores = self.run(self.to_flat(x))
+            self._check_label_output(self.to_flat(x), scores)
         except ModelError:
             self.binding = None
             raise
@@ -343,6 +378,12 @@ class OnnxModel:
             raise ModelError(f"{self.path}: the model is not bound to the data yet (bind() first)")
         return self.binding
 
+    def _shaped(self, flat: np.ndarray) -> np.ndarray:
+        x = flat.reshape((flat.shape[0], *self.bound.input_shape))
+        if self.input_dtype is not np.float32:
+            x = x.astype(self.input_dtype)  # integer inputs get whole numbers: the cast is exact
+        return x
+
     def bind_like(self, other: OnnxModel) -> None:
         """Take ``other``'s binding: a copy of the same bytes (:meth:`copy`) feeds the data the same way."""
         if other.binding is None or other.sha256 != self.sha256:
@@ -358,6 +399,24 @@ class OnnxModel:
             images = images.transpose(0, 3, 1, 2)
         return np.ascontiguousarray(images, dtype=np.float32).reshape(m, -1)
 
+    def _check_label_output(self, flat: np.ndarray, scores: np.ndarray) -> None:
+        """A label output beside the scores (scikit-learn exports have one) must agree with their argmax on the probe
+        rows; if not, the scores are not what the model predicts from, and the user is told."""
+        if self.label_output is None:
+            return
+        import warnings
+
+        x = self._shaped(flat)
+        labels = np.asarray(self.session.run([self.label_output.name], {self.input.name: x}, self._run_options)[0])
+        labels = labels.reshape(labels.shape[0], -1)[:, 0] if labels.ndim else labels
+        agree = float(np.mean(labels.astype(np.int64) == np.argmax(scores, axis=1))) if scores.size else 1.0
+        self.label_agreement = agree
+        if agree < 1.0:
+            warnings.warn(f"{self.path}: the model's label output '{self.label_output.name}' differs from the argmax "
+                          f"of '{self.output.name}' on {1 - agree:.0%} of the probe images; pyrobust scores with "
+                          f"'{self.output.name}': pass --output to choose other scores", LabelsDisagreeWarning,
+                          stacklevel=4)
+
     # --------------------------------------------------------------------------------------------------------- run
     def _run_once(self, x: np.ndarray) -> np.ndarray:
         try:
@@ -369,12 +428,15 @@ class OnnxModel:
                 time.sleep(0.05)
                 raise KeyboardInterrupt from None
             raise ModelError(f"{self.path}: onnxruntime failed to run the model ({_first_line(exc)})") from None
+        if self.zipmap:
+            out = zipmap_scores(out, self.path)
         if out.ndim != 2 or out.shape[0] != x.shape[0]:
-            raise ModelError(f"{self.path}: for a batch of {x.shape[0]} images the first output has shape "
-                             f"{list(out.shape)}; pyrobust needs one row of class scores per image")
+            raise ModelError(f"{self.path}: for a batch of {x.shape[0]} images output '{self.output.name}' has shape "
+                             f"{list(out.shape)}; pyrobust needs one row of class scores per image (--output picks "
+                             "another output)")
         if out.dtype.kind != "f":
-            raise ModelError(f"{self.path}: the first output holds {out.dtype} values; pyrobust needs float class "
-                             "scores (logits or probabilities), not labels")
+            raise ModelError(f"{self.path}: output '{self.output.name}' holds {out.dtype} values; pyrobust needs float "
+                             "class scores (logits or probabilities), not labels")
         return out
 
     def memory_per_image(self, small: int = 8, large: int = 64) -> float:
@@ -428,9 +490,7 @@ class OnnxModel:
         if self.binding is None:
             raise ModelError(f"{self.path}: the model is not bound to the data yet (bind() first)")
         m = flat.shape[0]
-        x = flat.reshape((m, *self.binding.input_shape))
-        if self.input_dtype is not np.float32:
-            x = x.astype(self.input_dtype)
+        x = self._shaped(flat)
         k = self.binding.fixed_batch
         if k is None or k == m:
             return self._run_once(x)
@@ -442,3 +502,63 @@ class OnnxModel:
                 chunk = np.concatenate([chunk, pad])
             parts.append(self._run_once(chunk)[: min(k, m - lo)])
         return np.concatenate(parts)
+
+
+def _is_zipmap(o) -> bool:
+    return o.type.startswith("seq(map(")
+
+
+def choose_output(outputs, name: str | None, path: str):
+    """(scores output, is a ZipMap, label output or None). ``name`` picks the scores; without it they are chosen only
+    when that is unambiguous: the one float N×C tensor, else the one ZipMap (a sequence of class -> score maps).
+    Integer outputs are labels, never scores."""
+    listed = "; ".join(f"'{o.name}' {o.type} {describe_shape(o.shape)}" for o in outputs)
+    labels = [o for o in outputs if o.type in _INT_TENSORS and len(o.shape or [None]) <= 2]
+    if name is not None:
+        found = [o for o in outputs if o.name == name]
+        if not found:
+            raise ModelError(f"{path}: no output named '{name}'; the model's outputs are: {listed}")
+        o = found[0]
+        if o.type in _INT_TENSORS:
+            raise ModelError(f"{path}: output '{name}' holds integer labels ({o.type}), not scores; pick the "
+                             f"probabilities or logits with --output (outputs: {listed})")
+        if not (o.type in _FLOAT_TENSORS or _is_zipmap(o)):
+            raise ModelError(f"{path}: output '{name}' is {o.type}; pyrobust needs float scores N×classes or a "
+                             f"ZipMap of them (outputs: {listed})")
+        label = next((x for x in labels if x.name != name), None)
+        return o, _is_zipmap(o), label
+    floats = [o for o in outputs if o.type in _FLOAT_TENSORS and (not o.shape or len(o.shape) == 2)]
+    zipmaps = [o for o in outputs if _is_zipmap(o)]
+    if len(floats) > 1:
+        raise ModelError(f"{path}: {len(floats)} outputs could be class scores ({listed}); pass --output NAME "
+                         "(output= in Python) to say which")
+    if floats:
+        return floats[0], False, labels[0] if labels else None
+    if len(zipmaps) == 1:
+        return zipmaps[0], True, labels[0] if labels else None
+    if len(zipmaps) > 1:
+        raise ModelError(f"{path}: several ZipMap outputs ({listed}); pass --output NAME to say which")
+    if len(outputs) == 1 and outputs[0].type in _FLOAT_TENSORS:
+        return outputs[0], False, None  # a float output of another rank: bind() names the problem
+    raise ModelError(f"{path}: no output holds class scores (float N×classes or a ZipMap); the outputs are: {listed}. "
+                     "pyrobust needs scores (logits or probabilities), not only labels")
+
+
+def zipmap_scores(maps, path) -> np.ndarray:
+    """A ZipMap (a list of {class: score} dicts, one per image) as float32 scores N×C, column k for class k."""
+    if not isinstance(maps, list):
+        raise ModelError(f"{path}: the ZipMap output is not a sequence of maps")
+    if not maps:
+        return np.empty((0, 1), np.float32)
+    keys = list(maps[0].keys())
+    if not all(isinstance(k, (int, np.integer)) for k in keys):
+        raise ModelError(f"{path}: the ZipMap's classes are {type(keys[0]).__name__} labels; pyrobust needs integer "
+                         "class labels 0..C-1 (export the classifier with integer classes)")
+    classes = sorted(int(k) for k in keys)
+    if classes[0] < 0:
+        raise ModelError(f"{path}: the ZipMap has negative class labels; pyrobust needs 0..C-1")
+    out = np.full((len(maps), classes[-1] + 1), -np.inf, np.float32)
+    for i, m in enumerate(maps):
+        for k, v in m.items():
+            out[i, int(k)] = v
+    return out

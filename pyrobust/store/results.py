@@ -35,7 +35,7 @@ MANY_CLASSES = 1000
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for pkg in ("pyrobust", "numpy", "numba", "onnxruntime", "onnx"):
+    for pkg in ("pyrobust", "numpy", "numba", "onnxruntime", "onnx", "pillow"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -46,6 +46,34 @@ def versions() -> dict[str, str]:
 def _rate(k: int, n: int) -> dict:
     lo, hi = wilson_interval(k, n)
     return {"count": int(k), "of": int(n), "fraction": (k / n) if n else None, "ci95": [lo, hi]}
+
+
+CHANCE_FACTOR = 2.0  # accuracy below this many times chance looks like a mistake, not a bad model
+SANITY_MIN_IMAGES = 20
+
+
+def sanity_warnings(labels: np.ndarray, clean_prediction: np.ndarray, *, model: str = "the model") -> list[str]:
+    """Warnings for results that look like a mistake rather than a measurement: most clean predictions name classes
+    the labels never use, or the accuracy is near chance. Each names the likely causes and the options that fix
+    them. Silent wrong numbers are the worst failure, so these are never dropped."""
+    out: list[str] = []
+    n = int(labels.size)
+    if n < SANITY_MIN_IMAGES:
+        return out
+    k = int(np.unique(labels).size)
+    top = int(labels.max()) + 1
+    outside = int(np.count_nonzero(clean_prediction >= top))
+    if outside > n / 2:
+        out.append(f"{outside} of {n} clean predictions ({outside / n:.0%}) are classes >= {top}, which the labels "
+                   f"never use: {model} may score another label set (wrong dataset), or the scores come from the "
+                   "wrong output (pass --output NAME)")
+    acc = float(np.mean(clean_prediction == labels))
+    if k >= 2 and acc < CHANCE_FACTOR / k:
+        out.append(f"accuracy {acc:.1%} is near chance ({1 / k:.1%} for {k} classes): {model} probably gets other "
+                   "input than it was trained on. Check the pixel range (--pixel-range 0,255 for a model that "
+                   "divides by 255 inside), the normalisation (--mean/--std), the scores output (--output) and the "
+                   "dataset")
+    return out
 
 
 def noise_of(summary: dict) -> NoiseSpec:
@@ -63,10 +91,12 @@ def build_summary(outcome: Outcome, *, spec: NoiseSpec, model: dict, dataset: di
     robust = ff == ROBUST
     n_correct, n_robust = int(correct.sum()), int(robust.sum())
     nonfinite = int((outcome.failure_label == NONFINITE).sum())
+    top = int(y.max()) + 1 if n else 0
+    outside = int(np.count_nonzero(outcome.clean_prediction >= top)) if n else 0
     curve = survival_curve(ff, spec.max_steps)
     fooled_steps = ff[ff > 0]
     per_class = []
-    names = class_names(dataset.get("name", ""), n_classes)
+    names = class_names(dataset.get("name", ""), n_classes, dataset.get("classes"))
     images_k = np.bincount(y, minlength=n_classes)
     correct_k = np.bincount(y[correct], minlength=n_classes)
     robust_k = np.bincount(y[robust], minlength=n_classes)
@@ -103,6 +133,8 @@ def build_summary(outcome: Outcome, *, spec: NoiseSpec, model: dict, dataset: di
             "fooled": int(n_correct - n_robust),
             "wrong_before_noise": int(n - n_correct),
             "nonfinite_outputs": nonfinite,
+            # legal (a 1000-class model on a 10-class subset) but counted: many of them suggest a mistake
+            "predictions_outside_labels": outside,
             "first_failure_step": {
                 "mean": float(fooled_steps.mean()) if fooled_steps.size else None,
                 "median": float(np.median(fooled_steps)) if fooled_steps.size else None,
@@ -118,6 +150,7 @@ def build_summary(outcome: Outcome, *, spec: NoiseSpec, model: dict, dataset: di
             "useful_inferences": useful,
             "useful_inferences_per_second": float(useful / secs) if secs > 0 else None,
         },
+        "warnings": sanity_warnings(y, outcome.clean_prediction, model=f"the model ({model.get('name', '?')})"),
         "versions": versions(),
     }
 
