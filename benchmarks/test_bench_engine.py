@@ -66,6 +66,24 @@ def test_engine(benchmark, model_path, data):
     _record("engine", benchmark, o.inferences, robust=int((o.first_failure == -1).sum()))
 
 
+def test_driver(benchmark, model_path, data):
+    """The same run through the driver every command uses (pyrobust.engine.backends.execute: updates folded into
+    the run state after each batch, progress and checkpoint hooks), in this thread."""
+    from pyrobust.engine.backends import Layout, execute
+    from pyrobust.engine.loop import bind_model
+
+    model = OnnxModel(model_path, threads=THREADS)
+    spec = bind_model(model, data, PAPER)
+    execute(model, data.select(limit=64), NoiseSpec(max_steps=3), layout=Layout())
+    holder = {}
+
+    def run():
+        holder["o"], _ = execute(model, data, spec, layout=Layout(), batch_size=BATCH, progress=lambda *a: None)
+
+    benchmark.pedantic(run, rounds=2, iterations=1)
+    _record("driver", benchmark, holder["o"].inferences)
+
+
 def test_bare_onnxruntime(benchmark, model_path, data):
     """The same number of inferences, in full batches of the same size, on a session with onnxruntime's default
     options (spinning on) and the same thread count: nothing but inference."""
@@ -191,6 +209,8 @@ def test_ratios(capsys):
     RESULTS["ratios"] = {
         "engine_vs_bare_onnxruntime": ips["engine"] / ips["bare_onnxruntime"],
         "engine_vs_torch_loop": ips["engine"] / ips["torch_loop"],
+        **({"driver_vs_bare_onnxruntime": RESULTS["driver"]["inferences_per_second"] / ips["bare_onnxruntime"]}
+           if "driver" in RESULTS else {}),
         "threads": THREADS, "batch_size": BATCH, "images": N_IMAGES,
     }
     out = Path(__file__).with_name("last_run.json")

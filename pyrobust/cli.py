@@ -918,11 +918,28 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _warnings_as_lines():
+    """Warnings a command did not report itself become one ``pyrobust: warning:`` line each on stderr (never
+    Python's file:line form), printed when the command ends, however it ends."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                text = str(w.message)
+                if text not in seen:
+                    seen.add(text)
+                    _err(f"warning: {text}")
+
+
 def _main(args: list[str], debug: bool) -> int:
     try:
         # make_context + invoke rather than cli.main: click's main prints a bare newline on KeyboardInterrupt, and
         # an interrupted run's stderr is one line like every other error.
-        with cli.make_context("pyrobust", list(args)) as ctx:
+        with cli.make_context("pyrobust", list(args)) as ctx, _warnings_as_lines():
             rv = cli.invoke(ctx)
     except click.exceptions.Exit as exc:
         return exc.exit_code

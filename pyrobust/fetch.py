@@ -205,9 +205,10 @@ def _fetch_from_archive(remote: RemoteDataset, folder: Path, *, retries, timeout
     try:
         with tarfile.open(got.path, "r:gz") as tar:
             for member in tar:
-                spec = wanted.get(member.name)
-                if spec is None:
+                want = wanted.get(member.name)
+                if want is None:
                     continue
+                spec = want
                 if not member.isfile() or member.size != spec.content_size:
                     raise DataError(f"{got.path}: member {member.name} is not the published file; the archive is "
                                     "damaged")

@@ -45,7 +45,7 @@ def test_evaluate_json_and_options(capsys, tmp_path, bundled_model):
 
 @pytest.mark.parametrize("args,code,match", [
     (["evaluate", "{model}", "--dataset", "sample", "--pixels", "0", "--out", "{out}"], 2,
-     "pixels must be an integer >= 1; got 0"),
+     "pixels must be an integer >= 1 or a share of the image such as 3.5%; got 0"),
     (["evaluate", "{model}", "--dataset", "sample", "--pixels", "785", "--out", "{out}"], 2,
      r"pixels must be an integer in \[1, 784\] for 28x28 images; got 785"),
     (["evaluate", "{model}", "--dataset", "sample", "--max-steps", "0", "--out", "{out}"], 2,

@@ -25,7 +25,7 @@ def _options(command: str) -> set[str]:
 
 @pytest.mark.parametrize("command", ["evaluate", "gate", "reproduce"])
 def test_every_protocol_command_has_every_noise_field(command):
-    assert {f.name for f in fields(NoiseSpec)} <= _options(command)
+    assert {f.name for f in fields(NoiseSpec) if not f.metadata.get("derived")} <= _options(command)
 
 
 def test_evaluate_and_gate_have_every_run_option():
@@ -73,7 +73,7 @@ def test_noise_given_once_or_field_by_field(bundled_model):
                           batch_size=64, sessions=1)
     b = pyrobust.evaluate(bundled_model, "sample", noise=NoiseSpec(pixels=99), pixels=10, max_steps=20, seed=3,
                           limit=60, batch_size=64, sessions=1)
-    assert a.noise == b.noise == NoiseSpec(pixels=10, max_steps=20, seed=3)
+    assert a.noise == b.noise == NoiseSpec(pixels=10, max_steps=20, seed=3, pixel_range=1)  # resolved: [0, 1]
     assert np.array_equal(a.first_failure, b.first_failure)
     assert a.summary["noise"] == a.noise.to_dict() and "pixels" not in a.summary["settings"]
     with pytest.raises(InvalidInput, match="unknown setting.*pixles.*noise settings are pixels"):

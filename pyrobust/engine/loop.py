@@ -267,9 +267,11 @@ def prepare(dataset: Dataset, positions, spec: NoiseSpec) -> np.ndarray:
     return normalised(model_units(dataset, positions, spec), spec)
 
 
-def clean_predictions(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, *, batch_size: int = 1024) -> np.ndarray:
-    """The model's predictions on the clean images (int32 (n,); ``NONFINITE`` for non-finite outputs)."""
-    spec = bind_model(model, dataset, spec)
+def clean_predictions(model: OnnxModel, dataset: Dataset, spec: NoiseSpec | None = None, *,
+                      batch_size: int = 1024) -> np.ndarray:
+    """The model's predictions on the clean images (int32 (n,); ``NONFINITE`` for non-finite outputs), fed as
+    ``spec`` says (pixel range, normalisation; default: as the model's metadata says, else [0, 1])."""
+    spec = bind_model(model, dataset, spec if spec is not None else NoiseSpec())
     out = np.empty(dataset.n, np.int32)
     for lo in range(0, dataset.n, batch_size):
         hi = min(dataset.n, lo + batch_size)
