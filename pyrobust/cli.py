@@ -845,6 +845,37 @@ def _write_replay(out: Path, r) -> None:
     plot_replay(r, out)
 
 
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--names", default=None, help="Comma-separated names for the runs (default: their folder names).")
+@click.option("--ceiling", nargs=2, type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Two results folders of one model under two noise seeds: the agreement noise alone allows.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for agreement.json, agreement.md and agreement.png (a heat-map of kappa).")
+def agreement(runs, names, ceiling, out) -> int:
+    """How much the robust flags of RUNS (evaluations of the same images with the same noise) agree beyond chance.
+
+    Example: pyrobust agreement runs/M runs/M_R runs/M_rand --ceiling runs/M runs/M-seed1 --out runs/agreement
+    """
+    from pyrobust.agreement import agreement as measure
+
+    rep = measure(runs, names=names.split(",") if names else None, ceiling=ceiling, out=out)
+    for p in rep["pairs"]:
+        if p["kappa"] is None:
+            click.echo(f"{p['a']} – {p['b']}: {p['note']}")
+            continue
+        lo, hi = p["kappa_ci95"]
+        click.echo(f"{p['a']} – {p['b']}: kappa {p['kappa']:.3f} [{lo:.3f}, {hi:.3f}], Jaccard {p['jaccard']:.3f}, "
+                   f"Spearman {p['spearman']:.3f} ({p['images_correct_under_both']} images)")
+    c = rep["ceiling"]
+    if c and c["kappa"] is not None:
+        click.echo(f"noise-only ceiling (seeds {c['seeds'][0]}, {c['seeds'][1]}): kappa {c['kappa']:.3f}")
+    click.echo(rep["answer"])
+    if out is not None:
+        click.echo(f"wrote {out / 'agreement.json'}, {out / 'agreement.md'}, {out / 'agreement.png'}")
+    return EXIT_OK
+
+
 @cli.group()
 def data() -> None:
     """Get the named datasets (verified downloads) and see what is where."""
