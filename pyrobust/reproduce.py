@@ -40,8 +40,9 @@ class StudyConfig:
     epochs: int = 10
     train_batch_size: int = 128
     learning_rate: float = 1e-3
-    seed: int = 0
+    seed: int = 0  # training: initialisation, shuffling, the robust selection and the random subset
     noise: NoiseSpec = field(default_factory=NoiseSpec)
+    data_seed: int = 0  # which images --train-sample / --test-sample take: fixed across training seeds
     eval_batch_size: int | str = "auto"
     threads: int | None = None
     scheduler: str | None = None  # Dask: local:N or tcp://HOST:PORT, for every evaluation
@@ -77,7 +78,7 @@ class StudyConfig:
 
 def _split(config: StudyConfig, split: str, sample: int | None) -> Dataset:
     return load_dataset(f"{config.dataset}:{split}", data_dir=config.data_dir, sample=sample,
-                        sample_seed=config.seed)
+                        sample_seed=config.data_seed)
 
 
 def reproduce(config: StudyConfig, out: str | os.PathLike, *, log: Callable[[str], None] | None = None,
@@ -119,7 +120,7 @@ def reproduce(config: StudyConfig, out: str | os.PathLike, *, log: Callable[[str
 
             def fn(start_over):
                 # By spec, not by Dataset object, so the results record how to reload the data (replay, select).
-                kwargs = dict(data_dir=config.data_dir, sample=sample, sample_seed=config.seed,
+                kwargs = dict(data_dir=config.data_dir, sample=sample, sample_seed=config.data_seed,
                               batch_size=config.eval_batch_size, scheduler=config.scheduler,
                               threads=config.threads, out=folder,
                               progress=progress_factory(title) if progress_factory else None, **sp)

@@ -74,3 +74,13 @@ def test_the_readme_lists_the_folders():
     for path in sorted((ROOT / "pyrobust").rglob("*.py")):
         if path.name != "__init__.py" and path.name != "__main__.py":
             assert f"`{path.name}`" in section, f"{path.relative_to(ROOT)} is missing from the README's layout"
+
+
+def test_every_package_folder_is_installed():
+    """``pip install .`` (not editable) ships only the packages pyproject.toml lists: each folder must be there."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for pkg in ("pyrobust", "perturbcore")
+             for p in (ROOT / pkg).rglob("__init__.py")}
+    assert found <= listed, f"missing from [tool.setuptools] packages: {sorted(found - listed)}"

@@ -1,0 +1,183 @@
+"""Training randomness as an axis of the study: ``pyrobust reproduce --train-seeds 0-9``.
+
+Each training seed gets its own study folder (``seed-S/``, resumable stage by stage): its own M, its own robust
+selection, its own random subset and initialisation, while the images (``data_seed``) and the noise (the noise
+seed) stay fixed. The seed-level report then asks the questions a single run cannot answer:
+
+* per model, the mean and standard deviation across seeds of accuracy and robust fraction;
+* seed-level *paired* differences, M_R − M_rand and M → M_R: the mean difference over seeds with a paired-t 95 %
+  interval and a bootstrap interval over seeds, and an exact sign-flip permutation p-value (every one of the 2^S
+  sign patterns for S ≤ 16 seeds).
+
+Two kinds of interval answer two questions. A seed's *image-level* interval (Newcombe's paired interval, in each
+seed's report) covers the sampling of test images and noise draws for *those two trained networks*. The
+*seed-level* interval covers training randomness: whether the *method* (select robust images, retrain) changes
+robustness, whichever networks the seeds produce. Only the second supports a claim about the method.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+
+from pyrobust.errors import InvalidInput
+from pyrobust.store.files import make_out_dir, write_bytes_atomic, write_json_atomic
+
+SEEDS_SCHEMA = 1
+MODELS = ("M", "M_R", "M_rand")
+CONTRASTS = (("M_R - M_rand", "M_rand", "M_R"), ("M -> M_R", "M", "M_R"))
+MAX_SEEDS = 1000
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-9"``, ``"0,3,7"`` or a mix (``"0-4,10"``) -> distinct seeds in the order given."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            rng = range(int(lo), int(hi) + 1) if sep else range(int(lo), int(lo) + 1)
+        except ValueError:
+            raise InvalidInput(f"train seeds are numbers and ranges such as 0-9 or 0,3,7; got {text!r}") from None
+        if not rng or rng.start < 0:
+            raise InvalidInput(f"train seeds must be integers >= 0 in increasing ranges; got {part.strip()!r}")
+        seeds += [s for s in rng if s not in seeds]
+    if not 1 <= len(seeds) <= MAX_SEEDS:
+        raise InvalidInput(f"give 1 to {MAX_SEEDS} train seeds; got {len(seeds)}")
+    return seeds
+
+
+def reproduce_seeds(config, seeds: list[int], out: str | os.PathLike, *, log: Callable[[str], None] | None = None,
+                    progress_factory=None) -> dict:
+    """The study once per training seed in ``out/seed-S/`` (each resumable), then the seed-level report
+    (``seeds.json``, ``seeds.md``) in ``out``."""
+    from pyrobust.reproduce import reproduce
+
+    log = log or (lambda line: None)
+    root = make_out_dir(out)
+    reports = {}
+    for i, s in enumerate(seeds):
+        log(f"== training seed {s} ({i + 1} of {len(seeds)})")
+        reports[s] = reproduce(replace(config, seed=s), root / f"seed-{s}", log=log,
+                               progress_factory=progress_factory)
+    rep = seed_report(reports, config=config.to_dict())
+    write_json_atomic(root / "seeds.json", rep)
+    write_bytes_atomic(root / "seeds.md", to_markdown(rep).encode())
+    log(f"[report] {root / 'seeds.md'}")
+    return rep
+
+
+def _paired_stats(d: np.ndarray, *, seed: int = 0, resamples: int = 10_000) -> dict:
+    """Mean of per-seed differences ``d`` with a paired-t and a bootstrap 95 % interval, and the exact (S <= 16) or
+    Monte-Carlo sign-flip permutation p-value of 'no difference'."""
+    from scipy.stats import t as student
+
+    s = int(d.size)
+    mean = float(d.mean())
+    out: dict = {"seeds": s, "mean": mean, "per_seed": [float(v) for v in d]}
+    if s < 2:
+        out.update(sd=None, t_ci95=None, bootstrap_ci95=None, permutation_p=None,
+                   note="one seed: nothing is known about training randomness")
+        return out
+    sd = float(d.std(ddof=1))
+    half = float(student.ppf(0.975, s - 1)) * sd / math.sqrt(s)
+    rng = np.random.default_rng([seed, s, 0x5EED])
+    boots = d[rng.integers(0, s, size=(resamples, s))].mean(axis=1)
+    if s <= 16:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=s)))
+    else:
+        signs = rng.choice((1.0, -1.0), size=(resamples, s))
+    flipped = np.abs((signs * d).mean(axis=1))
+    p = float(np.mean(flipped >= abs(mean) - 1e-12))
+    out.update(sd=sd, t_ci95=[mean - half, mean + half],
+               bootstrap_ci95=[float(v) for v in np.quantile(boots, [0.025, 0.975])], permutation_p=p,
+               permutation="exact, all 2^S sign patterns" if s <= 16 else f"{resamples:,} random sign patterns")
+    return out
+
+
+def seed_report(reports: dict[int, dict], *, config: dict | None = None) -> dict:
+    """The seed-level report from each seed's study report (``report.json``)."""
+    seeds = sorted(reports)
+    if not seeds:
+        raise InvalidInput("no seeds to report on")
+    rows = []
+    for s in seeds:
+        r = reports[s]
+        rows.append({"seed": s, **{m: {"accuracy": r["models"][m]["accuracy"]["fraction"],
+                                       "robust": r["models"][m]["robust"]["fraction"],
+                                       "train_images": r["models"][m]["train_images"]} for m in MODELS},
+                     "image_level": {k: r["paired"][k] for k in ("M->M_R", "M_rand->M_R")}})
+    summary = {}
+    for m in MODELS:
+        summary[m] = {}
+        for metric in ("accuracy", "robust"):
+            v = np.array([row[m][metric] for row in rows])
+            summary[m][metric] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None,
+                                  "min": float(v.min()), "max": float(v.max())}
+    contrasts = {}
+    for name, a, b in CONTRASTS:
+        contrasts[name] = {metric: _paired_stats(np.array([row[b][metric] - row[a][metric] for row in rows]))
+                           for metric in ("robust", "accuracy")}
+    first = reports[seeds[0]]
+    rep = {"schema_version": SEEDS_SCHEMA, "config": config, "seeds": seeds, "dataset": first.get("datasets"),
+           "noise": first.get("noise"), "quick": bool((config or {}).get("quick")), "per_seed": rows,
+           "models": summary, "contrasts": contrasts}
+    rep["conclusion"] = conclusion(rep)
+    return rep
+
+
+def conclusion(rep: dict) -> str:
+    if rep["quick"]:
+        return ("A quick run: it checks the multi-seed pipeline end to end. Its numbers are not results.")
+    c = rep["contrasts"]["M_R - M_rand"]["robust"]
+    if c["t_ci95"] is None:
+        return "One training seed: the seed-level question (does the method matter?) needs several."
+    lo, hi = c["t_ci95"]
+    verdict = ("more robust than" if lo > 0 else "less robust than" if hi < 0 else
+               "not distinguishable from")
+    return (f"Over {c['seeds']} training seeds, M_R is {verdict} M_rand in robust fraction: mean difference "
+            f"{100 * c['mean']:+.2f} points, seed-level 95 % interval [{100 * lo:+.2f}, {100 * hi:+.2f}] (paired t; "
+            f"bootstrap [{100 * c['bootstrap_ci95'][0]:+.2f}, {100 * c['bootstrap_ci95'][1]:+.2f}]), sign-flip "
+            f"permutation p = {c['permutation_p']:.3g}; the seed-to-seed SD of the difference is "
+            f"{100 * c['sd']:.2f} points. This interval covers training randomness; each seed's image-level "
+            "interval covers only the test images and noise for that seed's two networks.")
+
+
+def to_markdown(rep: dict) -> str:
+    pct = "{:.2%}".format
+    lines = [f"# The study over {len(rep['seeds'])} training seeds", "",
+             f"Seeds {', '.join(map(str, rep['seeds']))}; the same images and noise for every seed "
+             "(each seed's own study is in `seed-S/`).", "",
+             "| model | accuracy, mean ± SD | robust, mean ± SD |", "|---|---|---|"]
+    for m in MODELS:
+        a, r = rep["models"][m]["accuracy"], rep["models"][m]["robust"]
+        sd = (lambda x: "" if x["sd"] is None else f" ± {100 * x['sd']:.2f}")
+        lines.append(f"| {m} | {pct(a['mean'])}{sd(a)} | {pct(r['mean'])}{sd(r)} |")
+    lines += ["", "Seed-level paired comparisons (each seed's two models on the same images and noise):", "",
+              "| contrast | metric | mean | SD | paired t 95 % | bootstrap 95 % | permutation p |",
+              "|---|---|---|---|---|---|---|"]
+    for name, metrics in rep["contrasts"].items():
+        for metric, c in metrics.items():
+            if c["t_ci95"] is None:
+                lines.append(f"| {name} | {metric} | {100 * c['mean']:+.2f} | n/a | n/a | n/a | n/a |")
+                continue
+            lines.append(f"| {name} | {metric} | {100 * c['mean']:+.2f} | {100 * c['sd']:.2f} | "
+                         f"[{100 * c['t_ci95'][0]:+.2f}, {100 * c['t_ci95'][1]:+.2f}] | "
+                         f"[{100 * c['bootstrap_ci95'][0]:+.2f}, {100 * c['bootstrap_ci95'][1]:+.2f}] | "
+                         f"{c['permutation_p']:.3g} |")
+    lines += ["", "Per seed, with each seed's image-level paired 95 % interval (test images and noise, for that "
+              "seed's networks):", "", "| seed | M robust | M_R robust | M_rand robust | M_R − M_rand [image-level] |",
+              "|---|---|---|---|---|"]
+    for row in rep["per_seed"]:
+        il = row["image_level"]["M_rand->M_R"]["robust"]
+        lines.append(f"| {row['seed']} | {pct(row['M']['robust'])} | {pct(row['M_R']['robust'])} | "
+                     f"{pct(row['M_rand']['robust'])} | {100 * il['change']:+.2f} [{100 * il['ci95'][0]:+.2f}, "
+                     f"{100 * il['ci95'][1]:+.2f}] |")
+    lines += ["", "Differences are in points. The seed-level interval answers *does selecting robust images change "
+              "robustness, whatever networks training produces?*; an image-level interval answers *do these two "
+              "networks differ on this test set?*", "", f"**Conclusion.** {rep['conclusion']}", ""]
+    return "\n".join(lines)
