@@ -554,6 +554,9 @@ def retrain(subset, like, epochs, seed, threads, out) -> int:
               help="A few hundred images, few steps, 2 epochs: the whole pipeline in about 15 s (a smoke test, not "
                    "results).")
 @click.option("--scheduler", default=None, help="Run the evaluations on Dask: local:N or tcp://HOST:PORT.")
+@click.option("--train-seeds", default=None,
+              help="Run the study once per training seed (e.g. 0-9 or 0,3,7) in OUT/seed-S/, with the same images "
+                   "and noise, and report seed-level paired statistics (OUT/seeds.md).")
 @click.option("--batch-size", type=INT_OR_AUTO, default="auto", show_default=True,
               help="Images per inference in the evaluations; auto measures the fastest (cached).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
@@ -562,7 +565,7 @@ def retrain(subset, like, epochs, seed, threads, out) -> int:
 @_timeout_option
 @_settings
 def reproduce(dataset, data_dir, out, per_class, shortfall, arch, epochs, train_sample, test_sample, schemes, quick,
-              noise, options) -> int:
+              train_seeds, noise, options) -> int:
     """The paper end to end: train, evaluate, select robust images, retrain, compare with a random control, report.
 
     Rerunning continues where it stopped: stages whose outputs match their inputs are not redone.
@@ -580,6 +583,22 @@ def reproduce(dataset, data_dir, out, per_class, shortfall, arch, epochs, train_
     else:
         config = StudyConfig(dataset=dataset, per_class=per_class, epochs=epochs, train_sample=train_sample,
                              test_sample=test_sample, **common)
+    if train_seeds is not None:
+        from pyrobust.seeds import parse_seeds, reproduce_seeds
+
+        seeds = parse_seeds(train_seeds)
+        with _stage_progress() as factory:
+            srep = reproduce_seeds(config, seeds, out, log=lambda line: _err(line), progress_factory=factory)
+        def sd(x: dict) -> str:
+            return "" if x["sd"] is None else f" ± {x['sd']:.2%}"
+
+        for m in ("M", "M_R", "M_rand"):
+            a, r = srep["models"][m]["accuracy"], srep["models"][m]["robust"]
+            click.echo(f"{m:7s} over {len(seeds)} seeds: test accuracy {a['mean']:.2%}{sd(a)}   robust "
+                       f"{r['mean']:.2%}{sd(r)}")
+        click.echo(srep["conclusion"])
+        click.echo(f"report: {Path(out) / 'seeds.md'} (each seed's study in {Path(out) / 'seed-S'})")
+        return EXIT_OK
     with _stage_progress() as factory:
         rep = run_study(config, out, log=lambda line: _err(line), progress_factory=factory)
     m = rep["models"]

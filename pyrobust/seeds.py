@@ -104,21 +104,21 @@ def seed_report(reports: dict[int, dict], *, config: dict | None = None) -> dict
     seeds = sorted(reports)
     if not seeds:
         raise InvalidInput("no seeds to report on")
-    rows = []
+    rows: list[dict] = []
     for s in seeds:
         r = reports[s]
         rows.append({"seed": s, **{m: {"accuracy": r["models"][m]["accuracy"]["fraction"],
                                        "robust": r["models"][m]["robust"]["fraction"],
                                        "train_images": r["models"][m]["train_images"]} for m in MODELS},
                      "image_level": {k: r["paired"][k] for k in ("M->M_R", "M_rand->M_R")}})
-    summary = {}
+    summary: dict[str, dict] = {}
     for m in MODELS:
         summary[m] = {}
         for metric in ("accuracy", "robust"):
             v = np.array([row[m][metric] for row in rows])
             summary[m][metric] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None,
                                   "min": float(v.min()), "max": float(v.max())}
-    contrasts = {}
+    contrasts: dict[str, dict] = {}
     for name, a, b in CONTRASTS:
         contrasts[name] = {metric: _paired_stats(np.array([row[b][metric] - row[a][metric] for row in rows]))
                            for metric in ("robust", "accuracy")}
@@ -147,6 +147,10 @@ def conclusion(rep: dict) -> str:
             "interval covers only the test images and noise for that seed's two networks.")
 
 
+def _sd(x: dict) -> str:
+    return "" if x["sd"] is None else f" ± {100 * x['sd']:.2f}"
+
+
 def to_markdown(rep: dict) -> str:
     pct = "{:.2%}".format
     lines = [f"# The study over {len(rep['seeds'])} training seeds", "",
@@ -155,8 +159,7 @@ def to_markdown(rep: dict) -> str:
              "| model | accuracy, mean ± SD | robust, mean ± SD |", "|---|---|---|"]
     for m in MODELS:
         a, r = rep["models"][m]["accuracy"], rep["models"][m]["robust"]
-        sd = (lambda x: "" if x["sd"] is None else f" ± {100 * x['sd']:.2f}")
-        lines.append(f"| {m} | {pct(a['mean'])}{sd(a)} | {pct(r['mean'])}{sd(r)} |")
+        lines.append(f"| {m} | {pct(a['mean'])}{_sd(a)} | {pct(r['mean'])}{_sd(r)} |")
     lines += ["", "Seed-level paired comparisons (each seed's two models on the same images and noise):", "",
               "| contrast | metric | mean | SD | paired t 95 % | bootstrap 95 % | permutation p |",
               "|---|---|---|---|---|---|---|"]

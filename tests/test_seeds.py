@@ -1,0 +1,72 @@
+"""Training seeds as an axis of the study: seed parsing, the seed-level statistics against hand-computed values,
+and a tiny end-to-end multi-seed run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from pyrobust.cli import main
+from pyrobust.errors import InvalidInput
+from pyrobust.seeds import _paired_stats, parse_seeds, seed_report
+
+
+def test_seed_lists():
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4] and parse_seeds("3,1,1,7") == [3, 1, 7]
+    assert parse_seeds("0-2,5") == [0, 1, 2, 5]
+    for bad in ("", "a-b", "5-3", "-1", "0-2000"):
+        with pytest.raises(InvalidInput):
+            parse_seeds(bad)
+
+
+def test_paired_statistics_match_scipy():
+    d = np.array([-0.022, 0.029, 0.004, -0.055, -0.046])  # the issue's five MNIST seeds, M_R - M_rand
+    s = _paired_stats(d)
+    t = stats.ttest_1samp(d, 0.0)
+    ci = t.confidence_interval(0.95)
+    assert s["mean"] == pytest.approx(d.mean()) and s["sd"] == pytest.approx(d.std(ddof=1))
+    assert s["t_ci95"] == pytest.approx([ci.low, ci.high])
+    # exact sign-flip test over all 32 patterns: the share with |mean| at least the observed one
+    flips = np.array(np.meshgrid(*[[1, -1]] * 5)).reshape(5, -1).T
+    assert s["permutation_p"] == pytest.approx(np.mean(np.abs((flips * d).mean(1)) >= abs(d.mean()) - 1e-12))
+    lo, hi = s["bootstrap_ci95"]
+    assert d.min() <= lo < hi <= d.max()
+    one = _paired_stats(np.array([0.01]))
+    assert one["t_ci95"] is None and "one seed" in one["note"]
+
+
+def _fake(seed, m, r, mrand):
+    def model(acc, rob):
+        return {"accuracy": {"fraction": acc}, "robust": {"fraction": rob}, "train_images": 100}
+
+    change = {"change": r - mrand, "ci95": [r - mrand - 0.01, r - mrand + 0.01], "lost": 1, "gained": 1}
+    return {"models": {"M": model(0.98, m), "M_R": model(0.97, r), "M_rand": model(0.97, mrand)},
+            "paired": {"M->M_R": {"robust": change, "accuracy": change},
+                       "M_rand->M_R": {"robust": change, "accuracy": change}}}
+
+
+def test_the_seed_report_reads_each_seeds_report():
+    rep = seed_report({0: _fake(0, 0.8, 0.85, 0.82), 1: _fake(1, 0.81, 0.84, 0.80), 2: _fake(2, 0.79, 0.86, 0.83)})
+    assert rep["models"]["M_R"]["robust"]["mean"] == pytest.approx(0.85)
+    c = rep["contrasts"]["M_R - M_rand"]["robust"]
+    assert c["per_seed"] == pytest.approx([0.03, 0.04, 0.03]) and c["t_ci95"][0] > 0
+    assert "more robust than" in rep["conclusion"] and "training randomness" in rep["conclusion"]
+
+
+@pytest.mark.slow
+def test_a_tiny_multi_seed_study_end_to_end(tmp_path, shared_data, capsys):
+    out = tmp_path / "seeds"
+    code = main(["reproduce", "--dataset", "mnist", "--data-dir", str(shared_data), "--out", str(out), "--quick",
+                 "--train-seeds", "0-1", "--quiet"])
+    text = capsys.readouterr().out
+    assert code == 0 and "over 2 seeds" in text
+    rep = json.loads((out / "seeds.json").read_text())
+    assert rep["seeds"] == [0, 1] and len(rep["per_seed"]) == 2 and (out / "seeds.md").exists()
+    r0, r1 = (json.loads((out / f"seed-{s}" / "report.json").read_text()) for s in (0, 1))
+    assert r0["datasets"] == r1["datasets"]  # the same images for every seed
+    assert r0["models"]["M"]["model_sha256"] != r1["models"]["M"]["model_sha256"]  # different networks
+    assert main(["reproduce", "--dataset", "mnist", "--data-dir", str(shared_data), "--out", str(out), "--quick",
+                 "--train-seeds", "0-1", "--quiet"]) == 0  # resumed: every stage is already done
