@@ -26,7 +26,7 @@ _SCHEME_CODE = {name: code for code, name in enumerate(SCHEMES)}
 
 def _perturb(
     rows, row_steps, indices, out, pixels, n_positions, channels, channels_first,
-    low, span, high, high_below, salt_pepper, integer, seed, mean, std,
+    low, span, high, high_below, salt_pepper, integer, random_count, seed, mean, std,
 ):
     """Overwrite the drawn pixels of each row of ``out`` (which already holds the row's source image).
 
@@ -44,6 +44,10 @@ def _perturb(
         writes it. ``D = n_positions * channels``.
     mean, std : float32 (channels,)
         Normalisation applied to each new value: ``(v - mean[c]) / std[c]``.
+    random_count : bool
+        Draw how many pixels this step changes, uniform in 1..``pixels`` (the paper's "at most 28" read as a random
+        count), from counter ``pixels * (channels + 1)``, past every pixel draw; then only the first that many draws
+        are applied. Off, every step makes all ``pixels`` draws.
     integer : bool
         Integer values (a model with an integer input, e.g. uint8 pixels): uniform over the integers ``low`` ..
         ``high`` inclusive (``span = high - low + 1``), from the same draw; salt-and-pepper is ``low`` or ``high``.
@@ -57,7 +61,10 @@ def _perturb(
         step = row_steps[j]
         if step > 0:
             key = _stream_key(seed, indices[rows[j]], step)
-            for d in range(pixels):
+            count = pixels
+            if random_count:
+                count = 1 + np.int64(_draw(key, pixels * (channels + 1)) % np.uint64(pixels))
+            for d in range(count):
                 base = d * (channels + 1)
                 p = np.int64(_draw(key, base) % np.uint64(n_positions))
                 for c in range(channels):
@@ -124,6 +131,7 @@ def perturb_flat(
     write_back: bool = False,
     threads: int | None = None,
     integer: bool = False,
+    random_count: bool = False,
 ) -> np.ndarray:
     """Perturb flat images; the driver of :func:`_perturb`.
 
@@ -133,6 +141,7 @@ def perturb_flat(
     ``write_back`` requires ``source`` to be a C-contiguous float32 array (it is updated in place) and distinct rows.
     ``threads=1`` runs the serial compilation; otherwise numba's pool with ``threads`` (default: its setting).
     ``integer``: values are integers, uniform over ``low`` .. ``high`` inclusive (both must be whole numbers).
+    ``random_count``: each step changes a random number of pixels, uniform in 1..``pixels``.
     Returns ``out``.
     """
     if source.ndim != 2 or source.shape[1] != n_positions * channels:
@@ -162,7 +171,8 @@ def perturb_flat(
           or out.shape[1] != src.shape[1]):
         raise ValueError(f"out must be a C-contiguous float32 array of at least ({rws.size}, {src.shape[1]})")
     noise = prepare_noise(pixels=pixels, n_positions=n_positions, channels=channels, seed=seed, low=low, high=high,
-                          scheme=scheme, channels_first=channels_first, mean=mean, std=std, integer=integer)
+                          scheme=scheme, channels_first=channels_first, mean=mean, std=std, integer=integer,
+                          random_count=random_count)
     noise.perturb(src, rws, rsteps, idx, out, threads=threads)
     m = rws.size
     if write_back:
@@ -196,13 +206,13 @@ class PreparedNoise:
     """
 
     def __init__(self, *, pixels, n_positions, channels, seed, low, high, scheme, channels_first, mean, std,
-                 integer=False):
+                 integer=False, random_count=False):
         high32 = np.float32(high)
         self.width = int(n_positions) * int(channels)
         span = float(high) - float(low) + (1.0 if integer else 0.0)
         self._args = (int(pixels), int(n_positions), int(channels), bool(channels_first), float(low), span, high32,
                       np.nextafter(high32, np.float32(-np.inf)), scheme == "salt-pepper", bool(integer),
-                      np.uint64(seed), mean, std)
+                      bool(random_count), np.uint64(seed), mean, std)
 
     def perturb(self, source, rows, row_steps, indices, out, *, threads: int | None = 1) -> None:
         """Write row ``j`` of ``out``: slot ``rows[j]`` of ``source`` at step ``row_steps[j]``."""
@@ -223,7 +233,7 @@ class PreparedNoise:
 
 def prepare_noise(*, pixels: int, n_positions: int, channels: int, seed: int, low: float = 0.0, high: float = 1.0,
                   scheme: str = "uniform", channels_first: bool = False, mean=None, std=None,
-                  integer: bool = False) -> PreparedNoise:
+                  integer: bool = False, random_count: bool = False) -> PreparedNoise:
     """Validate a noise setting once (``ValueError`` naming the bad parameter) and return its prepared kernel."""
     check_noise_params(pixels=pixels, n_positions=n_positions, low=low, high=high, scheme=scheme)
     if integer and (float(low) != int(low) or float(high) != int(high)):
@@ -236,4 +246,4 @@ def prepare_noise(*, pixels: int, n_positions: int, channels: int, seed: int, lo
     std_arr = np.ones(channels, np.float32) if std is None else np.asarray(std, np.float32).reshape(channels)
     return PreparedNoise(pixels=pixels, n_positions=n_positions, channels=channels, seed=seed, low=low, high=high,
                          scheme=scheme, channels_first=channels_first, mean=np.ascontiguousarray(mean_arr),
-                         std=np.ascontiguousarray(std_arr), integer=integer)
+                         std=np.ascontiguousarray(std_arr), integer=integer, random_count=random_count)

@@ -95,6 +95,9 @@ def noise_options(func):
         click.option("--seed", type=int, default=0, show_default=True, help="Keys all the noise."),
         click.option("--mean", default=None, help="Normalise after the noise: per-channel means, e.g. 0.1307."),
         click.option("--std", default=None, help="Per-channel standard deviations, e.g. 0.3081."),
+        click.option("--pixel-count", type=click.Choice(["fixed", "random"]), default="fixed", show_default=True,
+                     help="fixed: every step draws --pixels pixels; random: a count uniform in 1..--pixels per step "
+                          "(the paper's 'at most')."),
         click.option("--pixel-range", type=click.Choice(["0,1", "0,255"]), default=None,
                      callback=lambda ctx, param, v: None if v is None else (1 if v == "0,1" else 255),
                      help="Pixel values the model takes; images and noise are scaled to it (default: the model's "
@@ -515,9 +518,13 @@ def select(results, per_class, seed, shortfall, data_dir, out, allow_test_split)
               help="A model made by pyrobust train: its architecture and settings are reused.")
 @click.option("--epochs", type=int, default=None, help="Override the recorded number of epochs.")
 @click.option("--seed", type=int, default=None, help="Override the recorded seed.")
+@click.option("--from", "init_from", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Start from this model's weights (fine-tune; usually the --like model) instead of a fresh start.")
+@click.option("--same-updates", is_flag=True,
+              help="As many training steps as the --like model took, not as many epochs.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all available).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The .onnx file to write.")
-def retrain(subset, like, epochs, seed, threads, out) -> int:
+def retrain(subset, like, epochs, seed, init_from, same_updates, threads, out) -> int:
     """Train the architecture of --like, with its recorded settings, on SUBSET (from pyrobust select).
 
     Example: pyrobust retrain subset.npz --like mnist-cnn.onnx --out mnist-cnn-robust.onnx
@@ -526,9 +533,10 @@ def retrain(subset, like, epochs, seed, threads, out) -> int:
     from pyrobust.training import retrain as do_retrain
 
     ds = load_dataset(str(subset))
-    report = do_retrain(ds, like=like, out=out, threads=threads, epochs=epochs, seed=seed,
-                        log=lambda line: _err(line))
-    click.echo(f"wrote {report.out} ({report.architecture}, {report.epochs} epochs, seed {report.seed}, "
+    report = do_retrain(ds, like=like, out=out, threads=threads, epochs=epochs, seed=seed, init_from=init_from,
+                        same_updates=same_updates, log=lambda line: _err(line))
+    how = f", fine-tuned from {init_from}" if init_from else ""
+    click.echo(f"wrote {report.out} ({report.architecture}, {report.epochs} epochs{how}, seed {report.seed}, "
                f"{report.train_images} images, {report.seconds:.1f} s); train accuracy {report.train_accuracy:.2%}")
     return EXIT_OK
 

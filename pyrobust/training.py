@@ -24,7 +24,7 @@ import numpy as np
 
 from pyrobust.datasets import Dataset
 from pyrobust.errors import InvalidInput, MissingDependency, ModelError
-from pyrobust.store.files import atomic_path
+from pyrobust.store.files import atomic_path, file_sha256
 
 ARCHITECTURES = ("cnn", "mlp")
 
@@ -104,18 +104,25 @@ def train(
     test: Dataset | None = None,
     mean=None,
     std=None,
+    init_from: str | os.PathLike | None = None,
+    updates: int | None = None,
     log=None,
 ) -> TrainReport:
     """Train ``architecture`` on ``dataset`` with Adam, export to ONNX at ``out`` and check torch and onnxruntime
     agree on a sample; with ``test``, also measure the exported model's clean accuracy on it. ``mean``/``std``
     (one value per channel) normalise the [0, 1] images; the model's metadata records them (and the pixel range), and
-    ``evaluate`` applies them without being told. The same seed, data
-    and settings give the same weights (with the same thread count and torch version)."""
+    ``evaluate`` applies them without being told. ``init_from``: start from the weights of that ONNX model (made by
+    ``pyrobust train`` with the same architecture and classes: fine-tuning) instead of a fresh initialisation.
+    ``updates``: train for exactly this many Adam steps (the shuffled epochs repeat as needed) instead of
+    ``epochs`` passes, e.g. as many updates as the model being compared with. The same seed, data and settings give
+    the same weights (with the same thread count and torch version)."""
     if architecture not in ARCHITECTURES:
         raise InvalidInput(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {architecture!r}")
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(v, bool) or int(v) != v or v < 1:
             raise InvalidInput(f"{name} must be an integer >= 1; got {v!r}")
+    if updates is not None and (isinstance(updates, bool) or int(updates) != updates or updates < 1):
+        raise InvalidInput(f"updates must be an integer >= 1; got {updates!r}")
     if not learning_rate > 0:
         raise InvalidInput(f"learning_rate must be > 0; got {learning_rate}")
     out = Path(out)
@@ -137,16 +144,24 @@ def train(
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True)
         model = build_model(architecture, dataset.image_shape, k)
+        if init_from is not None:
+            load_weights(model, init_from)
         x_all = torch.from_numpy(_nchw(dataset, mean=norm.mean, std=norm.std))
         y_all = torch.from_numpy(dataset.labels)
         opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
         gen = torch.Generator().manual_seed(seed)
         losses = []
         model.train()
-        for epoch in range(int(epochs)):
+        per_epoch = -(-dataset.n // batch_size)
+        n_epochs = int(epochs) if updates is None else -(-int(updates) // per_epoch)
+        steps = 0
+        for epoch in range(n_epochs):
             order = torch.randperm(dataset.n, generator=gen)
             total, seen = 0.0, 0
             for lo in range(0, dataset.n, batch_size):
+                if updates is not None and steps >= updates:
+                    break
+                steps += 1
                 idx = order[lo: lo + batch_size]
                 opt.zero_grad()
                 loss = torch.nn.functional.cross_entropy(model(x_all[idx]), y_all[idx])
@@ -156,16 +171,18 @@ def train(
                 seen += idx.numel()
             losses.append(total / seen)
             if log:
-                log(f"epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f}")
+                log(f"epoch {epoch + 1}/{n_epochs}: loss {losses[-1]:.4f}")
         model.eval()
         with torch.no_grad():
             preds = torch.cat([model(x_all[lo: lo + 1024]).argmax(1) for lo in range(0, dataset.n, 1024)])
         train_acc = float((preds == y_all).double().mean())
         export_onnx(model, dataset.image_shape, out, metadata={
             "pyrobust.architecture": architecture, "pyrobust.dataset": dataset.spec,
-            "pyrobust.dataset_sha256": dataset.sha256, "pyrobust.seed": str(seed), "pyrobust.epochs": str(epochs),
+            "pyrobust.dataset_sha256": dataset.sha256, "pyrobust.seed": str(seed), "pyrobust.epochs": str(n_epochs),
             "pyrobust.classes": str(k), "pyrobust.batch_size": str(batch_size),
             "pyrobust.learning_rate": repr(float(learning_rate)), "pyrobust.train_images": str(dataset.n),
+            "pyrobust.updates": str(steps),
+            **({"pyrobust.init_from_sha256": file_sha256(init_from)} if init_from is not None else {}),
             # What else decides the weights: the same seed, data and settings give the same bytes only with the same
             # thread count and torch version (reductions split across threads round differently).
             "pyrobust.torch_version": torch.__version__, "pyrobust.threads": str(torch.get_num_threads()),
@@ -182,7 +199,7 @@ def train(
         from pyrobust.engine.runtime import OnnxModel
 
         test_acc = float((clean_predictions(OnnxModel(out, threads=threads), test, NoiseSpec()) == test.labels).mean())
-    return TrainReport(out=out, architecture=architecture, epochs=int(epochs), seed=seed, train_images=dataset.n,
+    return TrainReport(out=out, architecture=architecture, epochs=n_epochs, seed=seed, train_images=dataset.n,
                        train_accuracy=train_acc, losses=tuple(losses), parity_max_abs_diff=diff,
                        seconds=time.perf_counter() - t0, sha256=hashlib.sha256(out.read_bytes()).hexdigest(),
                        test_accuracy=test_acc, test_images=None if test is None else test.n)
@@ -272,7 +289,44 @@ def training_settings(model_path: str | os.PathLike) -> dict:
 
 
 def retrain(dataset: Dataset, *, like: str | os.PathLike, out: str | os.PathLike, threads: int | None = None,
-            log=None, **overrides) -> TrainReport:
-    """Train the architecture of ``like`` with its recorded settings (``overrides`` replace some) on ``dataset``."""
+            finetune: bool = False, same_updates: bool = False, log=None, **overrides) -> TrainReport:
+    """Train the architecture of ``like`` with its recorded settings (``overrides`` replace some) on ``dataset``.
+    ``finetune``: start from ``like``'s weights instead of a fresh initialisation. ``same_updates``: as many Adam
+    steps as ``like`` took (its epochs over its own, larger, training set), not as many epochs."""
     settings = {**training_settings(like), **{k: v for k, v in overrides.items() if v is not None}}
+    if same_updates:
+        settings["updates"] = training_updates(like)
+    if finetune:
+        settings["init_from"] = like
     return train(dataset, out=out, threads=threads, log=log, **settings)
+
+
+def training_updates(model_path: str | os.PathLike) -> int:
+    """The Adam steps a model made by ``pyrobust train`` took (recorded, or from its epochs, images and batch)."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    try:
+        if "pyrobust.updates" in meta:
+            return int(meta["pyrobust.updates"])
+        return int(meta["pyrobust.epochs"]) * -(-int(meta["pyrobust.train_images"]) // int(meta["pyrobust.batch_size"]))
+    except (KeyError, ValueError):
+        raise ModelError(f"{model_path}: its metadata does not say how many updates it was trained with; "
+                         "same_updates needs a model made by pyrobust train") from None
+
+
+def load_weights(module, path: str | os.PathLike) -> None:
+    """Copy the weights of the ONNX model at ``path`` (exported by pyrobust, so its initializers are named
+    ``net.<parameter>``) into ``module``; any missing, extra or differently shaped tensor is refused."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    weights = {t.name.removeprefix("net."): numpy_helper.to_array(t) for t in proto.graph.initializer
+               if t.name.startswith("net.")}
+    state = module.state_dict()
+    if set(weights) != set(state) or any(tuple(weights[k].shape) != tuple(v.shape) for k, v in state.items()):
+        raise ModelError(f"{path}: its weights do not fit this architecture (fine-tuning needs a model made by "
+                         "pyrobust train with the same --arch, image size and classes)")
+    module.load_state_dict({k: torch.from_numpy(np.array(weights[k])) for k in state})

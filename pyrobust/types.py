@@ -26,6 +26,7 @@ MAX_STEPS_LIMIT = 100_000
 # 1e-50 turns every pixel into infinity) and can only be mistakes.
 VALUE_LIMIT = 1e6
 PIXEL_RANGES = (None, 1, 255)
+PIXEL_COUNTS = ("fixed", "random")
 STD_MIN = 1e-6  # the survival curve has max_steps + 1 points in summary.json and the figures
 
 __all__ = ["MODES", "NONFINITE", "ROBUST", "SCHEMES", "NoiseSpec", "Outcome", "RunRecord", "RunState", "differences"]
@@ -63,6 +64,8 @@ class NoiseSpec:
     # The pixel range the model expects: 1 ([0, 1]) or 255 ([0, 255]); images and noise values are scaled to it.
     # None: decided by the model (its pyrobust metadata, or 255 for an integer input, else 1).
     pixel_range: int | None = None
+    # fixed: every step changes ``pixels`` draws; random: a count uniform in 1..pixels per step (the paper's "at most")
+    pixel_count: str = "fixed"
     # Integer noise values, for a model with an integer input (uint8 pixels): never set by hand, the model decides.
     integer: bool = field(default=False, metadata={"derived": True})
 
@@ -107,6 +110,8 @@ class NoiseSpec:
                                f"{self.pixel_range!r}")
         if self.integer and self.mean is not None:
             raise InvalidInput("a model with an integer input takes raw pixel values: mean and std cannot apply")
+        if self.pixel_count not in PIXEL_COUNTS:
+            raise InvalidInput(f"pixel_count must be one of {', '.join(PIXEL_COUNTS)}; got {self.pixel_count!r}")
         object.__setattr__(self, "integer", bool(self.integer))
         object.__setattr__(self, "low", float(self.low))
         object.__setattr__(self, "high", float(self.high))
@@ -141,6 +146,8 @@ class NoiseSpec:
             del d["pixel_range"]
         if not self.integer:
             del d["integer"]
+        if self.pixel_count == "fixed":
+            del d["pixel_count"]
         return d
 
     @classmethod

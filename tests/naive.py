@@ -28,11 +28,16 @@ def random_u64(seed: int, index: int, step: int, counter: int) -> int:
     return mix64(key + (counter + 1) * GOLDEN)
 
 
-def noise_draws(seed, index, step, pixels, n_positions, channels, low, high, scheme, integer=False):
+def noise_draws(seed, index, step, pixels, n_positions, channels, low, high, scheme, integer=False,
+                random_count=False):
     """[(position, [value per channel]), ...] in draw order, values as float32; ``integer``: values uniform over the
-    integers low .. high inclusive."""
+    integers low .. high inclusive; ``random_count``: only the first 1 + u % pixels draws, u being the draw at
+    counter pixels * (channels + 1)."""
     draws = []
-    for d in range(pixels):
+    count = pixels
+    if random_count:
+        count = 1 + random_u64(seed, index, step, pixels * (channels + 1)) % pixels
+    for d in range(count):
         base = d * (channels + 1)
         p = random_u64(seed, index, step, base) % n_positions
         values = []
@@ -51,20 +56,21 @@ def noise_draws(seed, index, step, pixels, n_positions, channels, low, high, sch
     return draws
 
 
-def perturb_image(img, *, seed, index, step, pixels, low=0.0, high=1.0, scheme="uniform", integer=False):
+def perturb_image(img, *, seed, index, step, pixels, low=0.0, high=1.0, scheme="uniform", integer=False,
+                  random_count=False):
     """img: float32 (H, W, C) in data space -> perturbed copy (H, W, C)."""
     h, w, c = img.shape
     out = np.array(img, dtype=np.float32, copy=True)
     if step == 0:
         return out
-    for p, values in noise_draws(seed, index, step, pixels, h * w, c, low, high, scheme, integer):
+    for p, values in noise_draws(seed, index, step, pixels, h * w, c, low, high, scheme, integer, random_count):
         for ch in range(c):
             out[p // w, p % w, ch] = values[ch]
     return out
 
 
 def protocol(predict_one, images, labels, indices, *, seed, pixels, max_steps, low=0.0, high=1.0,
-             scheme="uniform", mode="restart"):
+             scheme="uniform", mode="restart", random_count=False):
     """The paper's protocol, one image and one step at a time.
 
     ``predict_one(img (H, W, C) float32) -> int`` (negative for a non-finite output).
@@ -84,7 +90,7 @@ def protocol(predict_one, images, labels, indices, *, seed, pixels, max_steps, l
         for s in range(1, max_steps + 1):
             src = current if mode == "cumulative" else x0
             x = perturb_image(src, seed=seed, index=int(indices[i]), step=s, pixels=pixels, low=low, high=high,
-                              scheme=scheme)
+                              scheme=scheme, random_count=random_count)
             current = x
             p = predict_one(x)
             if p != labels[i]:

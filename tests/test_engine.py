@@ -27,14 +27,15 @@ def _outcome_arrays(o):
     return o.clean_prediction, o.first_failure, o.failure_label
 
 
-@pytest.mark.parametrize("scheme,mode", [("uniform", "restart"), ("salt-pepper", "restart"),
-                                         ("uniform", "cumulative")])
-def test_engine_matches_naive_protocol(bundled_model, sample, scheme, mode):
+@pytest.mark.parametrize("scheme,mode,count", [("uniform", "restart", "fixed"), ("salt-pepper", "restart", "fixed"),
+                                               ("uniform", "cumulative", "fixed"), ("uniform", "restart", "random"),
+                                               ("salt-pepper", "cumulative", "random")])
+def test_engine_matches_naive_protocol(bundled_model, sample, scheme, mode, count):
     ds = sample.select(start=40, stop=80)  # holds images wrong before noise, fooled ones and robust ones
-    spec = NoiseSpec(pixels=28, max_steps=25, seed=3, scheme=scheme, mode=mode)
+    spec = NoiseSpec(pixels=28, max_steps=25, seed=3, scheme=scheme, mode=mode, pixel_count=count)
     got = run_protocol(OnnxModel(bundled_model, threads=1), ds, spec, batch_size=16)
     want = naive.protocol(_predict_one(bundled_model), ds.float_images(), ds.labels, ds.index, seed=3, pixels=28,
-                          max_steps=25, scheme=scheme, mode=mode)
+                          max_steps=25, scheme=scheme, mode=mode, random_count=count == "random")
     for g, w in zip(_outcome_arrays(got), want, strict=True):
         assert np.array_equal(g, w)
     # the run covers every outcome: wrong before noise, fooled, robust

@@ -194,3 +194,21 @@ def test_serial_and_parallel_compilations_agree():
     args = dict(indices=np.arange(64), steps=np.arange(1, 65), pixels=28, seed=8)
     np.testing.assert_array_equal(perturbcore.perturb_images(x, threads=1, **args),
                                   perturbcore.perturb_images(x, threads=2, **args))
+
+
+def test_a_random_pixel_count_matches_the_reference():
+    """--pixel-count random: each step changes a count uniform in 1..pixels, drawn from its own counter."""
+    rng = np.random.default_rng(8)
+    img = rng.random((9, 11, 2), dtype=np.float32)
+    counts = []
+    for step in range(1, 60):
+        got = perturbcore.perturb_flat(img.reshape(1, -1), indices=[5], steps=[step], pixels=28, n_positions=99,
+                                       channels=2, seed=2, random_count=True)
+        want = naive.perturb_image(img, seed=2, index=5, step=step, pixels=28, random_count=True)
+        assert np.array_equal(got.reshape(img.shape), want)
+        counts.append(len(naive.noise_draws(2, 5, step, 28, 99, 2, 0.0, 1.0, "uniform", random_count=True)))
+    assert min(counts) >= 1 and max(counts) <= 28 and len(set(counts)) > 10  # spread over 1..28
+    fixed = perturbcore.perturb_flat(img.reshape(1, -1), indices=[5], steps=[1], pixels=28, n_positions=99,
+                                     channels=2, seed=2)
+    assert np.array_equal(fixed.reshape(img.shape),
+                          naive.perturb_image(img, seed=2, index=5, step=1, pixels=28))  # fixed mode unchanged

@@ -7,7 +7,7 @@ from onnx import numpy_helper
 
 from pyrobust.cli import main
 from pyrobust.engine.runtime import OnnxModel
-from pyrobust.errors import InvalidInput, MissingDependency
+from pyrobust.errors import InvalidInput, MissingDependency, ModelError
 
 pytest.importorskip("torch", reason="training needs pyrobust[train]")
 
@@ -92,3 +92,30 @@ def test_train_cli(capsys, tmp_path):
     assert "wrote" in out and "test accuracy on mnist-sample:test" in out and "epoch 1/1" in err
     assert main(["evaluate", str(tmp_path / "m.onnx"), "--dataset", "sample", "--limit", "10", "--max-steps", "3",
                  "--no-report", "--out", str(tmp_path / "run")]) == 0
+
+
+def test_fine_tuning_and_the_same_number_of_updates(tmp_path, small, sample, capsys):
+    from pyrobust.cli import main
+    from pyrobust.training import retrain, training_updates
+    from tests.builders import save_npz
+
+    m = train(small, out=tmp_path / "m.onnx", architecture="mlp", epochs=2, seed=3, batch_size=32)
+    assert training_updates(m.out) == 2 * 8  # 256 images in batches of 32, twice
+    sub = sample.select(start=300, stop=340)  # 40 images: 2 steps an epoch at batch 32
+    fresh = retrain(sub, like=m.out, out=tmp_path / "fresh.onnx")
+    same = retrain(sub, like=m.out, out=tmp_path / "same.onnx", same_updates=True)
+    assert training_updates(fresh.out) == 2 * 2 and training_updates(same.out) == 16 and same.epochs == 8
+    tuned = retrain(sub, like=m.out, out=tmp_path / "tuned.onnx", finetune=True)
+    # fine-tuning starts from M: after 4 small steps its weights are far nearer M's than a fresh start's are
+    near = sum(float(np.abs(a - b).mean()) for a, b in zip(_weights(tuned.out), _weights(m.out), strict=True))
+    far = sum(float(np.abs(a - b).mean()) for a, b in zip(_weights(fresh.out), _weights(m.out), strict=True))
+    assert near < far / 2
+    meta = {p.key: p.value for p in onnx.load(str(tuned.out)).metadata_props}
+    assert meta["pyrobust.init_from_sha256"] == m.sha256
+    save_npz(tmp_path / "sub.npz", sub)
+    assert main(["retrain", str(tmp_path / "sub.npz"), "--like", str(m.out), "--from", str(m.out), "--same-updates",
+                 "--out", str(tmp_path / "cli.onnx")]) == 0
+    assert "fine-tuned from" in capsys.readouterr().out and training_updates(tmp_path / "cli.onnx") == 16
+    cnn = train(small, out=tmp_path / "cnn.onnx", architecture="cnn", epochs=1, seed=0)
+    with pytest.raises(ModelError, match="weights do not fit this architecture"):
+        retrain(sub, like=m.out, out=tmp_path / "x.onnx", init_from=cnn.out)

@@ -129,6 +129,7 @@ def iter_protocol(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, state: Ru
     try:
         noise = perturbcore.prepare_noise(pixels=int(spec.for_image(h, w).pixels), n_positions=n_pos, channels=c,
                                           seed=spec.seed, low=low, high=high, scheme=spec.scheme, integer=spec.integer,
+                                          random_count=spec.pixel_count == "random",
                                           channels_first=binding.channels_first, mean=mean, std=std)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
@@ -293,7 +294,8 @@ def perturbed_input(base: np.ndarray, *, index: int, step: int, spec: NoiseSpec)
     flat = np.ascontiguousarray(base, dtype=np.float32).reshape(1, h * w * c).copy()
     low, high = noise_bounds(spec)
     common = dict(pixels=int(spec.for_image(h, w).pixels), n_positions=h * w, channels=c, seed=spec.seed, low=low,
-                  high=high, scheme=spec.scheme, indices=[index], integer=spec.integer)
+                  high=high, scheme=spec.scheme, indices=[index], integer=spec.integer,
+                  random_count=spec.pixel_count == "random")
     if spec.mode == "restart" or step == 0:
         out = perturbcore.perturb_flat(flat, steps=[step], **common)
     else:
