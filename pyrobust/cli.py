@@ -562,6 +562,13 @@ def retrain(subset, like, epochs, seed, init_from, same_updates, threads, out) -
               help="A few hundred images, few steps, 2 epochs: the whole pipeline in about 15 s (a smoke test, not "
                    "results).")
 @click.option("--scheduler", default=None, help="Run the evaluations on Dask: local:N or tcp://HOST:PORT.")
+@click.option("--retrain-from", type=click.Choice(["scratch", "finetune"]), default="scratch", show_default=True,
+              help="M_R and M_rand start from a fresh initialisation, or fine-tune M's weights.")
+@click.option("--retrain-budget", type=click.Choice(["epochs", "updates"]), default="epochs", show_default=True,
+              help="M_R and M_rand train as many epochs as M, or as many Adam steps as M took.")
+@click.option("--target-robust", callback=_fraction, default=None,
+              help="First find the --pixels at which M is about this robust (e.g. 30%, the paper's operating point) "
+                   "on 1,000 test images, then run the study there.")
 @click.option("--train-seeds", default=None,
               help="Run the study once per training seed (e.g. 0-9 or 0,3,7) in OUT/seed-S/, with the same images "
                    "and noise, and report seed-level paired statistics (OUT/seeds.md).")
@@ -573,7 +580,7 @@ def retrain(subset, like, epochs, seed, init_from, same_updates, threads, out) -
 @_timeout_option
 @_settings
 def reproduce(dataset, data_dir, out, per_class, shortfall, arch, epochs, train_sample, test_sample, schemes, quick,
-              train_seeds, noise, options) -> int:
+              retrain_from, retrain_budget, target_robust, train_seeds, noise, options) -> int:
     """The paper end to end: train, evaluate, select robust images, retrain, compare with a random control, report.
 
     Rerunning continues where it stopped: stages whose outputs match their inputs are not redone.
@@ -585,7 +592,8 @@ def reproduce(dataset, data_dir, out, per_class, shortfall, arch, epochs, train_
 
     common = dict(data_dir=str(data_dir) if data_dir else None, shortfall=shortfall, architecture=arch,
                   seed=noise.seed, noise=noise, eval_batch_size=options.batch_size, threads=options.threads,
-                  schemes=schemes, scheduler=options.scheduler)
+                  schemes=schemes, scheduler=options.scheduler, retrain_from=retrain_from,
+                  retrain_budget=retrain_budget, target_robust=target_robust)
     if quick:
         config = StudyConfig.quick_config(dataset, **common)
     else:

@@ -12,21 +12,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pyrobust.datasets import Dataset, load_dataset, load_npz
 from pyrobust.errors import InvalidInput, ResumeMismatch
 from pyrobust.selection import SHORTFALLS, random_subset, read_selection, select_robust, write_subset
-from pyrobust.store.files import make_out_dir
+from pyrobust.store.files import make_out_dir, write_json_atomic
 from pyrobust.store.results import RESULTS_FILE, SUMMARY_FILE, load_results
 from pyrobust.store.rundir import RunLock
 from pyrobust.store.stages import StageRunner, file_sha256
 from pyrobust.types import NoiseSpec
 
 QUICK = {"train_sample": 600, "test_sample": 300, "max_steps": 20, "epochs": 2, "per_class": 20}
+RETRAIN_FROM = ("scratch", "finetune")
+RETRAIN_BUDGETS = ("epochs", "updates")
+OPERATING_POINT_IMAGES = 1000
 SCHEME_VARIANTS = (("salt-pepper", "restart"), ("uniform", "cumulative"), ("salt-pepper", "cumulative"))
 
 
@@ -50,8 +54,19 @@ class StudyConfig:
     test_sample: int | None = None
     schemes: bool = False
     quick: bool = False
+    retrain_from: str = "scratch"  # scratch: M_R and M_rand start fresh; finetune: both start from M's weights
+    retrain_budget: str = "epochs"  # epochs: as many passes as M; updates: as many Adam steps as M took
+    target_robust: float | None = None  # find the --pixels at which M is about this robust, and study there
 
     def __post_init__(self) -> None:
+        if self.retrain_from not in RETRAIN_FROM:
+            raise InvalidInput(f"retrain_from must be one of {', '.join(RETRAIN_FROM)}; got {self.retrain_from!r}")
+        if self.retrain_budget not in RETRAIN_BUDGETS:
+            raise InvalidInput(f"retrain_budget must be one of {', '.join(RETRAIN_BUDGETS)}; got "
+                               f"{self.retrain_budget!r}")
+        if self.target_robust is not None and (isinstance(self.target_robust, bool) or
+                                               not 0 < float(self.target_robust) < 1):
+            raise InvalidInput(f"target_robust must be a fraction in (0, 1), e.g. 0.30; got {self.target_robust!r}")
         if self.shortfall not in SHORTFALLS:
             raise InvalidInput(f"shortfall must be one of {', '.join(SHORTFALLS)}; got {self.shortfall!r}")
         for name in ("per_class", "epochs", "train_batch_size", "eval_batch_size"):
@@ -74,6 +89,39 @@ class StudyConfig:
         d = asdict(self)
         d["noise"] = self.noise.to_dict()
         return d
+
+
+def find_operating_point(model: Path, ds: Dataset, spec: NoiseSpec, target: float, *, seed: int = 0,
+                         images: int = OPERATING_POINT_IMAGES, threads: int | None = None, log=None) -> dict:
+    """The smallest ``pixels`` at which ``model`` is at most ``target`` robust on a seeded sample of ``images`` of
+    ``ds`` (the other noise settings as in ``spec``): a binary search over 1 .. H·W, robustness falling as more
+    pixels change. Returns the pixels, the robust fraction there and every point tried."""
+    from pyrobust.evaluation import evaluate
+
+    sub = ds.select(sample=min(images, ds.n), sample_seed=seed)
+    h, w, _ = ds.image_shape
+    tried: dict[int, float] = {}
+
+    def robust(p: int) -> float:
+        if p not in tried:
+            tried[p] = evaluate(model, sub, noise=replace(spec, pixels=p), threads=threads, sessions=1,
+                                report=False).robust_fraction
+            if log:
+                log(f"{p} pixels: {tried[p]:.1%} robust")
+        return tried[p]
+
+    lo, hi = 1, h * w
+    if robust(hi) > target:
+        raise InvalidInput(f"M is {tried[hi]:.1%} robust even with all {hi} pixels changing every step; no pixel "
+                           f"count reaches {target:.0%}: choose a higher target or other noise values")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if robust(mid) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return {"target": target, "pixels": lo, "robust": robust(lo), "images": sub.n, "seed": seed,
+            "tried": [{"pixels": p, "robust": r} for p, r in sorted(tried.items())]}
 
 
 def _split(config: StudyConfig, split: str, sample: int | None) -> Dataset:
@@ -109,9 +157,12 @@ def reproduce(config: StudyConfig, out: str | os.PathLike, *, log: Callable[[str
                     train(ds, out=out_model, n_classes=max(train_ds.n_classes, test_ds.n_classes),
                           threads=config.threads, log=lambda line: log(f"  {line}"), **settings)
                 else:
-                    retrain(ds, like=like, out=out_model, threads=config.threads, log=lambda line: log(f"  {line}"))
+                    retrain(ds, like=like, out=out_model, threads=config.threads, log=lambda line: log(f"  {line}"),
+                            finetune=config.retrain_from == "finetune", same_updates=config.retrain_budget == "updates")
 
-            runner.run(name, title, inputs={"data_sha256": ds.sha256, "images": ds.n, **settings, **extra_inputs},
+            how = {} if like is None else {"retrain_from": config.retrain_from, "retrain_budget": config.retrain_budget}
+            runner.run(name, title, inputs={"data_sha256": ds.sha256, "images": ds.n, **settings, **how,
+                                            **extra_inputs},
                        outputs=[out_model], fn=fn)
 
         def eval_stage(name, title, model: Path, ds: Dataset, folder: Path, scheme=None, mode=None):
@@ -136,6 +187,22 @@ def reproduce(config: StudyConfig, out: str | os.PathLike, *, log: Callable[[str
         m = models / "M.onnx"
         train_stage("train_M", f"train M ({config.architecture}) on {train_ds.spec} ({train_ds.n} images)", train_ds,
                     m, None, {})
+        if config.target_robust is not None:
+            point_file = root / "operating_point.json"
+
+            def point_fn(start_over):
+                point = find_operating_point(m, test_ds, spec, float(config.target_robust), seed=config.data_seed,
+                                             threads=config.threads, log=lambda line: log(f"  {line}"))
+                write_json_atomic(point_file, point)
+
+            runner.run("operating_point", f"find the pixels at which M is about {config.target_robust:.0%} robust",
+                       inputs={"model_sha256": file_sha256(m), "data_sha256": test_ds.sha256, "noise": noise,
+                               "target": config.target_robust}, outputs=[point_file], fn=point_fn)
+            point = json.loads(point_file.read_text())
+            spec = replace(spec, pixels=int(point["pixels"]))
+            noise = spec.to_dict()  # every evaluation below runs at the operating point
+            log(f"  operating point: {point['pixels']} pixels ({point['robust']:.1%} robust on "
+                f"{point['images']} test images)")
         eval_stage("eval_M_test", f"evaluate M on {test_ds.spec} ({test_ds.n} images)", m, test_ds,
                    evals / "M-test")
         eval_stage("eval_M_train", f"evaluate M on {train_ds.spec} ({train_ds.n} images)", m, train_ds,

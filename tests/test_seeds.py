@@ -70,3 +70,28 @@ def test_a_tiny_multi_seed_study_end_to_end(tmp_path, shared_data, capsys):
     assert r0["models"]["M"]["model_sha256"] != r1["models"]["M"]["model_sha256"]  # different networks
     assert main(["reproduce", "--dataset", "mnist", "--data-dir", str(shared_data), "--out", str(out), "--quick",
                  "--train-seeds", "0-1", "--quiet"]) == 0  # resumed: every stage is already done
+
+
+@pytest.mark.slow
+def test_the_papers_other_readings_in_one_quick_study(tmp_path, shared_data, capsys):
+    """--target-robust, --retrain-from finetune, --retrain-budget updates and --pixel-count random together."""
+    out = tmp_path / "study"
+    code = main(["reproduce", "--dataset", "mnist", "--data-dir", str(shared_data), "--out", str(out), "--quick",
+                 "--target-robust", "30%", "--retrain-from", "finetune", "--retrain-budget", "updates",
+                 "--pixel-count", "random", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    point = json.loads((out / "operating_point.json").read_text())
+    tried = {t["pixels"]: t["robust"] for t in point["tried"]}
+    assert point["robust"] <= 0.30 and all(r > 0.30 for p, r in tried.items() if p < point["pixels"])
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["noise"]["pixels"] == point["pixels"] and rep["config"]["noise"]["pixel_count"] == "random"
+    summary = json.loads((out / "eval" / "M_R-test" / "summary.json").read_text())
+    assert summary["noise"]["pixels"] == point["pixels"] and summary["noise"]["pixel_count"] == "random"
+    from pyrobust.training import training_updates
+
+    m, m_r = out / "models" / "M.onnx", out / "models" / "M_R.onnx"
+    assert training_updates(m_r) == training_updates(m)  # the same number of steps as M
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(m_r)).metadata_props}
+    assert meta["pyrobust.init_from_sha256"] == rep["models"]["M"]["model_sha256"]  # fine-tuned from M
