@@ -25,6 +25,7 @@ from pyrobust.store.files import make_out_dir, write_json_atomic
 from pyrobust.store.results import RESULTS_FILE, SUMMARY_FILE, load_results
 from pyrobust.store.rundir import RunLock
 from pyrobust.store.stages import StageRunner, file_sha256
+from pyrobust.study_report import StudyLayout
 from pyrobust.types import NoiseSpec
 
 QUICK = {"train_sample": 600, "test_sample": 300, "max_steps": 20, "epochs": 2, "per_class": 20}
@@ -144,8 +145,8 @@ def reproduce(config: StudyConfig, out: str | os.PathLike, *, log: Callable[[str
     noise = spec.to_dict()
     with RunLock(root):
         runner = StageRunner(root, log)
-        models, evals, sel_dir = root / "models", root / "eval", root / "select"
-        for d in (models, evals, sel_dir):
+        layout = StudyLayout(root)
+        for d in (layout.models, layout.evals, layout.select):
             d.mkdir(exist_ok=True)
 
         def train_stage(name, title, ds: Dataset, out_model: Path, like: Path | None, extra_inputs: dict):
@@ -184,11 +185,11 @@ def reproduce(config: StudyConfig, out: str | os.PathLike, *, log: Callable[[str
                                             "noise": sp},
                        outputs=[folder / SUMMARY_FILE, folder / RESULTS_FILE], fn=fn)
 
-        m = models / "M.onnx"
+        m = layout.model("M")
         train_stage("train_M", f"train M ({config.architecture}) on {train_ds.spec} ({train_ds.n} images)", train_ds,
                     m, None, {})
         if config.target_robust is not None:
-            point_file = root / "operating_point.json"
+            point_file = layout.operating_point
 
             def point_fn(start_over):
                 point = find_operating_point(m, test_ds, spec, float(config.target_robust), seed=config.data_seed,
@@ -204,14 +205,14 @@ def reproduce(config: StudyConfig, out: str | os.PathLike, *, log: Callable[[str
             log(f"  operating point: {point['pixels']} pixels ({point['robust']:.1%} robust on "
                 f"{point['images']} test images)")
         eval_stage("eval_M_test", f"evaluate M on {test_ds.spec} ({test_ds.n} images)", m, test_ds,
-                   evals / "M-test")
+                   layout.eval("M-test"))
         eval_stage("eval_M_train", f"evaluate M on {train_ds.spec} ({train_ds.n} images)", m, train_ds,
-                   evals / "M-train")
+                   layout.eval("M-train"))
 
-        robust_npz = sel_dir / "robust.npz"
+        robust_npz = layout.subset("robust")
 
         def select_fn(start_over):
-            outcome, summary = load_results(evals / "M-train")
+            outcome, summary = load_results(layout.eval("M-train"))
             sel = select_robust(outcome, per_class=config.per_class, seed=config.seed, shortfall=config.shortfall,
                                 n_classes=len(summary["per_class"]))
             write_subset(robust_npz, train_ds, sel.positions,
@@ -223,16 +224,16 @@ def reproduce(config: StudyConfig, out: str | os.PathLike, *, log: Callable[[str
                         f"{row['taken']} taken")
 
         runner.run("select_robust", f"select robust training images ({config.per_class} per class)",
-                   inputs={"results_sha256": file_sha256(evals / "M-train" / RESULTS_FILE),
+                   inputs={"results_sha256": file_sha256(layout.eval("M-train") / RESULTS_FILE),
                            "per_class": config.per_class, "seed": config.seed, "shortfall": config.shortfall},
                    outputs=[robust_npz, robust_npz.with_suffix(".json")], fn=select_fn)
         robust_ds = load_npz(robust_npz, name="robust-subset")
-        m_r = models / "M_R.onnx"
+        m_r = layout.model("M_R")
         train_stage("train_M_R", f"retrain on the robust subset ({robust_ds.n} images)", robust_ds, m_r, m,
                     {"like_sha256": file_sha256(m)})
-        eval_stage("eval_M_R_test", f"evaluate M_R on {test_ds.spec}", m_r, test_ds, evals / "M_R-test")
+        eval_stage("eval_M_R_test", f"evaluate M_R on {test_ds.spec}", m_r, test_ds, layout.eval("M_R-test"))
 
-        random_npz = sel_dir / "random.npz"
+        random_npz = layout.subset("random")
         counts = {row["class"]: row["taken"] for row in read_selection(robust_npz)["table"]}
 
         def random_fn(start_over):
@@ -245,15 +246,17 @@ def reproduce(config: StudyConfig, out: str | os.PathLike, *, log: Callable[[str
                    inputs={"data_sha256": train_ds.sha256, "counts": counts, "seed": config.seed},
                    outputs=[random_npz, random_npz.with_suffix(".json")], fn=random_fn)
         random_ds = load_npz(random_npz, name="random-subset")
-        m_rand = models / "M_rand.onnx"
+        m_rand = layout.model("M_rand")
         train_stage("train_M_rand", f"train the control on the random subset ({random_ds.n} images)", random_ds,
                     m_rand, m, {"like_sha256": file_sha256(m)})
-        eval_stage("eval_M_rand_test", f"evaluate M_rand on {test_ds.spec}", m_rand, test_ds, evals / "M_rand-test")
+        eval_stage("eval_M_rand_test", f"evaluate M_rand on {test_ds.spec}", m_rand, test_ds,
+                   layout.eval("M_rand-test"))
 
         if config.schemes:
             for scheme, mode in SCHEME_VARIANTS:
                 eval_stage(f"eval_M_test_{scheme}_{mode}", f"evaluate M on {test_ds.spec} with {scheme} values, "
-                           f"{mode} mode", m, test_ds, evals / f"M-test-{scheme}-{mode}", scheme=scheme, mode=mode)
+                           f"{mode} mode", m, test_ds, layout.eval(f"M-test-{scheme}-{mode}"), scheme=scheme,
+                           mode=mode)
 
         log("[report] writing report.md, report.html and report.json")
         return write_study_report(root, config=config.to_dict(), stages=runner.records,

@@ -23,6 +23,30 @@ from pyrobust.types import NONFINITE
 
 PAPER = {"accuracy": {"M": 0.9885, "M_R": 0.9692}, "robust": {"M": 0.2957, "M_R": 0.5101}}
 MODELS = (("M", "M-test", "train_M"), ("M_R", "M_R-test", "train_M_R"), ("M_rand", "M_rand-test", "train_M_rand"))
+
+
+class StudyLayout:
+    """Where a study's files are: the one description ``reproduce`` writes to and the report reads from."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.models = self.root / "models"
+        self.evals = self.root / "eval"
+        self.select = self.root / "select"
+
+    def model(self, name: str) -> Path:
+        return self.models / f"{name}.onnx"
+
+    def eval(self, folder: str) -> Path:
+        return self.evals / folder
+
+    def subset(self, kind: str) -> Path:
+        """``robust`` or ``random``: the selected training images (``.npz``; its table beside it as ``.json``)."""
+        return self.select / f"{kind}.npz"
+
+    @property
+    def operating_point(self) -> Path:
+        return self.root / "operating_point.json"
 REPORT_SCHEMA = 1
 
 
@@ -85,7 +109,7 @@ def gather(root: Path, *, config: dict, stages: dict, test_spec: str, train_spec
     flips = {}
     outcomes = {}
     for name, folder, train_stage in MODELS:
-        outcome, s = load_results(root / "eval" / folder)
+        outcome, s = load_results(StudyLayout(root).eval(folder))
         outcomes[name] = outcome
         k = len(s["per_class"])
         models[name] = {
@@ -99,14 +123,15 @@ def gather(root: Path, *, config: dict, stages: dict, test_spec: str, train_spec
             "survival": s["survival"]["fraction"],
         }
         flips[name] = flip_matrix(outcome.first_failure, outcome.label, outcome.failure_label, k)
-    _, train_summary = load_results(root / "eval" / "M-train")
-    test_record = load_results(root / "eval" / "M-test")
+    layout = StudyLayout(root)
+    _, train_summary = load_results(layout.eval("M-train"))
+    test_record = load_results(layout.eval("M-test"))
     test_summary, test_noise = test_record.summary, test_record.noise
-    selection = json.loads((root / "select" / "robust.json").read_text())
+    selection = json.loads(layout.subset("robust").with_suffix(".json").read_text())
     schemes = [{"scheme": test_noise.scheme, "mode": test_noise.mode,
                 "results": "eval/M-test", "accuracy": _rate(test_summary["metrics"]["accuracy"]),
                 "robust": _rate(test_summary["metrics"]["robust"])}]
-    for scheme_folder in sorted((root / "eval").glob("M-test-*")):
+    for scheme_folder in sorted(layout.evals.glob("M-test-*")):
         if (scheme_folder / "summary.json").exists():
             record = load_results(scheme_folder)
             s = record.summary
@@ -291,7 +316,7 @@ def plot_flips(rep: dict, path: Path) -> None:
 
 def write_study_report(root: Path, *, config: dict, stages: dict, test_spec: str, train_spec: str) -> dict:
     rep = gather(root, config=config, stages=stages, test_spec=test_spec, train_spec=train_spec)
-    _, test_summary = load_results(root / "eval" / "M-test")
+    _, test_summary = load_results(StudyLayout(root).eval("M-test"))
     plot_survival(test_summary, root / "survival_test.png",
                   curves={n: rep["models"][n]["survival"] for n, _, _ in MODELS})
     for src, dst in (("eval/M-train/per_class.png", "per_class_train.png"),
