@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -25,7 +24,7 @@ from pyrobust.store.files import make_out_dir, write_json_atomic
 from pyrobust.store.results import RESULTS_FILE, SUMMARY_FILE, load_results
 from pyrobust.store.rundir import RunLock
 from pyrobust.store.stages import StageRunner, file_sha256
-from pyrobust.study_report import StudyLayout
+from pyrobust.study_report import StudyLayout, read_operating_point
 from pyrobust.types import NoiseSpec
 
 QUICK = {"train_sample": 600, "test_sample": 300, "max_steps": 20, "epochs": 2, "per_class": 20}
@@ -199,7 +198,7 @@ def reproduce(config: StudyConfig, out: str | os.PathLike, *, log: Callable[[str
             runner.run("operating_point", f"find the pixels at which M is about {config.target_robust:.0%} robust",
                        inputs={"model_sha256": file_sha256(m), "data_sha256": test_ds.sha256, "noise": noise,
                                "target": config.target_robust}, outputs=[point_file], fn=point_fn)
-            point = json.loads(point_file.read_text())
+            point = read_operating_point(point_file)
             spec = replace(spec, pixels=int(point["pixels"]))
             noise = spec.to_dict()  # every evaluation below runs at the operating point
             log(f"  operating point: {point['pixels']} pixels ({point['robust']:.1%} robust on "

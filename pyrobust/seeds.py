@@ -110,6 +110,7 @@ def seed_report(reports: dict[int, dict], *, config: dict | None = None) -> dict
         rows.append({"seed": s, **{m: {"accuracy": r["models"][m]["accuracy"]["fraction"],
                                        "robust": r["models"][m]["robust"]["fraction"],
                                        "train_images": r["models"][m]["train_images"]} for m in MODELS},
+                     "pixels": r["noise"]["pixels"], "operating_point": r.get("operating_point"),
                      "image_level": {k: r["paired"][k] for k in ("M->M_R", "M_rand->M_R")}})
     summary: dict[str, dict] = {}
     for m in MODELS:
@@ -123,9 +124,19 @@ def seed_report(reports: dict[int, dict], *, config: dict | None = None) -> dict
         contrasts[name] = {metric: _paired_stats(np.array([row[b][metric] - row[a][metric] for row in rows]))
                            for metric in ("robust", "accuracy")}
     first = reports[seeds[0]]
+    noise = dict(first.get("noise") or {})
+    target = (config or {}).get("target_robust")
+    if target is not None:
+        # each seed's M sets its own operating point, so the pixel count is per seed (``per_seed[i].pixels``)
+        noise["pixels"] = None
+        pixels = [row["pixels"] for row in rows]
+        operating = {"target": target, "pixels_min": min(pixels), "pixels_max": max(pixels),
+                     "pixels_mean": float(np.mean(pixels))}
+    else:
+        operating = None
     rep = {"schema_version": SEEDS_SCHEMA, "config": config, "seeds": seeds, "dataset": first.get("datasets"),
-           "noise": first.get("noise"), "quick": bool((config or {}).get("quick")), "per_seed": rows,
-           "models": summary, "contrasts": contrasts}
+           "noise": noise, "operating_point": operating, "quick": bool((config or {}).get("quick")),
+           "per_seed": rows, "models": summary, "contrasts": contrasts}
     rep["conclusion"] = conclusion(rep)
     return rep
 
@@ -144,7 +155,18 @@ def conclusion(rep: dict) -> str:
             f"bootstrap [{100 * c['bootstrap_ci95'][0]:+.2f}, {100 * c['bootstrap_ci95'][1]:+.2f}]), sign-flip "
             f"permutation p = {c['permutation_p']:.3g}; the seed-to-seed SD of the difference is "
             f"{100 * c['sd']:.2f} points. This interval covers training randomness; each seed's image-level "
-            "interval covers only the test images and noise for that seed's two networks.")
+            "interval covers only the test images and noise for that seed's two networks."
+            + _at_operating_point(rep))
+
+
+def _at_operating_point(rep: dict) -> str:
+    op = rep.get("operating_point")
+    if not op:
+        return ""
+    lo, hi = op["pixels_min"], op["pixels_max"]
+    span = f"{lo}" if lo == hi else f"{lo} to {hi}"
+    return (f" Each seed ran at its own M's operating point (M at most {100 * op['target']:.0f} % robust on the "
+            f"search sample): {span} pixels per step.")
 
 
 def _sd(x: dict) -> str:
@@ -153,9 +175,13 @@ def _sd(x: dict) -> str:
 
 def to_markdown(rep: dict) -> str:
     pct = "{:.2%}".format
+    op = rep.get("operating_point")
+    same = ("the same images for every seed, and the same noise seed and settings except the pixel count: each "
+            f"seed's M sets its own operating point, the smallest count at which it is at most "
+            f"{100 * op['target']:.0f} % robust; see the pixels column" if op else
+            "the same images and noise for every seed")
     lines = [f"# The study over {len(rep['seeds'])} training seeds", "",
-             f"Seeds {', '.join(map(str, rep['seeds']))}; the same images and noise for every seed "
-             "(each seed's own study is in `seed-S/`).", "",
+             f"Seeds {', '.join(map(str, rep['seeds']))}: {same}. Each seed's own study is in `seed-S/`.", "",
              "| model | accuracy, mean ± SD | robust, mean ± SD |", "|---|---|---|"]
     for m in MODELS:
         a, r = rep["models"][m]["accuracy"], rep["models"][m]["robust"]
@@ -173,13 +199,20 @@ def to_markdown(rep: dict) -> str:
                          f"[{100 * c['bootstrap_ci95'][0]:+.2f}, {100 * c['bootstrap_ci95'][1]:+.2f}] | "
                          f"{c['permutation_p']:.3g} |")
     lines += ["", "Per seed, with each seed's image-level paired 95 % interval (test images and noise, for that "
-              "seed's networks):", "", "| seed | M robust | M_R robust | M_rand robust | M_R − M_rand [image-level] |",
-              "|---|---|---|---|---|"]
+              "seed's networks):", "",
+              f"| seed |{' pixels |' if op else ''} M robust | M_R robust | M_rand robust | "
+              "robust M_R − M_rand [image-level] | accuracy M_R − M_rand [image-level] |",
+              "|---|---|---|---|---|---|" + ("---|" if op else "")]
+
+    def change(c: dict) -> str:
+        return f"{100 * c['change']:+.2f} [{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]"
+
     for row in rep["per_seed"]:
-        il = row["image_level"]["M_rand->M_R"]["robust"]
-        lines.append(f"| {row['seed']} | {pct(row['M']['robust'])} | {pct(row['M_R']['robust'])} | "
-                     f"{pct(row['M_rand']['robust'])} | {100 * il['change']:+.2f} [{100 * il['ci95'][0]:+.2f}, "
-                     f"{100 * il['ci95'][1]:+.2f}] |")
+        il = row["image_level"]["M_rand->M_R"]
+        pixels = f" {row['pixels']} |" if op else ""
+        lines.append(f"| {row['seed']} |{pixels} {pct(row['M']['robust'])} | "
+                     f"{pct(row['M_R']['robust'])} | {pct(row['M_rand']['robust'])} | {change(il['robust'])} | "
+                     f"{change(il['accuracy'])} |")
     lines += ["", "Differences are in points. The seed-level interval answers *does selecting robust images change "
               "robustness, whatever networks training produces?*; an image-level interval answers *do these two "
               "networks differ on this test set?*", "", f"**Conclusion.** {rep['conclusion']}", ""]

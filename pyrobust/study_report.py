@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from pyrobust.errors import DataError
 from pyrobust.report import plot_survival, save_figure
-from pyrobust.store.files import write_bytes_atomic, write_json_atomic
+from pyrobust.store.files import read_run_file, write_bytes_atomic, write_json_atomic
 from pyrobust.store.results import load_results, versions
 from pyrobust.types import NONFINITE
 
@@ -48,6 +49,38 @@ class StudyLayout:
     def operating_point(self) -> Path:
         return self.root / "operating_point.json"
 REPORT_SCHEMA = 1
+_POINT_KEYS = {"target", "pixels", "robust", "images", "seed", "tried"}
+
+
+def _fraction(v) -> bool:
+    return isinstance(v, float | int) and not isinstance(v, bool) and 0 <= v <= 1
+
+
+def _count(v, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def read_operating_point(path: Path) -> dict:
+    """``operating_point.json`` as written by ``reproduce --target-robust``, read back as untrusted input: exactly
+    its keys, a target and robust fractions in [0, 1], a positive pixel count that is one of the points tried, and
+    the tried points in increasing pixel order."""
+    fix = "delete the study folder's operating_point.json (and its stage in stages.json) and rerun reproduce"
+    try:
+        d = json.loads(read_run_file(path, what="operating point", max_bytes=1 << 20))
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); {fix}") from None
+    tried = d.get("tried") if isinstance(d, dict) else None
+    ok = (isinstance(d, dict) and set(d) == _POINT_KEYS and _fraction(d["target"]) and _fraction(d["robust"])
+          and _count(d["pixels"], 1) and _count(d["images"], 1) and _count(d["seed"]) and isinstance(tried, list)
+          and all(isinstance(t, dict) and set(t) == {"pixels", "robust"} and _count(t["pixels"], 1)
+                  and _fraction(t["robust"]) for t in tried))
+    if ok:
+        pixels = [t["pixels"] for t in tried]
+        ok = pixels == sorted(set(pixels)) and {"pixels": d["pixels"], "robust": d["robust"]} in tried
+    if not ok:
+        raise DataError(f"{path} is not an operating point pyrobust wrote (keys {sorted(_POINT_KEYS)}, fractions "
+                           f"in [0, 1], the chosen pixels among those tried); {fix}")
+    return d
 
 
 def flip_matrix(first_failure: np.ndarray, labels: np.ndarray, failure_label: np.ndarray, n_classes: int) -> list:
@@ -159,6 +192,8 @@ def gather(root: Path, *, config: dict, stages: dict, test_spec: str, train_spec
         "quick": bool(config.get("quick")),
         "class_names": [r["name"] for r in test_summary["per_class"]],
         "schemes": schemes,
+        "operating_point": (read_operating_point(layout.operating_point)
+                            if config.get("target_robust") is not None else None),
         "stages": [{"stage": name, "title": rec["title"], "seconds": rec["seconds"], "finished": rec["finished"]}
                    for name, rec in stages.items()],
         "versions": versions(),
@@ -185,6 +220,13 @@ def blocks(rep: dict) -> list[tuple]:
                      f"{cfg['epochs']} epochs, batch {cfg['train_batch_size']}, Adam lr {cfg['learning_rate']}, seed "
                      f"{cfg['seed']}. Selection: {rep['selection']['per_class']} robust images per class "
                      f"(shortfall: {rep['selection']['shortfall']}).{quick}"))
+    point = rep.get("operating_point")
+    if point:
+        tried = ", ".join(f"{t['pixels']} → {100 * t['robust']:.1f} %" for t in point["tried"])
+        out.append(("p", f"Operating point: {point['pixels']} pixels, the smallest count at which M is at most "
+                         f"{100 * point['target']:.0f} % robust on {point['images']} test images (seed "
+                         f"{point['seed']}): {100 * point['robust']:.1f} % there. Binary search, pixels → robust: "
+                         f"{tried}. Every evaluation of this study runs at that count."))
     out.append(("h", 2, "The paper's table"))
     rows = []
     for name, _, _ in MODELS:

@@ -10,8 +10,8 @@ import pytest
 from scipy import stats
 
 from pyrobust.cli import main
-from pyrobust.errors import InvalidInput
-from pyrobust.seeds import _paired_stats, parse_seeds, seed_report
+from pyrobust.errors import DataError, InvalidInput
+from pyrobust.seeds import _paired_stats, parse_seeds, seed_report, to_markdown
 
 
 def test_seed_lists():
@@ -38,12 +38,13 @@ def test_paired_statistics_match_scipy():
     assert one["t_ci95"] is None and "one seed" in one["note"]
 
 
-def _fake(seed, m, r, mrand):
+def _fake(seed, m, r, mrand, pixels=28):
     def model(acc, rob):
         return {"accuracy": {"fraction": acc}, "robust": {"fraction": rob}, "train_images": 100}
 
     change = {"change": r - mrand, "ci95": [r - mrand - 0.01, r - mrand + 0.01], "lost": 1, "gained": 1}
-    return {"models": {"M": model(0.98, m), "M_R": model(0.97, r), "M_rand": model(0.97, mrand)},
+    return {"noise": {"pixels": pixels, "max_steps": 250, "seed": 0},
+            "models": {"M": model(0.98, m), "M_R": model(0.97, r), "M_rand": model(0.97, mrand)},
             "paired": {"M->M_R": {"robust": change, "accuracy": change},
                        "M_rand->M_R": {"robust": change, "accuracy": change}}}
 
@@ -54,6 +55,21 @@ def test_the_seed_report_reads_each_seeds_report():
     c = rep["contrasts"]["M_R - M_rand"]["robust"]
     assert c["per_seed"] == pytest.approx([0.03, 0.04, 0.03]) and c["t_ci95"][0] > 0
     assert "more robust than" in rep["conclusion"] and "training randomness" in rep["conclusion"]
+    assert rep["noise"]["pixels"] == 28 and rep["operating_point"] is None
+    text = to_markdown(rep)
+    assert "the same images and noise for every seed" in text and "| pixels |" not in text
+
+
+def test_a_seed_report_at_an_operating_point_names_each_seeds_pixels():
+    reports = {0: _fake(0, 0.3, 0.35, 0.32, pixels=61), 1: _fake(1, 0.29, 0.3, 0.31, pixels=74)}
+    rep = seed_report(reports, config={"target_robust": 0.3})
+    assert rep["noise"]["pixels"] is None  # no one count for the whole study
+    assert [row["pixels"] for row in rep["per_seed"]] == [61, 74]
+    assert rep["operating_point"] == {"target": 0.3, "pixels_min": 61, "pixels_max": 74, "pixels_mean": 67.5}
+    assert "61 to 74 pixels" in rep["conclusion"]
+    text = to_markdown(rep)
+    assert "| seed | pixels |" in text and "| 1 | 74 |" in text and "own operating point" in text
+    assert "the same images and noise for every seed" not in text
 
 
 @pytest.mark.slow
@@ -85,6 +101,8 @@ def test_the_papers_other_readings_in_one_quick_study(tmp_path, shared_data, cap
     assert point["robust"] <= 0.30 and all(r > 0.30 for p, r in tried.items() if p < point["pixels"])
     rep = json.loads((out / "report.json").read_text())
     assert rep["noise"]["pixels"] == point["pixels"] and rep["config"]["noise"]["pixel_count"] == "random"
+    assert rep["operating_point"] == point
+    assert f"Operating point: {point['pixels']} pixels" in (out / "report.md").read_text()
     summary = json.loads((out / "eval" / "M_R-test" / "summary.json").read_text())
     assert summary["noise"]["pixels"] == point["pixels"] and summary["noise"]["pixel_count"] == "random"
     from pyrobust.training import training_updates
@@ -95,3 +113,39 @@ def test_the_papers_other_readings_in_one_quick_study(tmp_path, shared_data, cap
 
     meta = {p.key: p.value for p in onnx.load(str(m_r)).metadata_props}
     assert meta["pyrobust.init_from_sha256"] == rep["models"]["M"]["model_sha256"]  # fine-tuned from M
+
+
+def _point(**change):
+    point = {"target": 0.3, "pixels": 61, "robust": 0.29, "images": 1000, "seed": 0,
+             "tried": [{"pixels": 60, "robust": 0.31}, {"pixels": 61, "robust": 0.29}, {"pixels": 784, "robust": 0.0}]}
+    point.update(change)
+    return point
+
+
+@pytest.mark.parametrize("bad", [
+    "not json", "[]",
+    _point(extra=1),  # a key pyrobust does not write
+    _point(robust=1.5), _point(target=True), _point(pixels=0), _point(pixels="61"),
+    _point(pixels=62),  # not among the points tried
+    _point(tried=[{"pixels": 61, "robust": 0.29}, {"pixels": 60, "robust": 0.31}]),  # out of order
+    _point(tried=[{"pixels": 61, "robust": 0.29, "x": 1}]),
+])
+def test_a_crafted_operating_point_is_refused(tmp_path, bad):
+    from pyrobust.study_report import read_operating_point
+
+    path = tmp_path / "operating_point.json"
+    path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+    with pytest.raises(DataError, match="operating_point.json.*rerun reproduce"):
+        read_operating_point(path)
+
+
+def test_an_operating_point_reads_back_and_is_never_followed_through_a_link(tmp_path):
+    from pyrobust.study_report import read_operating_point
+
+    real = tmp_path / "elsewhere.json"
+    real.write_text(json.dumps(_point()))
+    assert read_operating_point(real) == _point()
+    link = tmp_path / "operating_point.json"
+    link.symlink_to(real)
+    with pytest.raises(DataError, match="link"):
+        read_operating_point(link)
