@@ -60,26 +60,30 @@ def _count(v, low: int = 0) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
+def _is_point(d) -> bool:
+    if not (isinstance(d, dict) and set(d) == _POINT_KEYS and _fraction(d["target"]) and _fraction(d["robust"])
+            and _count(d["pixels"], 1) and _count(d["images"], 1) and _count(d["seed"])):
+        return False
+    tried = d["tried"]
+    if not (isinstance(tried, list) and all(isinstance(t, dict) and set(t) == {"pixels", "robust"}
+                                            and _count(t["pixels"], 1) and _fraction(t["robust"]) for t in tried)):
+        return False
+    pixels = [t["pixels"] for t in tried]
+    return pixels == sorted(set(pixels)) and {"pixels": d["pixels"], "robust": d["robust"]} in tried
+
+
 def read_operating_point(path: Path) -> dict:
     """``operating_point.json`` as written by ``reproduce --target-robust``, read back as untrusted input: exactly
     its keys, a target and robust fractions in [0, 1], a positive pixel count that is one of the points tried, and
     the tried points in increasing pixel order."""
-    fix = "delete the study folder's operating_point.json (and its stage in stages.json) and rerun reproduce"
+    fix = "delete the study folder's operating_point.json and rerun reproduce"
     try:
         d = json.loads(read_run_file(path, what="operating point", max_bytes=1 << 20))
     except ValueError as e:
         raise DataError(f"{path} is not valid JSON ({e}); {fix}") from None
-    tried = d.get("tried") if isinstance(d, dict) else None
-    ok = (isinstance(d, dict) and set(d) == _POINT_KEYS and _fraction(d["target"]) and _fraction(d["robust"])
-          and _count(d["pixels"], 1) and _count(d["images"], 1) and _count(d["seed"]) and isinstance(tried, list)
-          and all(isinstance(t, dict) and set(t) == {"pixels", "robust"} and _count(t["pixels"], 1)
-                  and _fraction(t["robust"]) for t in tried))
-    if ok:
-        pixels = [t["pixels"] for t in tried]
-        ok = pixels == sorted(set(pixels)) and {"pixels": d["pixels"], "robust": d["robust"]} in tried
-    if not ok:
+    if not _is_point(d):
         raise DataError(f"{path} is not an operating point pyrobust wrote (keys {sorted(_POINT_KEYS)}, fractions "
-                           f"in [0, 1], the chosen pixels among those tried); {fix}")
+                        f"in [0, 1], the chosen pixels among those tried); {fix}")
     return d
 
 
