@@ -6,8 +6,11 @@ seed) stay fixed. The seed-level report then asks the questions a single run can
 
 * per model, the mean and standard deviation across seeds of accuracy and robust fraction;
 * seed-level *paired* differences, M_R − M_rand and M → M_R: the mean difference over seeds with a paired-t 95 %
-  interval and a bootstrap interval over seeds, and an exact sign-flip permutation p-value (every one of the 2^S
-  sign patterns for S ≤ 16 seeds).
+  interval, the 95 % interval that inverts the sign-flip test, and the exact sign-flip permutation p-value (every
+  one of the 2^S sign patterns for S ≤ 16 seeds). Both intervals were checked by simulation for 5, 6 and 10 seeds
+  with normal, heavy-tailed, coarse and skewed differences (``tests/test_seeds.py``): 94-98 % coverage, 89-93 %
+  with strongly skewed ones. A percentile bootstrap over so few seeds covered 85-92 % with normal differences (74 %
+  with 3 seeds) and is not offered.
 
 Two kinds of interval answer two questions. A seed's *image-level* interval (Newcombe's paired interval, in each
 seed's report) covers the sampling of test images and noise draws for *those two trained networks*. The
@@ -71,31 +74,72 @@ def reproduce_seeds(config, seeds: list[int], out: str | os.PathLike, *, log: Ca
     return rep
 
 
+ALPHA = 0.05
+
+
+def _sign_patterns(s: int, rng: np.random.Generator, resamples: int) -> np.ndarray:
+    """Every one of the 2^S sign patterns for S <= 16 seeds, else ``resamples`` random ones."""
+    if s <= 16:
+        return np.array(list(itertools.product((1.0, -1.0), repeat=s)))
+    return rng.choice((1.0, -1.0), size=(resamples, s))
+
+
+def _sign_flip_p(x: np.ndarray, signs: np.ndarray) -> float:
+    """Two-sided sign-flip p-value of 'the differences ``x`` are centred on 0': the share of sign patterns whose
+    mean is at least as far from 0 as the observed one (the identity pattern is among them)."""
+    observed = abs(float(x.mean()))
+    tol = 1e-12 * max(1.0, float(np.abs(x).max()))
+    return float(np.mean(np.abs(signs @ x) / x.size >= observed - tol))
+
+
+def _sign_flip_interval(d: np.ndarray, signs: np.ndarray) -> list[float] | None:
+    """The 95 % interval that inverts the sign-flip test: every shift ``mu`` at which 'd - mu is centred on 0' is
+    not rejected at 5 %. Exact (at least 95 % coverage) when the differences are symmetric about their centre.
+    None when even the most extreme pattern has p > 5 % (S <= 5 seeds): the interval is then the whole line."""
+    if 2 / 2 ** d.size > ALPHA and signs.shape[0] == 2 ** d.size:
+        return None
+    mean = float(d.mean())
+    if float(d.max()) == float(d.min()):
+        return [mean, mean]
+    reach = float(d.max() - d.min())
+
+    def edge(far: float) -> float:  # bisect between the accepted mean and a rejected point beyond every value
+        inside, outside = mean, far
+        for _ in range(60):
+            mid = (inside + outside) / 2
+            if _sign_flip_p(d - mid, signs) > ALPHA:
+                inside = mid
+            else:
+                outside = mid
+        return inside
+
+    return [edge(float(d.min()) - reach), edge(float(d.max()) + reach)]
+
+
 def _paired_stats(d: np.ndarray, *, seed: int = 0, resamples: int = 10_000) -> dict:
-    """Mean of per-seed differences ``d`` with a paired-t and a bootstrap 95 % interval, and the exact (S <= 16) or
-    Monte-Carlo sign-flip permutation p-value of 'no difference'."""
+    """Mean of per-seed differences ``d`` with a paired-t 95 % interval, the 95 % interval that inverts the
+    sign-flip test, and the exact (S <= 16) or Monte-Carlo sign-flip permutation p-value of 'no difference'.
+
+    A percentile bootstrap over seeds is not offered: with 5 normal seeds it covered about 85 % and with 10 about
+    92 % in simulation; ``tests/test_seeds.py::test_seed_level_intervals_cover`` checks the two intervals given."""
     from scipy.stats import t as student
 
     s = int(d.size)
     mean = float(d.mean())
     out: dict = {"seeds": s, "mean": mean, "per_seed": [float(v) for v in d]}
     if s < 2:
-        out.update(sd=None, t_ci95=None, bootstrap_ci95=None, permutation_p=None,
+        out.update(sd=None, t_ci95=None, permutation_ci95=None, permutation_p=None,
                    note="one seed: nothing is known about training randomness")
         return out
     sd = float(d.std(ddof=1))
-    half = float(student.ppf(0.975, s - 1)) * sd / math.sqrt(s)
-    rng = np.random.default_rng([seed, s, 0x5EED])
-    boots = d[rng.integers(0, s, size=(resamples, s))].mean(axis=1)
-    if s <= 16:
-        signs = np.array(list(itertools.product((1.0, -1.0), repeat=s)))
-    else:
-        signs = rng.choice((1.0, -1.0), size=(resamples, s))
-    flipped = np.abs((signs * d).mean(axis=1))
-    p = float(np.mean(flipped >= abs(mean) - 1e-12))
-    out.update(sd=sd, t_ci95=[mean - half, mean + half],
-               bootstrap_ci95=[float(v) for v in np.quantile(boots, [0.025, 0.975])], permutation_p=p,
+    half = float(student.ppf(1 - ALPHA / 2, s - 1)) * sd / math.sqrt(s)
+    signs = _sign_patterns(s, np.random.default_rng([seed, s, 0x5EED]), resamples)
+    ci = _sign_flip_interval(d, signs)
+    out.update(sd=sd, t_ci95=[mean - half, mean + half], permutation_ci95=ci, permutation_p=_sign_flip_p(d, signs),
                permutation="exact, all 2^S sign patterns" if s <= 16 else f"{resamples:,} random sign patterns")
+    if ci is None:
+        out["note"] = (f"with {s} seeds the sign-flip test cannot reach 5 % (its smallest p is {2 / 2 ** s:.3g}), so "
+                       "its 95 % interval is unbounded; 6 or more seeds give one")
     return out
 
 
@@ -150,12 +194,19 @@ def conclusion(rep: dict) -> str:
     lo, hi = c["t_ci95"]
     verdict = ("more robust than" if lo > 0 else "less robust than" if hi < 0 else
                "not distinguishable from")
+    perm = c["permutation_ci95"]
+    if perm is None:
+        other = f"the sign-flip interval is unbounded with {c['seeds']} seeds"
+        split = ""
+    else:
+        other = f"sign-flip [{100 * perm[0]:+.2f}, {100 * perm[1]:+.2f}]"
+        split = (" The two intervals disagree on whether zero is inside, so the evidence is borderline."
+                 if (lo > 0 or hi < 0) != (perm[0] > 0 or perm[1] < 0) else "")
     return (f"Over {c['seeds']} training seeds, M_R is {verdict} M_rand in robust fraction: mean difference "
             f"{100 * c['mean']:+.2f} points, seed-level 95 % interval [{100 * lo:+.2f}, {100 * hi:+.2f}] (paired t; "
-            f"bootstrap [{100 * c['bootstrap_ci95'][0]:+.2f}, {100 * c['bootstrap_ci95'][1]:+.2f}]), sign-flip "
-            f"permutation p = {c['permutation_p']:.3g}; the seed-to-seed SD of the difference is "
-            f"{100 * c['sd']:.2f} points. This interval covers training randomness; each seed's image-level "
-            "interval covers only the test images and noise for that seed's two networks."
+            f"{other}), sign-flip permutation p = {c['permutation_p']:.3g}; the seed-to-seed SD of the difference "
+            f"is {100 * c['sd']:.2f} points.{split} This interval covers training randomness; each seed's "
+            "image-level interval covers only the test images and noise for that seed's two networks."
             + _at_operating_point(rep))
 
 
@@ -167,6 +218,10 @@ def _at_operating_point(rep: dict) -> str:
     span = f"{lo}" if lo == hi else f"{lo} to {hi}"
     return (f" Each seed ran at its own M's operating point (M at most {100 * op['target']:.0f} % robust on the "
             f"search sample): {span} pixels per step.")
+
+
+def _interval(ci: list[float] | None) -> str:
+    return "unbounded (≤ 5 seeds)" if ci is None else f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
 
 
 def _sd(x: dict) -> str:
@@ -187,7 +242,7 @@ def to_markdown(rep: dict) -> str:
         a, r = rep["models"][m]["accuracy"], rep["models"][m]["robust"]
         lines.append(f"| {m} | {pct(a['mean'])}{_sd(a)} | {pct(r['mean'])}{_sd(r)} |")
     lines += ["", "Seed-level paired comparisons (each seed's two models on the same images and noise):", "",
-              "| contrast | metric | mean | SD | paired t 95 % | bootstrap 95 % | permutation p |",
+              "| contrast | metric | mean | SD | paired t 95 % | sign-flip 95 % | permutation p |",
               "|---|---|---|---|---|---|---|"]
     for name, metrics in rep["contrasts"].items():
         for metric, c in metrics.items():
@@ -196,7 +251,7 @@ def to_markdown(rep: dict) -> str:
                 continue
             lines.append(f"| {name} | {metric} | {100 * c['mean']:+.2f} | {100 * c['sd']:.2f} | "
                          f"[{100 * c['t_ci95'][0]:+.2f}, {100 * c['t_ci95'][1]:+.2f}] | "
-                         f"[{100 * c['bootstrap_ci95'][0]:+.2f}, {100 * c['bootstrap_ci95'][1]:+.2f}] | "
+                         f"{_interval(c['permutation_ci95'])} | "
                          f"{c['permutation_p']:.3g} |")
     lines += ["", "Per seed, with each seed's image-level paired 95 % interval (test images and noise, for that "
               "seed's networks):", "",
@@ -215,5 +270,11 @@ def to_markdown(rep: dict) -> str:
                      f"{change(il['accuracy'])} |")
     lines += ["", "Differences are in points. The seed-level interval answers *does selecting robust images change "
               "robustness, whatever networks training produces?*; an image-level interval answers *do these two "
-              "networks differ on this test set?*", "", f"**Conclusion.** {rep['conclusion']}", ""]
+              "networks differ on this test set?*", "",
+              "The paired t interval assumes the per-seed differences are roughly normal; the sign-flip interval "
+              "(the shifts the exact sign-flip test does not reject at 5 %) assumes only that they are symmetric, "
+              "and needs 6 or more seeds to be bounded. In simulation over 5, 6 and 10 seeds both covered 94-98 % "
+              "with normal, heavy-tailed or coarse differences; with strongly skewed (exponential) differences "
+              "the t interval covered 89-90 % and the sign-flip interval 91-93 %.", "",
+              f"**Conclusion.** {rep['conclusion']}", ""]
     return "\n".join(lines)
