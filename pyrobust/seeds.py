@@ -197,7 +197,9 @@ def conclusion(rep: dict) -> str:
     perm = c["permutation_ci95"]
     if perm is None:
         other = f"the sign-flip interval is unbounded with {c['seeds']} seeds"
-        split = ""
+        split = (f" Only the t interval, which assumes roughly normal differences, excludes zero: with {c['seeds']} "
+                 f"seeds the sign-flip test cannot reach 5 % (p = {c['permutation_p']:.3g}), so more seeds are "
+                 "needed before this is more than suggestive." if lo > 0 or hi < 0 else "")
     else:
         other = f"sign-flip [{100 * perm[0]:+.2f}, {100 * perm[1]:+.2f}]"
         split = (" The two intervals disagree on whether zero is inside, so the evidence is borderline."

@@ -125,6 +125,8 @@ def test_the_seed_report_reads_each_seeds_report():
     c = rep["contrasts"]["M_R - M_rand"]["robust"]
     assert c["per_seed"] == pytest.approx([0.03, 0.04, 0.03]) and c["t_ci95"][0] > 0
     assert "more robust than" in rep["conclusion"] and "training randomness" in rep["conclusion"]
+    # three seeds: t excludes zero, the sign-flip test cannot, and the conclusion says the finding is only suggestive
+    assert "Only the t interval" in rep["conclusion"] and "p = 0.25" in rep["conclusion"]
     assert rep["noise"]["pixels"] == 28 and rep["operating_point"] is None
     text = to_markdown(rep)
     assert "the same images and noise for every seed" in text and "| pixels |" not in text
@@ -137,6 +139,7 @@ def test_a_seed_report_at_an_operating_point_names_each_seeds_pixels():
     assert [row["pixels"] for row in rep["per_seed"]] == [61, 74]
     assert rep["operating_point"] == {"target": 0.3, "pixels_min": 61, "pixels_max": 74, "pixels_mean": 67.5}
     assert "61 to 74 pixels" in rep["conclusion"]
+    assert "Only the t interval" not in rep["conclusion"]  # t includes zero here
     text = to_markdown(rep)
     assert "| seed | pixels |" in text and "| 1 | 74 |" in text and "own operating point" in text
     assert "the same images and noise for every seed" not in text
