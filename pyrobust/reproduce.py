@@ -218,7 +218,10 @@ def reproduce(config: StudyConfig, out: str | os.PathLike, *, log: Callable[[str
                          {"kind": "robust", "per_class": sel.per_class, "seed": sel.seed, "shortfall": sel.shortfall,
                           "table": sel.table, "source": {"results": "eval/M-train", "dataset": summary["dataset"]}})
             for row in sel.table:
-                if row["taken"] < row["asked"]:
+                if row["taken"] == 0:
+                    log(f"  warning: class {row['class']} has no robust training images: M_R and M_rand will never "
+                        "see it (a higher --target-robust, fewer --pixels or more training data gives it some)")
+                elif row["taken"] < row["asked"]:
                     log(f"  class {row['class']}: {row['available']} robust images, {row['asked']} asked, "
                         f"{row['taken']} taken")
 

@@ -155,6 +155,7 @@ def seed_report(reports: dict[int, dict], *, config: dict | None = None) -> dict
                                        "robust": r["models"][m]["robust"]["fraction"],
                                        "train_images": r["models"][m]["train_images"]} for m in MODELS},
                      "pixels": r["noise"]["pixels"], "operating_point": r.get("operating_point"),
+                     "empty_classes": (r.get("selection") or {}).get("empty_classes", []),
                      "image_level": {k: r["paired"][k] for k in ("M->M_R", "M_rand->M_R")}})
     summary: dict[str, dict] = {}
     for m in MODELS:
@@ -270,6 +271,11 @@ def to_markdown(rep: dict) -> str:
         lines.append(f"| {row['seed']} |{pixels} {pct(row['M']['robust'])} | "
                      f"{pct(row['M_R']['robust'])} | {pct(row['M_rand']['robust'])} | {change(il['robust'])} | "
                      f"{change(il['accuracy'])} |")
+    empty = [f"seed {row['seed']} ({', '.join(map(str, row['empty_classes']))})" for row in rep["per_seed"]
+             if row.get("empty_classes")]
+    if empty:
+        lines += ["", f"**Warning:** in {len(empty)} of {len(rep['per_seed'])} seeds a class had no robust training "
+                  f"images, so that seed's M_R and M_rand never saw it: {'; '.join(empty)} (class indices)."]
     lines += ["", "Differences are in points. The seed-level interval answers *does selecting robust images change "
               "robustness, whatever networks training produces?*; an image-level interval answers *do these two "
               "networks differ on this test set?*", "",

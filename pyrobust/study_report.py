@@ -190,7 +190,8 @@ def gather(root: Path, *, config: dict, stages: dict, test_spec: str, train_spec
                           "per_class": [{"class": r["class"], "name": r["name"], "images": r["images"],
                                          "robust": r["robust"], "robust_rate": r["robust_rate"]}
                                         for r in train_summary["per_class"]]},
-        "selection": {k: selection[k] for k in ("per_class", "seed", "shortfall", "table", "images")},
+        "selection": {**{k: selection[k] for k in ("per_class", "seed", "shortfall", "table", "images")},
+                      "empty_classes": [r["class"] for r in selection["table"] if r["taken"] == 0]},
         "flip_matrix": flips,
         "paired": {f"{a}->{b}": _paired_change(outcomes[a], outcomes[b]) for a, b in (("M", "M_R"), ("M_rand", "M_R"))},
         "quick": bool(config.get("quick")),
@@ -242,6 +243,13 @@ def blocks(rep: dict) -> list[tuple]:
     out.append(("p", "M: trained on the whole training split. M_R: the same architecture and settings retrained on "
                      "the robust subset. M_rand: the control, trained on a random class-balanced subset of the same "
                      "size. Paper (MNIST): accuracy 98.85 % → 96.92 %, robust 29.57 % → 51.01 %."))
+    empty = rep["selection"].get("empty_classes") or []
+    if empty:
+        out.append(("p", f"**Warning:** {_classes(empty, names)} had no robust training images under M, so M_R and "
+                         "M_rand (trained on the same number per class) never saw "
+                         f"{'it' if len(empty) == 1 else 'them'} and cannot predict "
+                         f"{'it' if len(empty) == 1 else 'them'}: their accuracy drop is, in part, these missing "
+                         "classes. See Selection below."))
     out.append(("h", 2, "Paired comparisons on the test split"))
     out.append(("table", ["change", "robust fraction (95 % CI)", "images lost / gained", "accuracy (95 % CI)"],
                 [[label, _change(rep["paired"][key]["robust"]),
@@ -298,6 +306,11 @@ def blocks(rep: dict) -> list[tuple]:
     out.append(("p", "Every number above is read from report.json, which gathers eval/*/summary.json, "
                      "eval/*/results.npz, select/robust.json and stages.json."))
     return out
+
+
+def _classes(ks: list[int], names: list[str]) -> str:
+    label = [names[k] for k in ks]
+    return ("class " + label[0]) if len(label) == 1 else "classes " + ", ".join(label)
 
 
 def _change(r: dict) -> str:

@@ -134,6 +134,7 @@ def test_the_seed_report_reads_each_seeds_report():
 
 def test_a_seed_report_at_an_operating_point_names_each_seeds_pixels():
     reports = {0: _fake(0, 0.3, 0.35, 0.32, pixels=61), 1: _fake(1, 0.29, 0.3, 0.31, pixels=74)}
+    reports[1]["selection"] = {"empty_classes": [1, 9]}  # the robust selection left two classes empty
     rep = seed_report(reports, config={"target_robust": 0.3})
     assert rep["noise"]["pixels"] is None  # no one count for the whole study
     assert [row["pixels"] for row in rep["per_seed"]] == [61, 74]
@@ -143,6 +144,7 @@ def test_a_seed_report_at_an_operating_point_names_each_seeds_pixels():
     text = to_markdown(rep)
     assert "| seed | pixels |" in text and "| 1 | 74 |" in text and "own operating point" in text
     assert "the same images and noise for every seed" not in text
+    assert "in 1 of 2 seeds a class had no robust training images" in text and "seed 1 (1, 9)" in text
 
 
 @pytest.mark.slow
@@ -175,6 +177,12 @@ def test_the_papers_other_readings_in_one_quick_study(tmp_path, shared_data, cap
     rep = json.loads((out / "report.json").read_text())
     assert rep["noise"]["pixels"] == point["pixels"] and rep["config"]["noise"]["pixel_count"] == "random"
     assert rep["operating_point"] == point
+    assert rep["selection"]["empty_classes"] == [r["class"] for r in rep["selection"]["table"] if r["taken"] == 0]
+    from pyrobust.study_report import blocks, to_markdown
+
+    empty = {**rep, "selection": {**rep["selection"], "empty_classes": [3, 7]}}
+    assert "**Warning:** classes 3, 7 had no robust training images" in to_markdown(blocks(empty))
+    assert "**Warning:**" not in to_markdown(blocks({**rep, "selection": {**rep["selection"], "empty_classes": []}}))
     assert f"Operating point: {point['pixels']} pixels" in (out / "report.md").read_text()
     summary = json.loads((out / "eval" / "M_R-test" / "summary.json").read_text())
     assert summary["noise"]["pixels"] == point["pixels"] and summary["noise"]["pixel_count"] == "random"
