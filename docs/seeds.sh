@@ -5,7 +5,7 @@
 # seed-level report and each seed's report.md / report.json / stages.json, without figures or models (the command
 # regenerates them). Then the agreement of the robust flags across seeds, for M, M_R and M_rand of the Fashion-MNIST
 # study at the paper's reading (the study's own evaluations, and seed 0's M under noise seed 1 as the ceiling).
-# On 2 CPU cores: Fashion-MNIST about 6 minutes per seed (58 minutes for the 10 seeds), MNIST-5k about 2.5.
+# On 2 CPU cores: Fashion-MNIST about 6 minutes per seed (58 minutes for the 10 seeds), MNIST-5k 1.5 to 2.5.
 # Usage: bash docs/seeds.sh [DATA_DIR] [study ...]   (studies: fashion mnist mnist-30 fashion-30 mnist-updates)
 set -euo pipefail
 DATA="${1:-../shared/data}"

@@ -20,7 +20,7 @@ from pyrobust.errors import DataError
 from pyrobust.report import plot_survival, save_figure
 from pyrobust.store.files import read_run_file, write_bytes_atomic, write_json_atomic
 from pyrobust.store.results import load_results, versions
-from pyrobust.types import NONFINITE
+from pyrobust.types import NONFINITE, is_int
 
 PAPER = {"accuracy": {"M": 0.9885, "M_R": 0.9692}, "robust": {"M": 0.2957, "M_R": 0.5101}}
 MODELS = (("M", "M-test", "train_M"), ("M_R", "M_R-test", "train_M_R"), ("M_rand", "M_rand-test", "train_M_rand"))
@@ -57,7 +57,7 @@ def _fraction(v) -> bool:
 
 
 def _count(v, low: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    return is_int(v) and v >= low
 
 
 def _is_point(d) -> bool:
@@ -175,6 +175,10 @@ def gather(root: Path, *, config: dict, stages: dict, test_spec: str, train_spec
             schemes.append({"scheme": record.noise.scheme, "mode": record.noise.mode,
                             "results": f"eval/{scheme_folder.name}", "accuracy": _rate(s["metrics"]["accuracy"]),
                             "robust": _rate(s["metrics"]["robust"])})
+    point = read_operating_point(layout.operating_point) if config.get("target_robust") is not None else None
+    if point is not None and point["pixels"] != test_noise.pixels:
+        raise DataError(f"{layout.operating_point} says {point['pixels']} pixels but eval/M-test ran with "
+                        f"{test_noise.pixels}: the study folder was changed by hand; rerun reproduce")
     # uniform/restart (the paper's) first, then the other values, then the random walk
     schemes.sort(key=lambda r: (r["mode"] != "restart", r["scheme"] != "uniform"))
     return {
@@ -197,8 +201,7 @@ def gather(root: Path, *, config: dict, stages: dict, test_spec: str, train_spec
         "quick": bool(config.get("quick")),
         "class_names": [r["name"] for r in test_summary["per_class"]],
         "schemes": schemes,
-        "operating_point": (read_operating_point(layout.operating_point)
-                            if config.get("target_robust") is not None else None),
+        "operating_point": point,
         "stages": [{"stage": name, "title": rec["title"], "seconds": rec["seconds"], "finished": rec["finished"]}
                    for name, rec in stages.items()],
         "versions": versions(),

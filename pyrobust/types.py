@@ -44,7 +44,7 @@ def pixel_share(text: str) -> float | None:
     return v / 100 if math.isfinite(v) and 0 < v <= 100 else None
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
@@ -75,10 +75,10 @@ class NoiseSpec:
             if share is None:
                 raise InvalidInput(f"pixels must be an integer >= 1 or a share of the image such as 3.5%; got "
                                    f"{self.pixels!r}")
-        elif not _is_int(self.pixels) or self.pixels < 1:
+        elif not is_int(self.pixels) or self.pixels < 1:
             raise InvalidInput(f"pixels must be an integer >= 1 or a share of the image such as 3.5%; got "
                                f"{self.pixels!r}")
-        if not _is_int(self.max_steps) or not 1 <= self.max_steps <= MAX_STEPS_LIMIT:
+        if not is_int(self.max_steps) or not 1 <= self.max_steps <= MAX_STEPS_LIMIT:
             raise InvalidInput(f"max_steps must be an integer in [1, {MAX_STEPS_LIMIT:,}] (the paper uses "
                                f"{PAPER_MAX_STEPS}); got {self.max_steps!r}")
         if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
@@ -90,7 +90,7 @@ class NoiseSpec:
             raise InvalidInput(f"scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
         if self.mode not in MODES:
             raise InvalidInput(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**64:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**64:
             raise InvalidInput(f"seed must be an integer in [0, 2**64); got {self.seed!r}")
         if (self.mean is None) != (self.std is None):
             raise InvalidInput("normalisation needs both mean and std (one value per channel), or neither")
