@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pyrobust.errors import InvalidInput
+from pyrobust.escape import md_cell, md_code
 from pyrobust.store.files import make_out_dir, write_bytes_atomic, write_json_atomic
 from pyrobust.store.results import load_results
 from pyrobust.types import ROBUST, RunRecord, differences
@@ -209,15 +210,17 @@ def to_markdown(rep: dict) -> str:
         return "n/a" if v is None else fmt.format(v)
 
     lines = ["# Agreement of robust flags", "",
-             f"{len(rep['runs'])} evaluations of `{rep['dataset']['spec']}` ({rep['dataset']['count']} images), "
+             f"{len(rep['runs'])} evaluations of {md_code(rep['dataset']['spec'])} ({rep['dataset']['count']} images), "
              f"noise {rep['noise']['pixels']} pixels, {rep['noise']['max_steps']} steps, {rep['noise']['scheme']}, "
              f"{rep['noise']['mode']}, seed {rep['noise']['seed']}. Each pair is compared on {rep['population']}.",
              "", "| run | model | accuracy | robust |", "|---|---|---|---|"]
-    lines += [f"| {r['name']} | `{r['model']}` | {r['accuracy']:.2%} | {r['robust']:.2%} |" for r in rep["runs"]]
+    lines += [f"| {md_cell(r['name'])} | {md_code(r['model'], table=True)} | {r['accuracy']:.2%} | "
+              f"{r['robust']:.2%} |" for r in rep["runs"]]
     lines += ["", "| pair | images | κ [95 % interval] | Jaccard | Spearman |", "|---|---|---|---|---|"]
     for p in rep["pairs"]:
         ci = "" if p["kappa_ci95"] is None else f" [{p['kappa_ci95'][0]:.3f}, {p['kappa_ci95'][1]:.3f}]"
-        lines.append(f"| {p['a']} – {p['b']} | {p['images_correct_under_both']} | {f(p['kappa'])}{ci} | "
+        lines.append(f"| {md_cell(p['a'])} – {md_cell(p['b'])} | {p['images_correct_under_both']} | "
+                     f"{f(p['kappa'])}{ci} | "
                      f"{f(p['jaccard'])} | {f(p['spearman'])} |")
     c = rep["ceiling"]
     if c:

@@ -20,13 +20,26 @@ import click
 
 from pyrobust import __version__
 from pyrobust.errors import Interrupted, InvalidInput, PyRobustError
+from pyrobust.escape import printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
 DEMO_MODEL = "mnist-cnn.onnx"
 
 
 def _err(message: str) -> None:
-    click.echo(f"pyrobust: {message}", err=True)
+    """One line on stderr. Messages quote names chosen by whoever made the model, data or results folder: escaped,
+    so that none can forge a line, a CI workflow command or a terminal escape (pyrobust.escape)."""
+    click.echo(f"pyrobust: {printable(message)}", err=True)
+
+
+def _echo(text: str, *, lines: bool = False) -> None:
+    """Results on stdout, escaped as :func:`_err` does; ``lines``: ``text`` is pyrobust's own multi-line output
+    (JSON, whose strings are escaped already), each line escaped on its own."""
+    if lines:
+        for line in text.split("\n"):
+            click.echo(printable(line))
+    else:
+        click.echo(printable(text))
 
 
 def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
@@ -230,9 +243,9 @@ class _Lines:
         took = now - self.start
         rate = inferences / took if took > 0 else 0.0
         eta = (total - done) * took / done if done else None
-        click.echo(f"{self.label}: {done:,}/{total:,} images ({done / max(total, 1):.0%}), {rate:,.0f} inferences/s, "
-                   f"elapsed {_fmt_seconds(took)}" + (f", ETA {_fmt_seconds(eta)}" if eta is not None else ""),
-                   err=True)
+        click.echo(printable(f"{self.label}: {done:,}/{total:,} images ({done / max(total, 1):.0%}), {rate:,.0f} "
+                             f"inferences/s, elapsed {_fmt_seconds(took)}"
+                             + (f", ETA {_fmt_seconds(eta)}" if eta is not None else "")), err=True)
 
 
 @contextmanager
@@ -249,6 +262,7 @@ def _progress(label: str):
         yield _Lines(label, float(os.environ.get("PYROBUST_PROGRESS_SECONDS", "10")))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -261,13 +275,14 @@ def _progress(label: str):
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=Console(stderr=True), transient=True) as bar:
+        label = escape(printable(label))  # a bar's text is rich markup: "[...]" in a name must not become style
         task = bar.add_task(f"{label}: starting", total=None, rate="")
 
         class _Bar:
             t: float | None = None
 
             def status(self, text: str) -> None:
-                bar.update(task, description=f"{label}: {text}")
+                bar.update(task, description=f"{label}: {escape(printable(text))}")
 
             def __call__(self, done: int, total: int, inferences: int) -> None:
                 import time
@@ -280,6 +295,13 @@ def _progress(label: str):
                 bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} inf/s")
 
         yield _Bar()
+
+
+def _rich(text: object) -> str:
+    """A foreign string in a rich table: printable, and its "[...]" kept as text rather than read as style markup."""
+    from rich.markup import escape
+
+    return escape(printable(text))
 
 
 def _count(n: int, word: str) -> str:
@@ -299,7 +321,8 @@ def _print_summary(summary: dict, out: Path | None) -> None:
             return "n/a"
         return f"{r['fraction']:.2%}  [{lo:.2%}, {hi:.2%}]  ({r['count']}/{r['of']})"
 
-    t = Table(title=f"{summary['model']['name']} on {summary['dataset']['spec']} ({_count(m['images'], 'image')})",
+    t = Table(title=f"{_rich(summary['model']['name'])} on {_rich(summary['dataset']['spec'])} "
+                    f"({_count(m['images'], 'image')})",
               show_header=False, title_justify="left")
     t.add_column(no_wrap=True)
     t.add_column(overflow="fold")
@@ -334,7 +357,7 @@ def _print_summary(summary: dict, out: Path | None) -> None:
     t.add_row("work", f"{p['inferences']:,} inferences in {p['seconds']:.1f} s ({ips:,.0f}/s)" if ips else "-")
     Console().print(t)
     if out is not None:
-        click.echo(f"results written to {out}")
+        _echo(f"results written to {out}")
 
 
 def _run_evaluation(model, dataset, *, out, overwrite, report, json_out, **kwargs) -> int:
@@ -351,7 +374,7 @@ def _run_evaluation(model, dataset, *, out, overwrite, report, json_out, **kwarg
     elif result.resumed:
         _err(f"resumed the run in {result.out}")
     if json_out:
-        click.echo(json.dumps(result.summary, indent=2))
+        _echo(json.dumps(result.summary, indent=2), lines=True)
     else:
         _print_summary(result.summary, result.out)
     return EXIT_OK
@@ -459,13 +482,13 @@ def train(dataset, data_dir, limit, arch, epochs, batch_size, lr, seed, threads,
     report = train_model(ds, out=out, architecture=arch, epochs=epochs, batch_size=batch_size, learning_rate=lr,
                          seed=seed, threads=threads, n_classes=max(ds.n_classes, test.n_classes if test else 0),
                          test=test, log=lambda line: _err(line))
-    click.echo(f"wrote {report.out} ({report.architecture}, {report.epochs} epochs, seed {report.seed}, "
+    _echo(f"wrote {report.out} ({report.architecture}, {report.epochs} epochs, seed {report.seed}, "
                f"{report.train_images} images, {report.seconds:.1f} s)")
-    click.echo(f"train accuracy {report.train_accuracy:.2%}; torch vs onnxruntime max |diff| "
+    _echo(f"train accuracy {report.train_accuracy:.2%}; torch vs onnxruntime max |diff| "
                f"{report.parity_max_abs_diff:.2g}; sha256 {report.sha256}")
     if report.test_accuracy is not None:
         where = test.spec if test else test_dataset
-        click.echo(f"test accuracy on {where}: {report.test_accuracy:.2%} ({report.test_images} images)")
+        _echo(f"test accuracy on {where}: {report.test_accuracy:.2%} ({report.test_images} images)")
     return EXIT_OK
 
 
@@ -501,14 +524,14 @@ def select(results, per_class, seed, shortfall, data_dir, out, allow_test_split)
               title_justify="left")
     for r in sel.table:
         name = names.get(r["class"], str(r["class"]))
-        t.add_row(name if name == str(r["class"]) else f"{r['class']} {name}", str(r["asked"]), str(r["available"]),
+        t.add_row(_rich(name if name == str(r["class"]) else f"{r['class']} {name}"), str(r["asked"]), str(r["available"]),
                   f"{r['taken']}{' (with replacement)' if r['replaced'] else ''}", str(r["filled"]))
     Console().print(t)
     if sel.short_classes and shortfall == "all":
         short = ", ".join(names.get(k, str(k)) for k in sel.short_classes)
         _err(f"warning: classes {short} have fewer robust images than asked; "
              "took all of them (see --shortfall)")
-    click.echo(f"wrote {npz}")
+    _echo(f"wrote {npz}")
     return EXIT_OK
 
 
@@ -536,7 +559,7 @@ def retrain(subset, like, epochs, seed, init_from, same_updates, threads, out) -
     report = do_retrain(ds, like=like, out=out, threads=threads, epochs=epochs, seed=seed, init_from=init_from,
                         same_updates=same_updates, log=lambda line: _err(line))
     how = f", fine-tuned from {init_from}" if init_from else ""
-    click.echo(f"wrote {report.out} ({report.architecture}, {report.epochs} epochs{how}, seed {report.seed}, "
+    _echo(f"wrote {report.out} ({report.architecture}, {report.epochs} epochs{how}, seed {report.seed}, "
                f"{report.train_images} images, {report.seconds:.1f} s); train accuracy {report.train_accuracy:.2%}")
     return EXIT_OK
 
@@ -610,21 +633,21 @@ def reproduce(dataset, data_dir, out, per_class, shortfall, arch, epochs, train_
 
         for m in ("M", "M_R", "M_rand"):
             a, r = srep["models"][m]["accuracy"], srep["models"][m]["robust"]
-            click.echo(f"{m:7s} over {len(seeds)} seeds: test accuracy {a['mean']:.2%}{sd(a)}   robust "
+            _echo(f"{m:7s} over {len(seeds)} seeds: test accuracy {a['mean']:.2%}{sd(a)}   robust "
                        f"{r['mean']:.2%}{sd(r)}")
-        click.echo(srep["conclusion"])
-        click.echo(f"report: {Path(out) / 'seeds.md'} (each seed's study in {Path(out) / 'seed-S'})")
+        _echo(srep["conclusion"])
+        _echo(f"report: {Path(out) / 'seeds.md'} (each seed's study in {Path(out) / 'seed-S'})")
         return EXIT_OK
     with _stage_progress() as factory:
         rep = run_study(config, out, log=lambda line: _err(line), progress_factory=factory)
     m = rep["models"]
     for name in ("M", "M_R", "M_rand"):
-        click.echo(f"{name:7s} {m[name]['train_images']:>6} training images   test accuracy "
+        _echo(f"{name:7s} {m[name]['train_images']:>6} training images   test accuracy "
                    f"{m[name]['accuracy']['fraction']:.2%}   robust {m[name]['robust']['fraction']:.2%}")
     if quick:
-        click.echo("quick run: a smoke test of the pipeline on a few hundred images with 2 epochs; these numbers are "
+        _echo("quick run: a smoke test of the pipeline on a few hundred images with 2 epochs; these numbers are "
                    "not results (models this small sit near chance level)")
-    click.echo(f"report: {Path(out) / 'report.md'}")
+    _echo(f"report: {Path(out) / 'report.md'}")
     return EXIT_OK
 
 
@@ -777,9 +800,9 @@ def gate(candidate, dataset, resize, data_dir, limit, index_range, min_accuracy,
     for w in [*(str(c.message) for c in caught), *result.warnings]:
         _err(f"warning: {w}")
     for c in result.checks:
-        click.echo(c.message)
+        _echo(c.message)
     how = f"; stopped early: {result.stop_reason}" if result.stopped_early else ""
-    click.echo(f"gate {result.decision.upper()}: {result.images_evaluated} of {result.images} images through the "
+    _echo(f"gate {result.decision.upper()}: {result.images_evaluated} of {result.images} images through the "
                f"noise protocol, {result.inferences:,} inferences{how}")
     # The verdict is out; writing the reports can still fail (a full disk): say so, with the verdict above.
     try:
@@ -809,12 +832,12 @@ def compare(a, b, out) -> int:
 
     rep = compare_runs(a, b, out=out)
     r, c = rep["robust"], rep["accuracy"]
-    click.echo(f"robust {r['a']:.2%} → {r['b']:.2%} ({r['change']:+.2%}, 95% [{r['ci95'][0]:+.2%}, "
+    _echo(f"robust {r['a']:.2%} → {r['b']:.2%} ({r['change']:+.2%}, 95% [{r['ci95'][0]:+.2%}, "
                f"{r['ci95'][1]:+.2%}]); accuracy {c['a']:.2%} → {c['b']:.2%} ({c['change']:+.2%})")
-    click.echo(f"newly fragile {rep['newly_fragile']['count']}, newly robust {rep['newly_robust']['count']}, "
+    _echo(f"newly fragile {rep['newly_fragile']['count']}, newly robust {rep['newly_robust']['count']}, "
                f"first-failure step moved for {rep['steps_moved']['count']} images")
     if out is not None:
-        click.echo(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'survival_compare.png'}")
+        _echo(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'survival_compare.png'}")
     return EXIT_OK
 
 
@@ -847,11 +870,11 @@ def replay(results, index, step, model, data_dir, out, no_check) -> int:
         raise InvalidInput(f"--out must end in .npy or .png; got {out}")
     r = do_replay(results, index=index, step=step, model=model, data_dir=data_dir)
     changed = int((r.perturbed != r.original).any(axis=2).sum())
-    click.echo(f"image {r.index}: label {r.label}, step {r.step} ({changed} pixels changed); "
+    _echo(f"image {r.index}: label {r.label}, step {r.step} ({changed} pixels changed); "
                f"run recorded prediction {r.recorded_label}")
     if out is not None:
         _write_replay(out, r)
-        click.echo(f"wrote {out}")
+        _echo(f"wrote {out}")
     if r.prediction is None:
         if no_check:
             return EXIT_OK
@@ -859,7 +882,7 @@ def replay(results, index, step, model, data_dir, out, no_check) -> int:
 
         raise ModelError("the run's model file was not found, so the prediction could not be checked; pass --model "
                          "FILE, or --no-check to only rebuild the input")
-    click.echo(f"model now predicts {r.prediction}: {'matches' if r.matches else 'DOES NOT MATCH'} the record")
+    _echo(f"model now predicts {r.prediction}: {'matches' if r.matches else 'DOES NOT MATCH'} the record")
     return EXIT_OK if r.matches else EXIT_FAILED
 
 
@@ -897,17 +920,17 @@ def agreement(runs, names, ceiling, out) -> int:
     rep = measure(runs, names=names.split(",") if names else None, ceiling=ceiling, out=out)
     for p in rep["pairs"]:
         if p["kappa"] is None:
-            click.echo(f"{p['a']} – {p['b']}: {p['note']}")
+            _echo(f"{p['a']} – {p['b']}: {p['note']}")
             continue
         lo, hi = p["kappa_ci95"]
-        click.echo(f"{p['a']} – {p['b']}: kappa {p['kappa']:.3f} [{lo:.3f}, {hi:.3f}], Jaccard {p['jaccard']:.3f}, "
+        _echo(f"{p['a']} – {p['b']}: kappa {p['kappa']:.3f} [{lo:.3f}, {hi:.3f}], Jaccard {p['jaccard']:.3f}, "
                    f"Spearman {p['spearman']:.3f} ({p['images_correct_under_both']} images)")
     c = rep["ceiling"]
     if c and c["kappa"] is not None:
-        click.echo(f"noise-only ceiling (seeds {c['seeds'][0]}, {c['seeds'][1]}): kappa {c['kappa']:.3f}")
-    click.echo(rep["answer"])
+        _echo(f"noise-only ceiling (seeds {c['seeds'][0]}, {c['seeds'][1]}): kappa {c['kappa']:.3f}")
+    _echo(rep["answer"])
     if out is not None:
-        click.echo(f"wrote {out / 'agreement.json'}, {out / 'agreement.md'}, {out / 'agreement.png'}")
+        _echo(f"wrote {out / 'agreement.json'}, {out / 'agreement.md'}, {out / 'agreement.png'}")
     return EXIT_OK
 
 
@@ -929,9 +952,9 @@ def data_fetch(name, dest) -> int:
 
     files = fetch_dataset(name, dest=dest, log=_err)
     for f in files:
-        click.echo(f"{f.status:10} {f.sha256}  {f.path}")
+        _echo(f"{f.status:10} {f.sha256}  {f.path}")
     hint = f" --data-dir {dest}" if dest is not None else ""
-    click.echo(f"{name}: ready; use --dataset {name}:test or {name}:train{hint}")
+    _echo(f"{name}: ready; use --dataset {name}:test or {name}:train{hint}")
     return EXIT_OK
 
 
@@ -946,12 +969,12 @@ def data_list(data_dir) -> int:
     from pyrobust.fetch import list_data
 
     roots, found = list_data(data_dir)
-    click.echo("searched, in order: " + ", ".join(str(r) for r in roots))
+    _echo("searched, in order: " + ", ".join(str(r) for r in roots))
     if not found:
-        click.echo("no dataset files found; get them with: pyrobust data fetch mnist (or fashion-mnist)")
+        _echo("no dataset files found; get them with: pyrobust data fetch mnist (or fashion-mnist)")
     for f in found:
         mark = "verified" if f.verified else "NOT the published file"
-        click.echo(f"{f.dataset:13} {f.name:28} {f.size:>10,} B  {f.sha256[:16]}…  {mark}  {f.path}")
+        _echo(f"{f.dataset:13} {f.name:28} {f.size:>10,} B  {f.sha256[:16]}…  {mark}  {f.path}")
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pyrobust.errors import InvalidInput
+from pyrobust.escape import md_cell, md_code, md_text
 from pyrobust.report import plot_survival
 from pyrobust.stats import paired_difference_interval
 from pyrobust.store.files import make_out_dir, write_bytes_atomic, write_json_atomic
@@ -94,8 +95,9 @@ def compare_markdown(rep: dict) -> str:
         return (f"{r['a']:.2%} → {r['b']:.2%} ({r['change']:+.2%}, 95 % interval [{r['ci95'][0]:+.2%}, "
                 f"{r['ci95'][1]:+.2%}]; {r['lost']} lost, {r['gained']} gained)")
 
-    lines = [f"# pyrobust compare: {rep['a']['model']['name']} (A) → {rep['b']['model']['name']} (B)", "",
-             f"{rep['images']} images of `{rep['dataset']['spec']}`, seed {rep['settings']['seed']}, "
+    lines = [f"# pyrobust compare: {md_text(rep['a']['model']['name'])} (A) → {md_text(rep['b']['model']['name'])} "
+             "(B)", "",
+             f"{rep['images']} images of {md_code(rep['dataset']['spec'])}, seed {rep['settings']['seed']}, "
              f"{rep['settings']['pixels']} pixels, {rep['settings']['max_steps']} steps.", "",
              f"- robust: {pct(rep['robust'])}", f"- accuracy: {pct(rep['accuracy'])}",
              f"- newly fragile: {rep['newly_fragile']['count']}; newly robust: {rep['newly_robust']['count']}",
@@ -103,7 +105,8 @@ def compare_markdown(rep: dict) -> str:
              f"earlier, {rep['steps_moved']['later']} later)", "",
              "| class | images | robust A | robust B | newly fragile | newly robust |", "|---|---|---|---|---|---|"]
     for r in rep["per_class"]:
-        lines.append(f"| {r['name']} | {r['images']} | {r['robust_a']} | {r['robust_b']} | {r['newly_fragile']} | "
+        lines.append(f"| {md_cell(r['name'])} | {r['images']} | {r['robust_a']} | {r['robust_b']} | "
+                     f"{r['newly_fragile']} | "
                      f"{r['newly_robust']} |")
     lines += ["", "![survival curves](survival_compare.png)", ""]
     return "\n".join(lines)

@@ -34,6 +34,7 @@ from pyrobust.engine.loop import clean_predictions
 from pyrobust.engine.plan import RunPlan, load_data, plan_run, split_settings
 from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import InvalidInput, NonFiniteModel
+from pyrobust.escape import md_code, md_text, xml_text
 from pyrobust.images import parse_resize
 from pyrobust.sequential import (
     FAIL,
@@ -505,16 +506,21 @@ def _threshold(c: Check) -> str:
 
 
 def markdown_summary(result: GateResult) -> str:
+    """The step summary (GitHub renders it as GFM, raw HTML included): every name the model, the data or a results
+    folder chose is a code span or escaped text (:mod:`pyrobust.escape`), so none becomes markup."""
     head = {"pass": "passed", "fail": "failed", "inconclusive": "inconclusive"}[result.decision]
+    base = ""
+    if result.baseline:
+        base = f"; baseline {md_code(Path(result.baseline.get('path', result.baseline.get('results', ''))).name)}"
     lines = [f"### pyrobust gate {head} {_ICON[result.decision]}", "",
-             f"Candidate `{Path(result.candidate['path']).name}` (sha256 `{result.candidate['sha256'][:12]}`) on "
-             f"`{result.dataset['spec']}`: {result.images_evaluated} of {result.images} images through the noise "
-             f"protocol, {result.inferences:,} inferences"
-             + (f"; baseline `{Path(result.baseline.get('path', result.baseline.get('results', ''))).name}`"
-                if result.baseline else "") + ".", "",
+             f"Candidate {md_code(Path(result.candidate['path']).name)} (sha256 "
+             f"`{result.candidate['sha256'][:12]}`) on {md_code(result.dataset['spec'])}: "
+             f"{result.images_evaluated} of {result.images} images through the noise protocol, "
+             f"{result.inferences:,} inferences{base}.", "",
              "| check | value [interval] | threshold | verdict |", "|---|---|---|---|"]
     for c in result.checks:
-        lines.append(f"| `{c.name}` | {_interval(c)} | {_threshold(c)} | {_ICON[c.verdict]} {c.verdict} |")
+        lines.append(f"| {md_code(c.name, table=True)} | {_interval(c)} | {_threshold(c)} | {_ICON[c.verdict]} "
+                     f"{c.verdict} |")
     lines.append("")
     p = result.policy
     lines.append(f"Exact intervals at each check's per-look level ({p.confidence:.0%} overall: accuracy on the clean "
@@ -523,12 +529,12 @@ def markdown_summary(result: GateResult) -> str:
                  f"{result.settings['pixels']} pixels, {result.settings['max_steps']} steps, "
                  f"{result.settings['scheme']}, {result.settings['mode']}, seed {result.settings['seed']}.")
     if result.stopped_early:
-        lines.append(f"Stopped early: {result.stop_reason}.")
+        lines.append(f"Stopped early: {md_text(result.stop_reason)}.")
     for w in result.warnings:
-        lines.append(f"- ⚠️ {w}")
+        lines.append(f"- ⚠️ {md_text(w)}")
     for c in result.checks:
         if c.verdict == "inconclusive":
-            lines.append(f"- `{c.name}` is inconclusive: {c.message.split('; ', 1)[-1]}")
+            lines.append(f"- {md_code(c.name)} is inconclusive: {md_text(c.message.split('; ', 1)[-1])}")
     return "\n".join(lines) + "\n"
 
 
@@ -540,13 +546,14 @@ def junit_xml(result: GateResult) -> bytes:
                                        for c in result.checks)),
                        errors="0", timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     for c in result.checks:
-        case = ET.SubElement(suite, "testcase", classname=f"pyrobust.gate.{c.kind}", name=c.name)
+        message = xml_text(c.message)  # XML 1.0 has no place for control characters: escaped, not written raw
+        case = ET.SubElement(suite, "testcase", classname=xml_text(f"pyrobust.gate.{c.kind}"), name=xml_text(c.name))
         if c.verdict in failing:
-            ET.SubElement(case, "failure", message=c.message, type=c.verdict).text = c.message
+            ET.SubElement(case, "failure", message=message, type=c.verdict).text = message
         elif c.verdict == "inconclusive":
-            ET.SubElement(case, "skipped", message=c.message)
+            ET.SubElement(case, "skipped", message=message)
         out = ET.SubElement(case, "system-out")
-        out.text = c.message
+        out.text = message
     root = ET.Element("testsuites", name="pyrobust", tests=suite.get("tests", "0"), failures=suite.get("failures", "0"))
     root.append(suite)
     ET.indent(root)

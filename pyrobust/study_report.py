@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pyrobust.errors import DataError
+from pyrobust.escape import md_cell
 from pyrobust.report import plot_survival, save_figure
 from pyrobust.store.files import read_run_file, write_bytes_atomic, write_json_atomic
 from pyrobust.store.results import load_results, versions
@@ -330,7 +331,7 @@ def to_markdown(bl: list[tuple]) -> str:
         elif b[0] == "table":
             lines.append("| " + " | ".join(b[1]) + " |")
             lines.append("|" + "|".join("---" for _ in b[1]) + "|")
-            lines += ["| " + " | ".join(r) + " |" for r in b[2]]
+            lines += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in b[2]]
             lines.append("")
         elif b[0] == "img":
             lines += [f"![{b[2]}]({b[1]})", "", f"*{b[2]}*", ""]

@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = {"errors", "types", "stats", "sequential"}
+CORE = {"errors", "escape", "types", "stats", "sequential"}
 DATA = {"datasets", "fetch", "images", "store"}
 
 

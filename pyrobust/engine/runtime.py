@@ -19,13 +19,20 @@ from pathlib import Path
 
 import numpy as np
 
+from pyrobust.engine.modelfile import (
+    MODEL_MAX_BYTES,
+    check_external_data,
+    external_files,
+    first_line,
+    inline_external,
+    model_digest,
+    unknown_domains,
+)
 from pyrobust.engine.watchdog import register_run_options
 from pyrobust.errors import ClassCountMismatch, InvalidInput, ModelError
+from pyrobust.escape import field
 from pyrobust.store.files import read_bounded
 
-# Operator domains onnxruntime implements itself; anything else needs a custom-op library, which pyrobust never loads.
-KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc",
-                           "ai.onnx.training", "ai.onnx.preview.training", "com.ms.internal.nhwc"})
 LAYOUTS = ("NCHW", "NHWC", "NHW", "NF")
 _INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
                  # integer pixels (deployment models often take uint8): fed whole numbers in 0..255
@@ -88,45 +95,6 @@ def check_threads(threads) -> int:
     return int(threads)
 
 
-def _first_line(exc: Exception) -> str:
-    """onnx and onnxruntime put pages of context in their messages; the first line names the problem."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def check_external_data(proto, model_path: Path) -> None:
-    """Refuse external-data tensors that could read outside the model's folder: absolute paths, ``..``, symbolic
-    links anywhere on the way, hard links, or files that resolve elsewhere. Done here whatever onnx's version, since
-    onnx's own checks were bypassed several times (CVE-2022-25882, CVE-2024-27318, CVE-2026-27489)."""
-    from onnx import TensorProto
-    from onnx.external_data_helper import _get_all_tensors
-
-    base = model_path.resolve().parent
-    for tensor in _get_all_tensors(proto):
-        if tensor.data_location != TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        loc = info.get("location", "")
-        where = f"{model_path}: tensor '{tensor.name}' keeps its data in '{loc}'"
-        rel = Path(loc)
-        if not loc or rel.is_absolute() or ".." in rel.parts:
-            raise ModelError(f"{where}, outside the model's folder; pyrobust reads external data only from files "
-                             "beside the model")
-        walk = base
-        for part in rel.parts:
-            walk = walk / part
-            if walk.is_symlink():
-                raise ModelError(f"{where}, through a symbolic link; copy the data file beside the model")
-        target = (base / rel).resolve()
-        if base not in target.parents:
-            raise ModelError(f"{where}, outside the model's folder; pyrobust reads external data only from files "
-                             "beside the model")
-        if not target.is_file():
-            raise ModelError(f"{where}, which does not exist; keep the data file beside the model")
-        if target.stat().st_nlink > 1:
-            raise ModelError(f"{where}, a file with several hard links; copy the data file beside the model")
-
-
 def _dim_ok(declared, actual: int) -> bool:
     return not isinstance(declared, int) or declared == actual
 
@@ -143,57 +111,6 @@ class Binding:
 
 def describe_shape(shape) -> str:
     return "[" + ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in shape) + "]"
-
-
-MODEL_MAX_BYTES = 2 * 2**30  # protobuf's limit for one ONNX file
-EXTERNAL_MAX_BYTES = 4 * 2**30  # weights kept beside the model, all files together
-
-
-def _external_files(proto, model_path: Path) -> dict[str, bytes]:
-    """The bytes of every external-data file the model references (already checked to sit beside it), read once."""
-    from onnx import TensorProto
-    from onnx.external_data_helper import _get_all_tensors
-
-    base = model_path.resolve().parent
-    out: dict[str, bytes] = {}
-    total = 0
-    for tensor in _get_all_tensors(proto):
-        if tensor.data_location != TensorProto.EXTERNAL:
-            continue
-        loc = {e.key: e.value for e in tensor.external_data}["location"]
-        if loc not in out:
-            out[loc] = read_bounded(base / loc, what="external-data file", max_bytes=EXTERNAL_MAX_BYTES - total,
-                                    error=ModelError, hint=" for a model's external data")
-            total += len(out[loc])
-    return out
-
-
-def _inline_external(proto, files: dict[str, bytes]) -> None:
-    """Put the external tensors' bytes (those read and hashed) into the model itself."""
-    from onnx import TensorProto
-    from onnx.external_data_helper import _get_all_tensors
-
-    for tensor in _get_all_tensors(proto):
-        if tensor.data_location != TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        blob = files[info["location"]]
-        offset = int(info.get("offset", 0) or 0)
-        length = int(info["length"]) if info.get("length") else len(blob) - offset
-        if offset < 0 or length < 0 or offset + length > len(blob):
-            raise ModelError(f"tensor '{tensor.name}' points past the end of {info['location']}")
-        tensor.raw_data = blob[offset: offset + length]
-        del tensor.external_data[:]
-        tensor.data_location = TensorProto.DEFAULT
-
-
-def model_digest(data: bytes, external: dict[str, bytes]) -> str:
-    """The model's SHA-256: of the .onnx file alone when it keeps its weights inside (the file's own SHA-256), else
-    of the .onnx and every external-data file by name, so a swapped weight file changes it."""
-    h = hashlib.sha256(data)
-    for loc in sorted(external):
-        h.update(b"\0" + loc.encode() + b"\0" + hashlib.sha256(external[loc]).digest())
-    return h.hexdigest()
 
 
 class OnnxModel:
@@ -230,18 +147,18 @@ class OnnxModel:
                              "torch.onnx.export or pyrobust train") from None
         if not proto.graph.node and not proto.graph.output:
             raise ModelError(f"{self.path}: not an ONNX model (no graph); export one with torch.onnx.export")
-        unknown = sorted({o.domain for o in proto.opset_import} - KNOWN_DOMAINS)
+        unknown = unknown_domains(proto)
         if unknown and custom_ops is None:
-            raise ModelError(f"{self.path}: uses custom operator domain(s) {', '.join(unknown)}, which onnxruntime "
-                             "does not implement; pyrobust loads a custom-op library only when you name it "
+            raise ModelError(f"{self.path}: uses custom operator domain(s) {field(', '.join(unknown))}, which "
+                             "onnxruntime does not implement; pyrobust loads a custom-op library only when you name it "
                              "(--custom-ops LIB)")
         check_external_data(proto, self.path)
-        external = _external_files(proto, self.path)
+        external = external_files(proto, self.path)
         self.sha256 = model_digest(data, external)
         self.external_data = [{"location": loc, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
                               for loc, blob in sorted(external.items())]
         if external:
-            _inline_external(proto, external)
+            inline_external(proto, external)
             if proto.ByteSize() >= MODEL_MAX_BYTES:
                 raise ModelError(f"{self.path}: the model with its external data is over 2 GiB, more than pyrobust "
                                  "loads")
@@ -249,7 +166,7 @@ class OnnxModel:
         try:
             onnx.checker.check_model(proto)
         except Exception as exc:
-            raise ModelError(f"{self.path}: invalid ONNX model ({_first_line(exc)})") from None
+            raise ModelError(f"{self.path}: invalid ONNX model ({first_line(exc)})") from None
         self._bytes = data
         self._start_session()
 
@@ -276,7 +193,7 @@ class OnnxModel:
             try:
                 opts.register_custom_ops_library(str(lib))
             except Exception as exc:
-                raise ModelError(f"{lib}: onnxruntime cannot load this custom-op library ({_first_line(exc)})") \
+                raise ModelError(f"{lib}: onnxruntime cannot load this custom-op library ({first_line(exc)})") \
                     from None
         self._run_options = ort.RunOptions()
         self._run_options.log_severity_level = 4
@@ -284,7 +201,7 @@ class OnnxModel:
         try:
             self.session = ort.InferenceSession(self._bytes, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ModelError(f"{self.path}: onnxruntime cannot load the model ({_first_line(exc)})") from None
+            raise ModelError(f"{self.path}: onnxruntime cannot load the model ({first_line(exc)})") from None
         self._describe()
 
     def _describe(self) -> None:
@@ -427,7 +344,7 @@ class OnnxModel:
                 # KeyboardInterrupt at the next bytecode, here, and not later inside the checkpoint save.
                 time.sleep(0.05)
                 raise KeyboardInterrupt from None
-            raise ModelError(f"{self.path}: onnxruntime failed to run the model ({_first_line(exc)})") from None
+            raise ModelError(f"{self.path}: onnxruntime failed to run the model ({first_line(exc)})") from None
         if self.zipmap:
             out = zipmap_scores(out, self.path)
         if out.ndim != 2 or out.shape[0] != x.shape[0]:
