@@ -16,12 +16,27 @@ target (``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``); it also applies to other n
 ``$XDG_CACHE_HOME/pyrobust/numba`` (``~/.cache/pyrobust/numba``), never beside the installed sources: numba's default
 ``__pycache__`` inside ``site-packages/perturbcore`` outlives a ``pip uninstall`` and then shadows a later editable
 install of the package as an empty namespace package. Like the vector width, this is numba's process-wide setting.
+
+**The cache is executable code.** numba's index files are pickles, loaded before any check, and its ``.nbc`` files
+are machine code: whoever can write the cache folder can run code as the next user of pyrobust. So the folder is
+created ``0700`` and used only when it is safe to trust: a real folder (not a symbolic link) owned by this user,
+not writable by group or others, on a writable file system, every ancestor owned by this user or root and not
+writable by others (unless sticky, as ``/tmp``), and every file and folder inside owned by this user and not
+writable by group or others. Otherwise the kernels are compiled in memory for this process only (slower to start,
+nothing read or written) and a ``KernelCacheWarning`` says why and how to fix it. Restoring this folder from a CI
+cache that other jobs or forks can write defeats all of this: the README says so.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 from pathlib import Path
+
+
+class KernelCacheWarning(UserWarning):
+    """The compiled-kernel cache cannot be trusted or written: kernels are compiled in memory instead."""
 
 
 def cache_dir() -> Path:
@@ -32,14 +47,80 @@ def cache_dir() -> Path:
     return Path(base) / "pyrobust" / "numba"
 
 
+def _make_private(folder: Path) -> None:
+    """Create ``folder`` and any missing parents with mode 0700."""
+    missing = []
+    p = folder
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        os.mkdir(d, 0o700)
+
+
+def _writable_by_others(st: os.stat_result) -> bool:
+    return bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def cache_problem(folder: Path) -> str | None:
+    """Why ``folder`` must not hold compiled kernels (a sentence), or None when it is safe to use; creates it 0700
+    if it does not exist."""
+    uid = os.geteuid()
+    try:
+        _make_private(folder)
+        st = os.lstat(folder)
+    except OSError as exc:
+        return f"it cannot be created ({exc.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a folder"
+    if st.st_uid != uid:
+        return f"it is owned by user {st.st_uid}, not by you ({uid})"
+    if _writable_by_others(st):
+        return f"others can write it (mode {stat.S_IMODE(st.st_mode):04o})"
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:  # pragma: no cover - statvfs is there on every POSIX system
+        read_only = False
+    if read_only or not os.access(folder, os.W_OK | os.X_OK):
+        return "it cannot be written (a read-only file system or home)"
+    for parent in folder.resolve().parents:
+        pst = os.stat(parent)
+        if pst.st_uid not in (uid, 0):
+            return f"its parent {parent} is owned by user {pst.st_uid}"
+        if _writable_by_others(pst) and not pst.st_mode & stat.S_ISVTX:
+            return f"others can write its parent {parent} (mode {stat.S_IMODE(pst.st_mode):04o})"
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            est = os.lstat(path)
+            if stat.S_ISLNK(est.st_mode):
+                return f"{path} is a symbolic link"
+            if est.st_uid != uid:
+                return f"{path} is owned by user {est.st_uid}, not by you"
+            if _writable_by_others(est):
+                return f"others can write {path} (mode {stat.S_IMODE(est.st_mode):04o})"
+    return None
+
+
+CACHE_DIR = cache_dir()
+_problem = cache_problem(CACHE_DIR)
+if _problem is not None:
+    warnings.warn(f"the compiled-kernel cache {CACHE_DIR} is not used: {_problem}. It holds executable code, so "
+                  "pyrobust only uses a folder that only you can write; kernels are compiled in memory for this run "
+                  "(slower to start). Fix: remove the folder (pyrobust creates it again, private), or set "
+                  "NUMBA_CACHE_DIR to a folder of your own that only you can write",
+                  KernelCacheWarning, stacklevel=2)
+
 # Before numba reads its configuration (and again after, for a process that imported numba first).
-os.environ["NUMBA_CACHE_DIR"] = str(cache_dir())
+os.environ["NUMBA_CACHE_DIR"] = str(CACHE_DIR)
 
 import numba  # noqa: E402
 
 numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]  # type: ignore[attr-defined]
 
-JIT_OPTIONS = {"cache": True, "error_model": "numpy", "nogil": True}
+JIT_OPTIONS = {"cache": _problem is None, "error_model": "numpy", "nogil": True}
 
 
 def _prefer_256_bit_vectors() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pyrobust.errors import InvalidInput
-from pyrobust.escape import md_cell, md_code
+from pyrobust.escape import figure_text, md_cell, md_code
 from pyrobust.store.files import make_out_dir, write_bytes_atomic, write_json_atomic
 from pyrobust.store.results import load_results
 from pyrobust.types import ROBUST, RunRecord, differences
@@ -236,6 +236,7 @@ def plot_agreement(matrix: np.ndarray, names: list[str], path: Path | None = Non
     from pyrobust.report import _figure, save_figure
 
     n = len(names)
+    names = [figure_text(x) for x in names]
     fig = _figure(figsize=(1.2 + 0.7 * n, 1.0 + 0.6 * n))
     ax = fig.subplots()
     im = ax.imshow(matrix, vmin=-0.2, vmax=1.0, cmap="viridis")

@@ -83,6 +83,12 @@ def md_cell(text: object) -> str:
     return md_text(text)
 
 
+def figure_text(text: object) -> str:
+    """A foreign string drawn by matplotlib: printable, with every ``$`` escaped, so that no pair of dollar signs
+    is parsed as mathtext (an unknown ``\\command`` there stops the figure from being drawn at all)."""
+    return printable(text).replace("$", r"\$")
+
+
 def html_text(text: object) -> str:
     """A foreign string as HTML text or an attribute value (quoted): printable and entity-escaped."""
     return html.escape(printable(text), quote=True)

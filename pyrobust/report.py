@@ -18,6 +18,7 @@ import numpy as np
 
 from pyrobust.datasets import Dataset, class_names
 from pyrobust.engine.loop import perturbed_image
+from pyrobust.escape import figure_text
 from pyrobust.store.files import atomic_path
 from pyrobust.store.results import REPORT_FILES, noise_of
 from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome
@@ -55,13 +56,14 @@ def show_image(ax, img: np.ndarray) -> None:
 def _label_text(k: int, names: list[str]) -> str:
     if k == NONFINITE:
         return "non-finite"
-    return names[k] if 0 <= k < len(names) else str(k)
+    return figure_text(names[k]) if 0 <= k < len(names) else str(k)
 
 
 def plot_survival(summary: dict, path: Path | None = None, *,
                   curves: dict[str, list[float]] | None = None) -> Figure:
     """One curve, or several (``curves``: name -> fractions) on the same axes."""
     curves = curves or {summary["model"].get("name", "model"): summary["survival"]["fraction"]}
+    curves = {figure_text(name): frac for name, frac in curves.items()}
     fig = _figure(figsize=(6.4, 4.0))
     ax = fig.subplots()
     for name, frac in curves.items():
@@ -71,7 +73,7 @@ def plot_survival(summary: dict, path: Path | None = None, *,
     ax.set_ylim(0, 1.02)
     ax.set_xlim(0, len(next(iter(curves.values()))) - 1)
     s = noise_of(summary)
-    ax.set_title(f"{summary['dataset']['spec']}: {s.pixels} pixels, {s.scheme}, {s.mode}, seed {s.seed}", fontsize=9)
+    ax.set_title(f"{figure_text(summary['dataset']['spec'])}: {s.pixels} pixels, {s.scheme}, {s.mode}, seed {s.seed}", fontsize=9)
     ax.grid(alpha=0.3)
     # below the axes: a curve can pass through any corner of them (a fragile model's runs along the bottom)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(3, len(curves)), fontsize=8, frameon=False)
@@ -88,7 +90,7 @@ def plot_per_class(summary: dict, path: Path | None = None) -> Figure:
         rows = sorted((r for r in rows if r["images"]), key=lambda r: (r["robust_rate"], r["class"]))[:PLOTTED_CLASSES]
         rows.sort(key=lambda r: r["class"])
         shown_note = f"; the {len(rows)} least robust of {len(summary['per_class'])} classes"
-    names = [r["name"] for r in rows]
+    names = [figure_text(r["name"]) for r in rows]
     robust = np.array([r["robust"] for r in rows])
     fooled = np.array([r["fooled"] for r in rows])
     wrong = np.array([r["images"] - r["correct"] for r in rows])
@@ -104,7 +106,7 @@ def plot_per_class(summary: dict, path: Path | None = None) -> Figure:
     ax.set_xticks(x, names, rotation=30 if max(len(n) for n in names) > 2 else 0, fontsize=8)
     ax.set_ylabel("images")
     ax.set_ylim(0, max(1, max(r["images"] for r in rows)) * 1.08)  # room for the rate labels
-    ax.set_title(f"robust images per class ({summary['dataset']['spec']}; % = robust rate{shown_note})", fontsize=9)
+    ax.set_title(f"robust images per class ({figure_text(summary['dataset']['spec'])}; % = robust rate{shown_note})", fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
 

@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pyrobust.errors import DataError
-from pyrobust.escape import md_cell
+from pyrobust.escape import figure_text, md_cell
 from pyrobust.report import plot_survival, save_figure
 from pyrobust.store.files import read_run_file, write_bytes_atomic, write_json_atomic
 from pyrobust.store.results import load_results, versions
@@ -362,7 +362,7 @@ def to_html(bl: list[tuple], root: Path) -> str:
 
 
 def plot_flips(rep: dict, path: Path) -> None:
-    names = [*rep["class_names"], "nf"]
+    names = [*(figure_text(x) for x in rep["class_names"]), "nf"]
     fig = Figure(figsize=(4.2 * len(MODELS), 4.0))
     axes = fig.subplots(1, len(MODELS), squeeze=False)[0]
     for ax, (n, _, _) in zip(axes, MODELS, strict=True):

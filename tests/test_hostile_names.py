@@ -115,3 +115,13 @@ def test_compare_and_agreement_escape_names_from_results_folders(hostile_model, 
     for md in ((tmp_path / "cmp" / "compare.md").read_text(), (tmp_path / "agr" / "agreement.md").read_text()):
         _assert_clean_markdown(md)
     assert os.path.basename(FILE_NAME) in json.loads((runs[0] / "summary.json").read_text())["model"]["path"]
+
+
+def test_a_name_that_reads_as_mathtext_still_draws_the_figures(bundled_model, tmp_path, capsys):
+    path = tmp_path / "a$\\foo{$.onnx"
+    shutil.copy(bundled_model, path)
+    code = main(["evaluate", str(path), "--dataset", "sample", "--limit", "10", "--max-steps", "2",
+                 "--out", str(tmp_path / "run")])
+    assert code == 0, capsys.readouterr().err
+    assert {p.name for p in (tmp_path / "run").glob("*.png")} == {"survival.png", "per_class.png", "examples.png",
+                                                                  "failure.png"}
