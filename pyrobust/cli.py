@@ -524,7 +524,8 @@ def select(results, per_class, seed, shortfall, data_dir, out, allow_test_split)
               title_justify="left")
     for r in sel.table:
         name = names.get(r["class"], str(r["class"]))
-        t.add_row(_rich(name if name == str(r["class"]) else f"{r['class']} {name}"), str(r["asked"]), str(r["available"]),
+        shown = _rich(name if name == str(r["class"]) else f"{r['class']} {name}")
+        t.add_row(shown, str(r["asked"]), str(r["available"]),
                   f"{r['taken']}{' (with replacement)' if r['replaced'] else ''}", str(r["filled"]))
     Console().print(t)
     if sel.short_classes and shortfall == "all":
@@ -694,21 +695,37 @@ def _load_gate_config(ctx, param, value):
     except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there)
         import tomli as tomllib
 
+    from pyrobust.errors import DataError
+    from pyrobust.store.files import read_bounded
+
     try:
-        data = tomllib.loads(Path(value).read_text())
-    except FileNotFoundError:
-        raise click.BadParameter(f"{value}: file not found") from None
+        # a FIFO or /dev/zero is refused, never waited on; a policy file is small
+        text = read_bounded(value, what="gate config", max_bytes=1 << 20).decode()
+        data = tomllib.loads(text)
+    except DataError as exc:
+        raise click.BadParameter(str(exc)) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise click.BadParameter(f"{value}: not valid TOML ({exc})") from None
-    table = data.get("gate", data)
+    if "gate" in data:
+        outside = sorted(k for k in data if k != "gate")
+        if outside:
+            raise click.BadParameter(f"{value}: key(s) {', '.join(map(repr, outside))} stand outside the [gate] table "
+                                     "and would be ignored; move them into [gate] (or drop the [gate] header)")
+        table = data["gate"]
+    else:
+        table = data
     if not isinstance(table, dict):
         raise click.BadParameter(f"{value}: [gate] must be a table of options; got {type(table).__name__}")
     keys = config_keys(ctx.command)
     values = {}
+    spelled: dict[str, str] = {}
     for key, v in table.items():
         name = key.replace("-", "_")
         if name not in keys:
             raise click.BadParameter(f"{value}: unknown key {key!r}; allowed: {', '.join(sorted(keys))}")
+        if name in spelled:
+            raise click.BadParameter(f"{value}: {spelled[name]!r} and {key!r} set the same option; keep one")
+        spelled[name] = key
         param_name, flag, inverted = keys[name]
         if isinstance(v, bool) != flag or not isinstance(v, (str, int, float, bool)):
             raise click.BadParameter(f"{value}: {key} = {v!r} is not a valid value for it"
@@ -734,7 +751,14 @@ def _load_gate_config(ctx, param, value):
 @click.option("--min-robust", callback=_fraction, help="Fraction of all test images never fooled, at least.")
 @click.option("--min-class-robust", callback=_fraction, help="The robust rate of every class, at least.")
 @click.option("--baseline", type=click.Path(path_type=Path), default=None,
-              help="The production model (.onnx) or a results folder of it on the same data and settings.")
+              help="The production model (.onnx) or a results folder of it on the same data and settings (then "
+                   "with --baseline-model or --baseline-sha256).")
+@click.option("--baseline-model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The model a --baseline results folder came from: its SHA-256 must match, every clean "
+                   "prediction and 64 random images' whole protocol are replayed before the results are used.")
+@click.option("--baseline-sha256", default=None,
+              help="Instead of --baseline-model: the pinned SHA-256 of that model (the file the results name must "
+                   "have it).")
 @click.option("--max-robust-drop", callback=_fraction, help="Robust fraction may drop at most this vs the baseline.")
 @click.option("--max-accuracy-drop", callback=_fraction, help="Accuracy may drop at most this vs the baseline.")
 @click.option("--confidence", type=float, default=0.95, show_default=True,
@@ -757,7 +781,8 @@ def _load_gate_config(ctx, param, value):
 @_timeout_option
 @_settings
 def gate(candidate, dataset, resize, data_dir, limit, index_range, min_accuracy, min_robust, min_class_robust, baseline,
-         max_robust_drop, max_accuracy_drop, confidence, inconclusive, no_early_stop, family, spending, out, junit,
+         baseline_model, baseline_sha256, max_robust_drop, max_accuracy_drop, confidence, inconclusive, no_early_stop,
+         family, spending, out, junit,
          summary, output, noise, options) -> int:
     """Pass or fail CANDIDATE (an ONNX model) on robustness thresholds, with statistical decisions.
 
@@ -792,7 +817,8 @@ def gate(candidate, dataset, resize, data_dir, limit, index_range, min_accuracy,
         check_output_file(Path(step_summary), "$GITHUB_STEP_SUMMARY", create_parent=False)
     with warnings.catch_warnings(record=True) as caught, _progress("gate") as progress:
         warnings.simplefilter("always")
-        result = run_gate(candidate, dataset, policy=policy, baseline=baseline, data_dir=data_dir, limit=limit,
+        result = run_gate(candidate, dataset, policy=policy, baseline=baseline, baseline_model=baseline_model,
+                          baseline_sha256=baseline_sha256, data_dir=data_dir, limit=limit,
                           resize=resize,
                           start=start, stop=stop, noise=noise, output=output, progress=progress,
                           log=lambda line: _err(line),
@@ -1055,7 +1081,8 @@ def _main(args: list[str], debug: bool) -> int:
 
 
 # Library messages name Python arguments ("pass overwrite=True"); on the command line the same advice is a flag.
-_FLAG_WORDS = re.compile(r"\b(overwrite|resume|step|precision|allow_test_split)=(True\b|[A-Z]\b)|\bdata_dir\b()()")
+_FLAG_WORDS = re.compile(r"\b(overwrite|resume|step|precision|allow_test_split|baseline_model|baseline_sha256)="
+                         r"(True\b|[A-Z]+\b)|\bdata_dir\b()()")
 
 
 def cli_words(message: str) -> str:

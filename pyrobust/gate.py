@@ -303,6 +303,8 @@ def run_gate(
     *,
     policy: GatePolicy,
     baseline: str | os.PathLike | None = None,
+    baseline_model: str | os.PathLike | None = None,
+    baseline_sha256: str | None = None,
     noise: NoiseSpec | None = None,
     output: str | None = None,
     data_dir=None,
@@ -317,7 +319,9 @@ def run_gate(
 ) -> GateResult:
     """Decide ``policy`` for ``candidate``: a clean pass for the accuracy checks, then noise looks for the
     robustness checks until the verdict can no longer change (or every image is used). A baseline is a model, or a
-    folder of its saved results on the same data and noise. ``noise`` and ``settings`` are as for
+    folder of its saved results on the same data and noise, tied to the model they came from: ``baseline_model``
+    (its file) or ``baseline_sha256`` (its pinned digest; the file is then the one the results name), and verified
+    against it before it is used (:func:`verify_saved_baseline`). ``noise`` and ``settings`` are as for
     :func:`pyrobust.evaluate` (noise fields, and run options such as ``batch_size``, ``sessions``, ``scheduler``,
     ``max_memory_mb``, ``custom_ops``): both go through the same run plan."""
     spec, options = split_settings(noise, settings)
@@ -334,6 +338,9 @@ def run_gate(
     if bpath is not None and bpath.is_dir():
         base_saved = _saved_baseline(bpath, ds, spec)
         base_info = {"results": str(bpath.resolve()), **base_saved.model}
+    elif baseline_model is not None or baseline_sha256 is not None:
+        raise InvalidInput("baseline_model=FILE and baseline_sha256=HEX tie a results folder to its model; the "
+                           "baseline is a model here, so leave them out")
     with ExitStack() as stack:
         cand = stack.enter_context(plan_run(candidate, ds, spec, options, status=status, output=output))
         base = None
@@ -341,6 +348,12 @@ def run_gate(
             base = stack.enter_context(plan_run(bpath, ds, spec, options, status=status, connection=cand.connection,
                                                 output=output))
             base_info = _model_info(base.model)
+        elif base_saved is not None:
+            model_path = _baseline_model_path(base_saved, bpath, baseline_model, baseline_sha256)
+            status("verifying the baseline results against their model")
+            bplan = stack.enter_context(plan_run(model_path, ds, spec, options, status=status,
+                                                 connection=cand.connection, output=output))
+            base_info["verified"] = verify_saved_baseline(base_saved, bplan, pinned=baseline_sha256, log=log)
         return _decide(policy, cand, base, base_saved.outcome if base_saved else None, base_info, ds_spec,
                        data_dir, (start, stop, limit, size), progress, log)
 
@@ -487,6 +500,75 @@ def _saved_baseline(folder: Path, ds: Dataset, spec: NoiseSpec) -> RunRecord:
                            "(a precision or partial run); evaluate the baseline on every image, or pass the "
                            "baseline model")
     return record
+
+
+BASELINE_REPLAYS = 64  # images of a results baseline replayed through the whole protocol before it is trusted
+
+
+def _baseline_model_path(record: RunRecord, folder: Path, model, pinned: str | None) -> Path:
+    """The model file a results baseline is checked against: the one the user names, or with only a pinned digest
+    the one the results name (its bytes must then have that digest)."""
+    if pinned is not None and (not isinstance(pinned, str) or len(pinned) != 64 or
+                               any(ch not in "0123456789abcdef" for ch in pinned.lower())):
+        raise InvalidInput(f"baseline_sha256 must be a SHA-256 (64 hexadecimal digits); got {pinned!r}")
+    if model is not None:
+        return Path(model)
+    if pinned is None:
+        raise InvalidInput(f"the baseline results in {folder} are not tied to a model: nothing but the folder "
+                           "vouches for them. Pass the model they came from (baseline_model=FILE) or pin its SHA-256 "
+                           f"(baseline_sha256=HEX; the results name {record.model['sha256'][:16]}…), or pass the "
+                           "baseline model itself as the baseline")
+    return Path(record.model["path"])
+
+
+def verify_saved_baseline(record: RunRecord, plan: RunPlan, *, pinned: str | None, log, replays: int | None = None,
+                          rng: np.random.Generator | None = None) -> dict:
+    """Check that saved baseline results are what their model gives, before they decide anything: the model's
+    SHA-256 must be the one the results record (and ``pinned``, when given); its clean prediction of **every**
+    image must equal the recorded one (this proves the accuracy the results claim); and ``replays`` images drawn at
+    random (unpredictably, so a doctored folder cannot know which) must replay through the whole protocol to the
+    recorded first-failure step and label. A folder in which a share f of the correctly classified images was
+    altered passes the replay with probability (1 - f)^replays: about 4 % for f = 5 % with 64 replays. Returns what
+    was checked, for ``gate.json``."""
+    from pyrobust.errors import DataError
+
+    out = record.outcome
+    digest = plan.model.sha256
+    where = f"the baseline results in {record.folder}"
+    if pinned is not None and digest != pinned.lower():
+        raise DataError(f"{plan.model.path}: its SHA-256 is {digest[:16]}…, not the pinned {pinned[:16]}…; give "
+                        "the baseline model that was pinned")
+    if digest != record.model["sha256"]:
+        raise DataError(f"{where} are of the model with SHA-256 {record.model['sha256'][:16]}…, not of "
+                        f"{plan.model.path} ({digest[:16]}…); give the model they came from, or evaluate this one")
+    ds = plan.dataset
+    clean = clean_predictions(plan.model, ds, plan.noise, batch_size=plan.batch_size)
+    wrong = np.flatnonzero(clean != out.clean_prediction)
+    if wrong.size:
+        i = int(wrong[0])
+        raise DataError(f"{where} do not match their model: image #{int(out.index[i])} is predicted "
+                        f"{int(clean[i])} but the results say {int(out.clean_prediction[i])} ({wrong.size} of "
+                        f"{ds.n} clean predictions differ); the folder was altered or is not this model's. "
+                        "Evaluate the baseline again")
+    correct = np.flatnonzero(out.first_failure != 0)
+    k = min(BASELINE_REPLAYS if replays is None else replays, correct.size)
+    rng = rng or np.random.default_rng()  # fresh entropy: which images are replayed must not be predictable
+    pos = np.sort(rng.choice(correct, size=k, replace=False)) if k else correct[:0]
+    state = RunState(ds.n)
+    if k:
+        plan.execute(state, positions=pos)
+    for i in pos:
+        if (state.first_failure[i], state.failure_label[i]) != (out.first_failure[i], out.failure_label[i]):
+            def said(ff, fl):
+                return "robust" if ff == ROBUST else f"fooled at step {ff} (as {fl})"
+            raise DataError(f"{where} do not match their model: image #{int(out.index[i])} replays as "
+                            f"{said(int(state.first_failure[i]), int(state.failure_label[i]))} but the results say "
+                            f"{said(int(out.first_failure[i]), int(out.failure_label[i]))}; the folder was altered or "
+                            "is not this model's. Evaluate the baseline again")
+    log(f"baseline results verified: model SHA-256 {digest[:12]}…, {ds.n} clean predictions, {k} images replayed")
+    return {"model": _model_info(plan.model), "sha256_pinned": pinned is not None, "clean_predictions": int(ds.n),
+            "replayed": int(k), "replayed_indices": [int(out.index[i]) for i in pos],
+            "inferences": int(ds.n + state.inferences)}
 
 
 # --------------------------------------------------------------------------------------------------- reports

@@ -73,7 +73,8 @@ def plot_survival(summary: dict, path: Path | None = None, *,
     ax.set_ylim(0, 1.02)
     ax.set_xlim(0, len(next(iter(curves.values()))) - 1)
     s = noise_of(summary)
-    ax.set_title(f"{figure_text(summary['dataset']['spec'])}: {s.pixels} pixels, {s.scheme}, {s.mode}, seed {s.seed}", fontsize=9)
+    ax.set_title(f"{figure_text(summary['dataset']['spec'])}: {s.pixels} pixels, {s.scheme}, {s.mode}, seed {s.seed}",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     # below the axes: a curve can pass through any corner of them (a fragile model's runs along the bottom)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(3, len(curves)), fontsize=8, frameon=False)
@@ -106,7 +107,8 @@ def plot_per_class(summary: dict, path: Path | None = None) -> Figure:
     ax.set_xticks(x, names, rotation=30 if max(len(n) for n in names) > 2 else 0, fontsize=8)
     ax.set_ylabel("images")
     ax.set_ylim(0, max(1, max(r["images"] for r in rows)) * 1.08)  # room for the rate labels
-    ax.set_title(f"robust images per class ({figure_text(summary['dataset']['spec'])}; % = robust rate{shown_note})", fontsize=9)
+    ax.set_title(f"robust images per class ({figure_text(summary['dataset']['spec'])}; % = robust rate{shown_note})",
+                 fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
 

@@ -9,6 +9,8 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import onnx
 import pytest
+
+from pyrobust.store.files import file_sha256
 from onnx import numpy_helper
 
 from pyrobust.cli import main
@@ -238,11 +240,12 @@ def test_paired_baseline_detects_an_injected_regression(tmp_path, capsys, bundle
     assert main(["evaluate", str(bundled_model), "--dataset", "mnist:test", "--data-dir", str(shared_data),
                  "--limit", "2000", "--max-steps", "30", "--no-report", "--out", str(tmp_path / "base")]) == 0
     capsys.readouterr()
-    code, out, _ = gate(capsys, regressed, *common, "--baseline", tmp_path / "base", "--max-robust-drop", "0.005")
+    code, out, _ = gate(capsys, regressed, *common, "--baseline", tmp_path / "base", "--baseline-model",
+                        bundled_model, "--max-robust-drop", "0.005")
     assert code == 1 and "drop +2.80%" in out
     # the unchanged model against itself passes a 0.5-point budget
-    code, out, _ = gate(capsys, bundled_model, *common, "--baseline", tmp_path / "base", "--max-robust-drop",
-                        "0.005", "--max-accuracy-drop", "0.005")
+    code, out, _ = gate(capsys, bundled_model, *common, "--baseline", tmp_path / "base", "--baseline-sha256",
+                        file_sha256(bundled_model), "--max-robust-drop", "0.005", "--max-accuracy-drop", "0.005")
     assert code == 0, out
     # saved results of other settings cannot be paired
     code, _, err = gate(capsys, regressed, *common[:-3], "--max-steps", "31", "--baseline", tmp_path / "base",

@@ -76,7 +76,8 @@ def test_evaluate_and_gate_outputs_are_escaped(hostile_model, tmp_path, capsys, 
     ev = capsys.readouterr()
     assert code == 0, ev.err
     code = main(["gate", str(hostile_model), "--dataset", "sample", "--max-steps", "3",
-                 "--limit", "20", "--min-robust", "99%", "--baseline", str(out), "--max-robust-drop", "5%",
+                 "--limit", "20", "--min-robust", "99%", "--baseline", str(out), "--baseline-model", str(hostile_model),
+                 "--max-robust-drop", "5%",
                  "--junit", str(tmp_path / "gate.xml"), "--summary", str(tmp_path / "gate.md"),
                  "--out", str(tmp_path / "gate")])
     gt = capsys.readouterr()
