@@ -219,6 +219,37 @@ def test_config_file_and_overrides(capsys, tmp_path, bundled_model):
     assert gate(capsys, bundled_model, "--config", cfg, "--dataset", "sample")[0] == 2
 
 
+@pytest.mark.parametrize("text, message", [
+    ('min_robust = "99%"\n[gate]\ndataset = "sample"\n',
+     "key(s) 'min_robust' stand outside the [gate] table and would be ignored"),
+    ('[gate]\nmin-robust = "10%"\nmin_robust = "99%"\n', "'min-robust' and 'min_robust' set the same option"),
+    ('[gate]\nmin_robust = "10%"\n[gate.extra]\nx = 1\n', "unknown key 'extra'"),
+    ('[gate]\nmin_robust = ["10%"]\n', "min_robust = ['10%'] is not a valid value"),
+    ('[other]\nmin_robust = 0.5\n', "unknown key 'other'"),
+])
+def test_config_keys_are_never_dropped_silently(capsys, tmp_path, bundled_model, text, message):
+    """A check that vanished from the policy would pass a gate it should fail."""
+    cfg = tmp_path / "gate.toml"
+    cfg.write_text(text)
+    code, _, err = gate(capsys, bundled_model, "--config", cfg, "--dataset", "sample")
+    assert code == 2 and message in err, err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder"])
+def test_a_config_that_is_not_a_regular_file_is_refused_at_once(capsys, tmp_path, bundled_model, kind):
+    import os
+
+    path = tmp_path / "gate.toml"
+    if kind == "fifo":
+        os.mkfifo(path)  # nobody writes it: reading would wait for ever
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path = "/dev/zero"
+    code, _, err = gate(capsys, bundled_model, "--config", path, "--dataset", "sample")
+    assert code == 2 and ("not a regular file" in err or "is a directory" in err), err
+
+
 # ----------------------------------------------------------------------------------- early stop and pairing
 def test_early_stop_takes_less_work_with_the_same_verdict(bundled_model):
     spec = NoiseSpec(max_steps=60)
