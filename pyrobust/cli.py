@@ -7,6 +7,7 @@ stderr is a terminal). Exit codes: 0 success, 1 a check failed, 2 usage error, 3
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import traceback
@@ -380,7 +381,78 @@ def _run_evaluation(model, dataset, *, out, overwrite, report, json_out, **kwarg
     return EXIT_OK
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+_OUTPUTS = ("out", "junit", "summary", "dest")
+_DATASET_PARAMS = ("dataset", "test_dataset")
+
+
+def _written(command: str, name: str, path: Path) -> list[Path]:
+    """The files ``command`` writes for its output parameter ``name`` = ``path`` (a folder's files by name)."""
+    if command in ("evaluate", "demo") and name == "out":
+        from pyrobust.store.results import RUN_FILES
+
+        return [path / f for f in (*RUN_FILES, "checkpoint.npz")]
+    if command == "gate" and name == "out":
+        return [path / "gate.json"]
+    if command == "compare":
+        return [path / f for f in ("compare.json", "compare.md", "survival_compare.png")]
+    if command == "agreement":
+        return [path / f for f in ("agreement.json", "agreement.md", "agreement.png")]
+    if command == "select":
+        return [path, path.with_suffix(".json")] if path.suffix == ".npz" else \
+            [path / "subset.npz", path / "selection.json"]
+    if command in ("reproduce", "data") or path.is_dir():
+        return []  # a folder of its own layout (or a fetch destination): it holds no inputs of the command
+    return [path]
+
+
+def _dataset_path(spec) -> Path | None:
+    if not isinstance(spec, str):
+        return None
+    target = spec.removeprefix("folder:")
+    for split in (":train", ":test"):
+        target = target.removesuffix(split)
+    return Path(target) if target and os.path.lexists(target) else None
+
+
+def _refuse_inputs_as_outputs(ctx: click.Context) -> None:
+    """Every command: before any work, no output may be one of the command's inputs (models, data, results
+    folders, configs), by path, symbolic link or hard link."""
+    from pyrobust.store.files import refuse_inputs_as_outputs
+
+    name = ctx.command.name or ""
+    inputs, outputs = [], []
+    config = ctx.meta.get("pyrobust.config")
+    if config is not None:
+        inputs.append(("--config", Path(config)))
+    for key, value in ctx.params.items():
+        flag = "--" + key.replace("_", "-")
+        if key in _OUTPUTS:
+            if isinstance(value, Path):
+                outputs += [(flag, p) for p in _written(name, key, value)]
+            continue
+        if key in _DATASET_PARAMS:
+            value = _dataset_path(value)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, Path):
+                inputs.append((flag if key not in ("model", "candidate", "results", "a", "b", "subset", "runs")
+                               else key.upper(), v))
+    if name == "gate" and os.environ.get("GITHUB_STEP_SUMMARY"):
+        outputs.append(("$GITHUB_STEP_SUMMARY", Path(os.environ["GITHUB_STEP_SUMMARY"])))
+    refuse_inputs_as_outputs(outputs, inputs)
+
+
+class _Command(click.Command):
+    def invoke(self, ctx: click.Context):
+        _refuse_inputs_as_outputs(ctx)
+        return super().invoke(ctx)
+
+
+class _Group(click.Group):
+    command_class = _Command
+    group_class = type  # subgroups (pyrobust data) are _Groups too, and their commands _Commands
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="pyrobust")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 def cli(debug: bool) -> None:
@@ -690,6 +762,7 @@ def _load_gate_config(ctx, param, value):
     """Read a TOML gate policy (top level or a [gate] table) into the command's defaults; flags override it."""
     if value is None:
         return None
+    ctx.meta["pyrobust.config"] = value  # an input: no output of the command may overwrite it
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there)

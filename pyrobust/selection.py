@@ -18,7 +18,13 @@ import numpy as np
 
 from pyrobust.datasets import Dataset, load_recorded
 from pyrobust.errors import InvalidInput
-from pyrobust.store.files import check_output_file, make_out_dir, write_bytes_atomic, write_json_atomic
+from pyrobust.store.files import (
+    check_output_file,
+    make_out_dir,
+    refuse_inputs_as_outputs,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from pyrobust.store.results import load_results
 from pyrobust.types import ROBUST, Outcome
 
@@ -131,7 +137,7 @@ def select_from_results(results_dir: str | os.PathLike, *, per_class: int, seed:
     test split is refused unless ``allow_test_split``: training on the images a model is then tested on makes its
     test results meaningless."""
     _check(per_class, seed, shortfall)
-    subset_paths(out)
+    targets = subset_paths(out)  # writable, checked before any work
     record = load_results(results_dir)
     outcome, summary = record
     if summary["dataset"].get("split") == "test" and not allow_test_split:
@@ -139,6 +145,10 @@ def select_from_results(results_dir: str | os.PathLike, *, per_class: int, seed:
                            "training images from it puts test images into training. Evaluate the training split, or "
                            "pass allow_test_split=True if that is really what you want")
     ds = load_recorded(summary["dataset"], data_dir=data_dir)
+    # the images come from a file the results name: the subset must not be written over it (or over the results)
+    results_files = [("the results", Path(results_dir) / name) for name in ("results.npz", "summary.json")]
+    refuse_inputs_as_outputs([("out", p) for p in targets],
+                             [("the dataset", Path(ds.source)), *results_files])
     sel = select_robust(outcome, per_class=per_class, seed=seed, shortfall=shortfall,
                         n_classes=len(summary["per_class"]))
     meta = {"kind": "robust", "per_class": sel.per_class, "seed": sel.seed, "shortfall": sel.shortfall,

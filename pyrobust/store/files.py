@@ -152,6 +152,26 @@ def check_output_file(path: Path, what: str, *, create_parent: bool = True) -> N
         raise OutputError(f"{what} {p}: cannot write there ({exc.strerror})") from None
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` are one file: the same path, a symbolic link to it, or a hard link (same inode)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except (OSError, ValueError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def refuse_inputs_as_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path]]) -> None:
+    """Before any work: no file a command will write (``outputs``: what names it, and the path) may be one of its
+    inputs, by path, symbolic link or hard link; an atomic rename over it would replace the input."""
+    for what, out in outputs:
+        for in_what, inp in inputs:
+            if same_file(out, inp):
+                also = "" if Path(out) == Path(inp) else f" ({out} is the same file)"
+                raise OutputError(f"{what} {out} would overwrite {in_what} {inp}{also}; an input is never an "
+                                  f"output: choose another {what}")
+
+
 # ------------------------------------------------------------------------------------------------ memory
 def available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo, or None where it cannot be read."""
