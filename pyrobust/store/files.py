@@ -173,16 +173,72 @@ def refuse_inputs_as_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple
 
 
 # ------------------------------------------------------------------------------------------------ memory
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo, or None where it cannot be read."""
+def _own_cgroups(proc_cgroup: str | os.PathLike = "/proc/self/cgroup") -> dict[str, str]:
+    """This process's cgroup path per hierarchy: ``""`` for the v2 unified one, else the v1 controller names."""
+    out: dict[str, str] = {}
+    try:
+        text = Path(proc_cgroup).read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(","):
+                out[controller] = parts[2]
+    return out
+
+
+def cgroup_memory_available(root: str | os.PathLike = "/sys/fs/cgroup",
+                            proc_cgroup: str | os.PathLike = "/proc/self/cgroup") -> int | None:
+    """Bytes a container's memory limit still allows (cgroup v2 ``memory.max`` less ``memory.current``, or v1
+    ``memory.limit_in_bytes`` less ``memory.usage_in_bytes``), the tightest of this process's cgroup and its
+    ancestors, or None without a limit. The kernel kills a process that goes past it without a word, whatever
+    /proc/meminfo says the machine has."""
+    base = Path(root)
+    own = _own_cgroups(proc_cgroup)
+    best: int | None = None
+    for hierarchy, limit_name, usage_name, key in ((base, "memory.max", "memory.current", ""),
+                                                   (base / "memory", "memory.limit_in_bytes",
+                                                    "memory.usage_in_bytes", "memory")):
+        rel = own.get(key, "/").strip("/")
+        folders = [hierarchy / rel] if rel else []
+        folders += [hierarchy / Path(rel).parents[i] for i in range(len(Path(rel).parents))] if rel else [hierarchy]
+        for folder in folders:
+            try:
+                limit = (folder / limit_name).read_text().strip()
+            except OSError:
+                continue
+            try:
+                cap = int(limit)
+            except ValueError:
+                continue  # "max": no limit at this level
+            if cap >= 2**60:  # v1 writes a huge number for "no limit"
+                continue
+            try:
+                used = int((folder / usage_name).read_text().strip())
+            except (OSError, ValueError):
+                used = 0
+            left = max(0, cap - used)
+            best = left if best is None else min(best, left)
+    return best
+
+
+def available_memory_bytes(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
+    """Memory this process may still take: MemAvailable from /proc/meminfo, lowered to what a container's cgroup
+    memory limit leaves; None where neither can be read."""
+    avail = None
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    return None
+    cap = cgroup_memory_available(cgroup_root)
+    if cap is not None:
+        avail = cap if avail is None else min(avail, cap)
+    return avail
 
 
 def memory_budget(max_memory_mb: float | None) -> int | None:
