@@ -262,3 +262,24 @@ def test_the_memory_check_counts_the_models_working_memory(capsys, tmp_path, bun
     assert not (tmp_path / "o").exists()
     assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--limit", "20", "--max-steps", "2",
                  "--max-memory", "600", "--batch-size", "256", "--sessions", "1", "--out", str(tmp_path / "p")]) == 0
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_fifo_or_device_as_the_tuning_cache_is_ignored_not_waited_on(tmp_path, bundled_model, kind):
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache" / "pyrobust"
+    cache.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(cache / "tuning.json")  # nobody writes it: a plain read would wait for ever
+    else:
+        (cache / "tuning.json").symlink_to("/dev/zero")  # a read would never end
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "pyrobust", "evaluate", str(bundled_model), "--dataset", "sample",
+                        "--limit", "5", "--max-steps", "2", "--out", str(tmp_path / "o")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "not a pyrobust tuning cache" in r.stderr
+    assert (cache / "tuning.json").is_file() and not (cache / "tuning.json").is_symlink()  # rewritten as a file

@@ -19,9 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from pyrobust.engine.runtime import OnnxModel, default_threads
+from pyrobust.errors import PyRobustError
+from pyrobust.store.files import read_bounded
 
 BATCH_SIZES = (32, 64, 128, 256, 512, 1024)
 NEAR_BEST = 0.95  # the smallest size within 5 % of the best wins: less padding at the tail, less memory
+
+
+CACHE_MAX_BYTES = 8 * 2**20  # a few hundred bytes per model and machine; anything larger is not ours
 
 
 def cache_path() -> Path:
@@ -54,11 +59,12 @@ def _load() -> dict:
     """The cache, as {section: {key: entry}}; a corrupt or crafted file is ignored (with a warning) and rewritten on
     the next store, never an error: it only holds speed choices."""
     path = cache_path()
-    if not path.exists():
+    if not os.path.lexists(path):
         return {}
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        # a FIFO or /dev/zero planted as the cache is refused, never waited on or read without end
+        data = json.loads(read_bounded(path, what="tuning cache", max_bytes=CACHE_MAX_BYTES, follow_symlinks=False))
+    except (PyRobustError, OSError, ValueError, UnicodeDecodeError):
         data = None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         warnings.warn(f"{path}: not a pyrobust tuning cache; ignoring it (it is rewritten after the next "
