@@ -1042,14 +1042,18 @@ def data() -> None:
 @click.argument("name", type=click.Choice(["mnist", "fashion-mnist", "cifar10"]))
 @click.option("--dir", "dest", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Put the files in DIR/NAME/ (default: the per-user data folder, searched by --dataset NAME:SPLIT).")
-def data_fetch(name, dest) -> int:
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds one connect or read may wait for the server.")
+@click.option("--deadline", type=float, default=900.0, show_default=True,
+              help="Seconds the whole fetch may take, retries included (a server that drips bytes is stopped).")
+def data_fetch(name, dest, timeout, deadline) -> int:
     """Download dataset NAME from its canonical location (then mirrors), verify every file's SHA-256, and store it.
 
     Example: pyrobust data fetch mnist
     """
     from pyrobust.fetch import fetch_dataset
 
-    files = fetch_dataset(name, dest=dest, log=_err)
+    files = fetch_dataset(name, dest=dest, log=_err, timeout=timeout, deadline=deadline)
     for f in files:
         _echo(f"{f.status:10} {f.sha256}  {f.path}")
     hint = f" --data-dir {dest}" if dest is not None else ""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyrobust.datasets import search_roots
-from pyrobust.errors import DataError, OutputError
+from pyrobust.errors import DataError, InvalidInput, OutputError, PyRobustError
 from pyrobust.store.files import file_sha256
 
 MAX_DOWNLOAD_BYTES = 64 * 2**20  # the largest file (Fashion-MNIST training images) is 26 MB
@@ -154,15 +154,24 @@ def verify(path: Path, spec: RemoteFile) -> tuple[bool, str]:
 
 
 def fetch_dataset(name: str, *, dest: str | os.PathLike | None = None, catalog: dict[str, RemoteDataset] | None = None,
-                  retries: int = 3, timeout: float = 30.0, backoff: float = 1.0,
+                  retries: int = 3, timeout: float = 30.0, backoff: float = 1.0, deadline: float = 900.0,
                   log: Callable[[str], None] | None = None) -> list[FetchedFile]:
-    """Download (or find already present) every file of dataset ``name`` into ``dest/<name>/``, verified."""
+    """Download (or find already present) every file of dataset ``name`` into ``dest/<name>/``, verified.
+
+    ``timeout``: seconds any one connect or read may wait for the server; ``deadline``: seconds the whole fetch may
+    take, retries included. A server that accepts and then sends a byte now and then (never idle long enough for a
+    read timeout) is stopped by the deadline, with the files already verified kept."""
     catalog = CATALOG if catalog is None else catalog
     if name not in catalog:
         raise DataError(f"unknown dataset {name!r}; pyrobust can fetch {', '.join(sorted(catalog))}")
     if retries < 1:
         raise ValueError("retries must be >= 1")
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise InvalidInput(f"timeout must be a number of seconds > 0; got {timeout!r}")
+    if not (isinstance(deadline, (int, float)) and deadline > 0):
+        raise InvalidInput(f"deadline must be a number of seconds > 0; got {deadline!r}")
     remote = catalog[name]
+    until = time.monotonic() + float(deadline)
     log = log or (lambda line: None)
     folder = Path(dest if dest is not None else default_data_dir()) / name
     try:
@@ -171,14 +180,31 @@ def fetch_dataset(name: str, *, dest: str | os.PathLike | None = None, catalog: 
         raise OutputError(f"{folder}: cannot create the data folder ({exc.strerror}); choose another --dir") from None
     out = []
     with _FolderLock(folder):
-        if remote.archive is not None:
-            return _fetch_from_archive(remote, folder, retries=retries, timeout=timeout, backoff=backoff, log=log)
-        for spec in remote.files:
-            out.append(_fetch_file(remote, spec, folder, retries=retries, timeout=timeout, backoff=backoff, log=log))
+        try:
+            return _fetch_all(remote, folder, out, retries=retries, timeout=timeout, backoff=backoff, log=log,
+                              until=until)
+        except _Deadline as exc:
+            done = ", ".join(f.path.name for f in out) or "none"
+            raise DataError(f"{name}: not fetched within the {deadline:g} s deadline ({exc}); files verified so far: "
+                            f"{done}. The server is stalled or too slow: try again later, raise --deadline, or copy "
+                            f"the files into {folder}") from None
+
+
+def _fetch_all(remote: RemoteDataset, folder: Path, out: list, *, retries, timeout, backoff, log,
+               until: float) -> list[FetchedFile]:
+    """Every file of ``remote``, appended to ``out`` as it is verified (so a deadline can say what was kept)."""
+    if remote.archive is not None:
+        out += _fetch_from_archive(remote, folder, retries=retries, timeout=timeout, backoff=backoff, log=log,
+                                   until=until)
+        return out
+    for spec in remote.files:
+        out.append(_fetch_file(remote, spec, folder, retries=retries, timeout=timeout, backoff=backoff, log=log,
+                               until=until))
     return out
 
 
-def _fetch_from_archive(remote: RemoteDataset, folder: Path, *, retries, timeout, backoff, log) -> list[FetchedFile]:
+def _fetch_from_archive(remote: RemoteDataset, folder: Path, *, retries, timeout, backoff, log,
+                        until: float) -> list[FetchedFile]:
     """Files that are present and verified stay; otherwise the archive is downloaded and verified, exactly the
     expected members are read out of it (no other path is ever written), each verified, and the archive removed."""
     import tarfile
@@ -199,7 +225,8 @@ def _fetch_from_archive(remote: RemoteDataset, folder: Path, *, retries, timeout
             log(f"{f.path}: present, verified (SHA-256 {f.sha256[:12]}…)")
         return present
     assert remote.archive is not None
-    got = _fetch_file(remote, remote.archive, folder, retries=retries, timeout=timeout, backoff=backoff, log=log)
+    got = _fetch_file(remote, remote.archive, folder, retries=retries, timeout=timeout, backoff=backoff, log=log,
+                      until=until)
     wanted = {remote.member_prefix + spec.name: spec for spec in remote.files}
     out = []
     try:
@@ -235,7 +262,7 @@ def _fetch_from_archive(remote: RemoteDataset, folder: Path, *, retries, timeout
 
 
 def _fetch_file(remote: RemoteDataset, spec: RemoteFile, folder: Path, *, retries, timeout, backoff,
-                log) -> FetchedFile:
+                log, until: float) -> FetchedFile:
     final = folder / spec.name
     if os.path.lexists(final):
         if final.is_symlink() or not final.is_file():
@@ -252,12 +279,13 @@ def _fetch_file(remote: RemoteDataset, spec: RemoteFile, folder: Path, *, retrie
         url = base + spec.name
         for attempt in range(1, retries + 1):
             try:
-                _download(url, part, timeout=timeout, max_bytes=max(MAX_DOWNLOAD_BYTES, spec.content_size))
+                _download(url, part, timeout=timeout, max_bytes=max(MAX_DOWNLOAD_BYTES, spec.content_size),
+                          until=until)
             except _Retryable as exc:
                 attempts.append(f"{url}: {exc}")
                 log(f"{url}: {exc} (attempt {attempt} of {retries})")
                 if attempt < retries:
-                    time.sleep(backoff * 2 ** (attempt - 1))
+                    time.sleep(max(0.0, min(backoff * 2 ** (attempt - 1), until - time.monotonic())))
                 continue
             except _Fatal as exc:
                 attempts.append(f"{url}: {exc}")
@@ -287,15 +315,27 @@ class _Fatal(Exception):
     """This source does not have the file (404 and friends): go to the next source."""
 
 
-def _download(url: str, part: Path, *, timeout: float, max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
+class _Deadline(PyRobustError):
+    """The whole fetch ran past its deadline: no further attempt is made."""
+
+    exit_code = 3
+
+
+def _download(url: str, part: Path, *, timeout: float, max_bytes: int = MAX_DOWNLOAD_BYTES,
+              until: float | None = None) -> None:
     from pyrobust import __version__
+
+    until = time.monotonic() + 3600.0 if until is None else until
+    if time.monotonic() >= until:
+        raise _Deadline("the fetch ran past its deadline")
 
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": f"pyrobust/{__version__}"}
     if have:
         headers["Range"] = f"bytes={have}-"
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
+        wait = max(0.1, min(timeout, until - time.monotonic()))
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=wait) as resp:
             if have and resp.status == 206:
                 start = _range_start(resp.headers.get("Content-Range", ""))
                 if start != have:
@@ -312,9 +352,13 @@ def _download(url: str, part: Path, *, timeout: float, max_bytes: int = MAX_DOWN
                                                                              os.O_TRUNC), 0o644)
             with os.fdopen(fd, mode) as fh:
                 while True:
-                    block = resp.read(1 << 16)
+                    # read1: what one receive brings, so that a server dripping bytes slower than any read timeout
+                    # is still stopped by the deadline (read(n) would wait for all n bytes)
+                    block = resp.read1(1 << 16)
                     if not block:
                         break
+                    if time.monotonic() >= until:
+                        raise _Deadline(f"{url}: still downloading at the deadline ({got + len(block):,} bytes in)")
                     got += len(block)
                     if got > max_bytes:
                         raise _Fatal("sent more bytes than any file of these datasets has")

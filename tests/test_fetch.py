@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import http.server
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.server.requests.append((self.path, self.headers.get("Range")))
         if mode == "err":
             self.send_error(500)
+            return
+        if mode == "silent":  # accepts the connection, then never answers
+            time.sleep(8)
+            return
+        if mode == "drip" and name in GZ:  # answers, then a byte every 0.1 s: never idle long enough to time out
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(GZ[name])))
+            self.end_headers()
+            for b in GZ[name]:
+                self.wfile.write(bytes([b]))
+                self.wfile.flush()
+                time.sleep(0.1)
             return
         if mode == "missing" or name not in GZ:
             self.send_error(404)
@@ -197,3 +210,31 @@ def test_pinned_checksums_match_the_shared_files(shared_data):
                 assert not verify(path, spec)[0]  # the shared training files are a 5k subset, not the published set
                 continue
             assert verify(path, spec)[0], path
+
+
+def test_a_dripping_server_is_stopped_by_the_deadline(server, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"not fetched within the 1.5 s deadline .*still downloading at the deadline"):
+        fetch_dataset("tiny", dest=tmp_path, catalog=_catalog(server, "drip"), retries=2, backoff=0.0, timeout=5,
+                      deadline=1.5)
+    assert time.monotonic() - start < 4  # the read timeout (5 s) never fired: the deadline did
+    assert not any(p.name in RAW for p in (tmp_path / "tiny").iterdir())
+
+
+def test_a_silent_server_times_out_and_the_next_source_is_used(server, tmp_path):
+    start = time.monotonic()
+    got = fetch_dataset("tiny", dest=tmp_path, catalog=_catalog(server, "silent", "good"), retries=1, backoff=0.0,
+                        timeout=0.5, deadline=30)
+    assert [f.status for f in got] == ["downloaded"] * 2 and time.monotonic() - start < 5
+    assert "timed out" in got[0].attempts[0] or "connection failed" in got[0].attempts[0]
+
+
+def test_the_cli_gives_one_line_at_the_deadline(server, tmp_path, monkeypatch, capsys):
+    from pyrobust import fetch
+
+    monkeypatch.setattr(fetch, "CATALOG", _catalog(server, "drip") | {"mnist": _catalog(server, "drip")["tiny"]})
+    code = main(["data", "fetch", "mnist", "--dir", str(tmp_path), "--deadline", "1", "--timeout", "5"])
+    err = capsys.readouterr().err
+    assert code == 3 and "deadline" in err and "raise --deadline" in err
+    assert [line for line in err.splitlines() if "error" in line] == [err.splitlines()[-1]]
+    assert main(["data", "fetch", "mnist", "--dir", str(tmp_path), "--deadline", "0"]) == 2

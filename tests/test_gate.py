@@ -9,8 +9,6 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import onnx
 import pytest
-
-from pyrobust.store.files import file_sha256
 from onnx import numpy_helper
 
 from pyrobust.cli import main
@@ -18,6 +16,7 @@ from pyrobust.datasets import Dataset
 from pyrobust.errors import InvalidInput
 from pyrobust.gate import GatePolicy, append_github_summary, run_gate
 from pyrobust.stats import look_schedule, paired_difference_interval
+from pyrobust.store.files import file_sha256
 from pyrobust.types import NoiseSpec
 from tests.builders import save_npz
 
