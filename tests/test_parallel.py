@@ -176,3 +176,103 @@ def test_a_cluster_opened_before_a_refused_run_is_closed(bundled_model, tmp_path
     with pytest.raises(pyrobust.OutputError, match="exists and is not a folder"):
         pyrobust.evaluate(bundled_model, "sample", limit=5, scheduler="local:1", out=tmp_path / "file")
     assert len(closed) == 1
+
+
+def _serve_silence():
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(srv.accept()[0])  # accepted, and never a byte in reply
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    return srv, held
+
+
+def test_a_scheduler_that_never_answers_is_given_up(bundled_model, monkeypatch):
+    import time
+
+    import pyrobust.engine.dask as d
+
+    monkeypatch.setattr(d, "CONNECT_SECONDS", 2.0)
+    srv, held = _serve_silence()
+    start = time.monotonic()
+    try:
+        with pytest.raises(ClusterError, match="accepted the connection but did not answer within 2 s"):
+            pyrobust.evaluate(bundled_model, "sample", limit=5, scheduler=f"tcp://127.0.0.1:{srv.getsockname()[1]}")
+    finally:
+        srv.close()
+        for c in held:
+            c.close()
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("skew", ["version", "sources"])
+def test_a_worker_with_other_software_may_not_contribute(bundled_model, skew):
+    from pyrobust.datasets import load_dataset
+    from pyrobust.engine.backends import Layout, execute
+    from pyrobust.engine.dask import connect, disconnect
+    from pyrobust.engine.loop import bind_model
+
+    def tamper(what):
+        import pyrobust
+        import pyrobust.engine.dask as wd
+
+        wd.identity()
+        if what == "version":
+            pyrobust.__version__ = "0.0.9"
+            wd._IDENTITY["pyrobust"] = "0.0.9"
+        else:
+            wd._IDENTITY["sources"] = "0" * 64
+        return True
+
+    connection = connect("local:2")
+    try:
+        client = connection[0]
+        first = sorted(client.scheduler_info()["workers"])[0]
+        client.run(tamper, skew, workers=[first])
+        m = OnnxModel(bundled_model)
+        ds = load_dataset("sample")
+        spec = NoiseSpec(max_steps=5)
+        bind_model(m, ds, spec)
+        with pytest.raises(ClusterError, match=rf"the Dask worker {first} runs other software .*{skew}"):
+            execute(m, ds, spec, layout=Layout("dask", scheduler="local:2"), batch_size=64, connection=connection)
+    finally:
+        disconnect(connection)
+
+
+def test_a_result_from_a_changed_worker_is_not_merged(bundled_model, monkeypatch):
+    """A worker that changes after the start (or joins later) is caught by the identity its results carry."""
+    import pyrobust.engine.dask as d
+    from pyrobust.datasets import load_dataset
+    from pyrobust.engine.backends import Layout, execute
+    from pyrobust.engine.loop import bind_model
+
+    connection = d.connect("local:1")
+    try:
+        monkeypatch.setattr(d, "check_workers", lambda client: 1)  # as if it had joined after the check
+
+        def upgrade_numba():
+            import pyrobust.engine.dask as wd
+
+            wd.identity()
+            wd._IDENTITY["numba"] = "0.1"
+
+        connection[0].run(upgrade_numba)
+        m = OnnxModel(bundled_model)
+        ds = load_dataset("sample").select(limit=20)
+        spec = NoiseSpec(max_steps=3)
+        bind_model(m, ds, spec)
+        with pytest.raises(ClusterError, match="joined during the run runs other software .*numba 0.1"):
+            execute(m, ds, spec, layout=Layout("dask", scheduler="local:1"), batch_size=16, connection=connection)
+    finally:
+        d.disconnect(connection)

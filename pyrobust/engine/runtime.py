@@ -170,6 +170,12 @@ class OnnxModel:
         self._bytes = data
         self._start_session()
 
+    @property
+    def model_bytes(self) -> bytes:
+        """The model as onnxruntime loaded it: the file's bytes, external data inlined (what the record's SHA-256
+        vouches for, read once)."""
+        return self._bytes
+
     def copy(self, *, threads: int | None = None) -> OnnxModel:
         """Another session of the same model bytes (for parallel sessions), not re-read from the file."""
         return OnnxModel(self.path, threads=threads, spinning=self.spinning, custom_ops=self.custom_ops,
