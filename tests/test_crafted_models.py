@@ -199,3 +199,66 @@ def test_a_used_custom_domain_is_still_refused(checkout):
 
 def test_a_model_without_external_data_keeps_its_file_digest(bundled_model):
     assert OnnxModel(bundled_model, threads=1).sha256 == file_sha256(bundled_model)
+
+
+# ------------------------------------------------------------------------------- what the model does, checked
+def test_a_model_whose_class_count_changes_after_the_probe_is_refused(checkout, sample):
+    """10 scores for the probe's 2 rows, more for a larger batch: caught on the first real batch."""
+    i64 = TensorProto.INT64
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Slice", ["shape", "zero_i", "one_i"], ["n"]),
+             helper.make_node("Concat", ["n", "twenty"], ["wide"], axis=0),
+             helper.make_node("Expand", ["row", "wide"], ["full"]),
+             helper.make_node("Add", ["n", "eight"], ["k"]),
+             helper.make_node("Slice", ["full", "zero_i", "k", "one_i"], ["y"])]
+    inits = [helper.make_tensor("zero_i", i64, [1], [0]), helper.make_tensor("one_i", i64, [1], [1]),
+             helper.make_tensor("twenty", i64, [1], [20]), helper.make_tensor("eight", i64, [1], [8]),
+             helper.make_tensor("row", TensorProto.FLOAT, [1, 20], [float(k == 3) for k in range(20)])]
+    graph = helper.make_graph(nodes, "g", [image_input()],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "K"])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = checkout / "shifty.onnx"
+    onnx.save(model, str(path))
+    m = OnnxModel(path, threads=1)
+    assert m.bind((28, 28, 1), n_classes=10).scores == 10
+    with pytest.raises(ModelError, match="gave 20 class scores per image, but 10 on the probe"):
+        m.run(np.zeros((16, 784), np.float32))
+    from pyrobust.cli import main
+
+    assert main(["evaluate", str(path), "--dataset", "sample", "--limit", "40", "--max-steps", "2", "--batch-size",
+                 "16", "--out", str(checkout / "out")]) == 3
+    del sample
+
+
+def _random_model(checkout, op="RandomUniformLike"):
+    nodes = [helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=1),
+             helper.make_node("Flatten", ["s"], ["s2"], axis=1),
+             helper.make_node("Mul", ["s2", "zero"], ["z"]),
+             helper.make_node("Add", ["z", "C"], ["base"]),
+             helper.make_node(op, ["base"], ["noise"], dtype=TensorProto.FLOAT),
+             helper.make_node("Add", ["base", "noise"], ["y"])]
+    inits = [helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3]),
+             helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+             helper.make_tensor("C", TensorProto.FLOAT, [1, 10], [0.5] * 10)]
+    graph = helper.make_graph(nodes, "g", [image_input()], [logits_output()], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = checkout / "random.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_model_with_random_operators_is_refused(checkout):
+    with pytest.raises(ModelError, match=r"draws random numbers \(RandomUniformLike\)"):
+        OnnxModel(_random_model(checkout), threads=1)
+
+
+def test_a_model_whose_outputs_change_between_runs_is_refused_at_the_probe(checkout, monkeypatch):
+    """However the randomness gets in (here the static check is switched off), running the probe twice shows it."""
+    import pyrobust.engine.runtime as rt
+
+    monkeypatch.setattr(rt, "random_operators", lambda proto: [])
+    m = OnnxModel(_random_model(checkout), threads=1)
+    with pytest.raises(ModelError, match="gives other scores for the same input when run again"):
+        m.bind((28, 28, 1), n_classes=10)

@@ -75,6 +75,15 @@ def used_domains(proto) -> set[str]:
     return {n.domain for n in _nodes(proto) if (n.domain, n.op_type) not in local}
 
 
+RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                        "Bernoulli"})
+
+
+def random_operators(proto) -> list[str]:
+    """The standard operators in the model (any graph or function) that draw random numbers at every run."""
+    return sorted({n.op_type for n in _nodes(proto) if n.domain in ("", "ai.onnx") and n.op_type in RANDOM_OPS})
+
+
 def unknown_domains(proto) -> list[str]:
     """Used operator domains onnxruntime does not implement itself (they need a custom-op library)."""
     return sorted(used_domains(proto) - KNOWN_DOMAINS)

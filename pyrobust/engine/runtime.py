@@ -14,7 +14,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from pyrobust.engine.modelfile import (
     first_line,
     inline_external,
     model_digest,
+    random_operators,
     unknown_domains,
 )
 from pyrobust.engine.watchdog import register_run_options
@@ -107,6 +108,7 @@ class Binding:
     input_shape: tuple[int, ...]  # the shape of one image as the model wants it
     channels_first: bool  # flat buffers hold channel planes (only NCHW with C > 1)
     fixed_batch: int | None  # the model's batch size when it is not dynamic
+    scores: int | None = None  # class scores per image, as the probe found: every later batch must give as many
 
 
 def describe_shape(shape) -> str:
@@ -152,6 +154,11 @@ class OnnxModel:
             raise ModelError(f"{self.path}: uses custom operator domain(s) {field(', '.join(unknown))}, which "
                              "onnxruntime does not implement; pyrobust loads a custom-op library only when you name it "
                              "(--custom-ops LIB)")
+        randomness = random_operators(proto)
+        if randomness:
+            raise ModelError(f"{self.path}: the model draws random numbers ({field(', '.join(randomness))}), so the "
+                             "same input can get another prediction each time and no result could be replayed; "
+                             "export it in inference mode, without random operators")
         check_external_data(proto, self.path)
         external = external_files(proto, self.path)
         self.sha256 = model_digest(data, external)
@@ -285,13 +292,20 @@ class OnnxModel:
         try:
             scores = self.run(self.to_flat(x))
             self._check_label_output(self.to_flat(x), scores)
+            again = self.run(self.to_flat(x))
         except ModelError:
             self.binding = None
             raise
+        if again.shape != scores.shape or not np.array_equal(again, scores, equal_nan=True):
+            self.binding = None
+            raise ModelError(f"{self.path}: the model gives other scores for the same input when run again (random "
+                             "operators, or state kept between runs); its results could not be replayed or compared. "
+                             "Export it in inference mode, without random operators")
         if scores.shape[1] < n_classes:
             self.binding = None
             raise ClassCountMismatch(f"{self.path}: the model outputs {scores.shape[1]} classes but the labels need "
                              f"{n_classes} (0..{n_classes - 1}); use a model trained on this dataset")
+        self.binding = binding = replace(binding, scores=int(scores.shape[1]))
         return binding
 
     @property
@@ -360,6 +374,11 @@ class OnnxModel:
         if out.dtype.kind != "f":
             raise ModelError(f"{self.path}: output '{self.output.name}' holds {out.dtype} values; pyrobust needs float "
                              "class scores (logits or probabilities), not labels")
+        want = self.binding.scores if self.binding is not None else None
+        if want is not None and out.shape[1] != want:
+            raise ModelError(f"{self.path}: for a batch of {x.shape[0]} images the model gave {out.shape[1]} class "
+                             f"scores per image, but {want} on the probe; a model whose class count changes with its "
+                             "input cannot be evaluated")
         return out
 
     def memory_per_image(self, small: int = 8, large: int = 64) -> float:
