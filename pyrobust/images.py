@@ -54,21 +54,74 @@ def _pillow():
     return Image
 
 
+def _inside(path: Path, root: Path) -> bool:
+    resolved = path.resolve()
+    return resolved == root or root in resolved.parents
+
+
 def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """(class names, [(file, label), ...]) in the ImageFolder order."""
+    """(class names, [(file, label), ...]) in the ImageFolder order. A class folder or image that is a symbolic
+    link may point only inside ``root``: one leading out of the dataset is refused, not followed."""
     if not root.is_dir():
         raise DataError(f"folder:{root}: no such folder; give folder:PATH with one sub-folder of images per class")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    base = root.resolve()
+    classes = []
+    for d in sorted(root.iterdir(), key=lambda p: p.name):
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        if d.is_symlink() and not _inside(d, base):
+            raise DataError(f"folder:{root}: class folder {d.name!r} is a symbolic link to {d.resolve()}, outside the "
+                            "dataset; pyrobust reads only files inside the dataset folder: copy the images in")
+        classes.append(d.name)
     if not classes:
         raise DataError(f"folder:{root}: has no class sub-folders; the layout is PATH/<class name>/<image files>")
     files = []
     for label, name in enumerate(classes):
         for f in sorted((root / name).iterdir(), key=lambda p: p.name):
             if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file():
+                if not _inside(f, base):
+                    raise DataError(f"folder:{root}: {name}/{f.name} is a symbolic link to {f.resolve()}, outside "
+                                    "the dataset; pyrobust reads only files inside the dataset folder: copy it in")
                 files.append((f, label))
     if not files:
         raise DataError(f"folder:{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
     return classes, files
+
+
+_DEEP_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # more than 8 bits per pixel: scaled, never clipped
+
+
+def _to_uint8(img, f: Path, gray: bool, size: tuple[int, int]) -> np.ndarray:
+    """An image's pixels as uint8 (H, W, C). 16-bit images (``I;16``, ``I``) are scaled from 0..65535, float
+    images (``F``) from [0, 1]; either is refused when its values fall outside that range, rather than clipped or
+    crushed to 0/1 as Pillow's 8-bit conversion would."""
+    from PIL import Image
+
+    if img.mode in _DEEP_GRAY:
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if img.mode == "F":
+            if not (np.isfinite(arr).all() and lo >= 0 and hi <= 1):
+                raise DataError(f"{f}: a float image with values in [{lo:g}, {hi:g}]; pyrobust reads float images in "
+                                "[0, 1]: scale it (x / x.max()) or save it as 8 or 16 bits")
+            scaled = arr * 255.0
+        else:
+            if lo < 0 or hi > 65535:
+                raise DataError(f"{f}: a {img.mode} image with values in [{lo:g}, {hi:g}], outside 16 bits; save it "
+                                "as 8 or 16 bits per pixel")
+            scaled = arr * (255.0 / 65535.0)
+        if not gray:
+            scaled = np.repeat(scaled[..., None], 3, axis=2)
+        if scaled.shape[1::-1] != size:
+            planes = scaled.reshape(scaled.shape[0], scaled.shape[1], -1)
+            scaled = np.stack([np.asarray(Image.fromarray(planes[..., k].astype(np.float32), mode="F")
+                                          .resize(size, Image.Resampling.BILINEAR)) for k in range(planes.shape[2])],
+                              axis=2)
+        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    img = img.convert("L" if gray else "RGB")
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
 
 
 def load_image_folder(root: str | os.PathLike, *, resize: tuple[int, int] | None = None, start=None, stop=None,
@@ -95,7 +148,7 @@ def load_image_folder(root: str | os.PathLike, *, resize: tuple[int, int] | None
                         f"{', '.join(f'{w}x{h}' for w, h in sorted(sizes)[:3])}, width x height); pass --resize "
                         "HxW to bring them to one")
     h, w = resize if resize is not None else next(iter(sizes))[::-1]
-    gray = all(mode in ("L", "1", "I;16", "I", "F") for _, mode in headers)
+    gray = all(mode in ("L", "1", *_DEEP_GRAY) for _, mode in headers)
     c = 1 if gray else 3
     need = len(chosen) * h * w * c
     if max_bytes is not None and need > max_bytes:
@@ -110,10 +163,9 @@ def load_image_folder(root: str | os.PathLike, *, resize: tuple[int, int] | None
         digest.update(data)
         try:
             with Image.open(io.BytesIO(data)) as img:
-                img = img.convert("L" if gray else "RGB")
-                if img.size != (w, h):
-                    img = img.resize((w, h), Image.Resampling.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8)
+                arr = _to_uint8(img, f, gray, (w, h))
+        except DataError:
+            raise
         except Exception as exc:
             raise DataError(f"{f}: cannot be decoded ({type(exc).__name__}: {exc}); remove or fix it") from None
         images[i] = arr.reshape(h, w, c)

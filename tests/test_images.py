@@ -229,3 +229,48 @@ def test_cifar10_fetch_verifies_the_archive_and_every_member(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# ------------------------------------------------------------------------------ deep pixels and linked folders
+def _one_image_folder(root, arr, name="x.png", **save):
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "b" / "z.png")
+    Image.fromarray(arr).save(root / "a" / name, **save)
+    return root
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    arr = np.array([[0, 257, 32768, 65535]] * 4, np.uint16)  # 257 is 1/255 of the range: pixel value 1
+    root = _one_image_folder(tmp_path / "d", arr)
+    with Image.open(root / "a" / "x.png") as img:
+        assert img.mode.startswith("I")  # what Pillow makes of a 16-bit PNG: Pillow's own 8-bit conversion clips it
+        assert np.asarray(img.convert("L")).max() == 255 and np.asarray(img.convert("L"))[0, 1] == 255
+    ds = load_dataset(f"folder:{root}")
+    assert ds.images[0, 0, :, 0].tolist() == [0, 1, 128, 255]
+    resized = load_dataset(f"folder:{root}", resize=(2, 2))
+    assert resized.images.shape == (2, 2, 2, 1) and resized.images[0].max() <= 255
+
+
+def test_float_tiff_is_scaled_from_0_1_or_refused(tmp_path):
+    arr = np.array([[0.0, 0.25, 0.5, 1.0]] * 4, np.float32)
+    root = _one_image_folder(tmp_path / "d", arr, "x.tif")
+    assert load_dataset(f"folder:{root}").images[0, 0, :, 0].tolist() == [0, 64, 128, 255]
+    bad = _one_image_folder(tmp_path / "e", arr * 300, "x.tif")
+    with pytest.raises(DataError, match=r"a float image with values in \[0, 300\]; pyrobust reads float images in"):
+        load_dataset(f"folder:{bad}")
+
+
+def test_a_class_folder_linked_out_of_the_dataset_is_refused(tmp_path):
+    root = _folder(tmp_path / "d")
+    outside = _folder(tmp_path / "elsewhere", classes=("secret",))
+    (root / "zebra").symlink_to(outside / "secret")
+    with pytest.raises(DataError, match=r"class folder 'zebra' is a symbolic link to .*outside the dataset"):
+        load_dataset(f"folder:{root}")
+    (root / "zebra").unlink()
+    (root / "cat" / "link.png").symlink_to(outside / "secret" / "img00.png")
+    with pytest.raises(DataError, match=r"cat/link.png is a symbolic link to .*outside the dataset"):
+        load_dataset(f"folder:{root}")
+    (root / "cat" / "link.png").unlink()
+    (root / "cats").symlink_to(root / "cat")  # a link inside the dataset is fine
+    assert load_dataset(f"folder:{root}").classes == ("cat", "cats", "dog", "emu")
