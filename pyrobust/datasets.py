@@ -266,10 +266,15 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None, max_bytes: int
             missing = {"x", "y"} - keys
             if missing:
                 raise DataError(f"{p}: .npz needs arrays 'x' (images) and 'y' (labels); missing {sorted(missing)}")
-            if max_bytes is not None:
-                size = sum(z.zip.getinfo(f"{k}.npy").file_size for k in ("x", "y"))
-                if size > max_bytes:
-                    raise _too_big(str(p), size, max_bytes)
+            # every member read counts, and a budget applies even when none was given: a few KB of zip can
+            # declare gigabytes of zeros (index.npy too), which would be inflated into memory before any check
+            if max_bytes is None:
+                from pyrobust.store.files import memory_budget
+
+                max_bytes = memory_budget(None)
+            size = sum(z.zip.getinfo(f"{k}.npy").file_size for k in ("x", "y", "index") if k in keys)
+            if max_bytes is not None and size > max_bytes:
+                raise _too_big(str(p), size, max_bytes)
             x, y = z["x"], z["y"]
             idx = z["index"] if "index" in keys else None
     except FileNotFoundError:

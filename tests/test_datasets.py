@@ -278,3 +278,29 @@ def test_shared_mnist_files(shared_data):
     assert test.n == 10000 and np.bincount(test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028,
                                                                         974, 1009]
     assert load_dataset("mnist:train", data_dir=shared_data).n in (5000, 60000)  # the project's subset, or all
+
+
+def test_an_npz_bomb_in_any_member_is_refused_before_it_is_inflated(tmp_path):
+    """A few hundred KB of zip declaring 100 MiB of zeros in index.npy (the member the size check used to skip)."""
+    import io
+    import zipfile
+
+    from pyrobust.datasets import load_npz
+    from pyrobust.errors import DataError
+
+    p = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, arr in (("x", np.zeros((5, 28, 28), np.uint8)), ("y", np.zeros(5, np.int64))):
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            z.writestr(f"{name}.npy", buf.getvalue())
+        header = io.BytesIO()
+        n = 100 * 2**20 // 8
+        np.lib.format.write_array_header_1_0(header, {"descr": "<i8", "fortran_order": False, "shape": (n,)})
+        with z.open("index.npy", "w", force_zip64=True) as fh:
+            fh.write(header.getvalue())
+            for _ in range(100):
+                fh.write(bytes(2**20))
+    assert p.stat().st_size < 2**20
+    with pytest.raises(DataError, match=r"holds 100 MiB of images, more than the 50 MiB"):
+        load_npz(p, max_bytes=50 * 2**20)
