@@ -6,6 +6,7 @@ stderr is a terminal). Exit codes: 0 success, 1 a check failed, 2 usage error, 3
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -24,6 +25,9 @@ from pyrobust.errors import Interrupted, InvalidInput, PyRobustError
 from pyrobust.escape import printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
+# An output that cannot be written once the work is under way (a full disk, a quota, a file system remounted
+# read-only): an output error (exit 2), not an internal one.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 DEMO_MODEL = "mnist-cnn.onnx"
 
 
@@ -1149,12 +1153,27 @@ def _main(args: list[str], debug: bool) -> int:
             traceback.print_exc()
         _err(f"error: {cli_words(str(exc))}")
         return exc.exit_code
-    except Exception as exc:  # the promise is: never a bare traceback
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            return _internal(exc, debug)
         if debug:
             traceback.print_exc()
-        _err(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and report it)")
-        return EXIT_INTERNAL
+        # Files are written to a temporary name and renamed when whole: what is there is complete, the rest absent.
+        _err(f"error: cannot write {exc.filename or 'an output file'}: {exc.strerror}; every file already in the "
+             "output is complete (files are renamed into place only when whole). Free space, or choose another "
+             "--out, and run again")
+        return EXIT_USAGE
+    except Exception as exc:  # the promise is: never a bare traceback
+        return _internal(exc, debug)
     return rv if isinstance(rv, int) else EXIT_OK
+
+
+def _internal(exc: Exception, debug: bool) -> int:
+    """An error pyrobust did not foresee: one line (the traceback with --debug), exit 4."""
+    if debug:
+        traceback.print_exc()
+    _err(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and report it)")
+    return EXIT_INTERNAL
 
 
 # Library messages name Python arguments ("pass overwrite=True"); on the command line the same advice is a flag.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,3 +209,28 @@ def test_an_error_mid_run_leaves_a_resumable_checkpoint_or_nothing(tmp_path, bun
     monkeypatch.setattr(runtime.OnnxModel, "_run_once", real)
     ev = pyrobust.evaluate(bundled_model, "sample", out=tmp_path / "b", resume=True, **FAST)
     assert ev.resumed and ev.outcome.n == 20
+
+
+def test_a_full_disk_at_the_end_is_an_output_error_with_nothing_half_written(tmp_path):
+    """A 120 KiB file system fills while the figures are drawn: exit 2 and one line, every file there is whole
+    (results first, then figures), no temporary file left behind."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("needs unshare -m to mount a small file system (CI runs as root, where it works)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (f"mount -t tmpfs -o size=120k tmpfs {disk} && {sys.executable} -m pyrobust evaluate "
+              f"pyrobust/assets/mnist-cnn.onnx --dataset sample --max-steps 5 --out {disk}/run; rc=$?; "
+              f"ls -a {disk}/run; python3 -c 'import numpy, sys; numpy.load(sys.argv[1])' {disk}/run/results.npz "
+              "&& echo results-ok; exit $rc")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2, r.stderr
+    assert "No space left on device" in r.stderr and "every file already in the output is complete" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    listed = r.stdout.split()
+    assert "results.npz" in listed and "summary.json" in listed and "results-ok" in listed
+    assert not [n for n in listed if n.endswith(".tmp")]
