@@ -126,3 +126,22 @@ def test_a_name_that_reads_as_mathtext_still_draws_the_figures(bundled_model, tm
     assert code == 0, capsys.readouterr().err
     assert {p.name for p in (tmp_path / "run").glob("*.png")} == {"survival.png", "per_class.png", "examples.png",
                                                                   "failure.png"}
+
+
+def test_file_names_that_are_not_utf8_are_shown_escaped(bundled_model, tmp_path):
+    import subprocess
+    import sys
+
+    base = os.fsencode(tmp_path)
+    model, out = base + b"/m\xff.onnx", base + b"/out\xfe"
+    shutil.copy(bundled_model, model)
+    for args in ([b"evaluate", model, b"--dataset", b"sample", b"--limit", b"20", b"--max-steps", b"2", b"--out", out],
+                 [b"gate", model, b"--dataset", b"sample", b"--limit", b"20", b"--max-steps", b"2", b"--min-robust",
+                  b"10%", b"--out", out + b"g", b"--summary", out + b".md", b"--junit", out + b".xml"],
+                 [b"compare", out, out, b"--out", out + b"c"]):
+        r = subprocess.run([os.fsencode(sys.executable), b"-m", b"pyrobust", *args], capture_output=True)
+        assert r.returncode == 0, r.stderr
+        r.stdout.decode("utf-8")  # what pyrobust prints is valid UTF-8: the odd bytes are shown as escapes
+        r.stderr.decode("utf-8")
+    assert "\\udcff" in (tmp_path / "out\udcfe.md").read_text()
+    ET.parse(os.fsdecode(out + b".xml"))
