@@ -234,3 +234,20 @@ def test_a_full_disk_at_the_end_is_an_output_error_with_nothing_half_written(tmp
     listed = r.stdout.split()
     assert "results.npz" in listed and "summary.json" in listed and "results-ok" in listed
     assert not [n for n in listed if n.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--resume"]])
+def test_a_folder_planted_where_a_run_writes_a_file_is_refused_before_work(tmp_path, bundled_model, capsys, flags):
+    from pyrobust.cli import main
+
+    out = tmp_path / "run"
+    assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--limit", "20", "--max-steps", "2",
+                 "--no-report", "--out", str(out)]) == 0
+    (out / "checkpoint.npz").mkdir()
+    capsys.readouterr()
+    code = main(["evaluate", str(bundled_model), "--dataset", "sample", "--limit", "20", "--max-steps", "2",
+                 "--no-report", "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    assert code in (2, 3) and "internal error" not in err, err
+    if flags == ["--overwrite"]:
+        assert code == 2 and "is a folder where pyrobust writes a file" in err

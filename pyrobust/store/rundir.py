@@ -180,8 +180,13 @@ class Complete:
 def decide_start(out_dir: Path, fp: dict, *, overwrite: bool, resume: bool) -> Fresh | Resume | Complete:
     """What to do with what ``out_dir`` holds. A checkpoint comes first: an interrupted ``overwrite`` run leaves
     one beside the earlier run's results. Nothing is deleted here."""
-    from pyrobust.store.results import SUMMARY_FILE, load_results, run_files
+    from pyrobust.store.results import RUN_FILES, SUMMARY_FILE, load_results, run_files
 
+    for name in (*RUN_FILES, CHECKPOINT_FILE):
+        # a file is written by renaming a whole temporary file over its name: a folder there cannot be replaced
+        if (out_dir / name).is_dir() and not (out_dir / name).is_symlink():
+            raise OutputError(f"{out_dir / name}: is a folder where pyrobust writes a file; remove it or choose "
+                              "another output folder")
     complete = os.path.lexists(out_dir / SUMMARY_FILE)
     unfinished = os.path.lexists(out_dir / CHECKPOINT_FILE)
     present = run_files(out_dir, (CHECKPOINT_FILE,))
