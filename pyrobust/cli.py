@@ -1109,6 +1109,7 @@ def main(argv: list[str] | None = None) -> int:
             _WATCHDOG["dog"] = dog
             return _main(args, debug)
     finally:
+        _WATCHDOG["stopped"] = _WATCHDOG["dog"] is not None and _WATCHDOG["dog"].reason is not None
         _WATCHDOG["dog"] = None
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -1192,4 +1193,11 @@ def cli_words(message: str) -> str:
 
 
 def run() -> None:
-    sys.exit(main())
+    code = main()
+    if _WATCHDOG.get("stopped"):
+        # Stopped by --timeout or a signal: a session thread may still be inside one long model operation, and the
+        # interpreter's exit would wait for it. Everything is written and flushed: leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -54,13 +54,14 @@ def field(text: object) -> str:
     return printable(text, limit=MAX_FIELD)
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>&\"'$])")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>&|~])")
+_MD_CELL = re.compile(r"([\\`<>&|])")
 
 
 def md_text(text: object) -> str:
-    """A foreign string as plain Markdown text (CommonMark/GFM): printable, every punctuation character that could
-    start emphasis, a link, a heading, a table cell, an HTML tag or an entity backslash-escaped, so it shows as
-    written and never becomes markup or raw HTML."""
+    """A foreign string as plain Markdown text (CommonMark/GFM) inside one of pyrobust's own lines: printable, and
+    every character that could open a code span, emphasis, a link, a table cell, an HTML tag or an entity
+    backslash-escaped, so it shows as written and never becomes markup or raw HTML."""
     return _MD_SPECIAL.sub(r"\\\1", printable(text))
 
 
@@ -79,8 +80,9 @@ def md_code(text: object, *, table: bool = False) -> str:
 
 
 def md_cell(text: object) -> str:
-    """A foreign string in a GFM table cell: :func:`md_text`, whose escapes include ``|``."""
-    return md_text(text)
+    """A foreign string in a GFM table cell: printable, with what could end the cell (``|``), open a code span,
+    raw HTML or an entity, or make a link (``](``) escaped; numbers, intervals and names stay as written."""
+    return _MD_CELL.sub(r"\\\1", printable(text)).replace("](", "]\\(")
 
 
 def figure_text(text: object) -> str:

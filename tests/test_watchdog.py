@@ -92,3 +92,58 @@ def test_watchdog_deadline_interrupts_python_code_too():
             time.sleep(0.01)
     assert dog.reason == "timeout" and time.monotonic() - t0 < 3
     assert signal.set_wakeup_fd(-1) == -1  # the wake-up descriptor was given back
+
+
+@pytest.fixture(scope="module")
+def one_long_node(tmp_path_factory):
+    """A classifier that is instant on an all-black image and spends ~50 s in one Conv node on any other: the image
+    is upsampled ~86x (by a factor computed from its pixels), then convolved with a 161x161 kernel. onnxruntime
+    checks its terminate flag only between nodes, never inside that one."""
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("ReduceMax", ["x"], ["mx"], keepdims=0),
+             helper.make_node("Ceil", ["mx"], ["on"]),
+             helper.make_node("Min", ["on", "onef"], ["on1"]),
+             helper.make_node("Mul", ["on1", "grow"], ["g"]),
+             helper.make_node("Add", ["g", "onef"], ["s"]),
+             helper.make_node("Mul", ["mask", "s"], ["sm"]),
+             helper.make_node("Add", ["sm", "base"], ["scales"]),
+             helper.make_node("Resize", ["x", "", "scales"], ["big"], mode="nearest"),
+             helper.make_node("Conv", ["big", "W"], ["c"], pads=[80, 80, 80, 80]),
+             helper.make_node("ReduceMean", ["c"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("Concat", ["m", "pad"], ["y"], axis=1)]
+    inits = [helper.make_tensor("onef", f, [], [1.0]), helper.make_tensor("grow", f, [], [85.0]),
+             helper.make_tensor("mask", f, [4], [0, 0, 1, 1]), helper.make_tensor("base", f, [4], [1, 1, 0, 0]),
+             helper.make_tensor("W", f, [8, 1, 161, 161], np.full(8 * 161 * 161, 1e-4, np.float32)),
+             helper.make_tensor("pad", f, [1, 2], [0.0, 0.0])]
+    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("x", f, [1, 1, 28, 28])],
+                              [helper.make_tensor_value_info("y", f, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    d = tmp_path_factory.mktemp("slow")
+    onnx.save(model, str(d / "slow.onnx"))
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 28, 28), dtype=np.float32)
+    x[0] = 0  # the probe's image: instant
+    np.savez(d / "data.npz", x=x, y=np.zeros(6, np.int64))
+    return d / "slow.onnx", d / "data.npz"
+
+
+def test_timeout_holds_inside_one_long_node_and_keeps_the_checkpoint(one_long_node, tmp_path):
+    model, data = one_long_node
+    args = [*CLI, "evaluate", str(model), "--dataset", str(data), "--batch-size", "1", "--sessions", "1",
+            "--threads", "1", "--max-steps", "2", "--no-report", "--out", str(tmp_path / "o")]
+    t0 = time.monotonic()
+    # 6 s: long enough for the start (imports, probe, memory check) even on a loaded machine, so that the deadline
+    # falls inside the first image's Conv
+    r = subprocess.run([*args, "--timeout", "6"], capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - t0
+    assert r.returncode == 130, r.stderr
+    assert "timed out after 6 s (--timeout); one operation of the model ran on 10 s past it" in r.stderr
+    assert "checkpoint saved in" in r.stderr and "--resume" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert took < 35  # 6 s + 10 s of grace; the Conv alone takes ~50 s on one thread, and the old watchdog waited
+    ck = np.load(tmp_path / "o" / "checkpoint.npz")
+    assert ck["done"].shape == (6,)
+    # the checkpoint is a real one: --resume takes it (and stops again at the deadline)
+    r = subprocess.run([*args, "--resume", "--timeout", "6"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 130 and "checkpoint saved" in r.stderr, r.stderr

@@ -7,6 +7,13 @@ arrives, whichever thread takes it) and watches the deadline from a thread of it
 every onnxruntime run in flight to stop (``RunOptions.terminate``, checked by onnxruntime between nodes and loop
 iterations); the signal's own handler then raises ``KeyboardInterrupt`` in the main thread (for the deadline the
 watchdog raises it), which saves its checkpoint and exits 130, as after Ctrl-C.
+
+**One long operation.** onnxruntime checks ``terminate`` only between nodes: a single convolution or matrix product
+that runs for minutes never sees it, and the main thread never leaves C code. So when the main thread has not
+finished ``GRACE_SECONDS`` after the stop was asked for, the watchdog saves every run's checkpoint itself (the
+state holds only finished images, and nothing writes it while onnxruntime runs), prints the one line the command
+would have printed, and ends the process with exit code 130: the deadline holds inside one node, and
+``--resume`` continues from the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import time
 import weakref
 
 _ACTIVE_RUNS: weakref.WeakSet = weakref.WeakSet()  # RunOptions of the sessions that exist
+GRACE_SECONDS = 10.0  # how long the main thread may take to stop by itself once asked (a loaded machine saving a
+# large checkpoint needs a few seconds; a deadline overshoots by at most this)
 
 
 def register_run_options(options) -> None:
@@ -77,6 +86,7 @@ class Watchdog:
                             # the signal's handler raises KeyboardInterrupt once the main thread leaves C code
                             self.reason = signal.Signals(signo).name
                             terminate_runs()
+                            self._last_resort()
                             return
             else:
                 time.sleep(wait)
@@ -84,7 +94,26 @@ class Watchdog:
                 self.reason = "timeout"
                 terminate_runs()
                 _thread.interrupt_main()
+                self._last_resort()
                 return
+
+    def _last_resort(self) -> None:
+        """Give the main thread ``GRACE_SECONDS`` to stop by itself; if it is still inside one operation, save the
+        checkpoints from here and end the process (exit 130)."""
+        if self._stop.wait(GRACE_SECONDS):
+            return
+        from pyrobust.escape import printable
+        from pyrobust.store.rundir import last_resort_save
+
+        what = last_resort_save().replace("resume=True", "--resume")
+        why = f"timed out after {self.timeout:g} s (--timeout)" if self.reason == "timeout" else \
+            f"stopped by {self.reason}"
+        line = (f"pyrobust: error: {why}; one operation of the model ran on {GRACE_SECONDS:g} s past it, so the "
+                f"process was ended; {what}\n")
+        try:
+            os.write(2, printable(line.rstrip("\n")).encode("utf-8", "replace") + b"\n")
+        finally:
+            os._exit(130)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import stat
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,32 @@ LOCK_FILE = ".pyrobust.lock"
 CHECKPOINT_VERSION = FINGERPRINT_VERSION
 
 
+_SAVE_LOCK = threading.RLock()  # one checkpoint write at a time: the main thread's, or the watchdog's last resort
+_LAST_RESORT: list = []  # (folder, state, fp) of the runs in progress, for a process that must stop from outside
+
+
 def save_checkpoint(folder: Path, state: RunState, fp: dict) -> None:
+    with _SAVE_LOCK:
+        _save_checkpoint(folder, state, fp)
+
+
+def last_resort_save() -> str:
+    """Called from the watchdog thread when the main thread is stuck inside one model operation past a deadline or
+    a signal: save every run in progress (their states hold only finished images, and nothing updates them while
+    onnxruntime runs) and say what was saved. The lock is kept, so no later write can start before the exit."""
+    _SAVE_LOCK.acquire(timeout=10)
+    saved = []
+    for folder, state, fp in list(_LAST_RESORT):
+        try:
+            _save_checkpoint(folder, state, fp)
+            saved.append(f"{state.n_done} of {state.n} images done, checkpoint saved in {folder}: run the same "
+                         "command with resume=True to continue")
+        except Exception as exc:  # pragma: no cover - a full disk at this very moment
+            saved.append(f"the checkpoint in {folder} could not be saved ({type(exc).__name__})")
+    return "; ".join(saved) or "stopped before any result was saved"
+
+
+def _save_checkpoint(folder: Path, state: RunState, fp: dict) -> None:
     meta = {"fingerprint": fp, "inferences": state.inferences, "noisy_inferences": state.noisy_inferences,
             "seconds": state.seconds, "sessions": state.sessions}
     buf = io.BytesIO()
@@ -219,6 +245,8 @@ def checkpointed(out_dir: Path, state: RunState, fp: dict, *, resumed: bool):
     images finished saves them; an error before any, or a model that gives only NaN, leaves no checkpoint."""
     save = lambda st=state: save_checkpoint(out_dir, st, fp)  # noqa: E731
     save()
+    entry = (out_dir, state, fp)
+    _LAST_RESORT.append(entry)
     try:
         yield save
     except KeyboardInterrupt:
@@ -235,6 +263,9 @@ def checkpointed(out_dir: Path, state: RunState, fp: dict, *, resumed: bool):
         save()
         raise type(exc)(f"{exc}; the {state.n_done} of {state.n} images finished before it are saved in {out_dir}: "
                         "fix the cause and run it again with resume=True") from None
+    finally:
+        if entry in _LAST_RESORT:
+            _LAST_RESORT.remove(entry)
 
 
 def finish_run(out_dir: Path, outcome, summary: dict) -> None:
