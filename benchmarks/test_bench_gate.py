@@ -76,7 +76,7 @@ def test_paired_regression(benchmark, model, full, tmp_path, shift):
     holder = {}
 
     def run():
-        holder["r"] = run_gate(cand, "mnist:test", data_dir=DATA, baseline=base_dir,
+        holder["r"] = run_gate(cand, "mnist:test", data_dir=DATA, baseline=base_dir, baseline_model=model,
                                policy=GatePolicy(max_robust_drop=0.0, early_stop=False))
 
     benchmark.pedantic(run, rounds=1, iterations=1)
