@@ -178,7 +178,7 @@ def fetch_dataset(name: str, *, dest: str | os.PathLike | None = None, catalog: 
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{folder}: cannot create the data folder ({exc.strerror}); choose another --dir") from None
-    out = []
+    out: list[FetchedFile] = []
     with _FolderLock(folder):
         try:
             return _fetch_all(remote, folder, out, retries=retries, timeout=timeout, backoff=backoff, log=log,

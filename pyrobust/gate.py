@@ -348,9 +348,10 @@ def run_gate(
             base = stack.enter_context(plan_run(bpath, ds, spec, options, status=status, connection=cand.connection,
                                                 output=output))
             base_info = _model_info(base.model)
-        elif base_saved is not None:
+        elif base_saved is not None and bpath is not None and base_info is not None:
             model_path = _baseline_model_path(base_saved, bpath, baseline_model, baseline_sha256)
-            status("verifying the baseline results against their model")
+            if status is not None:
+                status("verifying the baseline results against their model")
             bplan = stack.enter_context(plan_run(model_path, ds, spec, options, status=status,
                                                  connection=cand.connection, output=output))
             base_info["verified"] = verify_saved_baseline(base_saved, bplan, pinned=baseline_sha256, log=log)

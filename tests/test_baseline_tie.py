@@ -136,3 +136,9 @@ def test_the_library_names_python_arguments(baseline_run, bundled_model):
     with pytest.raises(InvalidInput, match=r"baseline_model=FILE\) or pin its SHA-256 \(baseline_sha256=HEX"):
         run_gate(bundled_model, "sample", policy=GatePolicy(max_robust_drop=0.05), baseline=baseline_run,
                  limit=120, max_steps=15)
+
+
+def test_the_library_verifies_a_tied_baseline_without_a_status_callback(baseline_run, bundled_model):
+    r = run_gate(bundled_model, "sample", policy=GatePolicy(max_robust_drop=0.05), baseline=baseline_run,
+                 baseline_model=bundled_model, limit=120, max_steps=15)
+    assert r.baseline["verified"]["replayed"] == 64 and r.decision == "pass"
