@@ -438,8 +438,12 @@ def _refuse_inputs_as_outputs(ctx: click.Context) -> None:
             value = _dataset_path(value)
         for v in value if isinstance(value, tuple) else (value,):
             if isinstance(v, Path):
-                inputs.append((flag if key not in ("model", "candidate", "results", "a", "b", "subset", "runs")
-                               else key.upper(), v))
+                what = flag if key not in ("model", "candidate", "results", "a", "b", "subset", "runs") else key.upper()
+                inputs.append((what, v))
+                if v.is_dir():  # a results folder: its files are the inputs
+                    from pyrobust.store.results import RUN_FILES
+
+                    inputs += [(what, v / f) for f in RUN_FILES if (v / f).is_file()]
     if name == "gate" and os.environ.get("GITHUB_STEP_SUMMARY"):
         outputs.append(("$GITHUB_STEP_SUMMARY", Path(os.environ["GITHUB_STEP_SUMMARY"])))
     refuse_inputs_as_outputs(outputs, inputs)

@@ -79,6 +79,12 @@ def md_code(text: object, *, table: bool = False) -> str:
     return f"{fence}{pad}{s}{pad}{fence}"
 
 
+def md_prose(text: object) -> str:
+    """A line of pyrobust's own Markdown (its **bold** kept) that may quote foreign strings: printable, and
+    ``&``, ``<`` and ``>`` as entities, so that nothing in it can be raw HTML."""
+    return printable(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def md_cell(text: object) -> str:
     """A foreign string in a GFM table cell: printable, with what could end the cell (``|``), open a code span,
     raw HTML or an entity, or make a link (``](``) escaped; numbers, intervals and names stay as written."""

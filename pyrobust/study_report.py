@@ -8,7 +8,6 @@ inline), so the prose can never disagree with the data.
 from __future__ import annotations
 
 import base64
-import html
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pyrobust.errors import DataError
-from pyrobust.escape import figure_text, md_cell
+from pyrobust.escape import figure_text, html_text, md_cell, md_prose
 from pyrobust.report import plot_survival, save_figure
 from pyrobust.store.files import read_run_file, write_bytes_atomic, write_json_atomic
 from pyrobust.store.results import load_results, versions
@@ -325,21 +324,21 @@ def to_markdown(bl: list[tuple]) -> str:
     lines = []
     for b in bl:
         if b[0] == "h":
-            lines += ["#" * b[1] + " " + b[2], ""]
+            lines += ["#" * b[1] + " " + md_prose(b[2]), ""]
         elif b[0] == "p":
-            lines += [b[1], ""]
+            lines += [md_prose(b[1]), ""]
         elif b[0] == "table":
             lines.append("| " + " | ".join(b[1]) + " |")
             lines.append("|" + "|".join("---" for _ in b[1]) + "|")
             lines += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in b[2]]
             lines.append("")
         elif b[0] == "img":
-            lines += [f"![{b[2]}]({b[1]})", "", f"*{b[2]}*", ""]
+            lines += [f"![{md_cell(b[2])}]({b[1]})", "", f"*{md_prose(b[2])}*", ""]
     return "\n".join(lines)
 
 
 def to_html(bl: list[tuple], root: Path) -> str:
-    e = html.escape
+    e = html_text  # every string: names from the config and the data are foreign
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>pyrobust study</title><style>"
              "body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.2em .5em;"

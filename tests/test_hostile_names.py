@@ -145,3 +145,29 @@ def test_file_names_that_are_not_utf8_are_shown_escaped(bundled_model, tmp_path)
         r.stderr.decode("utf-8")
     assert "\\udcff" in (tmp_path / "out\udcfe.md").read_text()
     ET.parse(os.fsdecode(out + b".xml"))
+
+
+def test_the_study_report_keeps_foreign_names_as_text(tmp_path):
+    from html.parser import HTMLParser
+
+    from pyrobust.study_report import to_html, to_markdown
+
+    blocks = [("h", 2, "study of " + HOSTILE), ("p", HOSTILE), ("table", ["dataset", "value"], [[HOSTILE, "1.00 %"]])]
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+
+    parser = Tags()
+    page = to_html(blocks, tmp_path)
+    parser.feed(page)
+    assert set(parser.tags) <= {"html", "head", "meta", "title", "style", "body", "h2", "p", "table", "tr", "th", "td"}
+    assert "\x1b" not in page and "\u202e" not in page
+    md = to_markdown(blocks)
+    html = _rendered(md)
+    assert "<img src=x" not in html and '<img src="x"' not in html
+    assert html.count("<td>") == 2  # the name's | did not open a cell

@@ -102,3 +102,19 @@ def test_distinct_outputs_still_work(capsys, tmp_path, files):
                  "--summary", str(tmp_path / "s.md")])
     assert code in (0, 1), capsys.readouterr().err
     assert (tmp_path / "j.xml").exists() and (tmp_path / "s.md").exists()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_compare_and_agreement_never_write_over_a_results_file(capsys, tmp_path, files, kind):
+    r = files["results"]
+    for command, name in (("compare", "compare.json"), ("agreement", "agreement.json")):
+        out = tmp_path / command
+        out.mkdir()
+        target = r / "summary.json"
+        if kind == "symlink":
+            (out / name).symlink_to(target)
+        else:
+            os.link(target, out / name)
+        copy = tmp_path / f"{command}-copy"
+        shutil.copytree(r, copy)
+        _refused(capsys, [command, r, copy, "--out", out], target)
