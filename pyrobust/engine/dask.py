@@ -49,14 +49,14 @@ def identity() -> dict:
         import onnxruntime
 
         import perturbcore
-        import pyrobust
+        from pyrobust import __version__
 
         h = hashlib.sha256()
-        for pkg in (Path(perturbcore.__file__).parent, Path(pyrobust.__file__).parent):
+        for pkg in (Path(perturbcore.__file__).parent, Path(__file__).resolve().parents[1]):
             for f in sorted(pkg.rglob("*.py")):
                 h.update(str(f.relative_to(pkg.parent)).encode() + b"\0" + f.read_bytes() + b"\0")
         _IDENTITY.update(python=platform.python_version(), numpy=np.__version__, numba=numba.__version__,
-                         onnx=onnx.__version__, onnxruntime=onnxruntime.__version__, pyrobust=pyrobust.__version__,
+                         onnx=onnx.__version__, onnxruntime=onnxruntime.__version__, pyrobust=__version__,
                          sources=h.hexdigest())
     return dict(_IDENTITY)
 
