@@ -19,9 +19,10 @@ import onnxruntime as ort
 import pytest
 
 import perturbcore
-from pyrobust.datasets import load_dataset
+from pyrobust.data.load import load_dataset
 from pyrobust.engine.loop import run_protocol
-from pyrobust.engine.runtime import OnnxModel, default_threads
+from pyrobust.engine.runtime import OnnxModel
+from pyrobust.machine import default_threads
 from pyrobust.types import NoiseSpec
 
 torch = pytest.importorskip("torch")

@@ -26,7 +26,8 @@ import pytest
 from onnx import numpy_helper
 
 from pyrobust import evaluate
-from pyrobust.gate import GatePolicy, plan_gate, run_gate
+from pyrobust.gate.policy import GatePolicy, plan_gate
+from pyrobust.gate.run import run_gate
 from pyrobust.sequential import CheckSpec, SequentialDecision, random_order
 from pyrobust.types import ROBUST
 

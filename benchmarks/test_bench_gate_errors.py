@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pyrobust.gate import GatePolicy
+from pyrobust.gate.policy import GatePolicy
 from tests.gate_sim import Scenario, mc_bound, scenario_seed, simulate
 
 REPS = 10000

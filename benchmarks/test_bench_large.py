@@ -15,9 +15,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from pyrobust.datasets import from_arrays
+from pyrobust.data.dataset import from_arrays
 from pyrobust.engine.loop import run_protocol
-from pyrobust.engine.runtime import OnnxModel, default_threads
+from pyrobust.engine.runtime import OnnxModel
+from pyrobust.machine import default_threads
 from pyrobust.types import NoiseSpec
 
 torch = pytest.importorskip("torch")

@@ -49,7 +49,7 @@ def test_large_batch_reference(benchmark, model):
 
 @pytest.mark.parametrize("pack", [True, False])
 def test_small_set(benchmark, model, pack):
-    from pyrobust.datasets import load_dataset
+    from pyrobust.data.load import load_dataset
     from pyrobust.engine.loop import run_protocol
     from pyrobust.engine.runtime import OnnxModel
     from pyrobust.store.results import build_summary

@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 # The package face is lazy: `import pyrobust` (and `pyrobust --help`) does not load numpy, numba, onnxruntime or
 # matplotlib; each name below is imported from its module the first time it is used.
 _LAZY = {
-    "Dataset": "pyrobust.datasets", "from_arrays": "pyrobust.datasets", "load_dataset": "pyrobust.datasets",
+    "Dataset": "pyrobust.data.dataset", "from_arrays": "pyrobust.data.dataset",
+    "bundled_sample": "pyrobust.data.load", "load_dataset": "pyrobust.data.load", "save_npz": "pyrobust.data.load",
     "DataError": "pyrobust.errors", "InvalidInput": "pyrobust.errors", "ModelError": "pyrobust.errors",
     "OutputError": "pyrobust.errors", "PyRobustError": "pyrobust.errors",
     "Evaluation": "pyrobust.evaluation", "NonFiniteOutputWarning": "pyrobust.evaluation",
@@ -22,8 +23,13 @@ _LAZY = {
     "NONFINITE": "pyrobust.types", "ROBUST": "pyrobust.types", "NoiseSpec": "pyrobust.types",
     "Outcome": "pyrobust.types",
 }
-_SUBMODULES = {"errors", "gate", "datasets", "evaluation", "fetch", "results", "runtime", "sequential", "stats",
-               "types"}
+# Modules reachable as attributes of the package (``pyrobust.runtime.OnnxModel``): the short name and the module.
+_SUBMODULES = {
+    "data": "pyrobust.data", "datasets": "pyrobust.data.load", "errors": "pyrobust.errors",
+    "evaluation": "pyrobust.evaluation", "fetch": "pyrobust.data.fetch", "gate": "pyrobust.gate",
+    "results": "pyrobust.store.results", "runtime": "pyrobust.engine.runtime", "sequential": "pyrobust.sequential",
+    "stats": "pyrobust.stats", "types": "pyrobust.types",
+}
 
 
 def __getattr__(name: str):
@@ -32,12 +38,12 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     if name in _SUBMODULES:
-        return importlib.import_module(f"pyrobust.{name}")
+        return importlib.import_module(_SUBMODULES[name])
     raise AttributeError(f"module 'pyrobust' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY, "replay"])
+    return sorted({*globals(), *_LAZY, *_SUBMODULES, "replay"})
 
 
 __all__ = [
@@ -55,9 +61,11 @@ __all__ = [
     "PyRobustError",
     "evaluate",
     "from_arrays",
+    "bundled_sample",
     "load_dataset",
     "load_results",
     "replay",
+    "save_npz",
 ]
 
 

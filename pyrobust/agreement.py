@@ -24,7 +24,7 @@ import numpy as np
 
 from pyrobust.errors import InvalidInput
 from pyrobust.escape import figure_text, md_cell, md_code
-from pyrobust.store.files import make_out_dir, write_bytes_atomic, write_json_atomic
+from pyrobust.files import make_out_dir, write_bytes_atomic, write_json_atomic
 from pyrobust.store.results import load_results
 from pyrobust.types import ROBUST, RunRecord, differences
 

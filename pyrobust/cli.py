@@ -421,7 +421,7 @@ def _dataset_path(spec) -> Path | None:
 def _refuse_inputs_as_outputs(ctx: click.Context) -> None:
     """Every command: before any work, no output may be one of the command's inputs (models, data, results
     folders, configs), by path, symbolic link or hard link."""
-    from pyrobust.store.files import refuse_inputs_as_outputs
+    from pyrobust.files import refuse_inputs_as_outputs
 
     name = ctx.command.name or ""
     inputs, outputs = [], []
@@ -499,7 +499,7 @@ def evaluate(model, dataset, resize, data_dir, limit, index_range, sample, sampl
 
     Example: pyrobust evaluate model.onnx --dataset mnist:test --data-dir ../shared/data --out runs/mnist
     """
-    from pyrobust.datasets import parse_range
+    from pyrobust.data.dataset import parse_range
 
     start, stop = parse_range(index_range) if index_range else (None, None)
     return _run_evaluation(model, dataset, resize=resize, data_dir=data_dir, limit=limit, start=start, stop=stop,
@@ -554,7 +554,7 @@ def train(dataset, data_dir, limit, arch, epochs, batch_size, lr, seed, threads,
 
     Example: pyrobust train --dataset mnist:train --data-dir ../shared/data --epochs 5 --out mnist-cnn.onnx
     """
-    from pyrobust.datasets import load_dataset
+    from pyrobust.data.load import load_dataset
     from pyrobust.training import train as train_model
 
     ds = load_dataset(dataset, data_dir=data_dir, limit=limit)
@@ -593,7 +593,7 @@ def select(results, per_class, seed, shortfall, data_dir, out, allow_test_split)
     from rich.console import Console
     from rich.table import Table
 
-    from pyrobust.selection import select_from_results
+    from pyrobust.study.selection import select_from_results
 
     sel, npz = select_from_results(results, per_class=per_class, seed=seed, shortfall=shortfall, out=out,
                                    data_dir=data_dir, allow_test_split=allow_test_split)
@@ -633,7 +633,7 @@ def retrain(subset, like, epochs, seed, init_from, same_updates, threads, out) -
 
     Example: pyrobust retrain subset.npz --like mnist-cnn.onnx --out mnist-cnn-robust.onnx
     """
-    from pyrobust.datasets import load_dataset
+    from pyrobust.data.load import load_dataset
     from pyrobust.training import retrain as do_retrain
 
     ds = load_dataset(str(subset))
@@ -691,8 +691,8 @@ def reproduce(dataset, data_dir, out, per_class, shortfall, arch, epochs, train_
 
     Example: pyrobust reproduce --dataset fashion-mnist --data-dir ../shared/data --out runs/fashion
     """
-    from pyrobust.reproduce import StudyConfig
-    from pyrobust.reproduce import reproduce as run_study
+    from pyrobust.study.reproduce import StudyConfig
+    from pyrobust.study.reproduce import reproduce as run_study
 
     common = dict(data_dir=str(data_dir) if data_dir else None, shortfall=shortfall, architecture=arch,
                   seed=noise.seed, noise=noise, eval_batch_size=options.batch_size, threads=options.threads,
@@ -704,7 +704,7 @@ def reproduce(dataset, data_dir, out, per_class, shortfall, arch, epochs, train_
         config = StudyConfig(dataset=dataset, per_class=per_class, epochs=epochs, train_sample=train_sample,
                              test_sample=test_sample, **common)
     if train_seeds is not None:
-        from pyrobust.seeds import parse_seeds, reproduce_seeds
+        from pyrobust.study.seeds import parse_seeds, reproduce_seeds
 
         seeds = parse_seeds(train_seeds)
         with _stage_progress() as factory:
@@ -777,7 +777,7 @@ def _load_gate_config(ctx, param, value):
         import tomli as tomllib
 
     from pyrobust.errors import DataError
-    from pyrobust.store.files import read_bounded
+    from pyrobust.files import read_bounded
 
     try:
         # a FIFO or /dev/zero is refused, never waited on; a policy file is small
@@ -874,8 +874,10 @@ def gate(candidate, dataset, resize, data_dir, limit, index_range, min_accuracy,
     """
     import os
 
-    from pyrobust.datasets import parse_range
-    from pyrobust.gate import GatePolicy, append_github_summary, markdown_summary, run_gate, write_outputs
+    from pyrobust.data.dataset import parse_range
+    from pyrobust.gate.policy import GatePolicy
+    from pyrobust.gate.reports import append_github_summary, markdown_summary, write_outputs
+    from pyrobust.gate.run import run_gate
 
     if (max_robust_drop is not None or max_accuracy_drop is not None) and baseline is None:
         raise InvalidInput("--max-robust-drop and --max-accuracy-drop compare with a baseline: give --baseline "
@@ -885,7 +887,7 @@ def gate(candidate, dataset, resize, data_dir, limit, index_range, min_accuracy,
                         confidence=confidence, inconclusive=inconclusive, early_stop=not no_early_stop,
                         family=family, spending=spending)
     start, stop = parse_range(index_range) if index_range else (None, None)
-    from pyrobust.store.files import check_output_file, make_out_dir
+    from pyrobust.files import check_output_file, make_out_dir
 
     # Every output is checked before any work: a decision must never be lost to a path that cannot be written.
     if out is not None:
@@ -967,8 +969,8 @@ def replay(results, index, step, model, data_dir, out, no_check) -> int:
 
     Example: pyrobust replay runs/mnist --index 7 --out failing.png
     """
+    from pyrobust.files import check_output_file
     from pyrobust.replay import replay as do_replay
-    from pyrobust.store.files import check_output_file
 
     if out is not None:
         check_output_file(out, "--out")  # before any work
@@ -998,7 +1000,7 @@ def _write_replay(out: Path, r) -> None:
 
     import numpy as np
 
-    from pyrobust.store.files import write_bytes_atomic
+    from pyrobust.files import write_bytes_atomic
 
     if out.suffix == ".npy":
         buf = io.BytesIO()
@@ -1059,7 +1061,7 @@ def data_fetch(name, dest, timeout, deadline) -> int:
 
     Example: pyrobust data fetch mnist
     """
-    from pyrobust.fetch import fetch_dataset
+    from pyrobust.data.fetch import fetch_dataset
 
     files = fetch_dataset(name, dest=dest, log=_err, timeout=timeout, deadline=deadline)
     for f in files:
@@ -1077,7 +1079,7 @@ def data_list(data_dir) -> int:
 
     Example: pyrobust data list
     """
-    from pyrobust.fetch import list_data
+    from pyrobust.data.fetch import list_data
 
     roots, found = list_data(data_dir)
     _echo("searched, in order: " + ", ".join(str(r) for r in roots))

@@ -9,9 +9,9 @@ import numpy as np
 
 from pyrobust.errors import InvalidInput
 from pyrobust.escape import md_cell, md_code, md_text
+from pyrobust.files import make_out_dir, write_bytes_atomic, write_json_atomic
 from pyrobust.report import plot_survival
 from pyrobust.stats import paired_difference_interval
-from pyrobust.store.files import make_out_dir, write_bytes_atomic, write_json_atomic
 from pyrobust.store.results import load_results
 from pyrobust.types import ROBUST, RunRecord, differences
 

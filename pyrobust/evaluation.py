@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pyrobust.datasets import Dataset
+from pyrobust.data.dataset import Dataset
+from pyrobust.data.images import parse_resize
 from pyrobust.engine.loop import Progress
 from pyrobust.engine.plan import (  # noqa: F401 - part of this module's API
     RunOptions,
@@ -25,13 +26,13 @@ from pyrobust.engine.plan import (  # noqa: F401 - part of this module's API
     plan_run,
     split_settings,
 )
-from pyrobust.engine.runtime import OnnxModel, check_threads
+from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import Interrupted, InvalidInput, NonFiniteModel
-from pyrobust.images import parse_resize
+from pyrobust.files import make_out_dir
+from pyrobust.machine import check_threads
 from pyrobust.report import write_report
 from pyrobust.sequential import precision_bounds, random_order
 from pyrobust.stats import look_schedule
-from pyrobust.store.files import make_out_dir
 from pyrobust.store.results import build_summary, noise_of
 from pyrobust.store.rundir import Complete, Resume, RunLock, checkpointed, decide_start, finish_run
 from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome, RunState
@@ -100,7 +101,7 @@ class Evaluation:
     def _data(self) -> Dataset:
         if self.dataset is not None:
             return self.dataset
-        from pyrobust.datasets import load_recorded
+        from pyrobust.data.load import load_recorded
 
         return load_recorded(self.summary["dataset"])
 
@@ -125,7 +126,7 @@ class Evaluation:
         return plot_per_class(self.summary)
 
     def plot_examples(self):
-        from pyrobust.datasets import class_names
+        from pyrobust.data.dataset import class_names
         from pyrobust.report import plot_examples
 
         data = self._data()
@@ -134,7 +135,7 @@ class Evaluation:
     def plot_failure(self, index: int | None = None):
         """Image ``index`` (default: the one fooled earliest) beside its first failing input and the pixels
         changed."""
-        from pyrobust.datasets import class_names
+        from pyrobust.data.dataset import class_names
         from pyrobust.report import plot_failure
 
         data = self._data()
@@ -196,9 +197,9 @@ def evaluate(
     ``model`` is an ONNX file, a loaded :class:`~pyrobust.engine.runtime.OnnxModel`, or a ``torch.nn.Module``
     taking N×C×H×W float images in [0, 1] (after ``mean``/``std`` when given), which is exported to ONNX for the run
     (it is put in eval mode) with the same torch/onnxruntime parity check as ``pyrobust train``. ``dataset`` is a
-    spec such as ``"mnist:test"`` (see :func:`pyrobust.datasets.load_dataset`), a
-    :class:`~pyrobust.datasets.Dataset`, or image arrays with ``labels`` (or an ``(x, y)`` pair): N×H×W or
-    N×H×W×C, uint8 in 0–255 or float in [0, 1] (:func:`pyrobust.datasets.from_arrays`). ``start``/``stop``/
+    spec such as ``"mnist:test"`` (see :func:`pyrobust.data.load.load_dataset`), a
+    :class:`~pyrobust.data.dataset.Dataset`, or image arrays with ``labels`` (or an ``(x, y)`` pair): N×H×W or
+    N×H×W×C, uint8 in 0–255 or float in [0, 1] (:func:`pyrobust.data.dataset.from_arrays`). ``start``/``stop``/
     ``limit``/``sample`` select a part of it; ``resize`` (``"224x224"`` or (height, width)) resamples the images of
     a ``folder:PATH`` dataset.
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyrobust.datasets import load_recorded
+from pyrobust.data.load import load_recorded
 from pyrobust.engine.loop import model_units, perturbed_input, predict_one
 from pyrobust.errors import InvalidInput, ModelError
 from pyrobust.store.results import load_results

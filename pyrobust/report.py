@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pyrobust.datasets import Dataset, class_names
+from pyrobust.data.dataset import Dataset, class_names
 from pyrobust.engine.loop import perturbed_image
 from pyrobust.escape import figure_text
-from pyrobust.store.files import atomic_path
+from pyrobust.files import atomic_path
 from pyrobust.store.results import REPORT_FILES, noise_of
 from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pyrobust.datasets import Dataset
+from pyrobust.data.dataset import Dataset
 from pyrobust.errors import InvalidInput, MissingDependency, ModelError
-from pyrobust.store.files import atomic_path, file_sha256
+from pyrobust.files import atomic_path, file_sha256
 
 ARCHITECTURES = ("cnn", "mlp")
 

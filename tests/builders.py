@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from pyrobust.datasets import Dataset
+from pyrobust.data.dataset import Dataset
 
 
 def save_model(path: Path, nodes, inputs, outputs, initializers=(), opset: int = 17, domains=()) -> Path:

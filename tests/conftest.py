@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from pyrobust.datasets import Dataset, bundled_sample
+from pyrobust.data.dataset import Dataset
+from pyrobust.data.load import bundled_sample
 from tests.builders import image_input, linear_nodes, logits_output, save_model, synthetic, tensor  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]

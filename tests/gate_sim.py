@@ -2,7 +2,7 @@
 
 Per-image outcomes are drawn from known cell probabilities (the images between two looks are a multinomial draw,
 exactly as if each image were drawn in turn), and every replicate goes through the gate's own plan
-(:func:`pyrobust.gate.plan_gate`: stages, looks, error spending, family rule) and its own decision object
+(:func:`pyrobust.gate.policy.plan_gate`: stages, looks, error spending, family rule) and its own decision object
 (:class:`pyrobust.sequential.SequentialDecision`), stopping where ``run_gate`` stops. Used by
 ``tests/test_gate_errors.py`` (a small grid, seeded) and ``benchmarks/test_bench_gate_errors.py`` (the full table).
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pyrobust.gate import GatePolicy, plan_gate
+from pyrobust.gate.policy import GatePolicy, plan_gate
 from pyrobust.sequential import FAIL, PASS, SequentialDecision
 
 

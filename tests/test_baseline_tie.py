@@ -14,8 +14,9 @@ from onnx import helper
 from pyrobust.cli import main
 from pyrobust.engine.plan import RunOptions, plan_run
 from pyrobust.errors import DataError
-from pyrobust.gate import GatePolicy, run_gate, verify_saved_baseline
-from pyrobust.store.files import file_sha256
+from pyrobust.files import file_sha256
+from pyrobust.gate.policy import GatePolicy
+from pyrobust.gate.run import run_gate, verify_saved_baseline
 from pyrobust.store.results import load_results
 from pyrobust.types import ROBUST, NoiseSpec
 from tests.builders import image_input, logits_output, save_model

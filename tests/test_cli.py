@@ -101,7 +101,7 @@ def test_existing_results_need_overwrite(capsys, tmp_path, bundled_model):
 def test_non_finite_outputs_warn(capsys, tmp_path, models):
     import numpy as np
 
-    from pyrobust.datasets import Dataset
+    from pyrobust.data.dataset import Dataset
     from tests.builders import save_npz
 
     zeros = tmp_path / "zeros.npz"

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from pyrobust.engine.modelfile import all_tensors, used_domains
 from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import ModelError
-from pyrobust.store.files import file_sha256
+from pyrobust.files import file_sha256
 from tests.builders import image_input, logits_output
 
 SECRET = b"[remote]\n\ttoken = ghp_0123456789abcdefghijklmnopqrstuv\n"[:40]  # 40 bytes: ten float32 values

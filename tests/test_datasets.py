@@ -7,16 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyrobust.datasets import (
-    Dataset,
-    load_dataset,
-    load_folder,
-    load_npz,
-    parse_idx,
-    parse_range,
-    read_idx,
-    search_roots,
-)
+from pyrobust.data.dataset import Dataset, parse_range, search_roots
+from pyrobust.data.idx import parse_idx, read_idx
+from pyrobust.data.load import load_dataset, load_folder, load_npz
 from pyrobust.errors import DataError, InvalidInput
 from tests.builders import idx_bytes, save_npz, write_mnist_folder
 
@@ -285,7 +278,7 @@ def test_an_npz_bomb_in_any_member_is_refused_before_it_is_inflated(tmp_path):
     import io
     import zipfile
 
-    from pyrobust.datasets import load_npz
+    from pyrobust.data.load import load_npz
     from pyrobust.errors import DataError
 
     p = tmp_path / "bomb.npz"

@@ -37,7 +37,7 @@ def test_the_bundled_sample_is_the_start_of_the_mnist_test_set(bundled_model, sh
 
 
 def test_fashion_mnist_files_load(shared_data):
-    from pyrobust.datasets import load_dataset
+    from pyrobust.data.load import load_dataset
 
     ds = load_dataset("fashion-mnist:test", data_dir=shared_data, limit=100)
     assert ds.image_shape == (28, 28, 1) and ds.n == 100

@@ -2,7 +2,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from pyrobust.datasets import Dataset
+from pyrobust.data.dataset import Dataset
 from pyrobust.engine.loop import clean_predictions, run_protocol
 from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import InvalidInput

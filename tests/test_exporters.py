@@ -27,7 +27,7 @@ FAST = dict(limit=80, max_steps=15, batch_size=64, sessions=1)
 
 def _linear(classes=10):
     """A nearest-class-mean classifier of the bundled sample: far above chance, as a fitted model would be."""
-    from pyrobust.datasets import bundled_sample
+    from pyrobust.data.load import bundled_sample
 
     ds = bundled_sample()
     x = ds.float_images().reshape(ds.n, -1)

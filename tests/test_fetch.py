@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from pyrobust.cli import main
-from pyrobust.datasets import load_dataset
+from pyrobust.data.fetch import CATALOG, RemoteDataset, RemoteFile, fetch_dataset, verify
+from pyrobust.data.load import load_dataset
 from pyrobust.errors import DataError, OutputError
-from pyrobust.fetch import CATALOG, RemoteDataset, RemoteFile, fetch_dataset, verify
 from tests.builders import idx_bytes
 
 N = 6
@@ -181,7 +181,7 @@ def test_unknown_dataset_and_unwritable_folder(tmp_path):
 
 
 def test_cli_fetch_and_list(server, tmp_path, monkeypatch, capsys):
-    import pyrobust.fetch as fetch
+    import pyrobust.data.fetch as fetch
 
     monkeypatch.setitem(fetch.CATALOG, "mnist", _catalog(server, "good")["tiny"])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -230,7 +230,7 @@ def test_a_silent_server_times_out_and_the_next_source_is_used(server, tmp_path)
 
 
 def test_the_cli_gives_one_line_at_the_deadline(server, tmp_path, monkeypatch, capsys):
-    from pyrobust import fetch
+    from pyrobust.data import fetch
 
     monkeypatch.setattr(fetch, "CATALOG", _catalog(server, "drip") | {"mnist": _catalog(server, "drip")["tiny"]})
     code = main(["data", "fetch", "mnist", "--dir", str(tmp_path), "--deadline", "1", "--timeout", "5"])

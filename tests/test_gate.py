@@ -12,11 +12,13 @@ import pytest
 from onnx import numpy_helper
 
 from pyrobust.cli import main
-from pyrobust.datasets import Dataset
+from pyrobust.data.dataset import Dataset
 from pyrobust.errors import InvalidInput
-from pyrobust.gate import GatePolicy, append_github_summary, run_gate
+from pyrobust.files import file_sha256
+from pyrobust.gate.policy import GatePolicy
+from pyrobust.gate.reports import append_github_summary
+from pyrobust.gate.run import run_gate
 from pyrobust.stats import look_schedule, paired_difference_interval
-from pyrobust.store.files import file_sha256
 from pyrobust.types import NoiseSpec
 from tests.builders import save_npz
 
@@ -142,12 +144,12 @@ def test_bad_input_exits_3_and_internal_errors_4(capsys, monkeypatch, tmp_path, 
     assert gate(capsys, models["five_classes"], "--dataset", "sample", "--min-robust", "0.5")[0] == 3
     assert gate(capsys, bundled_model, "--dataset", "mnist:test", "--data-dir", tmp_path, "--min-robust",
                 "0.5")[0] == 3
-    import pyrobust.gate
+    import pyrobust.gate.run
 
     def boom(*a, **k):
         raise RuntimeError("kaput")
 
-    monkeypatch.setattr(pyrobust.gate, "run_gate", boom)
+    monkeypatch.setattr(pyrobust.gate.run, "run_gate", boom)
     code, _, err = gate(capsys, bundled_model, "--dataset", "sample", "--min-robust", "0.5")
     assert code == 4 and "internal error: RuntimeError: kaput" in err
 

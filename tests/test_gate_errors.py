@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from pyrobust.gate import GatePolicy
+from pyrobust.gate.policy import GatePolicy
 from pyrobust.sequential import CheckSpec, SequentialDecision, look_alphas
 from pyrobust.stats import clopper_pearson, look_schedule, paired_difference_interval, paired_drop_bounds
 from tests.gate_sim import Scenario, mc_bound, scenario_seed, simulate

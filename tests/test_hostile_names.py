@@ -150,7 +150,7 @@ def test_file_names_that_are_not_utf8_are_shown_escaped(bundled_model, tmp_path)
 def test_the_study_report_keeps_foreign_names_as_text(tmp_path):
     from html.parser import HTMLParser
 
-    from pyrobust.study_report import to_html, to_markdown
+    from pyrobust.study.report import to_html, to_markdown
 
     blocks = [("h", 2, "study of " + HOSTILE), ("p", HOSTILE), ("table", ["dataset", "value"], [[HOSTILE, "1.00 %"]])]
 

@@ -17,10 +17,10 @@ from onnx import TensorProto, helper
 
 import pyrobust
 from pyrobust.cli import main
-from pyrobust.datasets import load_dataset
+from pyrobust.data.fetch import RemoteDataset, RemoteFile, fetch_dataset, list_data
+from pyrobust.data.images import CIFAR10_CLASSES
+from pyrobust.data.load import load_dataset
 from pyrobust.errors import DataError, InvalidInput
-from pyrobust.fetch import RemoteDataset, RemoteFile, fetch_dataset, list_data
-from pyrobust.images import CIFAR10_CLASSES
 
 Image = pytest.importorskip("PIL.Image", reason="image folders need Pillow (pyrobust[images])")
 

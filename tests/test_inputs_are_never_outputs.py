@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pyrobust.cli import main
-from pyrobust.store.files import file_sha256
+from pyrobust.files import file_sha256
 from tests.builders import save_npz, synthetic
 
 RUN = ["--limit", "10", "--max-steps", "2"]

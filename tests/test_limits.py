@@ -10,8 +10,9 @@ import pytest
 
 import pyrobust
 from pyrobust.cli import main
-from pyrobust.engine.runtime import OnnxModel, ThreadsCappedWarning, cgroup_cpu_limit, check_threads, default_threads
+from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import InvalidInput
+from pyrobust.machine import ThreadsCappedWarning, cgroup_cpu_limit, check_threads, default_threads
 
 
 def test_cgroup_quotas_are_read(tmp_path):
@@ -105,7 +106,7 @@ def test_a_report_that_cannot_be_written_after_the_decision_keeps_the_verdict(ca
                                                                              bundled_model):
     import errno
 
-    import pyrobust.gate as gate
+    import pyrobust.gate.reports as gate
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "gate.json"))
@@ -224,7 +225,7 @@ def test_huge_label_values_keep_the_outputs_small(tmp_path):
     assert time.monotonic() - t0 < 60
     assert [r["class"] for r in ev.summary["per_class"]] == [0, 99_999]
     assert (tmp_path / "o" / "summary.json").stat().st_size < 200_000 and (tmp_path / "o" / "per_class.png").exists()
-    from pyrobust.gate import GatePolicy, plan_gate
+    from pyrobust.gate.policy import GatePolicy, plan_gate
 
     assert [s.name for s in plan_gate(GatePolicy(min_class_robust=0.5), 20, np.unique(y)).noise] == \
         ["min_class_robust[0]", "min_class_robust[99999]"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pyrobust.store.files import available_memory_bytes, cgroup_memory_available
+from pyrobust.machine import available_memory_bytes, cgroup_memory_available
 
 
 def _write(path: Path, text: str) -> None:

@@ -104,7 +104,7 @@ def test_dask_local_cluster_is_bit_identical(bundled_model, reference, workers, 
 
 
 def test_a_killed_worker_is_replaced_and_the_results_do_not_change(bundled_model, reference):
-    from pyrobust.datasets import load_dataset
+    from pyrobust.data.load import load_dataset
     from pyrobust.engine.backends import Layout, execute
     from pyrobust.engine.dask import connect, disconnect
     from pyrobust.engine.loop import bind_model
@@ -218,7 +218,7 @@ def test_a_scheduler_that_never_answers_is_given_up(bundled_model, monkeypatch):
 
 @pytest.mark.parametrize("skew", ["version", "sources"])
 def test_a_worker_with_other_software_may_not_contribute(bundled_model, skew):
-    from pyrobust.datasets import load_dataset
+    from pyrobust.data.load import load_dataset
     from pyrobust.engine.backends import Layout, execute
     from pyrobust.engine.dask import connect, disconnect
     from pyrobust.engine.loop import bind_model
@@ -253,7 +253,7 @@ def test_a_worker_with_other_software_may_not_contribute(bundled_model, skew):
 def test_a_result_from_a_changed_worker_is_not_merged(bundled_model, monkeypatch):
     """A worker that changes after the start (or joins later) is caught by the identity its results carry."""
     import pyrobust.engine.dask as d
-    from pyrobust.datasets import load_dataset
+    from pyrobust.data.load import load_dataset
     from pyrobust.engine.backends import Layout, execute
     from pyrobust.engine.loop import bind_model
 

@@ -66,7 +66,7 @@ def test_replay_any_step_and_errors(tmp_path, bundled_model, sample):
 
 
 def test_replay_refuses_changed_data(tmp_path, bundled_model, sample):
-    from pyrobust.datasets import Dataset
+    from pyrobust.data.dataset import Dataset
     from tests.builders import save_npz
 
     ds = sample.select(limit=30)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pyrobust.cli import main
-from pyrobust.reproduce import StudyConfig, reproduce
 from pyrobust.store.results import load_results
+from pyrobust.study.reproduce import StudyConfig, reproduce
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -129,7 +129,7 @@ def test_report_has_the_paired_comparisons_and_a_conclusion(study):
     import numpy as np
 
     from pyrobust.store.results import load_results
-    from pyrobust.study_report import conclusion
+    from pyrobust.study.report import conclusion
 
     rep = json.loads((study / "report.json").read_text())
     md = (study / "report.md").read_text()

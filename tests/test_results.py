@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from pyrobust.errors import DataError, OutputError
+from pyrobust.files import make_out_dir
 from pyrobust.stats import survival_curve, wilson_interval
-from pyrobust.store.files import make_out_dir
 from pyrobust.store.results import build_summary, clear_run_files, load_results, run_files, write_results
 from pyrobust.types import NoiseSpec, Outcome
 from tests import naive

@@ -13,7 +13,8 @@ import pyrobust
 from pyrobust.cli import cli, config_keys, main
 from pyrobust.engine.plan import RunOptions
 from pyrobust.errors import InvalidInput, ResumeMismatch
-from pyrobust.gate import GatePolicy, run_gate
+from pyrobust.gate.policy import GatePolicy
+from pyrobust.gate.run import run_gate
 from pyrobust.types import NoiseSpec, RunRecord, differences, fingerprint
 
 FAST = dict(limit=60, max_steps=20, batch_size=64, sessions=1)

@@ -3,7 +3,7 @@ import warnings
 import numpy as np
 import pytest
 
-from pyrobust.datasets import Dataset
+from pyrobust.data.dataset import Dataset
 from pyrobust.engine.loop import clean_predictions, run_protocol
 from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import ModelError

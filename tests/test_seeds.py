@@ -11,7 +11,7 @@ from scipy import stats
 
 from pyrobust.cli import main
 from pyrobust.errors import DataError, InvalidInput
-from pyrobust.seeds import _paired_stats, parse_seeds, seed_report, to_markdown
+from pyrobust.study.seeds import _paired_stats, parse_seeds, seed_report, to_markdown
 
 
 def test_seed_lists():
@@ -178,13 +178,13 @@ def test_the_papers_other_readings_in_one_quick_study(tmp_path, shared_data, cap
     assert rep["noise"]["pixels"] == point["pixels"] and rep["config"]["noise"]["pixel_count"] == "random"
     assert rep["operating_point"] == point
     assert rep["selection"]["empty_classes"] == [r["class"] for r in rep["selection"]["table"] if r["taken"] == 0]
-    from pyrobust.study_report import blocks, to_markdown
+    from pyrobust.study.report import blocks, to_markdown
 
     empty = {**rep, "selection": {**rep["selection"], "empty_classes": [3, 7]}}
     assert "**Warning:** classes 3, 7 had no robust training images" in to_markdown(blocks(empty))
     assert "**Warning:**" not in to_markdown(blocks({**rep, "selection": {**rep["selection"], "empty_classes": []}}))
     # an operating point swapped by hand for another point that was tried, while the evaluations ran elsewhere
-    from pyrobust.study_report import gather
+    from pyrobust.study.report import gather
 
     other = next(t for t in point["tried"] if t["pixels"] != point["pixels"])
     (out / "operating_point.json").write_text(json.dumps({**point, **other}))
@@ -220,7 +220,7 @@ def _point(**change):
     _point(tried=[{"pixels": 61, "robust": 0.29, "x": 1}]),
 ])
 def test_a_crafted_operating_point_is_refused(tmp_path, bad):
-    from pyrobust.study_report import read_operating_point
+    from pyrobust.study.report import read_operating_point
 
     path = tmp_path / "operating_point.json"
     path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
@@ -229,7 +229,7 @@ def test_a_crafted_operating_point_is_refused(tmp_path, bad):
 
 
 def test_an_operating_point_reads_back_and_is_never_followed_through_a_link(tmp_path):
-    from pyrobust.study_report import read_operating_point
+    from pyrobust.study.report import read_operating_point
 
     real = tmp_path / "elsewhere.json"
     real.write_text(json.dumps(_point()))

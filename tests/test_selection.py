@@ -6,7 +6,7 @@ import pytest
 import pyrobust
 from pyrobust.cli import main
 from pyrobust.errors import InvalidInput, ModelError
-from pyrobust.selection import random_subset, select_robust
+from pyrobust.study.selection import random_subset, select_robust
 from pyrobust.types import Outcome
 
 

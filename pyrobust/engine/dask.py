@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pyrobust.datasets import Dataset
-from pyrobust.engine.backends import Update, make_shards
+from pyrobust.data.dataset import Dataset
 from pyrobust.engine.loop import run_protocol
 from pyrobust.engine.runtime import OnnxModel
+from pyrobust.engine.updates import Update, make_shards
 from pyrobust.errors import ClusterError, InvalidInput, MissingDependency, ModelError
 from pyrobust.types import NoiseSpec
 

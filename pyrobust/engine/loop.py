@@ -20,7 +20,7 @@ from dataclasses import replace
 import numpy as np
 
 import perturbcore
-from pyrobust.datasets import Dataset
+from pyrobust.data.dataset import Dataset
 from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import InvalidInput
 from pyrobust.types import NoiseSpec, Outcome, RunState

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pyrobust.errors import ModelError
 from pyrobust.escape import field
-from pyrobust.store.files import read_bounded
+from pyrobust.files import read_bounded
 
 # Operator domains onnxruntime implements itself; anything else needs a custom-op library, which pyrobust never loads.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc",

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pyrobust.datasets import Dataset, from_arrays, load_dataset
+from pyrobust.data.dataset import Dataset, from_arrays
+from pyrobust.data.load import load_dataset
 from pyrobust.engine.backends import Layout, execute
 from pyrobust.engine.loop import Progress, bind_model, check_spec_for_data, working_memory_bytes
-from pyrobust.engine.runtime import OnnxModel, check_threads
+from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import DataError, InvalidInput
-from pyrobust.store.files import available_memory_bytes, memory_budget  # noqa: F401 - part of this module's API
+from pyrobust.machine import available_memory_bytes, check_threads, memory_budget  # noqa: F401 - part of this module's API
 from pyrobust.types import NoiseSpec, Outcome, RunState
 
 

@@ -4,13 +4,11 @@ adapter from pyrobust's flat image buffers to whatever input layout the model de
 Threads: numba's kernels and onnxruntime's intra-op pool run one after the other on the same cores. Spinning
 onnxruntime workers (its default) keep burning those cores while numba runs, and numba's workers then fight them;
 the session is therefore created with ``session.intra_op.allow_spinning = 0`` unless asked otherwise
-(``benchmarks/test_bench_engine.py::test_thread_pools`` measures both settings).
-"""
+(``benchmarks/test_bench_engine.py::test_thread_pools`` measures both settings)."""
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 import warnings
@@ -30,15 +28,18 @@ from pyrobust.engine.modelfile import (
     unknown_domains,
 )
 from pyrobust.engine.watchdog import register_run_options
-from pyrobust.errors import ClassCountMismatch, InvalidInput, ModelError
+from pyrobust.errors import ClassCountMismatch, ModelError
 from pyrobust.escape import field
-from pyrobust.store.files import read_bounded
+from pyrobust.files import read_bounded
+from pyrobust.machine import check_threads
 
 LAYOUTS = ("NCHW", "NHWC", "NHW", "NF")
 _INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
                  # integer pixels (deployment models often take uint8): fed whole numbers in 0..255
                  "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(int16)": np.int16,
                  "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+
+
 _FLOAT_TENSORS = ("tensor(float)", "tensor(double)", "tensor(float16)")
 _INT_TENSORS = ("tensor(int64)", "tensor(int32)", "tensor(int16)", "tensor(int8)", "tensor(uint8)", "tensor(uint16)",
                 "tensor(uint32)", "tensor(uint64)")
@@ -46,54 +47,6 @@ _INT_TENSORS = ("tensor(int64)", "tensor(int32)", "tensor(int16)", "tensor(int8)
 
 class LabelsDisagreeWarning(UserWarning):
     """The model's own label output does not match the argmax of the scores pyrobust uses."""
-
-
-class ThreadsCappedWarning(UserWarning):
-    """More threads were asked for than this process may use; the count was lowered."""
-
-
-def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
-    """CPUs a container's CPU quota allows (cgroup v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us`` over
-    ``cpu.cfs_period_us``), or None without a quota."""
-    base = Path(root)
-    try:
-        limit, per = (base / "cpu.max").read_text().split()[:2]
-        return None if limit == "max" else int(limit) / int(per)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota = int((base / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((base / "cpu" / "cpu.cfs_period_us").read_text())
-        return None if quota <= 0 or period <= 0 else quota / period
-    except (OSError, ValueError):
-        return None
-
-
-def default_threads() -> int:
-    """CPUs this process may use: its affinity mask, lowered to a container's CPU quota."""
-    try:
-        n = max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        n = max(1, os.cpu_count() or 1)
-    limit = cgroup_cpu_limit()
-    if limit is not None:
-        n = max(1, min(n, math.ceil(limit)))
-    return n
-
-
-def check_threads(threads) -> int:
-    """A thread count to use: an integer >= 1 (None: every CPU available), capped at the CPUs available with a
-    warning (onnxruntime with far more threads than cores is slow, and can hang under an address-space limit)."""
-    if threads is None:
-        return default_threads()
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise InvalidInput(f"threads must be an integer >= 1; got {threads!r}")
-    available = default_threads()
-    if threads > available:
-        warnings.warn(f"{threads} threads asked for, but this process may use {available} CPU(s); using "
-                      f"{available}", ThreadsCappedWarning, stacklevel=3)
-        return available
-    return int(threads)
 
 
 def _dim_ok(declared, actual: int) -> bool:
@@ -341,7 +294,6 @@ class OnnxModel:
         rows; if not, the scores are not what the model predicts from, and the user is told."""
         if self.label_output is None:
             return
-        import warnings
 
         x = self._shaped(flat)
         labels = np.asarray(self.session.run([self.label_output.name], {self.input.name: x}, self._run_options)[0])

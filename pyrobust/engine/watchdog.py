@@ -103,9 +103,9 @@ class Watchdog:
         if self._stop.wait(GRACE_SECONDS):
             return
         from pyrobust.escape import printable
-        from pyrobust.store.rundir import last_resort_save
+        from pyrobust.machine import before_forced_exit
 
-        what = last_resort_save().replace("resume=True", "--resume")
+        what = before_forced_exit().replace("resume=True", "--resume")
         why = f"timed out after {self.timeout:g} s (--timeout)" if self.reason == "timeout" else \
             f"stopped by {self.reason}"
         line = (f"pyrobust: error: {why}; one operation of the model ran on {GRACE_SECONDS:g} s past it, so the "

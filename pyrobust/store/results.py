@@ -1,46 +1,36 @@
 """The result format: per-image arrays in ``results.npz`` and the schema-versioned ``summary.json``.
 
 Every file is written atomically (temporary file, flush, fsync, rename), and ``summary.json`` is written last: a
-folder holding ``results.npz`` without ``summary.json`` is an unfinished run.
-"""
+folder holding ``results.npz`` without ``summary.json`` is an unfinished run."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
-import platform
 import zipfile
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from pyrobust.datasets import class_names
+from pyrobust.data.dataset import class_names
 from pyrobust.errors import DataError
+from pyrobust.files import atomic_path, read_run_file, write_json_atomic
+from pyrobust.machine import versions
 from pyrobust.stats import survival_curve, wilson_interval
-from pyrobust.store.files import atomic_path, read_run_file, write_json_atomic
 from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome, RunRecord
 
 SCHEMA_VERSION = 2  # 2: the noise settings have their own block, apart from the run settings
 READABLE_SCHEMAS = (1, 2)
 RESULTS_FILE = "results.npz"
 SUMMARY_FILE = "summary.json"
+
+
 # Files a pyrobust run writes; an output folder holding any of them belongs to a run.
 REPORT_FILES = ("survival.png", "per_class.png", "examples.png", "failure.png")  # drawn by pyrobust.report
 RUN_FILES = (RESULTS_FILE, SUMMARY_FILE, *REPORT_FILES)
 MANY_CLASSES = 1000
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("pyrobust", "numpy", "numba", "onnxruntime", "onnx", "pillow"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def _rate(k: int, n: int) -> dict:

@@ -32,7 +32,8 @@ from pyrobust.errors import (
     PyRobustError,
     ResumeMismatch,
 )
-from pyrobust.store.files import read_run_file, write_bytes_atomic
+from pyrobust.files import read_run_file, write_bytes_atomic
+from pyrobust.machine import on_forced_exit
 from pyrobust.store.results import check_outcome_arrays
 from pyrobust.types import FINGERPRINT_VERSION, RunRecord, RunState, differences
 
@@ -63,7 +64,10 @@ def last_resort_save() -> str:
                          "command with resume=True to continue")
         except Exception as exc:  # pragma: no cover - a full disk at this very moment
             saved.append(f"the checkpoint in {folder} could not be saved ({type(exc).__name__})")
-    return "; ".join(saved) or "stopped before any result was saved"
+    return "; ".join(saved)
+
+
+on_forced_exit(last_resort_save)
 
 
 def _save_checkpoint(folder: Path, state: RunState, fp: dict) -> None:
@@ -281,7 +285,7 @@ def finish_run(out_dir: Path, outcome, summary: dict) -> None:
 def holds_only_runs_of(folder: str | os.PathLike, model: str | os.PathLike, *, dataset: str) -> bool:
     """True when ``folder`` holds no run, or only a run (finished or not) of ``model`` on ``dataset``: what
     ``pyrobust demo`` may replace without being told to."""
-    from pyrobust.store.files import file_sha256
+    from pyrobust.files import file_sha256
     from pyrobust.store.results import SUMMARY_FILE, run_files
 
     out = Path(folder)

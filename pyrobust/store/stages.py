@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pyrobust.store.files import file_sha256, write_json_atomic
+from pyrobust.files import file_sha256, write_json_atomic
 
 __all__ = ["STAGES_FILE", "StageRunner", "file_sha256"]
 

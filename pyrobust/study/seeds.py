@@ -29,7 +29,7 @@ from dataclasses import replace
 import numpy as np
 
 from pyrobust.errors import InvalidInput
-from pyrobust.store.files import make_out_dir, write_bytes_atomic, write_json_atomic
+from pyrobust.files import make_out_dir, write_bytes_atomic, write_json_atomic
 
 SEEDS_SCHEMA = 1
 MODELS = ("M", "M_R", "M_rand")
@@ -58,7 +58,7 @@ def reproduce_seeds(config, seeds: list[int], out: str | os.PathLike, *, log: Ca
                     progress_factory=None) -> dict:
     """The study once per training seed in ``out/seed-S/`` (each resumable), then the seed-level report
     (``seeds.json``, ``seeds.md``) in ``out``."""
-    from pyrobust.reproduce import reproduce
+    from pyrobust.study.reproduce import reproduce
 
     log = log or (lambda line: None)
     root = make_out_dir(out)

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pyrobust.datasets import Dataset, load_recorded
+from pyrobust.data.dataset import Dataset
+from pyrobust.data.load import load_recorded
 from pyrobust.errors import InvalidInput
-from pyrobust.store.files import (
+from pyrobust.files import (
     check_output_file,
     make_out_dir,
     refuse_inputs_as_outputs,

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyrobust.datasets import search_roots
+from pyrobust.data.dataset import search_roots
 from pyrobust.errors import DataError, InvalidInput, OutputError, PyRobustError
-from pyrobust.store.files import file_sha256
+from pyrobust.files import file_sha256
 
 MAX_DOWNLOAD_BYTES = 64 * 2**20  # the largest file (Fashion-MNIST training images) is 26 MB
 

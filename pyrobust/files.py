@@ -4,8 +4,7 @@ Every read goes through :func:`read_bounded`: only a regular file (a FIFO would 
 ends), never more than a stated number of bytes (checked from the file's size before anything is read), and, inside
 folders pyrobust writes, never through a symbolic link. The bytes are read once: whatever is hashed, checked and used
 afterwards is this one copy, so a file swapped or rewritten during a run cannot change what the run used or what its
-record says.
-"""
+record says."""
 
 from __future__ import annotations
 
@@ -13,14 +12,13 @@ import errno
 import fcntl
 import hashlib
 import json
-import math
 import os
 import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from pyrobust.errors import DataError, InvalidInput, OutputError, PyRobustError
+from pyrobust.errors import DataError, OutputError, PyRobustError
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -170,83 +168,3 @@ def refuse_inputs_as_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple
                 also = "" if Path(out) == Path(inp) else f" ({out} is the same file)"
                 raise OutputError(f"{what} {out} would overwrite {in_what} {inp}{also}; an input is never an "
                                   f"output: choose another {what}")
-
-
-# ------------------------------------------------------------------------------------------------ memory
-def _own_cgroups(proc_cgroup: str | os.PathLike = "/proc/self/cgroup") -> dict[str, str]:
-    """This process's cgroup path per hierarchy: ``""`` for the v2 unified one, else the v1 controller names."""
-    out: dict[str, str] = {}
-    try:
-        text = Path(proc_cgroup).read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3:
-            for controller in parts[1].split(","):
-                out[controller] = parts[2]
-    return out
-
-
-def cgroup_memory_available(root: str | os.PathLike = "/sys/fs/cgroup",
-                            proc_cgroup: str | os.PathLike = "/proc/self/cgroup") -> int | None:
-    """Bytes a container's memory limit still allows (cgroup v2 ``memory.max`` less ``memory.current``, or v1
-    ``memory.limit_in_bytes`` less ``memory.usage_in_bytes``), the tightest of this process's cgroup and its
-    ancestors, or None without a limit. The kernel kills a process that goes past it without a word, whatever
-    /proc/meminfo says the machine has."""
-    base = Path(root)
-    own = _own_cgroups(proc_cgroup)
-    best: int | None = None
-    for hierarchy, limit_name, usage_name, key in ((base, "memory.max", "memory.current", ""),
-                                                   (base / "memory", "memory.limit_in_bytes",
-                                                    "memory.usage_in_bytes", "memory")):
-        rel = own.get(key, "/").strip("/")
-        folders = [hierarchy / rel] if rel else []
-        folders += [hierarchy / Path(rel).parents[i] for i in range(len(Path(rel).parents))] if rel else [hierarchy]
-        for folder in folders:
-            try:
-                limit = (folder / limit_name).read_text().strip()
-            except OSError:
-                continue
-            try:
-                cap = int(limit)
-            except ValueError:
-                continue  # "max": no limit at this level
-            if cap >= 2**60:  # v1 writes a huge number for "no limit"
-                continue
-            try:
-                used = int((folder / usage_name).read_text().strip())
-            except (OSError, ValueError):
-                used = 0
-            left = max(0, cap - used)
-            best = left if best is None else min(best, left)
-    return best
-
-
-def available_memory_bytes(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
-    """Memory this process may still take: MemAvailable from /proc/meminfo, lowered to what a container's cgroup
-    memory limit leaves; None where neither can be read."""
-    avail = None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    cap = cgroup_memory_available(cgroup_root)
-    if cap is not None:
-        avail = cap if avail is None else min(avail, cap)
-    return avail
-
-
-def memory_budget(max_memory_mb: float | None) -> int | None:
-    """Bytes pyrobust may use for data and working buffers: ``max_memory_mb``, or 80 % of the available memory."""
-    if max_memory_mb is not None:
-        if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or \
-                not 0 < max_memory_mb < 2**40 or not math.isfinite(max_memory_mb):
-            raise InvalidInput(f"max_memory must be a finite number of MiB > 0; got {max_memory_mb}")
-        return int(max_memory_mb * 2**20)
-    avail = available_memory_bytes()
-    return int(avail * 0.8) if avail else None

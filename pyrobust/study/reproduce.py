@@ -17,14 +17,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pyrobust.datasets import Dataset, load_dataset, load_npz
+from pyrobust.data.dataset import Dataset
+from pyrobust.data.load import load_dataset, load_npz
 from pyrobust.errors import InvalidInput, ResumeMismatch
-from pyrobust.selection import SHORTFALLS, random_subset, read_selection, select_robust, write_subset
-from pyrobust.store.files import make_out_dir, write_json_atomic
+from pyrobust.files import make_out_dir, write_json_atomic
 from pyrobust.store.results import RESULTS_FILE, SUMMARY_FILE, load_results
 from pyrobust.store.rundir import RunLock
 from pyrobust.store.stages import StageRunner, file_sha256
-from pyrobust.study_report import StudyLayout, read_operating_point
+from pyrobust.study.report import StudyLayout, read_operating_point
+from pyrobust.study.selection import SHORTFALLS, random_subset, read_selection, select_robust, write_subset
 from pyrobust.types import NoiseSpec
 
 QUICK = {"train_sample": 600, "test_sample": 300, "max_steps": 20, "epochs": 2, "per_class": 20}
@@ -133,7 +134,7 @@ def reproduce(config: StudyConfig, out: str | os.PathLike, *, log: Callable[[str
               progress_factory: Callable[[str], object] | None = None) -> dict:
     """Run (or resume) the study into ``out``; return the report as a dict (also written to ``report.json``)."""
     from pyrobust.evaluation import evaluate
-    from pyrobust.study_report import write_study_report
+    from pyrobust.study.report import write_study_report
     from pyrobust.training import retrain, train
 
     log = log or (lambda line: None)

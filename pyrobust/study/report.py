@@ -17,9 +17,10 @@ from matplotlib.figure import Figure
 
 from pyrobust.errors import DataError
 from pyrobust.escape import figure_text, html_text, md_cell, md_prose
+from pyrobust.files import read_run_file, write_bytes_atomic, write_json_atomic
+from pyrobust.machine import versions
 from pyrobust.report import plot_survival, save_figure
-from pyrobust.store.files import read_run_file, write_bytes_atomic, write_json_atomic
-from pyrobust.store.results import load_results, versions
+from pyrobust.store.results import load_results
 from pyrobust.types import NONFINITE, is_int
 
 PAPER = {"accuracy": {"M": 0.9885, "M_R": 0.9692}, "robust": {"M": 0.2957, "M_R": 0.5101}}

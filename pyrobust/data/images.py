@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pyrobust.datasets import Dataset, search_roots, select_positions
+from pyrobust.data.dataset import Dataset, search_roots, select_positions
 from pyrobust.errors import DataError, InvalidInput, MissingDependency
-from pyrobust.store.files import read_bounded
+from pyrobust.files import read_bounded
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MAX_IMAGE_FILE_BYTES = 256 * 2**20
