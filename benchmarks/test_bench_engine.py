@@ -74,7 +74,7 @@ def test_driver(benchmark, model_path, data):
     from pyrobust.engine.loop import bind_model
 
     model = OnnxModel(model_path, threads=THREADS)
-    spec = bind_model(model, data, PAPER)
+    model, spec = bind_model(model, data, PAPER)
     execute(model, data.select(limit=64), NoiseSpec(max_steps=3), layout=Layout())
     holder = {}
 

@@ -58,7 +58,7 @@ def data(model_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (N_IMAGES, 224, 224, 3), dtype=np.uint8)
     m = OnnxModel(model_path, threads=THREADS)
-    m.bind((224, 224, 3), n_classes=10)
+    m = m.bind((224, 224, 3), n_classes=10)
     y = np.argmax(m.run(m.to_flat(x.astype(np.float32) / 255)), axis=1)  # its own answers: every image counts
     return from_arrays(x, y)
 

@@ -26,7 +26,7 @@ from pyrobust.engine.plan import (  # noqa: F401 - part of this module's API
     plan_run,
     split_settings,
 )
-from pyrobust.engine.runtime import OnnxModel
+from pyrobust.engine.runtime import BoundModel, OnnxModel
 from pyrobust.errors import Interrupted, InvalidInput, NonFiniteModel
 from pyrobust.files import make_out_dir
 from pyrobust.machine import check_threads
@@ -68,7 +68,7 @@ class Evaluation:
     resumed: bool = False  # continued from a checkpoint, or found already complete
     already_complete: bool = False  # ``resume`` found a finished run and did nothing
     dataset: Dataset | None = field(default=None, repr=False, compare=False)  # the images, aligned with outcome
-    model: OnnxModel | None = field(default=None, repr=False, compare=False)
+    model: BoundModel | None = field(default=None, repr=False, compare=False)
 
     @property
     def robust_fraction(self) -> float:
@@ -305,7 +305,7 @@ def _summary(plan: RunPlan, outcome: Outcome, used: Dataset, prec: dict | None, 
         model={"path": str(Path(m.path).resolve()), "name": Path(m.path).stem, **(model_info or {}),
                "sha256": m.sha256, "external_data": m.external_data, "input": m.input.name,
                "input_shape": m.input_shape, "input_type": m.input.type, "output": m.output.name,
-               "output_type": m.output.type, "layout": m.bound.layout, "fixed_batch": m.bound.fixed_batch},
+               "output_type": m.output.type, "layout": m.binding.layout, "fixed_batch": m.binding.fixed_batch},
         dataset={**selection, "name": ds.name, "split": ds.split, "source": ds.source, "sha256": ds.sha256,
                  "first_index": int(used.index.min()), "last_index": int(used.index.max())},
         settings=plan.settings(info, state))

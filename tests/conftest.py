@@ -142,3 +142,11 @@ def shared_data() -> Path:
             pytest.fail(f"CI must run every real-data test: {reason}")
         pytest.skip(reason)
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test on the real data is slow by nature (it reads tens of MB): it is marked so, and left out of the fast
+    tier (``pytest -m "not slow"``), wherever it is written."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

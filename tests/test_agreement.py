@@ -35,6 +35,7 @@ def _pairs(rng, n, p, kappa, reps):
     return (cells == 0) | (cells == 1), (cells == 0) | (cells == 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,p", [(100, 0.3), (100, 0.6), (100, 0.9), (500, 0.6), (500, 0.95), (2000, 0.9),
                                  (1000, 0.97)])
 @pytest.mark.parametrize("kappa", [0.0, 0.5, 0.8])
@@ -66,6 +67,7 @@ def runs(tmp_path_factory, bundled_model):
     return out
 
 
+@pytest.mark.slow
 def test_agreement_end_to_end(runs, tmp_path, capsys):
     rep = agreement([runs["M"], runs["M_R"]], ceiling=(runs["M"], runs["M_seed1"]), out=tmp_path / "a")
     pair = rep["pairs"][0]
@@ -82,6 +84,7 @@ def test_agreement_end_to_end(runs, tmp_path, capsys):
     assert code == 0 and "cnn – robust" in out and "ceiling" in out
 
 
+@pytest.mark.slow
 def test_runs_that_cannot_be_compared_are_refused(runs, tmp_path, capsys):
     with pytest.raises(InvalidInput, match="not evaluations of the same images with the same noise: seed 0 → 1"):
         agreement([runs["M"], runs["M_seed1"]])

@@ -152,11 +152,13 @@ def test_cli(capsys, tmp_path, models, bad, bundled_model, case, model, data, kw
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_external_data_beside_the_model_is_fine(bad, sample):
     ev = pyrobust.evaluate(bad["ext_ok"], sample, limit=5, max_steps=2)
     assert ev.outcome.n == 5
 
 
+@pytest.mark.slow
 def test_nan_outputs_warn_with_the_count(models):
     """Some non-finite outputs: a warning with the count. Every output non-finite: an error, nothing to measure."""
     zeros = pyrobust.Dataset("zeros", "test", np.zeros((7, 28, 28, 1), np.uint8), np.zeros(7, np.int64),
@@ -169,6 +171,7 @@ def test_nan_outputs_warn_with_the_count(models):
         pyrobust.evaluate(models["nan"], zeros, max_steps=2)
 
 
+@pytest.mark.slow
 def test_existing_results_and_unwritable_folder(tmp_path, bundled_model, capsys):
     pyrobust.evaluate(bundled_model, "sample", limit=5, max_steps=2, out=tmp_path / "r", report=False)
     with pytest.raises(OutputError, match="already holds a run's results .* pass overwrite=True"):

@@ -53,12 +53,14 @@ def constant(tmp_path_factory):
                       [tensor("zero", np.zeros(1)), tensor("const", c)], opset=11)
 
 
+@pytest.mark.slow
 def test_a_results_baseline_must_be_tied_to_its_model(capsys, baseline_run, bundled_model):
     code, _, err = _gate(capsys, bundled_model, *COMMON, "--baseline", baseline_run, "--max-robust-drop", "1%")
     assert code == 2
     assert "are not tied to a model" in err and "--baseline-model FILE" in err and "--baseline-sha256 HEX" in err
 
 
+@pytest.mark.slow
 def test_a_tied_baseline_is_verified_and_recorded(capsys, tmp_path, baseline_run, bundled_model):
     code, out, err = _gate(capsys, bundled_model, *COMMON, "--baseline", baseline_run, "--baseline-model",
                            bundled_model, "--max-robust-drop", "5%", "--out", tmp_path / "g")
@@ -74,6 +76,7 @@ def test_a_tied_baseline_is_verified_and_recorded(capsys, tmp_path, baseline_run
     assert code == 0, err
 
 
+@pytest.mark.slow
 def test_a_wrong_pin_or_another_model_is_refused(capsys, baseline_run, bundled_model, constant):
     code, _, err = _gate(capsys, bundled_model, *COMMON, "--baseline", baseline_run, "--baseline-sha256", "0" * 64,
                          "--max-robust-drop", "5%")
@@ -89,6 +92,7 @@ def test_a_wrong_pin_or_another_model_is_refused(capsys, baseline_run, bundled_m
     assert code == 2 and "the baseline is a model here" in err
 
 
+@pytest.mark.slow
 def test_a_doctored_folder_cannot_pass_a_constant_classifier(capsys, tmp_path, bundled_model, constant):
     """The attack: results of a bad model relabelled as the production model's (counts all consistent), so that
     a constant classifier 'loses' nothing against them."""
@@ -104,6 +108,7 @@ def test_a_doctored_folder_cannot_pass_a_constant_classifier(capsys, tmp_path, b
     assert code == 3 and "do not match their model" in err and "clean predictions differ" in err
 
 
+@pytest.mark.slow
 def test_one_altered_robust_flag_is_caught_when_replayed(baseline_run, bundled_model, sample):
     """Doctoring that keeps every clean prediction (a fooled image made robust) is found by the replay of that
     image; which images are replayed is drawn from fresh entropy, so a doctored folder cannot know."""
@@ -139,6 +144,7 @@ def test_the_library_names_python_arguments(baseline_run, bundled_model):
                  limit=120, max_steps=15)
 
 
+@pytest.mark.slow
 def test_the_library_verifies_a_tied_baseline_without_a_status_callback(baseline_run, bundled_model):
     r = run_gate(bundled_model, "sample", policy=GatePolicy(max_robust_drop=0.05), baseline=baseline_run,
                  baseline_model=bundled_model, limit=120, max_steps=15)

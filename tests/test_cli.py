@@ -16,6 +16,7 @@ def run_cli(capsys, *args):
     return code, out, err
 
 
+@pytest.mark.slow
 def test_evaluate_writes_results_and_report(capsys, tmp_path, bundled_model):
     out = tmp_path / "run"
     code, stdout, err = run_cli(capsys, "evaluate", bundled_model, "--dataset", "sample", "--limit", "40",
@@ -89,6 +90,7 @@ def test_errors_are_one_line_with_exit_code(capsys, tmp_path, bundled_model, mod
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_existing_results_need_overwrite(capsys, tmp_path, bundled_model):
     args = ["evaluate", bundled_model, "--dataset", "sample", "--limit", "5", "--max-steps", "2", "--no-report",
             "--out", tmp_path]
@@ -98,6 +100,7 @@ def test_existing_results_need_overwrite(capsys, tmp_path, bundled_model):
     assert run_cli(capsys, *args, "--overwrite")[0] == 0
 
 
+@pytest.mark.slow
 def test_non_finite_outputs_warn(capsys, tmp_path, models):
     import numpy as np
 
@@ -118,6 +121,7 @@ def test_non_finite_outputs_warn(capsys, tmp_path, models):
     assert not any((tmp_path / "n").glob("*.npz")) and not (tmp_path / "n" / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_internal_errors_are_one_line(capsys, monkeypatch, tmp_path, bundled_model):
     import pyrobust.evaluation
 
@@ -134,6 +138,7 @@ def test_internal_errors_are_one_line(capsys, monkeypatch, tmp_path, bundled_mod
     assert code == 4 and "Traceback" in err
 
 
+@pytest.mark.slow
 def test_demo_in_a_subprocess(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pyrobust", "demo", "--limit", "60", "--out", tmp_path / "demo"],
                           capture_output=True, text=True, timeout=300)
@@ -151,6 +156,7 @@ def test_usage_error_in_a_subprocess():
     assert proc.stderr.strip() == "pyrobust: error: Missing argument 'MODEL'. (see pyrobust --help)"
 
 
+@pytest.mark.slow
 def test_help_and_version(capsys):
     code, out, _ = run_cli(capsys, "--help")
     assert code == 0 and all(c in out for c in ("evaluate", "demo", "train", "replay"))
@@ -158,6 +164,7 @@ def test_help_and_version(capsys):
     assert code == 0 and "pyrobust, version 0.1.0" in out
 
 
+@pytest.mark.slow
 def test_progress_bar_when_stderr_is_a_terminal(capsys, monkeypatch, tmp_path, bundled_model):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     code, stdout, err = run_cli(capsys, "evaluate", bundled_model, "--dataset", "sample", "--limit", "20",
@@ -167,6 +174,7 @@ def test_progress_bar_when_stderr_is_a_terminal(capsys, monkeypatch, tmp_path, b
     assert "robust" not in err
 
 
+@pytest.mark.slow
 def test_progress_lines_in_a_log_and_quiet(capsys, tmp_path, bundled_model, monkeypatch):
     """stderr is not a terminal here (as in CI): plain progress lines with images, rate and ETA; --quiet: none."""
     monkeypatch.setenv("PYROBUST_PROGRESS_SECONDS", "0")

@@ -125,10 +125,10 @@ def test_external_data_beside_the_model_is_inlined_and_hashed(checkout, where):
     onnx.save(crafted(where, "secret.bin"), str(path))
     m = OnnxModel(path, threads=1)
     assert [e["location"] for e in m.external_data] == ["secret.bin"]
-    m.bind((28, 28, 1), n_classes=10)
+    m = m.bind((28, 28, 1), n_classes=10)
     out = m.run(np.zeros((2, 784), np.float32))
     assert np.array_equal(out[0], beside)  # the working directory's secret.bin holds other bytes
-    assert not any(t.data_location == TensorProto.EXTERNAL for t in all_tensors(onnx.load_from_string(m._bytes)))
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in all_tensors(onnx.load_from_string(m.model_bytes)))
     (checkout / "secret.bin").write_bytes((beside + 1).tobytes())
     assert OnnxModel(path, threads=1).sha256 != m.sha256
 
@@ -221,9 +221,10 @@ def test_a_model_whose_class_count_changes_after_the_probe_is_refused(checkout, 
     path = checkout / "shifty.onnx"
     onnx.save(model, str(path))
     m = OnnxModel(path, threads=1)
-    assert m.bind((28, 28, 1), n_classes=10).scores == 10
+    bound = m.bind((28, 28, 1), n_classes=10)
+    assert bound.binding.scores == 10
     with pytest.raises(ModelError, match="gave 20 class scores per image, but 10 on the probe"):
-        m.run(np.zeros((16, 784), np.float32))
+        bound.run(np.zeros((16, 784), np.float32))
     from pyrobust.cli import main
 
     assert main(["evaluate", str(path), "--dataset", "sample", "--limit", "40", "--max-steps", "2", "--batch-size",
@@ -261,4 +262,4 @@ def test_a_model_whose_outputs_change_between_runs_is_refused_at_the_probe(check
     monkeypatch.setattr(rt, "random_operators", lambda proto: [])
     m = OnnxModel(_random_model(checkout), threads=1)
     with pytest.raises(ModelError, match="gives other scores for the same input when run again"):
-        m.bind((28, 28, 1), n_classes=10)
+        m = m.bind((28, 28, 1), n_classes=10)

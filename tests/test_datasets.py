@@ -91,6 +91,7 @@ def test_idx_parser_on_arbitrary_bytes(data):
     assert isinstance(arr, np.ndarray)
 
 
+@pytest.mark.slow
 @given(st.data())
 @settings(max_examples=400, deadline=None)
 def test_idx_parser_on_mutated_files(data):
@@ -161,6 +162,7 @@ def test_npz_not_a_zip(tmp_path):
         load_npz(tmp_path / "z.npz")
 
 
+@pytest.mark.slow
 @given(st.binary(max_size=400))
 @settings(max_examples=300, deadline=None)
 def test_npz_loader_on_arbitrary_bytes(tmp_path_factory, data):
@@ -173,6 +175,7 @@ def test_npz_loader_on_arbitrary_bytes(tmp_path_factory, data):
     assert isinstance(ds, Dataset)
 
 
+@pytest.mark.slow
 @given(st.data())
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_npz_loader_on_mutated_archives(tmp_path, data):
@@ -273,6 +276,7 @@ def test_shared_mnist_files(shared_data):
     assert load_dataset("mnist:train", data_dir=shared_data).n in (5000, 60000)  # the project's subset, or all
 
 
+@pytest.mark.slow
 def test_an_npz_bomb_in_any_member_is_refused_before_it_is_inflated(tmp_path):
     """A few hundred KB of zip declaring 100 MiB of zeros in index.npy (the member the size check used to skip)."""
     import io

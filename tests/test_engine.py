@@ -27,6 +27,7 @@ def _outcome_arrays(o):
     return o.clean_prediction, o.first_failure, o.failure_label
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme,mode,count", [("uniform", "restart", "fixed"), ("salt-pepper", "restart", "fixed"),
                                                ("uniform", "cumulative", "fixed"), ("uniform", "restart", "random"),
                                                ("salt-pepper", "cumulative", "random")])
@@ -58,6 +59,7 @@ def reference_run(bundled_model, sample):
     return spec, run_protocol(OnnxModel(bundled_model, threads=2), sample.select(limit=300), spec, batch_size=64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 7, 256])
 def test_results_do_not_depend_on_batch_size(bundled_model, sample, reference_run, batch_size):
     spec, ref = reference_run
@@ -67,6 +69,7 @@ def test_results_do_not_depend_on_batch_size(bundled_model, sample, reference_ru
         assert np.array_equal(g, r[: ds.n])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])
 def test_results_do_not_depend_on_threads(bundled_model, sample, reference_run, threads):
     spec, ref = reference_run
@@ -83,6 +86,7 @@ def test_a_subset_gets_the_same_per_image_results(bundled_model, sample, referen
         assert np.array_equal(g, r[100:200])
 
 
+@pytest.mark.slow
 def test_image_order_does_not_matter(bundled_model, sample, reference_run):
     spec, ref = reference_run
     ds = sample.select(limit=300)
@@ -93,6 +97,7 @@ def test_image_order_does_not_matter(bundled_model, sample, reference_run):
         assert np.array_equal(g, r[perm])
 
 
+@pytest.mark.slow
 def test_different_seeds_give_different_noise(bundled_model, sample, reference_run):
     spec, ref = reference_run
     other = NoiseSpec(pixels=28, max_steps=60, seed=6)
@@ -164,6 +169,7 @@ def test_clean_predictions(bundled_model, sample):
     assert p.tolist() == want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [7, 64, 256, 1000])
 @pytest.mark.parametrize("mode", ["restart", "cumulative"])
 def test_step_packing_is_bit_identical(bundled_model, sample, batch_size, mode):

@@ -106,7 +106,7 @@ def test_every_sklearn_form_is_evaluated_alike(tmp_path):
 def test_the_label_output_is_checked_against_the_scores(tmp_path):
     m = OnnxModel(_sklearn_model(tmp_path / "a.onnx"))
     assert m.label_output.name == "label" and m.zipmap
-    m.bind((28, 28, 1), n_classes=10)
+    m = m.bind((28, 28, 1), n_classes=10)
     assert m.label_agreement == 1.0
     shifted = _sklearn_model(tmp_path / "b.onnx", label_offset=0, zipmap=False)
     proto = onnx.load(str(shifted))  # labels that are not the argmax: a mislabelled export
@@ -141,6 +141,7 @@ def _two_outputs(path, bundled_model):
     return path
 
 
+@pytest.mark.slow
 def test_several_candidate_outputs_are_refused_until_one_is_named(tmp_path, bundled_model, capsys):
     model = _two_outputs(tmp_path / "two.onnx", bundled_model)
     with pytest.raises(ModelError, match=r"2 outputs could be class scores \('embedding' tensor\(float\) \[N, 120\]; "
@@ -177,6 +178,7 @@ def test_a_0_255_model_fed_0_1_data_is_flagged_and_fixed_by_pixel_range(tmp_path
     assert abs(right.robust_fraction - ref.robust_fraction) <= 0.05
 
 
+@pytest.mark.slow
 def test_the_gate_reports_a_chance_level_candidate(tmp_path, bundled_model):
     model = _prefixed(tmp_path / "div255.onnx", bundled_model)
     assert main(["gate", str(model), "--dataset", "sample", "--limit", "80", "--min-accuracy", "50%",

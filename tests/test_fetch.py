@@ -112,6 +112,7 @@ def _catalog(server, *modes, by_content=True) -> dict[str, RemoteDataset]:
 FAST = dict(retries=2, backoff=0.0, timeout=5)
 
 
+@pytest.mark.slow
 def test_good_files_are_downloaded_verified_and_usable(server, tmp_path):
     got = fetch_dataset("tiny", dest=tmp_path, catalog=_catalog(server, "good"), **FAST)
     assert [f.status for f in got] == ["downloaded"] * 2
@@ -123,6 +124,7 @@ def test_good_files_are_downloaded_verified_and_usable(server, tmp_path):
     assert [f.status for f in again] == ["present"] * 2
 
 
+@pytest.mark.slow
 def test_published_gz_hash_or_recompressed_content_both_verify(server, tmp_path):
     got = fetch_dataset("tiny", dest=tmp_path / "a", catalog=_catalog(server, "good", by_content=False), **FAST)
     assert all(f.status == "downloaded" for f in got)
@@ -133,6 +135,7 @@ def test_published_gz_hash_or_recompressed_content_both_verify(server, tmp_path)
         fetch_dataset("tiny", dest=tmp_path / "c", catalog=_catalog(server, "regz", by_content=False), **FAST)
 
 
+@pytest.mark.slow
 def test_a_wrong_checksum_is_discarded_and_the_next_source_used(server, tmp_path):
     got = fetch_dataset("tiny", dest=tmp_path, catalog=_catalog(server, "bad", "good"), **FAST)
     assert all(f.url.split("/")[-2] == "good" and "checksum mismatch" in f.attempts[0] for f in got)
@@ -142,6 +145,7 @@ def test_a_wrong_checksum_is_discarded_and_the_next_source_used(server, tmp_path
     assert not any((tmp_path / "x" / "tiny").iterdir())  # nothing half-written or unverified under any name
 
 
+@pytest.mark.slow
 def test_server_errors_are_retried_then_the_next_source(server, tmp_path):
     got = fetch_dataset("tiny", dest=tmp_path, catalog=_catalog(server, "err", "missing", "good"), **FAST)
     assert all("server error 500" in f.attempts[0] and "HTTP 404" in f.attempts[2] for f in got)
@@ -150,6 +154,7 @@ def test_server_errors_are_retried_then_the_next_source(server, tmp_path):
         fetch_dataset("tiny", dest=tmp_path / "x", catalog=_catalog(server, "err"), **FAST)
 
 
+@pytest.mark.slow
 def test_a_truncated_download_is_never_accepted(server, tmp_path):
     with pytest.raises(DataError, match="broke off"):
         fetch_dataset("tiny", dest=tmp_path, catalog=_catalog(server, "trunc"), **FAST)
@@ -163,6 +168,7 @@ def test_an_interrupted_download_resumes_where_it_stopped(server, tmp_path):
     assert len(ranges) == 2 and all(r.startswith("bytes=") and r != "bytes=0-" for r in ranges)
 
 
+@pytest.mark.slow
 def test_an_existing_different_file_is_not_overwritten(server, tmp_path):
     (tmp_path / "tiny").mkdir()
     mine = tmp_path / "tiny" / "t10k-images-idx3-ubyte.gz"
@@ -180,6 +186,7 @@ def test_unknown_dataset_and_unwritable_folder(tmp_path):
         fetch_dataset("mnist", dest=tmp_path / "file")
 
 
+@pytest.mark.slow
 def test_cli_fetch_and_list(server, tmp_path, monkeypatch, capsys):
     import pyrobust.data.fetch as fetch
 
@@ -212,6 +219,7 @@ def test_pinned_checksums_match_the_shared_files(shared_data):
             assert verify(path, spec)[0], path
 
 
+@pytest.mark.slow
 def test_a_dripping_server_is_stopped_by_the_deadline(server, tmp_path):
     start = time.monotonic()
     with pytest.raises(DataError, match=r"not fetched within the 1.5 s deadline .*still downloading at the deadline"):
@@ -221,6 +229,7 @@ def test_a_dripping_server_is_stopped_by_the_deadline(server, tmp_path):
     assert not any(p.name in RAW for p in (tmp_path / "tiny").iterdir())
 
 
+@pytest.mark.slow
 def test_a_silent_server_times_out_and_the_next_source_is_used(server, tmp_path):
     start = time.monotonic()
     got = fetch_dataset("tiny", dest=tmp_path, catalog=_catalog(server, "silent", "good"), retries=1, backoff=0.0,
@@ -229,6 +238,7 @@ def test_a_silent_server_times_out_and_the_next_source_is_used(server, tmp_path)
     assert "timed out" in got[0].attempts[0] or "connection failed" in got[0].attempts[0]
 
 
+@pytest.mark.slow
 def test_the_cli_gives_one_line_at_the_deadline(server, tmp_path, monkeypatch, capsys):
     from pyrobust.data import fetch
 

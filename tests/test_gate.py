@@ -93,6 +93,7 @@ def test_paired_interval_coverage():
 
 
 # ---------------------------------------------------------------------------------------- verdicts and codes
+@pytest.mark.slow
 def test_pass_fail_inconclusive(capsys, tmp_path, models, data):
     code, out, _ = gate(capsys, models["constant3"], "--dataset", data["all_robust"], "--min-robust", "90%",
                         "--max-steps", "20")
@@ -118,6 +119,7 @@ def re_search(pattern, text):
     return re.search(pattern, text) is not None
 
 
+@pytest.mark.slow
 def test_exit_code_does_not_depend_on_output_options(capsys, tmp_path, models, data):
     base = [models["any_noise"], "--dataset", data["none_robust"], "--min-robust", "0.1", "--low", "0.5"]
     codes = {gate(capsys, *base)[0],
@@ -139,6 +141,7 @@ def test_usage_errors_exit_2(capsys, bundled_model, args, match):
     assert code == 2 and re_search(match, err) and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_bad_input_exits_3_and_internal_errors_4(capsys, monkeypatch, tmp_path, bundled_model, models):
     assert gate(capsys, tmp_path / "nope.onnx", "--dataset", "sample", "--min-robust", "0.5")[0] == 3
     assert gate(capsys, models["five_classes"], "--dataset", "sample", "--min-robust", "0.5")[0] == 3
@@ -155,6 +158,7 @@ def test_bad_input_exits_3_and_internal_errors_4(capsys, monkeypatch, tmp_path, 
 
 
 # -------------------------------------------------------------------------------------------------- outputs
+@pytest.mark.slow
 def test_reports(capsys, monkeypatch, tmp_path, bundled_model):
     summary = tmp_path / "step_summary.md"
     summary.write_text("earlier step\n")
@@ -182,6 +186,7 @@ def test_reports(capsys, monkeypatch, tmp_path, bundled_model):
     assert (tmp_path / "gate.md").read_text() in text
 
 
+@pytest.mark.slow
 def test_junit_failure_messages_carry_the_numbers(capsys, tmp_path, models, data):
     gate(capsys, models["any_noise"], "--dataset", data["none_robust"], "--min-robust", "0.1", "--min-accuracy",
          "0.5", "--low", "0.5", "--junit", tmp_path / "j.xml")
@@ -202,6 +207,7 @@ def test_github_summary_stays_under_the_limit(tmp_path):
     assert p.stat().st_size == 1024 * 1024 - 10
 
 
+@pytest.mark.slow
 def test_config_file_and_overrides(capsys, tmp_path, bundled_model):
     cfg = tmp_path / "gate.toml"
     cfg.write_text('[gate]\ndataset = "sample"\nmin-robust = "50%"\nmax_steps = 30\nearly_stop = true\n')
@@ -236,6 +242,7 @@ def test_config_keys_are_never_dropped_silently(capsys, tmp_path, bundled_model,
     assert code == 2 and message in err, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder"])
 def test_a_config_that_is_not_a_regular_file_is_refused_at_once(capsys, tmp_path, bundled_model, kind):
     import os
@@ -252,6 +259,7 @@ def test_a_config_that_is_not_a_regular_file_is_refused_at_once(capsys, tmp_path
 
 
 # ----------------------------------------------------------------------------------- early stop and pairing
+@pytest.mark.slow
 def test_early_stop_takes_less_work_with_the_same_verdict(bundled_model):
     spec = NoiseSpec(max_steps=60)
     for threshold, verdict in ((0.6, "pass"), (0.97, "fail")):  # the sample is ~87 % robust at 60 steps
@@ -263,6 +271,7 @@ def test_early_stop_takes_less_work_with_the_same_verdict(bundled_model):
         assert early.inferences < 0.5 * full.inferences
 
 
+@pytest.mark.slow
 def test_paired_baseline_detects_an_injected_regression(tmp_path, capsys, bundled_model, regressed, shared_data):
     common = ["--dataset", "mnist:test", "--data-dir", shared_data, "--limit", "2000", "--max-steps", "30",
               "--no-early-stop"]
@@ -301,6 +310,7 @@ def test_pairing_settles_what_independent_samples_cannot():
 
 
 # ---------------------------------------------------------------------------------------------------- compare
+@pytest.mark.slow
 def test_compare(capsys, tmp_path, bundled_model, regressed, shared_data):
     for name, model in (("a", bundled_model), ("b", regressed)):
         assert main(["evaluate", str(model), "--dataset", "mnist:test", "--data-dir", str(shared_data), "--limit",
@@ -324,6 +334,7 @@ def test_compare(capsys, tmp_path, bundled_model, regressed, shared_data):
 
 
 # ------------------------------------------------------------------------------- order of work and fail fast
+@pytest.mark.slow
 def test_accuracy_checks_cost_one_clean_pass(bundled_model):
     """min_accuracy alone needs no noise at all: one inference per image, decided in one look."""
     r = run_gate(bundled_model, "sample", policy=GatePolicy(min_accuracy=0.9), noise=NoiseSpec(max_steps=60))
@@ -337,6 +348,7 @@ def test_accuracy_checks_cost_one_clean_pass(bundled_model):
     assert both.inferences == alone.inferences + 500 and both.images_evaluated == alone.images_evaluated < 500
 
 
+@pytest.mark.slow
 def test_a_failed_accuracy_check_stops_before_any_noise(bundled_model):
     r = run_gate(bundled_model, "sample", policy=GatePolicy(min_accuracy=0.995, min_robust=0.5))
     assert r.decision == "fail" and r.inferences == 500 and r.stopped_early
@@ -350,6 +362,7 @@ def test_a_failed_accuracy_check_stops_before_any_noise(bundled_model):
     assert full.decision == "fail" and full.images_evaluated == 500 and not full.stopped_early
 
 
+@pytest.mark.slow
 def test_fail_fast_with_a_baseline_model(bundled_model, regressed, shared_data, capsys, tmp_path):
     """A clear regression fails at an early look: the rest of the images, for both models, are never run."""
     r = run_gate(regressed, "mnist:test", data_dir=shared_data, limit=2000, baseline=bundled_model,
@@ -360,6 +373,7 @@ def test_fail_fast_with_a_baseline_model(bundled_model, regressed, shared_data, 
     assert g["stopped_early"] and g["inferences_saved"] == r.inferences_full_estimate - r.inferences
 
 
+@pytest.mark.slow
 def test_nonfinite_outputs_are_named(capsys, models, data):
     code, out, err = gate(capsys, models["nan"], "--dataset", data["all_robust"], "--min-robust", "0.5")
     assert code == 3 and "every output of the model is NaN or infinite" in err and len(err.strip().splitlines()) == 1
@@ -371,6 +385,7 @@ def test_nonfinite_outputs_are_named(capsys, models, data):
     assert "warning: the candidate returned NaN or infinite outputs for 0 clean image(s) and" in err, err
 
 
+@pytest.mark.slow
 def test_family_and_spending_options(capsys, bundled_model, tmp_path):
     code, out, _ = gate(capsys, bundled_model, "--dataset", "sample", "--min-robust", "0.5", "--max-steps", "30",
                         "--family", "none", "--spending", "obrien-fleming", "--out", tmp_path / "g")
@@ -384,6 +399,7 @@ def test_family_and_spending_options(capsys, bundled_model, tmp_path):
         GatePolicy(min_robust=0.5, spending="fast")
 
 
+@pytest.mark.slow
 def test_partial_results_cannot_be_a_baseline_or_compared(capsys, tmp_path, bundled_model):
     """A --precision run holds some of the images: pairing it image by image would misalign them."""
     assert main(["evaluate", str(bundled_model), "--dataset", "sample", "--max-steps", "20", "--precision", "0.2",

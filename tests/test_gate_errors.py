@@ -108,6 +108,7 @@ def test_a_decided_check_keeps_its_verdict_and_its_bounds():
 
 
 # ---------------------------------------------------------------------------------- the whole logic, simulated
+@pytest.mark.slow
 @pytest.mark.parametrize("early_stop", [True, False])
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("base", BASES)
@@ -122,6 +123,7 @@ def test_drop_check_error_rates_at_the_threshold(base, n, early_stop, mix):
     _assert_rates(r, f"drop base={base} n={n} early_stop={early_stop} {mix}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("early_stop", [True, False])
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("p", BASES)
@@ -156,6 +158,7 @@ def test_the_simulation_can_see_a_bad_rule():
     assert r["pass"] > mc_bound(NOMINAL, REPS)
 
 
+@pytest.mark.slow
 def test_family_control_across_per_class_checks():
     """Ten classes all exactly at the threshold: with Holm (the default) the chance that *any* class fails wrongly
     stays at the nominal rate; controlled per check it is several times larger."""

@@ -17,6 +17,8 @@ from markdown_it import MarkdownIt
 from pyrobust.cli import main
 from pyrobust.escape import md_code, md_text, printable, xml_text
 
+pytestmark = pytest.mark.slow  # subprocesses, clusters, exports or long runs: not in the fast tier
+
 HOSTILE = "x\n::error file=a::forged\r\x1b[2J\x1b]8;;http://evil\x07<img src=x onerror=alert(1)>`|**b**\u202eevil\x85"
 FILE_NAME = "m\n::error::file<b>`name|.onnx"
 

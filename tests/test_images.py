@@ -86,6 +86,7 @@ def _rgb_model(path, h, w, classes=3, seed=0):
     return path
 
 
+@pytest.mark.slow
 def test_a_folder_run_records_its_classes_and_replays(tmp_path, capsys):
     root = _folder(tmp_path / "d", sizes=((20, 16), (30, 24)), rgb=True)
     model = _rgb_model(tmp_path / "m.onnx", 16, 16, seed=7)  # a seed whose predictions some noise flips
@@ -111,6 +112,7 @@ def test_pixel_shares_are_checked(text, match, bundled_model):
         pyrobust.evaluate(bundled_model, "sample", pixels=text, limit=5)
 
 
+@pytest.mark.slow
 def test_three_and_a_half_percent_is_the_papers_28(bundled_model):
     ev = pyrobust.evaluate(bundled_model, "sample", pixels="3.5%", limit=40, max_steps=10)
     ref = pyrobust.evaluate(bundled_model, "sample", pixels=28, limit=40, max_steps=10)
@@ -124,7 +126,7 @@ def test_a_224_rgb_model_end_to_end(tmp_path):
     from pyrobust.engine.runtime import OnnxModel
 
     m = OnnxModel(model)
-    m.bind((224, 224, 3), n_classes=10)
+    m = m.bind((224, 224, 3), n_classes=10)
     y = np.argmax(m.run(m.to_flat(x.astype(np.float32) / 255)), axis=1)  # the model's own answers: all correct
     ev = pyrobust.evaluate(model, x, y, pixels="3.5%", max_steps=20, batch_size=8, sessions=1)
     assert ev.summary["noise"]["pixels"] == 1757 and ev.accuracy == 1.0
@@ -203,6 +205,7 @@ def _catalog(srv, archive: bytes) -> dict[str, RemoteDataset]:
                                      archive=arch, member_prefix="cifar-10-batches-bin/")}
 
 
+@pytest.mark.slow
 def test_cifar10_fetch_verifies_the_archive_and_every_member(tmp_path):
     members = {f"cifar-10-batches-bin/{k}": v for k, v in CIFAR.items()}
     body = _archive(members, extra={"../evil.bin": b"x", "cifar-10-batches-bin/readme.html": b"<p>"})

@@ -54,6 +54,7 @@ def _refused(capsys, args, protected: Path):
 KINDS = ["path", "symlink", "hardlink"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_gate_reports_never_replace_the_model_or_config(capsys, tmp_path, files, kind, monkeypatch):
     m, cfg = files["model"], files["config"]
@@ -64,6 +65,7 @@ def test_gate_reports_never_replace_the_model_or_config(capsys, tmp_path, files,
     _refused(capsys, ["gate", m, "--config", cfg], m)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_select_never_replaces_its_own_dataset(capsys, tmp_path, files, kind):
     _refused(capsys, ["select", files["results"], "--per-class", "1", "--allow-test-split",
@@ -78,6 +80,7 @@ def test_evaluate_never_writes_over_a_model_in_its_folder(capsys, tmp_path, file
     _refused(capsys, ["evaluate", named, "--dataset", "sample", *RUN, "--out", out], named)
 
 
+@pytest.mark.slow
 def test_replay_never_replaces_its_model(capsys, tmp_path, files):
     r = files["results"]
     _refused(capsys, ["replay", r, "--index", "0", "--step", "1", "--model", files["model"],
@@ -86,6 +89,7 @@ def test_replay_never_replaces_its_model(capsys, tmp_path, files):
                       "--out", _same_as("symlink", files["model"], tmp_path)], files["model"])
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_train_and_retrain_never_replace_their_inputs(capsys, tmp_path, files):
     pytest.importorskip("torch")
@@ -97,6 +101,7 @@ def test_train_and_retrain_never_replace_their_inputs(capsys, tmp_path, files):
              subset)
 
 
+@pytest.mark.slow
 def test_distinct_outputs_still_work(capsys, tmp_path, files):
     code = main(["gate", str(files["model"]), "--config", str(files["config"]), "--junit", str(tmp_path / "j.xml"),
                  "--summary", str(tmp_path / "s.md")])
@@ -104,6 +109,7 @@ def test_distinct_outputs_still_work(capsys, tmp_path, files):
     assert (tmp_path / "j.xml").exists() and (tmp_path / "s.md").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["symlink", "hardlink"])
 def test_compare_and_agreement_never_write_over_a_results_file(capsys, tmp_path, files, kind):
     r = files["results"]

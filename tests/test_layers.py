@@ -18,6 +18,7 @@ package face. A module at the top of ``pyrobust/`` that is none of the core, the
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def layer(module: str) -> int:
                          f"single-run command ({', '.join(sorted(COMMANDS))}) or cli; put it in its layer's folder")
 
 
+@functools.cache
 def modules(root: Path = ROOT) -> dict[str, Path]:
     out = {}
     for pkg in ("pyrobust", "perturbcore"):
@@ -60,6 +62,12 @@ def modules(root: Path = ROOT) -> dict[str, Path]:
 
 def arrows(mods: dict[str, Path]) -> set[tuple[str, str]]:
     """(importer, imported) for every import of a module of ours, at any depth of the file."""
+    return set(_arrows(tuple(sorted(mods.items()))))
+
+
+@functools.cache
+def _arrows(items: tuple[tuple[str, Path], ...]) -> frozenset[tuple[str, str]]:
+    mods = dict(items)
     edges = set()
     for name, path in mods.items():
         for node in ast.walk(ast.parse(path.read_text())):
@@ -72,7 +80,7 @@ def arrows(mods: dict[str, Path]) -> set[tuple[str, str]]:
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             edges |= {(name, t) for t in targets if t in mods and t != name}
-    return edges
+    return frozenset(edges)
 
 
 def cycles(edges: set[tuple[str, str]]) -> list[list[str]]:

@@ -44,6 +44,7 @@ def test_threads_are_capped_at_the_cpus_available(bundled_model):
             check_threads(bad)
 
 
+@pytest.mark.slow
 def test_threads_in_the_cli_and_the_gate_config(capsys, tmp_path, bundled_model):
     code = main(["evaluate", str(bundled_model), "--dataset", "sample", "--limit", "5", "--max-steps", "2",
                  "--threads", "100000000000000000000", "--no-report", "--out", str(tmp_path / "e")])
@@ -82,6 +83,7 @@ def test_numbers_that_can_only_be_mistakes_are_refused(capsys, tmp_path, bundled
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_gate_outputs_are_checked_before_any_work(capsys, tmp_path, monkeypatch, bundled_model):
     base = ["gate", str(bundled_model), "--dataset", "sample", "--min-robust", "0.5", "--max-steps", "10"]
     # a report into a folder that does not exist yet: created
@@ -102,6 +104,7 @@ def test_gate_outputs_are_checked_before_any_work(capsys, tmp_path, monkeypatch,
     monkeypatch.delenv("GITHUB_STEP_SUMMARY")
 
 
+@pytest.mark.slow
 def test_a_report_that_cannot_be_written_after_the_decision_keeps_the_verdict(capsys, tmp_path, monkeypatch,
                                                                              bundled_model):
     import errno
@@ -127,6 +130,7 @@ def test_an_explicit_data_dir_that_does_not_exist_is_an_error(capsys, tmp_path, 
     assert "--data-dir" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_a_corrupt_tuning_cache_is_ignored_and_rewritten(tmp_path, monkeypatch, bundled_model, capsys):
     from pyrobust.engine.tuning import TuningCacheWarning, cache_path
 
@@ -183,6 +187,7 @@ def test_gate_config_values_are_checked_like_options(capsys, tmp_path, bundled_m
         assert re.search(match, err), err
 
 
+@pytest.mark.slow
 def test_outputs_that_cannot_be_written_are_refused_up_front(capsys, tmp_path, bundled_model):
     run = tmp_path / "run"
     pyrobust.evaluate(bundled_model, "sample", limit=30, max_steps=5, out=run, report=False)
@@ -198,6 +203,7 @@ def test_outputs_that_cannot_be_written_are_refused_up_front(capsys, tmp_path, b
     assert "per_class must be an integer in [1, 1,000,000]" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_huge_label_values_keep_the_outputs_small(tmp_path):
     """Labels up to 99,999 on 20 images: the summary lists the classes present, the figure the least robust."""
     import time
@@ -231,12 +237,13 @@ def test_huge_label_values_keep_the_outputs_small(tmp_path):
         ["min_class_robust[0]", "min_class_robust[99999]"]
 
 
+@pytest.mark.slow
 def test_tuning_is_measured_again_when_asked_or_when_a_run_was_far_slower(tmp_path, monkeypatch, bundled_model):
     from pyrobust.engine.tuning import _batch_key, _load, _store, auto_batch_size, cache_path, check_run_rate
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     m = OnnxModel(bundled_model, threads=1)
-    m.bind((28, 28, 1), n_classes=10)
+    m = m.bind((28, 28, 1), n_classes=10)
     size, how = auto_batch_size(m)
     assert how == "measured" and auto_batch_size(m) == (size, "cached")
     assert auto_batch_size(m, retune=True)[1] == "measured"  # --retune
@@ -249,11 +256,12 @@ def test_tuning_is_measured_again_when_asked_or_when_a_run_was_far_slower(tmp_pa
     assert "numba=" in _batch_key(m) and "onnxruntime=" in _batch_key(m)  # new libraries: measured again
 
 
+@pytest.mark.slow
 def test_the_memory_check_counts_the_models_working_memory(capsys, tmp_path, bundled_model):
     """The issue's case: --max-memory 600 --batch-size 16384 peaked at 5.3 GB; the model's own memory (measured on
     two small batches and scaled) is now part of the check, made before any work."""
     m = OnnxModel(bundled_model, threads=1)
-    m.bind((28, 28, 1), n_classes=10)
+    m = m.bind((28, 28, 1), n_classes=10)
     per_image = m.memory_per_image()
     assert 10_000 < per_image < 10_000_000  # the CNN's activations: tens to hundreds of KiB an image
     code = main(["evaluate", str(bundled_model), "--dataset", "sample", "--max-memory", "600", "--batch-size",
@@ -265,6 +273,7 @@ def test_the_memory_check_counts_the_models_working_memory(capsys, tmp_path, bun
                  "--max-memory", "600", "--batch-size", "256", "--sessions", "1", "--out", str(tmp_path / "p")]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
 def test_a_fifo_or_device_as_the_tuning_cache_is_ignored_not_waited_on(tmp_path, bundled_model, kind):
     import os

@@ -13,6 +13,8 @@ import pytest
 
 from pyrobust.machine import available_memory_bytes, cgroup_memory_available
 
+pytestmark = pytest.mark.slow  # subprocesses, clusters, exports or long runs: not in the fast tier
+
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,10 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from matplotlib.figure import Figure
+
+pytestmark = pytest.mark.slow  # subprocesses, clusters, exports or long runs: not in the fast tier
 
 ROOT = Path(__file__).resolve().parents[1]
 

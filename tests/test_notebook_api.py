@@ -12,6 +12,8 @@ from matplotlib.figure import Figure
 import pyrobust
 from pyrobust.errors import DataError, InvalidInput, MissingDependency, OutputError
 
+pytestmark = pytest.mark.slow  # subprocesses, clusters, exports or long runs: not in the fast tier
+
 FAST = dict(max_steps=20)
 
 

@@ -14,6 +14,8 @@ import pytest
 
 import perturbcore
 
+pytestmark = pytest.mark.slow  # subprocesses, clusters, exports or long runs: not in the fast tier
+
 PACKAGE = Path(perturbcore.__file__).parent
 RUN_KERNEL = ("import numpy as np, perturbcore; "
               "perturbcore.predict(np.zeros((2, 3), np.float32)); "

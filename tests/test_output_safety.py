@@ -35,6 +35,7 @@ def test_a_symlinked_lock_is_refused_and_its_target_untouched(tmp_path, bundled_
     assert "symbolic link" in capsys.readouterr().err and not (tmp_path / "created-elsewhere").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["summary.json", "results.npz"])
 def test_results_read_back_never_follow_links(tmp_path, bundled_model, name):
     run = tmp_path / "run"
@@ -47,6 +48,7 @@ def test_results_read_back_never_follow_links(tmp_path, bundled_model, name):
         load_results(run)
 
 
+@pytest.mark.slow
 def test_a_fifo_in_a_run_folder_does_not_hang(tmp_path, bundled_model, capsys):
     run = tmp_path / "run"
     pyrobust.evaluate(bundled_model, "sample", out=run, **FAST)
@@ -93,6 +95,7 @@ def _interrupt(done, total, inferences):
     raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_earlier_run_only_at_the_end(tmp_path, bundled_model, models):
     out = tmp_path / "out"
     old = pyrobust.evaluate(models["linear_nchw"], "sample", out=out, **FAST)
@@ -110,6 +113,7 @@ def test_overwrite_replaces_the_earlier_run_only_at_the_end(tmp_path, bundled_mo
     assert not (out / "checkpoint.npz").exists()
 
 
+@pytest.mark.slow
 def test_results_are_saved_before_the_figures(tmp_path, monkeypatch, bundled_model, capsys):
     import pyrobust.evaluation as evaluation
 
@@ -124,6 +128,7 @@ def test_results_are_saved_before_the_figures(tmp_path, monkeypatch, bundled_mod
     assert outcome.n == 20 and not (out / "checkpoint.npz").exists()
 
 
+@pytest.mark.slow
 def test_demo_replaces_only_an_earlier_demo(tmp_path, models, bundled_model, capsys):
     out = tmp_path / "d"
     assert main(["demo", "--out", str(out), "--limit", "10"]) == 0
@@ -144,6 +149,7 @@ def test_demo_replaces_only_an_earlier_demo(tmp_path, models, bundled_model, cap
     assert load_results(other)[1]["dataset"]["spec"] == "sample"
 
 
+@pytest.mark.slow
 def test_no_lock_file_is_left_behind_and_a_second_run_is_still_refused(tmp_path, bundled_model):
     from pyrobust.store.rundir import RunLock
 
@@ -184,12 +190,13 @@ def test_a_crafted_checkpoint_is_refused(tmp_path, bundled_model):
         pyrobust.evaluate(bundled_model, "sample", out=out, resume=True, **FAST)
 
 
+@pytest.mark.slow
 def test_an_error_mid_run_leaves_a_resumable_checkpoint_or_nothing(tmp_path, bundled_model, monkeypatch):
     import pyrobust.engine.runtime as runtime
     from pyrobust.errors import ModelError
 
     calls = {"n": 0}
-    real = runtime.OnnxModel._run_once
+    real = runtime.BoundModel._run_once
 
     def flaky(self, x):
         calls["n"] += 1
@@ -197,7 +204,7 @@ def test_an_error_mid_run_leaves_a_resumable_checkpoint_or_nothing(tmp_path, bun
             raise ModelError("onnxruntime failed to run the model (simulated)")
         return real(self, x)
 
-    monkeypatch.setattr(runtime.OnnxModel, "_run_once", flaky)
+    monkeypatch.setattr(runtime.BoundModel, "_run_once", flaky)
     limit = 1  # fails at once (the first call is the probe): nothing finished, nothing left behind
     with pytest.raises(ModelError, match="simulated"):
         pyrobust.evaluate(bundled_model, "sample", out=tmp_path / "a", batch_size=4, sessions=1, **FAST)
@@ -206,11 +213,12 @@ def test_an_error_mid_run_leaves_a_resumable_checkpoint_or_nothing(tmp_path, bun
     with pytest.raises(ModelError, match=r"images finished before it are saved in .*run it again with resume=True"):
         pyrobust.evaluate(bundled_model, "sample", out=tmp_path / "b", batch_size=4, sessions=1, **FAST)
     assert (tmp_path / "b" / "checkpoint.npz").exists()
-    monkeypatch.setattr(runtime.OnnxModel, "_run_once", real)
+    monkeypatch.setattr(runtime.BoundModel, "_run_once", real)
     ev = pyrobust.evaluate(bundled_model, "sample", out=tmp_path / "b", resume=True, **FAST)
     assert ev.resumed and ev.outcome.n == 20
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_the_end_is_an_output_error_with_nothing_half_written(tmp_path):
     """A 120 KiB file system fills while the figures are drawn: exit 2 and one line, every file there is whole
     (results first, then figures), no temporary file left behind."""
@@ -236,6 +244,7 @@ def test_a_full_disk_at_the_end_is_an_output_error_with_nothing_half_written(tmp
     assert not [n for n in listed if n.endswith(".tmp")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--resume"]])
 def test_a_folder_planted_where_a_run_writes_a_file_is_refused_before_work(tmp_path, bundled_model, capsys, flags):
     from pyrobust.cli import main

@@ -16,6 +16,8 @@ from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import ClusterError, InvalidInput, MissingDependency, ModelError
 from pyrobust.types import NoiseSpec, Outcome
 
+pytestmark = pytest.mark.slow  # subprocesses, clusters, exports or long runs: not in the fast tier
+
 
 @pytest.fixture(scope="module")
 def reference(bundled_model):
@@ -52,7 +54,7 @@ def test_auto_batch_size_and_layout_are_measured_once_and_cached(bundled_model, 
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty cache: the first call must measure
     m = OnnxModel(bundled_model, threads=2)
-    m.bind((28, 28, 1), n_classes=10)
+    m = m.bind((28, 28, 1), n_classes=10)
     size, how = tuning.auto_batch_size(m)
     assert size in tuning.BATCH_SIZES and how == "measured"
     assert tuning.auto_batch_size(m) == (size, "cached")
@@ -122,7 +124,7 @@ def test_a_killed_worker_is_replaced_and_the_results_do_not_change(bundled_model
     m = OnnxModel(bundled_model)
     ds = load_dataset("sample")
     spec = NoiseSpec(max_steps=40, seed=1)
-    bind_model(m, ds, spec)
+    m, spec = bind_model(m, ds, spec)
     try:
         outcome, info = execute(m, ds, spec, layout=Layout("dask", scheduler="local:2", shard_size=25),
                                 batch_size=256, connection=connection, progress=progress)
@@ -243,7 +245,7 @@ def test_a_worker_with_other_software_may_not_contribute(bundled_model, skew):
         m = OnnxModel(bundled_model)
         ds = load_dataset("sample")
         spec = NoiseSpec(max_steps=5)
-        bind_model(m, ds, spec)
+        m, spec = bind_model(m, ds, spec)
         with pytest.raises(ClusterError, match=rf"the Dask worker {first} runs other software .*{skew}"):
             execute(m, ds, spec, layout=Layout("dask", scheduler="local:2"), batch_size=64, connection=connection)
     finally:
@@ -271,7 +273,7 @@ def test_a_result_from_a_changed_worker_is_not_merged(bundled_model, monkeypatch
         m = OnnxModel(bundled_model)
         ds = load_dataset("sample").select(limit=20)
         spec = NoiseSpec(max_steps=3)
-        bind_model(m, ds, spec)
+        m, spec = bind_model(m, ds, spec)
         with pytest.raises(ClusterError, match="joined during the run runs other software .*numba 0.1"):
             execute(m, ds, spec, layout=Layout("dask", scheduler="local:1"), batch_size=16, connection=connection)
     finally:

@@ -25,6 +25,7 @@ def full(bundled_model):
     return evaluate(bundled_model, "sample", **SPEC)
 
 
+@pytest.mark.slow
 def test_stops_at_the_first_look_that_is_precise_enough(bundled_model, full):
     ev = evaluate(bundled_model, "sample", precision=0.15, **SPEC)
     prec = ev.summary["precision"]
@@ -48,6 +49,7 @@ def test_stops_at_the_first_look_that_is_precise_enough(bundled_model, full):
     assert not np.array_equal(other.outcome.index, ev.outcome.index)
 
 
+@pytest.mark.slow
 def test_says_when_the_data_run_out(bundled_model, full):
     ev = evaluate(bundled_model, "sample", precision=0.01, **SPEC)
     prec = ev.summary["precision"]
@@ -63,6 +65,7 @@ def test_bad_precision_is_refused(bundled_model, bad):
         evaluate(bundled_model, "sample", precision=bad, **SPEC)
 
 
+@pytest.mark.slow
 def test_cli(capsys, tmp_path, bundled_model):
     code = main(["evaluate", str(bundled_model), "--dataset", "sample", "--max-steps", "30", "--precision", "15%",
                  "--no-report", "--out", str(tmp_path / "p")])
@@ -76,6 +79,7 @@ def test_cli(capsys, tmp_path, bundled_model):
         assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_gives_the_same_result(tmp_path, bundled_model):
     ref = evaluate(bundled_model, "sample", precision=0.07, **SPEC)
     assert 100 < ref.outcome.n < 500  # needs several looks
@@ -95,6 +99,7 @@ def test_resume_after_an_interruption_gives_the_same_result(tmp_path, bundled_mo
     assert ev.summary["precision"]["images_evaluated"] == ref.summary["precision"]["images_evaluated"]
 
 
+@pytest.mark.slow
 def test_a_model_that_gives_only_nan_is_an_error(tmp_path, models, sample):
     with pytest.raises(ModelError, match="every output of the model is NaN or infinite"):
         evaluate(models["nan"], sample, **SPEC)
@@ -105,6 +110,7 @@ def test_a_model_that_gives_only_nan_is_an_error(tmp_path, models, sample):
     assert not (tmp_path / "nan" / "checkpoint.npz").exists() and not (tmp_path / "nan" / "summary.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("total", [500, 2000, 10000])
 @pytest.mark.parametrize("precision", [0.01, 0.02, 0.05])
 def test_sequential_intervals_cover_at_their_stated_rate(total, precision):

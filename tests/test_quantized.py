@@ -14,6 +14,8 @@ from pyrobust.cli import main
 from pyrobust.engine.modelfile import used_domains
 from pyrobust.engine.runtime import OnnxModel
 
+pytestmark = pytest.mark.slow  # subprocesses, clusters, exports or long runs: not in the fast tier
+
 quantization = pytest.importorskip("onnxruntime.quantization", reason="onnxruntime's quantiser")
 
 

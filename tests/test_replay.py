@@ -23,6 +23,7 @@ class RecordingModel(OnnxModel):
         return super().run(flat)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,norm", [("restart", None), ("cumulative", None), ("restart", ((0.13,), (0.31,)))])
 def test_replay_rebuilds_the_exact_failing_input(tmp_path, bundled_model, sample, mode, norm):
     model = RecordingModel(bundled_model)
@@ -41,6 +42,7 @@ def test_replay_rebuilds_the_exact_failing_input(tmp_path, bundled_model, sample
         assert 1 <= changed <= (28 if mode == "restart" else 28 * r.step)  # a random walk accumulates
 
 
+@pytest.mark.slow
 def test_replay_any_step_and_errors(tmp_path, bundled_model, sample):
     ev = evaluate(bundled_model, sample, limit=80, max_steps=30, out=tmp_path, report=False)
     o = ev.outcome
@@ -65,6 +67,7 @@ def test_replay_any_step_and_errors(tmp_path, bundled_model, sample):
         replay(tmp_path, index=fooled, model=tmp_path / "other.onnx")
 
 
+@pytest.mark.slow
 def test_replay_refuses_changed_data(tmp_path, bundled_model, sample):
     from pyrobust.data.dataset import Dataset
     from tests.builders import save_npz
@@ -78,6 +81,7 @@ def test_replay_refuses_changed_data(tmp_path, bundled_model, sample):
         replay(tmp_path / "run", index=0, step=0)
 
 
+@pytest.mark.slow
 def test_replay_cli(capsys, tmp_path, bundled_model, sample):
     ev = evaluate(bundled_model, sample, limit=60, max_steps=30, out=tmp_path / "run", report=False)
     fooled = int(ev.outcome.index[ev.outcome.first_failure > 0][0])
@@ -94,6 +98,7 @@ def test_replay_cli(capsys, tmp_path, bundled_model, sample):
     assert main(["replay", str(tmp_path / "nothing"), "--index", "0"]) == 3
 
 
+@pytest.mark.slow
 def test_replay_without_the_model_fails_unless_told(capsys, tmp_path, bundled_model, sample):
     import shutil
 

@@ -18,6 +18,8 @@ from pyrobust.store.results import load_results
 from pyrobust.store.rundir import RunLock, load_checkpoint
 from pyrobust.types import Outcome
 
+pytestmark = pytest.mark.slow  # subprocesses, clusters, exports or long runs: not in the fast tier
+
 SETTINGS = ["--max-steps", "150", "--seed", "3", "--batch-size", "64", "--no-report"]
 
 

@@ -48,6 +48,7 @@ def test_gate_config_keys_follow_the_command_options(capsys, tmp_path, bundled_m
     assert settings["chunk_size"] == 16 and settings["parallel"]["sessions"] == 1
 
 
+@pytest.mark.slow
 def test_the_gate_runs_on_parallel_sessions_with_the_same_numbers(bundled_model):
     policy = GatePolicy(min_robust=0.2, early_stop=False)
     one = run_gate(bundled_model, "sample", policy=policy, **FAST)
@@ -57,6 +58,7 @@ def test_the_gate_runs_on_parallel_sessions_with_the_same_numbers(bundled_model)
     assert two.settings["parallel"]["sessions"] == 2
 
 
+@pytest.mark.slow
 def test_a_gate_with_a_custom_op_model_gets_advice_it_can_follow(capsys, models):
     code = main(["gate", str(models["custom_domain"]), "--dataset", "sample", "--min-robust", "0.5", "--quiet"])
     err = capsys.readouterr().err

@@ -10,6 +10,8 @@ from pyrobust.errors import ModelError
 from pyrobust.types import NoiseSpec
 from tests.builders import synthetic
 
+pytestmark = pytest.mark.slow  # subprocesses, clusters, exports or long runs: not in the fast tier
+
 torch = pytest.importorskip("torch", reason="the layout fixtures are exported from torch (pyrobust[train])")
 
 
@@ -85,14 +87,15 @@ def test_every_layout_gives_identical_results(layout_models, sample, channels, h
     for key in layouts:
         m = OnnxModel(layout_models[key])
         got = run_protocol(m, ds, spec, batch_size=16)
-        assert m.binding.layout == {"NHWC": "NHWC", "NHW": "NHW", "NF": "NF"}.get(key[1], "NCHW"), key
+        layout = m.bind((h, w, channels), n_classes=10).binding.layout
+        assert layout == {"NHWC": "NHWC", "NHW": "NHW", "NF": "NF"}.get(key[1], "NCHW"), key
         assert np.array_equal(got.first_failure, ref.first_failure), key
         assert np.array_equal(got.failure_label, ref.failure_label), key
 
 
 def test_fixed_batch_one_model(layout_models, sample):
     m = OnnxModel(layout_models[(1, "batch1")])
-    m.bind((28, 28, 1), n_classes=10)
+    m = m.bind((28, 28, 1), n_classes=10)
     assert m.binding.fixed_batch == 1
     scores = m.run(m.to_flat(sample.float_images(0, 5)))
     assert scores.shape == (5, 10)
@@ -106,7 +109,7 @@ def test_torch_and_onnxruntime_agree(layout_models, sample):
     with torch.no_grad():
         want = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     m = OnnxModel(layout_models[(1, "NCHW")])
-    m.bind((28, 28, 1), n_classes=10)
+    m = m.bind((28, 28, 1), n_classes=10)
     np.testing.assert_allclose(m.run(m.to_flat(x)), want, rtol=1e-4, atol=1e-5)
 
 

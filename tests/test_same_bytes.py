@@ -17,6 +17,8 @@ from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import DataError, ModelError
 from tests.builders import idx_bytes
 
+pytestmark = pytest.mark.slow  # subprocesses, clusters, exports or long runs: not in the fast tier
+
 
 def _with_bias(src, dst, delta):
     proto = onnx.load(str(src))
@@ -47,9 +49,8 @@ def test_sessions_are_built_from_the_bytes_that_were_hashed(tmp_path, bundled_mo
     extra = m.copy(threads=1)  # a parallel session: the same bytes, not the new file
     assert seen == [bytes, bytes] and extra.sha256 == m.sha256
     x = sample.float_images(0, 20).transpose(0, 3, 1, 2).reshape(20, -1)
-    for mm in (m, extra):
-        mm.bind((28, 28, 1), n_classes=10)
-    assert np.array_equal(m.run(x), extra.run(x))
+    a, b = (mm.bind((28, 28, 1), n_classes=10) for mm in (m, extra))
+    assert np.array_equal(a.run(x), b.run(x))
     assert OnnxModel(path, threads=1).sha256 != m.sha256
 
 

@@ -47,6 +47,7 @@ def _brute_sign_flip_interval(d):
     return min(keep), max(keep)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("d", [
     np.array([-0.022, 0.029, 0.004, -0.055, -0.046, 0.012]),
     np.array([0.01, 0.02, 0.015, 0.04, -0.01, 0.03, 0.0, 0.025, 0.012, 0.05]),
@@ -94,6 +95,7 @@ def coarse(rng, n):  # differences on a 0.1-point grid with a small spread: ties
     return np.round(rng.normal(0, 0.01, n), 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("draw", [normal, heavy, skewed, coarse])
 @pytest.mark.parametrize("n", [5, 6, 10])
 def test_seed_level_intervals_cover(n, draw):

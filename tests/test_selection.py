@@ -9,6 +9,8 @@ from pyrobust.errors import InvalidInput, ModelError
 from pyrobust.study.selection import random_subset, select_robust
 from pyrobust.types import Outcome
 
+pytestmark = pytest.mark.slow  # subprocesses, clusters, exports or long runs: not in the fast tier
+
 
 def _outcome(first_failure, labels):
     n = len(labels)

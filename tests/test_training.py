@@ -13,6 +13,8 @@ pytest.importorskip("torch", reason="training needs pyrobust[train]")
 
 from pyrobust.training import train  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses, clusters, exports or long runs: not in the fast tier
+
 
 def _weights(path):
     return [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
@@ -38,7 +40,7 @@ def test_cnn_export_has_dynamic_batch_and_metadata(tmp_path, small):
     assert r.losses[1] < r.losses[0]
     m = OnnxModel(r.out)
     assert m.input.name == "image" and m.input_shape[0] is None and m.input_shape[1:] == [1, 28, 28]
-    m.bind((28, 28, 1), n_classes=10)
+    m = m.bind((28, 28, 1), n_classes=10)
     assert m.binding.fixed_batch is None
     assert m.run(m.to_flat(small.float_images(0, 13))).shape == (13, 10)
     meta = {p.key: p.value for p in onnx.load(str(r.out)).metadata_props}

@@ -16,6 +16,8 @@ from onnx import TensorProto, helper
 import pyrobust
 from pyrobust.engine.watchdog import Watchdog
 
+pytestmark = pytest.mark.slow  # subprocesses, clusters, exports or long runs: not in the fast tier
+
 CLI = [sys.executable, "-m", "pyrobust"]
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from pyrobust.data.dataset import Dataset
 from pyrobust.engine.loop import Progress, iter_protocol, warm_up_kernels
-from pyrobust.engine.runtime import OnnxModel
+from pyrobust.engine.runtime import BoundModel
 from pyrobust.engine.updates import Update, drive, make_shards
 from pyrobust.types import NoiseSpec, Outcome, RunState
 
@@ -46,7 +46,7 @@ class Layout:
         return {"sessions": self.sessions, "threads_per_session": self.threads_per_session, "choice": self.choice}
 
 
-def execute(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, state: RunState | None = None, *,
+def execute(model: BoundModel, dataset: Dataset, spec: NoiseSpec, state: RunState | None = None, *,
             positions: np.ndarray | None = None, layout: Layout = Layout(), batch_size: int = 256,
             chunk_size: int = 4096, custom_ops=None, connection=None, progress: Progress | None = None,
             on_checkpoint: Callable[[RunState], None] | None = None,
@@ -95,8 +95,6 @@ def _session_updates(model, dataset, spec, todo, *, layout: Layout, batch_size, 
     info.update(sessions=sessions, threads_per_session=layout.threads_per_session, shards=len(shards))
     # sessions of the model's own bytes (read once, hashed once), each bound like the original
     models = [model.copy(threads=layout.threads_per_session) for _ in range(sessions)]
-    for m in models:
-        m.bind_like(model)
     free = list(range(sessions))
     lock = threading.Lock()
     stop = threading.Event()

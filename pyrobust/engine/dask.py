@@ -28,7 +28,7 @@ import numpy as np
 
 from pyrobust.data.dataset import Dataset
 from pyrobust.engine.loop import run_protocol
-from pyrobust.engine.runtime import OnnxModel
+from pyrobust.engine.runtime import BoundModel, OnnxModel
 from pyrobust.engine.updates import Update, make_shards
 from pyrobust.errors import ClusterError, InvalidInput, MissingDependency, ModelError
 from pyrobust.types import NoiseSpec
@@ -214,7 +214,7 @@ def evaluate_shard(model, sha256: str, images: np.ndarray, labels: np.ndarray, i
             "pid": os.getpid(), "identity": identity(), "data_sha256": _shard_digest(images, labels, index)}
 
 
-def dask_updates(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, todo: np.ndarray, *, connection,
+def dask_updates(model: BoundModel, dataset: Dataset, spec: NoiseSpec, todo: np.ndarray, *, connection,
                  batch_size: int, chunk_size: int = 4096, shard_size: int | None = None,
                  info: dict) -> Iterator[Update]:
     """The back end for :func:`pyrobust.engine.backends.execute`: ``todo`` in shards of at most 512 images (results

@@ -21,7 +21,7 @@ import numpy as np
 
 import perturbcore
 from pyrobust.data.dataset import Dataset
-from pyrobust.engine.runtime import OnnxModel
+from pyrobust.engine.runtime import BoundModel, OnnxModel
 from pyrobust.errors import InvalidInput
 from pyrobust.types import NoiseSpec, Outcome, RunState
 
@@ -75,14 +75,17 @@ class NormalisationWarning(UserWarning):
     """The normalisation given differs from the one the model's metadata states."""
 
 
-def bind_model(model: OnnxModel, dataset: Dataset, spec: NoiseSpec) -> NoiseSpec:
+def bind_model(model: OnnxModel | BoundModel, dataset: Dataset,
+               spec: NoiseSpec) -> tuple[BoundModel, NoiseSpec]:
     """Resolve ``spec`` for the model (:func:`resolve_noise`), check it against the data and bind ``model`` to the
     data's shape, probing it on the first image, so every model or shape error surfaces before any work starts.
-    Returns the resolved spec: the one to run and record."""
-    spec = resolve_noise(model, spec.for_image(*dataset.image_shape[:2]))
+    Returns the bound model and the resolved spec: the one to run and record. A model bound before is bound again,
+    to this data."""
+    loaded = model.model if isinstance(model, BoundModel) else model
+    spec = resolve_noise(loaded, spec.for_image(*dataset.image_shape[:2]))
     check_spec_for_data(spec, dataset.image_shape)
-    model.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=prepare(dataset, slice(0, 1), spec))
-    return spec
+    bound = loaded.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=prepare(dataset, slice(0, 1), spec))
+    return bound, spec
 
 
 def noise_bounds(spec: NoiseSpec) -> tuple[float, float]:
@@ -94,7 +97,7 @@ def noise_bounds(spec: NoiseSpec) -> tuple[float, float]:
     return spec.low * r, spec.high * r
 
 
-def iter_protocol(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, state: RunState, *, batch_size: int = 256,
+def iter_protocol(model: BoundModel, dataset: Dataset, spec: NoiseSpec, state: RunState, *, batch_size: int = 256,
                   chunk_size: int = 4096, pack: bool = True) -> Iterator[np.ndarray]:
     """Run the paper's protocol on the images of ``dataset`` that ``state`` has not marked done, one batch per step
     of the iteration; each step yields the positions whose results became final in that batch (``state`` holds
@@ -117,8 +120,7 @@ def iter_protocol(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, state: Ru
         raise InvalidInput(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
     if state.n != dataset.n:
         raise InvalidInput(f"the saved state holds {state.n} images but the dataset has {dataset.n}")
-    binding = model.binding
-    if binding is None:
+    if not isinstance(model, BoundModel):
         raise InvalidInput("bind the model to the data first (bind_model)")
     h, w, c = dataset.image_shape
     mean = _channel_values(spec.mean, c, "mean")
@@ -130,7 +132,7 @@ def iter_protocol(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, state: Ru
         noise = perturbcore.prepare_noise(pixels=int(spec.for_image(h, w).pixels), n_positions=n_pos, channels=c,
                                           seed=spec.seed, low=low, high=high, scheme=spec.scheme, integer=spec.integer,
                                           random_count=spec.pixel_count == "random",
-                                          channels_first=binding.channels_first, mean=mean, std=std)
+                                          channels_first=model.binding.channels_first, mean=mean, std=std)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
     todo = np.flatnonzero(~state.done)
@@ -189,14 +191,14 @@ def iter_protocol(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, state: Ru
         yield done
 
 
-def run_protocol(model: OnnxModel, dataset: Dataset, spec: NoiseSpec, *, batch_size: int = 256,
+def run_protocol(model: OnnxModel | BoundModel, dataset: Dataset, spec: NoiseSpec, *, batch_size: int = 256,
                  chunk_size: int = 4096, pack: bool = True, state: RunState | None = None) -> Outcome:
     """The protocol on every image of ``dataset`` in this thread: per-image outcomes in dataset order. Runs with
     checkpoints, progress and parallel back ends go through :func:`pyrobust.engine.backends.execute`."""
-    spec = bind_model(model, dataset, spec)
+    bound, spec = bind_model(model, dataset, spec)
     state = state if state is not None else RunState(dataset.n)
     t0 = time.perf_counter()
-    for _ in iter_protocol(model, dataset, spec, state, batch_size=batch_size, chunk_size=chunk_size, pack=pack):
+    for _ in iter_protocol(bound, dataset, spec, state, batch_size=batch_size, chunk_size=chunk_size, pack=pack):
         pass
     state.seconds += time.perf_counter() - t0
     return state.outcome(dataset)
@@ -268,15 +270,15 @@ def prepare(dataset: Dataset, positions, spec: NoiseSpec) -> np.ndarray:
     return normalised(model_units(dataset, positions, spec), spec)
 
 
-def clean_predictions(model: OnnxModel, dataset: Dataset, spec: NoiseSpec | None = None, *,
+def clean_predictions(model: OnnxModel | BoundModel, dataset: Dataset, spec: NoiseSpec | None = None, *,
                       batch_size: int = 1024) -> np.ndarray:
     """The model's predictions on the clean images (int32 (n,); ``NONFINITE`` for non-finite outputs), fed as
     ``spec`` says (pixel range, normalisation; default: as the model's metadata says, else [0, 1])."""
-    spec = bind_model(model, dataset, spec if spec is not None else NoiseSpec())
+    bound, spec = bind_model(model, dataset, spec if spec is not None else NoiseSpec())
     out = np.empty(dataset.n, np.int32)
     for lo in range(0, dataset.n, batch_size):
         hi = min(dataset.n, lo + batch_size)
-        out[lo:hi] = perturbcore.predict(model.run(model.to_flat(prepare(dataset, slice(lo, hi), spec))))
+        out[lo:hi] = perturbcore.predict(bound.run(bound.to_flat(prepare(dataset, slice(lo, hi), spec))))
     return out
 
 
@@ -305,9 +307,10 @@ def perturbed_input(base: np.ndarray, *, index: int, step: int, spec: NoiseSpec)
     return out.reshape(h, w, c)
 
 
-def predict_one(model: OnnxModel, dataset: Dataset, image: np.ndarray, spec: NoiseSpec) -> int:
+def predict_one(model: OnnxModel | BoundModel, dataset: Dataset, image: np.ndarray, spec: NoiseSpec) -> int:
     """The model's prediction for one image (H, W, C) in the model's units (:func:`perturbed_input`), normalised as
     the engine normalises; ``spec`` is the resolved spec of the run."""
     x = normalised(np.asarray(image, np.float32)[None], spec)
-    model.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=x)
-    return int(perturbcore.predict(model.run(model.to_flat(x)))[0])
+    loaded = model.model if isinstance(model, BoundModel) else model
+    bound = loaded.bind(dataset.image_shape, n_classes=dataset.n_classes, probe=x)
+    return int(perturbcore.predict(bound.run(bound.to_flat(x)))[0])

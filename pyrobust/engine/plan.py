@@ -17,7 +17,7 @@ from pyrobust.data.dataset import Dataset, from_arrays
 from pyrobust.data.load import load_dataset
 from pyrobust.engine.backends import Layout, execute
 from pyrobust.engine.loop import Progress, bind_model, check_spec_for_data, working_memory_bytes
-from pyrobust.engine.runtime import OnnxModel
+from pyrobust.engine.runtime import BoundModel, OnnxModel
 from pyrobust.errors import DataError, InvalidInput
 from pyrobust.machine import available_memory_bytes, check_threads, memory_budget  # noqa: F401 - part of this module's API
 from pyrobust.types import NoiseSpec, Outcome, RunState
@@ -125,7 +125,7 @@ class RunPlan:
     """A bound model, its data, the noise and how the run is spread: ready to execute, any number of times (on the
     whole dataset or on positions of it). Close it (or use it as a context manager) to release the cluster."""
 
-    model: OnnxModel
+    model: BoundModel
     dataset: Dataset
     noise: NoiseSpec
     options: RunOptions
@@ -196,29 +196,29 @@ def plan_run(model, dataset: Dataset, noise: NoiseSpec, options: RunOptions, *, 
     status("loading the model")
     m = model if isinstance(model, OnnxModel) else OnnxModel(Path(model), threads=threads,
                                                              custom_ops=options.custom_ops, output=output)
-    noise = bind_model(m, dataset, noise)  # every model and shape error surfaces before any output is touched
-    max_batch = _batch_bound(m, dataset, need, budget, batch_size, 1 if scheduler is not None else most_sessions)
+    bound, noise = bind_model(m, dataset, noise)  # every model and shape error surfaces before any output is touched
+    max_batch = _batch_bound(bound, dataset, need, budget, batch_size, 1 if scheduler is not None else most_sessions)
     if batch_size == "auto" or sessions == "auto":
         status("choosing the batch size and session layout (measured once per model and machine, then cached)")
     from pyrobust.engine.tuning import auto_batch_size, auto_layout
 
     if batch_size == "auto":
-        size, how = auto_batch_size(m, retune=options.retune, max_size=max_batch)
+        size, how = auto_batch_size(bound, retune=options.retune, max_size=max_batch)
     else:
         size, how = int(batch_size), "given"
     if scheduler is not None:
         layout = Layout("dask", scheduler=scheduler, shard_size=options.shard_size, choice="dask")
     elif sessions == "auto":
-        s, per, choice = auto_layout(m, threads=m.threads, batch_size=size, image_shape=dataset.image_shape,
+        s, per, choice = auto_layout(bound, threads=bound.threads, batch_size=size, image_shape=dataset.image_shape,
                                      n_classes=dataset.n_classes, custom_ops=options.custom_ops,
                                      retune=options.retune)
         layout = Layout("sessions" if s > 1 else "single", s, per, shard_size=options.shard_size, choice=choice)
     else:
         s = int(sessions)
-        if s > m.threads:
-            raise InvalidInput(f"sessions ({s}) cannot exceed threads ({m.threads}); give --threads too")
-        layout = Layout("sessions" if s > 1 else "single", s, max(1, m.threads // s), shard_size=options.shard_size)
-    plan = RunPlan(m, dataset, noise, options, size, how, layout)
+        if s > bound.threads:
+            raise InvalidInput(f"sessions ({s}) cannot exceed threads ({bound.threads}); give --threads too")
+        layout = Layout("sessions" if s > 1 else "single", s, max(1, bound.threads // s), shard_size=options.shard_size)
+    plan = RunPlan(bound, dataset, noise, options, size, how, layout)
     if scheduler is not None:  # reach the cluster before any output is written
         from pyrobust.engine.dask import connect
 
@@ -227,7 +227,7 @@ def plan_run(model, dataset: Dataset, noise: NoiseSpec, options: RunOptions, *, 
     return plan
 
 
-def _batch_bound(m: OnnxModel, dataset: Dataset, need: int, budget: int | None, batch_size, copies: int) -> int | None:
+def _batch_bound(m: BoundModel, dataset: Dataset, need: int, budget: int | None, batch_size, copies: int) -> int | None:
     """The largest batch whose onnxruntime working memory (estimated per image) fits beside ``need``."""
     if budget is None:
         return None

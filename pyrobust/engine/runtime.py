@@ -185,7 +185,6 @@ class OnnxModel:
         self.integer_input = self.input.type not in _FLOAT_TENSORS
         self.output, self.zipmap, self.label_output = choose_output(self.session.get_outputs(), self.output_name,
                                                                      str(self.path))
-        self.binding: Binding | None = None
         self.label_agreement: float | None = None  # share of probe rows where the label output matches the argmax
 
     @property
@@ -210,9 +209,31 @@ class OnnxModel:
     def input_shape(self) -> list:
         return [d if isinstance(d, int) and d > 0 else None for d in self.input.shape]
 
-    def bind(self, image_shape: tuple[int, int, int], *, n_classes: int, probe: np.ndarray | None = None) -> Binding:
-        """Choose how images of ``image_shape`` (H, W, C) feed the model, and check the output gives at least
-        ``n_classes`` scores per image by running ``probe`` (float32 images (m, H, W, C), default zeros)."""
+    def bind(self, image_shape: tuple[int, int, int], *, n_classes: int,
+             probe: np.ndarray | None = None) -> BoundModel:
+        """This model bound to images of ``image_shape`` (H, W, C): how they feed its input, checked by running
+        ``probe`` (float32 images (m, H, W, C), default zeros) twice, which must give the same scores, at least
+        ``n_classes`` of them per image. Only a :class:`BoundModel` runs images."""
+        binding = self._binding_for(image_shape, n_classes)
+        h, w, c = image_shape
+        trial = BoundModel(self, binding)
+        x = np.zeros((1, h, w, c), np.float32) if probe is None else probe[:1]
+        if binding.fixed_batch is None:
+            x = np.repeat(x, 2, axis=0)  # two rows, so an output that ignores the batch size shows here
+        scores = trial.run(trial.to_flat(x))
+        self.label_agreement = trial.check_label_output(trial.to_flat(x), scores)
+        again = trial.run(trial.to_flat(x))
+        if again.shape != scores.shape or not np.array_equal(again, scores, equal_nan=True):
+            raise ModelError(f"{self.path}: the model gives other scores for the same input when run again (random "
+                             "operators, or state kept between runs); its results could not be replayed or compared. "
+                             "Export it in inference mode, without random operators")
+        if scores.shape[1] < n_classes:
+            raise ClassCountMismatch(f"{self.path}: the model outputs {scores.shape[1]} classes but the labels need "
+                             f"{n_classes} (0..{n_classes - 1}); use a model trained on this dataset")
+        return BoundModel(self, replace(binding, scores=int(scores.shape[1])))
+
+    def _binding_for(self, image_shape: tuple[int, int, int], n_classes: int) -> Binding:
+        """How images of ``image_shape`` feed the input, from the declared shapes alone."""
         h, w, c = image_shape
         dims = self.input_shape
         batch = dims[0] if dims else None
@@ -238,100 +259,108 @@ class OnnxModel:
         if out_shape and isinstance(out_shape[1], int) and out_shape[1] < n_classes:
             raise ClassCountMismatch(f"{self.path}: the model outputs {out_shape[1]} classes but the labels need "
                              f"{n_classes} (0..{n_classes - 1}); use a model trained on this dataset")
-        self.binding = binding
-        x = np.zeros((1, h, w, c), np.float32) if probe is None else probe[:1]
-        if binding.fixed_batch is None:
-            x = np.repeat(x, 2, axis=0)  # two rows, so an output that ignores the batch size shows here
-        try:
-            scores = self.run(self.to_flat(x))
-            self._check_label_output(self.to_flat(x), scores)
-            again = self.run(self.to_flat(x))
-        except ModelError:
-            self.binding = None
-            raise
-        if again.shape != scores.shape or not np.array_equal(again, scores, equal_nan=True):
-            self.binding = None
-            raise ModelError(f"{self.path}: the model gives other scores for the same input when run again (random "
-                             "operators, or state kept between runs); its results could not be replayed or compared. "
-                             "Export it in inference mode, without random operators")
-        if scores.shape[1] < n_classes:
-            self.binding = None
-            raise ClassCountMismatch(f"{self.path}: the model outputs {scores.shape[1]} classes but the labels need "
-                             f"{n_classes} (0..{n_classes - 1}); use a model trained on this dataset")
-        self.binding = binding = replace(binding, scores=int(scores.shape[1]))
         return binding
 
-    @property
-    def bound(self) -> Binding:
-        """The binding to the data (ModelError before :meth:`bind`)."""
-        if self.binding is None:
-            raise ModelError(f"{self.path}: the model is not bound to the data yet (bind() first)")
-        return self.binding
+
+class BoundModel:
+    """A loaded :class:`OnnxModel` bound to the data's image shape (:meth:`OnnxModel.bind`): the only kind of model
+    that runs images. ``binding`` says how images feed the input and how many scores every batch must give; what
+    the loaded model knows (``path``, ``sha256``, ``threads``, ``expects``, ...) is read through."""
+
+    _SHARED = frozenset({"path", "sha256", "external_data", "model_bytes", "threads", "spinning", "custom_ops",
+                         "output_name", "input", "output", "zipmap", "label_output", "input_dtype", "integer_input",
+                         "expects", "input_shape", "session", "label_agreement"})
+
+    def __init__(self, model: OnnxModel, binding: Binding) -> None:
+        self.model = model
+        self.binding = binding
+
+    def __getattr__(self, name: str):
+        if name in BoundModel._SHARED:
+            return getattr(self.model, name)
+        raise AttributeError(f"'BoundModel' object has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        return f"BoundModel({self.model.path}, {self.binding.layout} {list(self.binding.input_shape)})"
+
+    def copy(self, *, threads: int | None = None) -> BoundModel:
+        """Another session of the same model bytes with the same binding (for parallel sessions)."""
+        return BoundModel(self.model.copy(threads=threads), self.binding)
 
     def _shaped(self, flat: np.ndarray) -> np.ndarray:
-        x = flat.reshape((flat.shape[0], *self.bound.input_shape))
-        if self.input_dtype is not np.float32:
-            x = x.astype(self.input_dtype)  # integer inputs get whole numbers: the cast is exact
+        x = flat.reshape((flat.shape[0], *self.binding.input_shape))
+        if self.model.input_dtype is not np.float32:
+            x = x.astype(self.model.input_dtype)  # integer inputs get whole numbers: the cast is exact
         return x
 
-    def bind_like(self, other: OnnxModel) -> None:
-        """Take ``other``'s binding: a copy of the same bytes (:meth:`copy`) feeds the data the same way."""
-        if other.binding is None or other.sha256 != self.sha256:
-            raise ModelError(f"{self.path}: can only take the binding of a bound session of the same model")
-        self.binding = other.binding
-
     def to_flat(self, images: np.ndarray) -> np.ndarray:
-        """Images (m, H, W, C) float32 -> flat (m, D) buffer in the bound model's memory layout."""
-        if self.binding is None:
-            raise ModelError(f"{self.path}: the model is not bound to the data yet (bind() first)")
+        """Images (m, H, W, C) float32 -> flat (m, D) buffer in the model's memory layout."""
         m = images.shape[0]
         if self.binding.channels_first:
             images = images.transpose(0, 3, 1, 2)
         return np.ascontiguousarray(images, dtype=np.float32).reshape(m, -1)
 
-    def _check_label_output(self, flat: np.ndarray, scores: np.ndarray) -> None:
-        """A label output beside the scores (scikit-learn exports have one) must agree with their argmax on the probe
-        rows; if not, the scores are not what the model predicts from, and the user is told."""
-        if self.label_output is None:
-            return
-
+    def check_label_output(self, flat: np.ndarray, scores: np.ndarray) -> float | None:
+        """The share of rows where a label output beside the scores (scikit-learn exports have one) agrees with their
+        argmax (None without one); below 1 the user is warned that the scores are not what the model predicts from."""
+        model = self.model
+        if model.label_output is None:
+            return None
         x = self._shaped(flat)
-        labels = np.asarray(self.session.run([self.label_output.name], {self.input.name: x}, self._run_options)[0])
+        labels = np.asarray(model.session.run([model.label_output.name], {model.input.name: x},
+                                              model._run_options)[0])
         labels = labels.reshape(labels.shape[0], -1)[:, 0] if labels.ndim else labels
         agree = float(np.mean(labels.astype(np.int64) == np.argmax(scores, axis=1))) if scores.size else 1.0
-        self.label_agreement = agree
         if agree < 1.0:
-            warnings.warn(f"{self.path}: the model's label output '{self.label_output.name}' differs from the argmax "
-                          f"of '{self.output.name}' on {1 - agree:.0%} of the probe images; pyrobust scores with "
-                          f"'{self.output.name}': pass --output to choose other scores", LabelsDisagreeWarning,
+            warnings.warn(f"{model.path}: the model's label output '{model.label_output.name}' differs from the argmax "
+                          f"of '{model.output.name}' on {1 - agree:.0%} of the probe images; pyrobust scores with "
+                          f"'{model.output.name}': pass --output to choose other scores", LabelsDisagreeWarning,
                           stacklevel=4)
+        return agree
 
     # --------------------------------------------------------------------------------------------------------- run
     def _run_once(self, x: np.ndarray) -> np.ndarray:
+        model = self.model
         try:
-            out = self.session.run([self.output.name], {self.input.name: x}, self._run_options)[0]
+            out = model.session.run([model.output.name], {model.input.name: x}, model._run_options)[0]
         except Exception as exc:
-            if self._run_options.terminate:
+            if model._run_options.terminate:
                 # Stopped by the watchdog: the pending signal handler (or the watchdog's interrupt) raises
                 # KeyboardInterrupt at the next bytecode, here, and not later inside the checkpoint save.
                 time.sleep(0.05)
                 raise KeyboardInterrupt from None
-            raise ModelError(f"{self.path}: onnxruntime failed to run the model ({first_line(exc)})") from None
-        if self.zipmap:
-            out = zipmap_scores(out, self.path)
+            raise ModelError(f"{model.path}: onnxruntime failed to run the model ({first_line(exc)})") from None
+        if model.zipmap:
+            out = zipmap_scores(out, model.path)
         if out.ndim != 2 or out.shape[0] != x.shape[0]:
-            raise ModelError(f"{self.path}: for a batch of {x.shape[0]} images output '{self.output.name}' has shape "
-                             f"{list(out.shape)}; pyrobust needs one row of class scores per image (--output picks "
-                             "another output)")
+            raise ModelError(f"{model.path}: for a batch of {x.shape[0]} images output '{model.output.name}' has "
+                             f"shape {list(out.shape)}; pyrobust needs one row of class scores per image (--output "
+                             "picks another output)")
         if out.dtype.kind != "f":
-            raise ModelError(f"{self.path}: output '{self.output.name}' holds {out.dtype} values; pyrobust needs float "
-                             "class scores (logits or probabilities), not labels")
-        want = self.binding.scores if self.binding is not None else None
+            raise ModelError(f"{model.path}: output '{model.output.name}' holds {out.dtype} values; pyrobust needs "
+                             "float class scores (logits or probabilities), not labels")
+        want = self.binding.scores
         if want is not None and out.shape[1] != want:
-            raise ModelError(f"{self.path}: for a batch of {x.shape[0]} images the model gave {out.shape[1]} class "
+            raise ModelError(f"{model.path}: for a batch of {x.shape[0]} images the model gave {out.shape[1]} class "
                              f"scores per image, but {want} on the probe; a model whose class count changes with its "
                              "input cannot be evaluated")
         return out
+
+    def run(self, flat: np.ndarray) -> np.ndarray:
+        """Scores (m, K) for a flat (m, D) float32 buffer; splits and pads for a model with a fixed batch size."""
+        m = flat.shape[0]
+        x = self._shaped(flat)
+        k = self.binding.fixed_batch
+        if k is None or k == m:
+            return self._run_once(x)
+        parts = []
+        for lo in range(0, m, k):
+            chunk = x[lo: lo + k]
+            if chunk.shape[0] < k:
+                pad = np.repeat(chunk[-1:], k - chunk.shape[0], axis=0)
+                chunk = np.concatenate([chunk, pad])
+            parts.append(self._run_once(chunk)[: min(k, m - lo)])
+        return np.concatenate(parts)
 
     def memory_per_image(self, small: int = 8, large: int = 64) -> float:
         """Bytes of onnxruntime working memory per image in a batch (bound model), an estimate for the memory check:
@@ -344,7 +373,7 @@ class OnnxModel:
         import onnx
 
         try:
-            proto = onnx.shape_inference.infer_shapes(onnx.load_model_from_string(self._bytes))
+            proto = onnx.shape_inference.infer_shapes(onnx.load_model_from_string(self.model.model_bytes))
         except Exception:  # shape inference is best effort: the measurement still stands
             return 0.0
         sizes = []
@@ -368,8 +397,6 @@ class OnnxModel:
             except (OSError, ValueError, IndexError):
                 return None
 
-        if self.binding is None:
-            raise ModelError(f"{self.path}: the model is not bound to the data yet (bind() first)")
         d = int(np.prod(self.binding.input_shape))
         self.run(np.zeros((small, d), np.float32))
         before = resident()
@@ -378,24 +405,6 @@ class OnnxModel:
         if before is None or after is None:
             return 0.0
         return max(0.0, (after - before) / (large - small))
-
-    def run(self, flat: np.ndarray) -> np.ndarray:
-        """Scores (m, K) for a flat (m, D) float32 buffer; splits and pads for a model with a fixed batch size."""
-        if self.binding is None:
-            raise ModelError(f"{self.path}: the model is not bound to the data yet (bind() first)")
-        m = flat.shape[0]
-        x = self._shaped(flat)
-        k = self.binding.fixed_batch
-        if k is None or k == m:
-            return self._run_once(x)
-        parts = []
-        for lo in range(0, m, k):
-            chunk = x[lo: lo + k]
-            if chunk.shape[0] < k:
-                pad = np.repeat(chunk[-1:], k - chunk.shape[0], axis=0)
-                chunk = np.concatenate([chunk, pad])
-            parts.append(self._run_once(chunk)[: min(k, m - lo)])
-        return np.concatenate(parts)
 
 
 def _is_zipmap(o) -> bool:

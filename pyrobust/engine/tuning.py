@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyrobust.engine.runtime import OnnxModel
+from pyrobust.engine.runtime import BoundModel, OnnxModel
 from pyrobust.errors import PyRobustError
 from pyrobust.files import read_bounded
 from pyrobust.machine import default_threads
@@ -103,12 +103,12 @@ def _store(section: str, key: str, value) -> None:
         pass  # an unwritable cache only costs a new measurement next time
 
 
-def _random_batch(model: OnnxModel, size: int) -> np.ndarray:
-    d = int(np.prod(model.bound.input_shape))
+def _random_batch(model: BoundModel, size: int) -> np.ndarray:
+    d = int(np.prod(model.binding.input_shape))
     return np.random.default_rng(0).random((size, d), dtype=np.float32)
 
 
-def _rate(model: OnnxModel, x: np.ndarray, seconds: float) -> float:
+def _rate(model: BoundModel, x: np.ndarray, seconds: float) -> float:
     model.run(x)  # warm-up: first runs allocate
     runs, t0 = 0, time.perf_counter()
     while runs < 3 or time.perf_counter() - t0 < seconds:
@@ -117,7 +117,7 @@ def _rate(model: OnnxModel, x: np.ndarray, seconds: float) -> float:
     return runs * x.shape[0] / (time.perf_counter() - t0)
 
 
-def measure_batch_sizes(model: OnnxModel, sizes=BATCH_SIZES, seconds: float = 0.12,
+def measure_batch_sizes(model: BoundModel, sizes=BATCH_SIZES, seconds: float = 0.12,
                         rounds: int = 2) -> dict[int, float]:
     """Inferences per second of ``model`` (bound) at each batch size: the best of ``rounds`` rounds that visit
     every size in turn, so a burst of load elsewhere on the machine cannot decide the choice alone."""
@@ -129,11 +129,11 @@ def measure_batch_sizes(model: OnnxModel, sizes=BATCH_SIZES, seconds: float = 0.
     return best
 
 
-def _batch_key(model: OnnxModel) -> str:
-    return f"{model.sha256}|{model.bound.input_shape}|threads={model.threads}|{machine_key()}"
+def _batch_key(model: BoundModel) -> str:
+    return f"{model.sha256}|{model.binding.input_shape}|threads={model.threads}|{machine_key()}"
 
 
-def auto_batch_size(model: OnnxModel, *, log=None, retune: bool = False,
+def auto_batch_size(model: BoundModel, *, log=None, retune: bool = False,
                     max_size: int | None = None) -> tuple[int, str]:
     """The batch size for ``model`` (bound): (size, "cached" or "measured"); ``retune`` ignores the cache;
     ``max_size`` bounds the candidates (memory)."""
@@ -161,7 +161,7 @@ def layouts(threads: int) -> list[tuple[int, int]]:
     return sorted(out)
 
 
-def _feed(model: OnnxModel, x: np.ndarray, stop: float, counts: list[int], i: int) -> None:
+def _feed(model: BoundModel, x: np.ndarray, stop: float, counts: list[int], i: int) -> None:
     """The engine's work per batch: the noise kernel (serial) into the model's buffer, inference, argmax. Timing
     bare inference instead misses the Python and kernel time that parallel sessions overlap (on 2 cores, 1×2 and
     2×1 run bare inference alike, but the engine runs 2×1 ~1.4× faster)."""
@@ -191,10 +191,9 @@ def measure_layouts(path, *, threads: int, batch_size: int, seconds: float = 0.5
     perturbcore.perturb_flat(x0, indices=[0], steps=[1], pixels=1, n_positions=4, channels=1, seed=0, threads=1)
     perturbcore.predict(x0)
     for sessions, per in layouts(threads):
-        models = [path.copy(threads=per) if isinstance(path, OnnxModel) else
-                  OnnxModel(path, threads=per, custom_ops=custom_ops) for _ in range(sessions)]
-        for m in models:
-            m.bind(image_shape, n_classes=n_classes)
+        models = [path.copy(threads=per) if isinstance(path, BoundModel) else
+                  OnnxModel(path, threads=per, custom_ops=custom_ops).bind(image_shape, n_classes=n_classes)
+                  for _ in range(sessions)]
         x = _random_batch(models[0], batch_size)
         for m in models:
             m.run(x)
@@ -210,12 +209,12 @@ def measure_layouts(path, *, threads: int, batch_size: int, seconds: float = 0.5
     return rates
 
 
-def auto_layout(model: OnnxModel, *, threads: int, batch_size: int, image_shape, n_classes: int,
+def auto_layout(model: BoundModel, *, threads: int, batch_size: int, image_shape, n_classes: int,
                 custom_ops=None, log=None, retune: bool = False) -> tuple[int, int, str]:
     """(sessions, threads per session, "cached"/"measured"/"single") for ``threads`` cores."""
     if threads <= 1:
         return 1, 1, "single"
-    key = f"{model.sha256}|{model.bound.input_shape}|threads={threads}|batch={batch_size}|{machine_key()}"
+    key = f"{model.sha256}|{model.binding.input_shape}|threads={threads}|batch={batch_size}|{machine_key()}"
     hit = None if retune else _cached("layout", key, ("sessions", "threads_per_session"), threads)
     if hit:
         return hit[0], hit[1], "cached"
@@ -233,7 +232,7 @@ def auto_layout(model: OnnxModel, *, threads: int, batch_size: int, image_shape,
 SLOW_RUN = 0.5  # a run this much slower than the cached measurement says the measurement is stale
 
 
-def check_run_rate(model: OnnxModel, batch_size: int, achieved: float, seconds: float) -> str | None:
+def check_run_rate(model: BoundModel, batch_size: int, achieved: float, seconds: float) -> str | None:
     """After a run of at least 5 s: when it ran at under half the rate cached for its batch size (measured under
     load, or the machine changed), drop the cached choices so the next run measures again, and say so."""
     if seconds < 5 or achieved <= 0:

@@ -29,7 +29,7 @@ from pyrobust.data.dataset import Dataset
 from pyrobust.data.images import parse_resize
 from pyrobust.engine.loop import clean_predictions
 from pyrobust.engine.plan import RunPlan, load_data, plan_run, split_settings
-from pyrobust.engine.runtime import OnnxModel
+from pyrobust.engine.runtime import BoundModel
 from pyrobust.errors import InvalidInput, NonFiniteModel
 from pyrobust.gate.policy import Check, GatePolicy, GateResult, check_counts, checks_from, decide, plan_gate
 from pyrobust.sequential import (
@@ -42,10 +42,10 @@ from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome, RunRecord, Run
 
 
 # ------------------------------------------------------------------------------------------------------- run
-def _model_info(m: OnnxModel) -> dict:
+def _model_info(m: BoundModel) -> dict:
     return {"path": str(Path(m.path).resolve()), "sha256": m.sha256, "external_data": m.external_data,
             "input": m.input.name, "input_type": m.input.type, "output": m.output.name,
-            "layout": m.binding.layout if m.binding else None}
+            "layout": m.binding.layout}
 
 
 def run_gate(
