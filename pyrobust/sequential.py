@@ -1,7 +1,7 @@
 """The gate's decision rule, free of models and files: checks decided look by look from counts.
 
 Everything here works on arrays of counts with one entry per *replicate*, so the same code decides one real gate
-(one replicate) and thousands of simulated ones (``tests/test_gate_errors.py`` measures its error rates that way).
+(one replicate) and thousands of simulated ones (``tests/gate/test_gate_errors.py`` measures its error rates that way).
 
 **One check.** A minimum (``min_accuracy``, ``min_robust``, ``min_class_robust[k]``) is decided with exact
 Clopper-Pearson bounds on the fraction; a drop against a baseline (``max_robust_drop``, ``max_accuracy_drop``) with

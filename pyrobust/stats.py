@@ -112,7 +112,7 @@ def paired_drop_bounds(lost, gained, trials, alpha_side) -> tuple[np.ndarray, np
     correlation of the two cells, ``rho = -sqrt(p_l p_g / ((1 - p_l)(1 - p_g)))``. With no discordant items at all
     the upper bound is the exact bound of the lost cell, ``1 - alpha_side**(1/trials)`` (about 2.4 % for 250 items
     at ``alpha_side`` 0.25 %), where asymptotic paired intervals shrink to zero width. The one-sided error of this
-    rule is checked by simulation in ``tests/test_gate_errors.py`` and ``benchmarks/test_bench_gate_errors.py``.
+    rule is checked by simulation in ``tests/gate/test_gate_errors.py`` and ``benchmarks/test_bench_gate_errors.py``.
 
     Returns (drop, lower, upper).
     """

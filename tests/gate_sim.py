@@ -4,7 +4,7 @@ Per-image outcomes are drawn from known cell probabilities (the images between t
 exactly as if each image were drawn in turn), and every replicate goes through the gate's own plan
 (:func:`pyrobust.gate.policy.plan_gate`: stages, looks, error spending, family rule) and its own decision object
 (:class:`pyrobust.sequential.SequentialDecision`), stopping where ``run_gate`` stops. Used by
-``tests/test_gate_errors.py`` (a small grid, seeded) and ``benchmarks/test_bench_gate_errors.py`` (the full table).
+``tests/gate/test_gate_errors.py`` (a small grid, seeded) and ``benchmarks/test_bench_gate_errors.py`` (the full table).
 """
 
 from __future__ import annotations

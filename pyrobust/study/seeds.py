@@ -8,7 +8,7 @@ seed) stay fixed. The seed-level report then asks the questions a single run can
 * seed-level *paired* differences, M_R − M_rand and M → M_R: the mean difference over seeds with a paired-t 95 %
   interval, the 95 % interval that inverts the sign-flip test, and the exact sign-flip permutation p-value (every
   one of the 2^S sign patterns for S ≤ 16 seeds). Both intervals were checked by simulation for 5, 6 and 10 seeds
-  with normal, heavy-tailed, coarse and skewed differences (``tests/test_seeds.py``): 94-98 % coverage, 89-93 %
+  with normal, heavy-tailed, coarse and skewed differences (``tests/study/test_seeds.py``): 94-98 % coverage, 89-93 %
   with strongly skewed ones (t 89-90 %, sign-flip 90-93 %). A percentile bootstrap over so few seeds covered
   85-92 % with normal differences (74 % with 3 seeds) and is not offered.
 
@@ -121,7 +121,7 @@ def _paired_stats(d: np.ndarray, *, seed: int = 0, resamples: int = 10_000) -> d
     sign-flip test, and the exact (S <= 16) or Monte-Carlo sign-flip permutation p-value of 'no difference'.
 
     A percentile bootstrap over seeds is not offered: with 5 normal seeds it covered about 85 % and with 10 about
-    92 % in simulation; ``tests/test_seeds.py::test_seed_level_intervals_cover`` checks the two intervals given."""
+    92 % in simulation; ``tests/study/test_seeds.py::test_seed_level_intervals_cover`` checks the two intervals given."""
     from scipy.stats import t as student
 
     s = int(d.size)

@@ -1,5 +1,5 @@
 """The rule that decides whether numba's compiled-kernel cache may be used (``perturbcore._jit.cache_problem``),
-case by case, in this process (tests/test_numba_cache.py runs the whole thing in fresh processes with a planted
+case by case, in this process (tests/kernels/test_numba_cache.py runs the whole thing in fresh processes with a planted
 pickle). These run in the kernel-coverage pass of .ci/run too."""
 
 from __future__ import annotations
