@@ -17,15 +17,7 @@ import numpy as np
 from pyrobust.data.dataset import Dataset
 from pyrobust.data.images import parse_resize
 from pyrobust.engine.loop import Progress
-from pyrobust.engine.plan import (  # noqa: F401 - part of this module's API
-    RunOptions,
-    RunPlan,
-    available_memory_bytes,
-    load_data,
-    memory_budget,
-    plan_run,
-    split_settings,
-)
+from pyrobust.engine.plan import RunOptions, RunPlan, load_data, plan_run, split_settings
 from pyrobust.engine.runtime import BoundModel, OnnxModel
 from pyrobust.errors import Interrupted, InvalidInput, NonFiniteModel
 from pyrobust.files import make_out_dir
@@ -36,6 +28,7 @@ from pyrobust.stats import look_schedule
 from pyrobust.store.results import build_summary, noise_of
 from pyrobust.store.rundir import Complete, Resume, RunLock, checkpointed, decide_start, finish_run
 from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome, RunState
+from pyrobust.validate import Number, check
 
 PRECISION_CONFIDENCE = 0.95
 
@@ -261,10 +254,11 @@ def evaluate(
         return replace(result, out=out_dir, resumed=resumed)
 
 
+PRECISION = Number(0, 0.5, lo_open=True, hi_open=True, none=True, kind="a half-width", hint=", e.g. 0.01 for ±1 point")
+
+
 def _check_precision(precision) -> None:
-    if precision is not None and (isinstance(precision, bool) or not isinstance(precision, (int, float))
-                                  or not 0 < precision < 0.5):
-        raise InvalidInput(f"precision must be a half-width in (0, 0.5), e.g. 0.01 for ±1 point; got {precision!r}")
+    check("precision", precision, PRECISION)
 
 
 @contextmanager

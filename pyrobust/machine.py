@@ -12,9 +12,10 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
+from pyrobust.validate import Integer, Number, check, declare
 
-from pyrobust.errors import InvalidInput
+MAX_MEMORY = Number(0, 2**40, lo_open=True, hi_open=True, unit="MiB", none=True)  # None: 80 % of what is available
+THREADS = Integer(1, none=True)
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -89,9 +90,7 @@ def available_memory_bytes(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") ->
 def memory_budget(max_memory_mb: float | None) -> int | None:
     """Bytes pyrobust may use for data and working buffers: ``max_memory_mb``, or 80 % of the available memory."""
     if max_memory_mb is not None:
-        if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or \
-                not 0 < max_memory_mb < 2**40 or not math.isfinite(max_memory_mb):
-            raise InvalidInput(f"max_memory must be a finite number of MiB > 0; got {max_memory_mb}")
+        check("max_memory", max_memory_mb, MAX_MEMORY)
         return int(max_memory_mb * 2**20)
     avail = available_memory_bytes()
     return int(avail * 0.8) if avail else None
@@ -133,10 +132,9 @@ def default_threads() -> int:
 def check_threads(threads) -> int:
     """A thread count to use: an integer >= 1 (None: every CPU available), capped at the CPUs available with a
     warning (onnxruntime with far more threads than cores is slow, and can hang under an address-space limit)."""
+    check("threads", threads, THREADS)
     if threads is None:
         return default_threads()
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise InvalidInput(f"threads must be an integer >= 1; got {threads!r}")
     available = default_threads()
     if threads > available:
         warnings.warn(f"{threads} threads asked for, but this process may use {available} CPU(s); using "
@@ -171,3 +169,7 @@ def before_forced_exit() -> str:
     """Run every hook registered with :func:`on_forced_exit`; what they saved, in one phrase."""
     said = [hook() for hook in list(_FORCED_EXIT_HOOKS)]
     return "; ".join(s for s in said if s) or "stopped before any result was saved"
+
+
+declare("memory_budget", {"max_memory_mb": MAX_MEMORY}, lambda max_memory_mb: memory_budget(max_memory_mb))
+declare("check_threads", {"threads": THREADS}, lambda threads: check_threads(threads))

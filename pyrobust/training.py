@@ -25,6 +25,7 @@ import numpy as np
 from pyrobust.data.dataset import Dataset
 from pyrobust.errors import InvalidInput, MissingDependency, ModelError
 from pyrobust.files import atomic_path, file_sha256
+from pyrobust.validate import Choice, Constraint, Integer, Number, check, declare
 
 ARCHITECTURES = ("cnn", "mlp")
 
@@ -90,6 +91,24 @@ def expectation_metadata(spec) -> dict:
     return meta
 
 
+TRAIN_CONSTRAINTS: dict[str, Constraint] = {
+    "architecture": Choice(ARCHITECTURES),
+    "epochs": Integer(1),
+    "batch_size": Integer(1),
+    "updates": Integer(1, none=True),
+    "learning_rate": Number(0, lo_open=True),
+}
+
+
+def check_training(**settings) -> None:
+    """The training settings :func:`train` takes, checked before torch is imported."""
+    for name, value in settings.items():
+        check(name, value, TRAIN_CONSTRAINTS[name])
+
+
+declare("train", TRAIN_CONSTRAINTS, check_training)
+
+
 def train(
     dataset: Dataset,
     *,
@@ -116,15 +135,8 @@ def train(
     ``updates``: train for exactly this many Adam steps (the shuffled epochs repeat as needed) instead of
     ``epochs`` passes, e.g. as many updates as the model being compared with. The same seed, data and settings give
     the same weights (with the same thread count and torch version)."""
-    if architecture not in ARCHITECTURES:
-        raise InvalidInput(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {architecture!r}")
-    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(v, bool) or int(v) != v or v < 1:
-            raise InvalidInput(f"{name} must be an integer >= 1; got {v!r}")
-    if updates is not None and (isinstance(updates, bool) or int(updates) != updates or updates < 1):
-        raise InvalidInput(f"updates must be an integer >= 1; got {updates!r}")
-    if not learning_rate > 0:
-        raise InvalidInput(f"learning_rate must be > 0; got {learning_rate}")
+    check_training(architecture=architecture, epochs=epochs, batch_size=batch_size, updates=updates,
+                   learning_rate=learning_rate)
     out = Path(out)
     if out.suffix != ".onnx":
         raise InvalidInput(f"the model is written as ONNX: --out must end in .onnx; got {out}")

@@ -17,6 +17,7 @@ import numpy as np
 
 from perturbcore import NONFINITE, ROBUST, SCHEMES
 from pyrobust.errors import InvalidInput
+from pyrobust.validate import Choice, Constraint, Integer, check_fields, declare
 
 MODES = ("restart", "cumulative")
 PAPER_PIXELS = 28
@@ -25,7 +26,6 @@ MAX_STEPS_LIMIT = 100_000
 # Pixels are in [0, 1]; noise values and normalisation far outside these bounds overflow float32 inputs (a std of
 # 1e-50 turns every pixel into infinity) and can only be mistakes.
 VALUE_LIMIT = 1e6
-PIXEL_RANGES = (None, 1, 255)
 PIXEL_COUNTS = ("fixed", "random")
 STD_MIN = 1e-6  # the survival curve has max_steps + 1 points in summary.json and the figures
 
@@ -46,6 +46,16 @@ def pixel_share(text: str) -> float | None:
 
 def is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+NOISE_CONSTRAINTS: dict[str, Constraint] = {
+    "max_steps": Integer(1, MAX_STEPS_LIMIT, hint=f"(the paper uses {PAPER_MAX_STEPS})"),
+    "scheme": Choice(SCHEMES),
+    "mode": Choice(MODES),
+    "seed": Integer(0, 2**64 - 1),
+    "pixel_range": Choice((1, 255), none=True, hint="(1: pixels in [0, 1]; 255: pixels in [0, 255])"),
+    "pixel_count": Choice(PIXEL_COUNTS),
+}
 
 
 @dataclass(frozen=True)
@@ -78,20 +88,12 @@ class NoiseSpec:
         elif not is_int(self.pixels) or self.pixels < 1:
             raise InvalidInput(f"pixels must be an integer >= 1 or a share of the image such as 3.5%; got "
                                f"{self.pixels!r}")
-        if not is_int(self.max_steps) or not 1 <= self.max_steps <= MAX_STEPS_LIMIT:
-            raise InvalidInput(f"max_steps must be an integer in [1, {MAX_STEPS_LIMIT:,}] (the paper uses "
-                               f"{PAPER_MAX_STEPS}); got {self.max_steps!r}")
+        check_fields(self, NOISE_CONSTRAINTS)
         if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
             raise InvalidInput(f"noise values need finite low < high; got low={self.low}, high={self.high}")
         if max(abs(self.low), abs(self.high)) > VALUE_LIMIT:
             raise InvalidInput(f"noise values must lie within ±{VALUE_LIMIT:g} (pixels are in [0, 1]); got low="
                                f"{self.low}, high={self.high}")
-        if self.scheme not in SCHEMES:
-            raise InvalidInput(f"scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
-        if self.mode not in MODES:
-            raise InvalidInput(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        if not is_int(self.seed) or not 0 <= self.seed < 2**64:
-            raise InvalidInput(f"seed must be an integer in [0, 2**64); got {self.seed!r}")
         if (self.mean is None) != (self.std is None):
             raise InvalidInput("normalisation needs both mean and std (one value per channel), or neither")
         if self.mean is not None:
@@ -105,13 +107,8 @@ class NoiseSpec:
                                    f"(e.g. 0.1307 and 0.3081 for MNIST); got mean={list(mean)}, std={list(std)}")
             object.__setattr__(self, "mean", mean)
             object.__setattr__(self, "std", std)
-        if self.pixel_range not in PIXEL_RANGES:
-            raise InvalidInput(f"pixel_range must be 1 (pixels in [0, 1]) or 255 (pixels in [0, 255]); got "
-                               f"{self.pixel_range!r}")
         if self.integer and self.mean is not None:
             raise InvalidInput("a model with an integer input takes raw pixel values: mean and std cannot apply")
-        if self.pixel_count not in PIXEL_COUNTS:
-            raise InvalidInput(f"pixel_count must be one of {', '.join(PIXEL_COUNTS)}; got {self.pixel_count!r}")
         object.__setattr__(self, "integer", bool(self.integer))
         object.__setattr__(self, "low", float(self.low))
         object.__setattr__(self, "high", float(self.high))
@@ -159,6 +156,9 @@ class NoiseSpec:
                 known[k] = tuple(known[k])
         known.setdefault("pixel_range", 1)
         return cls(**known)
+
+
+declare("NoiseSpec", NOISE_CONSTRAINTS, NoiseSpec)
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,6 @@ def fingerprint(*, model_sha256: str, dataset_sha256: str, count: int, spec: dic
     """What must not change between an interrupted run and its resumption (batch size and threads may)."""
     return {"version": FINGERPRINT_VERSION, "model_sha256": model_sha256, "dataset_sha256": dataset_sha256,
             "count": int(count), "spec": spec}
-
 
 
 def differences(a: dict, b: dict, *, compare: tuple[str, ...] = _FINGERPRINT_PARTS) -> list[str]:

@@ -113,7 +113,7 @@ CASES = [
      r"max_steps must be an integer in \[1, 100,000\] .*; got 100000000"),
     ("low >= high", None, "sample", {"low": 0.5, "high": 0.5}, InvalidInput, 2, r"finite low < high"),
     ("limit beyond", None, "sample", {"limit": 501}, InvalidInput, 2, r"limit 501 is beyond the dataset"),
-    ("max memory", None, "sample", {"max_memory_mb": 0}, InvalidInput, 2, r"max_memory must be a finite number"),
+    ("max memory", None, "sample", {"max_memory_mb": 0}, InvalidInput, 2, r"max_memory must be a number of MiB in"),
     ("resume and overwrite", None, "sample", {"resume": True, "overwrite": True}, InvalidInput, 2,
      r"(resume=True|--resume) continues a run and (overwrite=True|--overwrite) replaces it"),
 ]

@@ -66,7 +66,7 @@ def test_same_seed_threads_and_torch_give_the_same_bytes(tmp_path, small):
     ({"architecture": "resnet"}, "architecture must be one of cnn, mlp"),
     ({"epochs": 0}, "epochs must be an integer >= 1"),
     ({"batch_size": 0}, "batch_size must be an integer >= 1"),
-    ({"learning_rate": 0}, "learning_rate must be > 0"),
+    ({"learning_rate": 0}, "learning_rate must be a number > 0"),
 ])
 def test_training_rejects_bad_options(tmp_path, small, kwargs, match):
     with pytest.raises(InvalidInput, match=match):

@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyrobust.data.dataset import search_roots
-from pyrobust.errors import DataError, InvalidInput, OutputError, PyRobustError
+from pyrobust.errors import DataError, OutputError, PyRobustError
 from pyrobust.files import file_sha256
+from pyrobust.validate import Number, check
 
+SECONDS = Number(0, lo_open=True, unit="seconds")
 MAX_DOWNLOAD_BYTES = 64 * 2**20  # the largest file (Fashion-MNIST training images) is 26 MB
 
 
@@ -166,10 +168,8 @@ def fetch_dataset(name: str, *, dest: str | os.PathLike | None = None, catalog: 
         raise DataError(f"unknown dataset {name!r}; pyrobust can fetch {', '.join(sorted(catalog))}")
     if retries < 1:
         raise ValueError("retries must be >= 1")
-    if not (isinstance(timeout, (int, float)) and timeout > 0):
-        raise InvalidInput(f"timeout must be a number of seconds > 0; got {timeout!r}")
-    if not (isinstance(deadline, (int, float)) and deadline > 0):
-        raise InvalidInput(f"deadline must be a number of seconds > 0; got {deadline!r}")
+    check("timeout", timeout, SECONDS)
+    check("deadline", deadline, SECONDS)
     remote = catalog[name]
     until = time.monotonic() + float(deadline)
     log = log or (lambda line: None)

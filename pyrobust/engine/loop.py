@@ -24,6 +24,7 @@ from pyrobust.data.dataset import Dataset
 from pyrobust.engine.runtime import BoundModel, OnnxModel
 from pyrobust.errors import InvalidInput
 from pyrobust.types import NoiseSpec, Outcome, RunState
+from pyrobust.validate import Integer, check
 
 Progress = Callable[[int, int, int], None]  # (images finished, images in all, inferences run)
 
@@ -114,10 +115,8 @@ def iter_protocol(model: BoundModel, dataset: Dataset, spec: NoiseSpec, state: R
     numba's OpenMP workers keep spinning after a parallel region and slow the next inference down
     (``benchmarks/test_bench_engine.py::test_thread_pools`` measures it).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise InvalidInput(f"batch_size must be an integer >= 1; got {batch_size!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise InvalidInput(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
+    check("batch_size", batch_size, Integer(1))
+    check("chunk_size", chunk_size, Integer(1))
     if state.n != dataset.n:
         raise InvalidInput(f"the saved state holds {state.n} images but the dataset has {dataset.n}")
     if not isinstance(model, BoundModel):

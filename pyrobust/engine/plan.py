@@ -19,16 +19,18 @@ from pyrobust.engine.backends import Layout, execute
 from pyrobust.engine.loop import Progress, bind_model, check_spec_for_data, working_memory_bytes
 from pyrobust.engine.runtime import BoundModel, OnnxModel
 from pyrobust.errors import DataError, InvalidInput
-from pyrobust.machine import available_memory_bytes, check_threads, memory_budget  # noqa: F401 - part of this module's API
+from pyrobust.machine import THREADS, check_threads, memory_budget
 from pyrobust.types import NoiseSpec, Outcome, RunState
+from pyrobust.validate import Constraint, Integer, Number, check_fields, declare
 
-
-def _whole(name: str, value, *, auto: bool = False, none: bool = False) -> None:
-    if auto and value == "auto" or none and value is None:
-        return
-    if value is None or isinstance(value, (bool, str)) or not isinstance(value, (int, np.integer)) or value < 1:
-        also = " or auto" if auto else ""
-        raise InvalidInput(f"{name} must be an integer >= 1{also}; got {value!r}")
+OPTION_CONSTRAINTS: dict[str, Constraint] = {
+    "batch_size": Integer(1, words=("auto",)),
+    "chunk_size": Integer(1),
+    "sessions": Integer(1, words=("auto",)),
+    "shard_size": Integer(1, none=True),
+    "threads": THREADS,
+    "checkpoint_every": Number(0, lo_open=True, unit="seconds"),
+}
 
 
 @dataclass(frozen=True)
@@ -53,14 +55,7 @@ class RunOptions:
     checkpoint_every: float = 30.0
 
     def __post_init__(self) -> None:
-        _whole("batch_size", self.batch_size, auto=True)
-        _whole("chunk_size", self.chunk_size)
-        _whole("sessions", self.sessions, auto=True)
-        _whole("shard_size", self.shard_size, none=True)
-        _whole("threads", self.threads, none=True)
-        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, (int, float)) or \
-                not self.checkpoint_every > 0:
-            raise InvalidInput(f"checkpoint_every must be > 0 seconds; got {self.checkpoint_every!r}")
+        check_fields(self, OPTION_CONSTRAINTS)
         memory_budget(self.max_memory_mb)
         if self.scheduler is not None:
             from pyrobust.engine.dask import check_scheduler
@@ -72,6 +67,7 @@ class RunOptions:
         return memory_budget(self.max_memory_mb)
 
 
+declare("RunOptions", OPTION_CONSTRAINTS, RunOptions)
 NOISE_FIELDS = tuple(f.name for f in fields(NoiseSpec))
 OPTION_FIELDS = tuple(f.name for f in fields(RunOptions))
 

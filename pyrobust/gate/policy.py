@@ -23,10 +23,22 @@ from pyrobust.sequential import (
     stage_alphas,
 )
 from pyrobust.stats import images_for_power, look_schedule, normal_quantile
+from pyrobust.validate import Choice, Constraint, Fraction, Number, check_fields, declare
 
 GATE_SCHEMA = 2
 POWER_MARGIN, POWER = 0.01, 0.8  # the power statement in gate.json: a model 1 point better, 80 % power
 VERDICT = {PASS: "pass", FAIL: "fail", 0: "inconclusive"}
+
+
+_THRESHOLD = Fraction(none=True, hint="(e.g. 0.85 or 85%)")
+POLICY_CONSTRAINTS: dict[str, Constraint] = {
+    "min_accuracy": _THRESHOLD, "min_robust": _THRESHOLD, "min_class_robust": _THRESHOLD,
+    "max_robust_drop": _THRESHOLD, "max_accuracy_drop": _THRESHOLD,
+    "confidence": Number(0.5, 1, hi_open=True, hint="(e.g. 0.95)"),
+    "inconclusive": Choice(("fail", "pass")),
+    "family": Choice(FAMILIES),
+    "spending": Choice(SPENDING),
+}
 
 
 @dataclass(frozen=True)
@@ -45,19 +57,7 @@ class GatePolicy:
     THRESHOLDS = ("min_accuracy", "min_robust", "min_class_robust", "max_robust_drop", "max_accuracy_drop")
 
     def __post_init__(self) -> None:
-        for name in self.THRESHOLDS:
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
-                raise InvalidInput(f"{name} must be a fraction in [0, 1] (e.g. 0.85 or 85%); got {v!r}")
-        if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) or \
-                not 0.5 <= self.confidence < 1:
-            raise InvalidInput(f"confidence must be in [0.5, 1); got {self.confidence!r}")
-        if self.inconclusive not in ("fail", "pass"):
-            raise InvalidInput(f"inconclusive must be fail or pass; got {self.inconclusive!r}")
-        if self.family not in FAMILIES:
-            raise InvalidInput(f"family must be one of {', '.join(FAMILIES)}; got {self.family!r}")
-        if self.spending not in SPENDING:
-            raise InvalidInput(f"spending must be one of {', '.join(SPENDING)}; got {self.spending!r}")
+        check_fields(self, POLICY_CONSTRAINTS)
         if all(getattr(self, n) is None for n in self.THRESHOLDS):
             raise InvalidInput("the gate has nothing to check: give min_accuracy, min_robust, min_class_robust, "
                                "or a baseline with max_robust_drop / max_accuracy_drop")
@@ -69,6 +69,9 @@ class GatePolicy:
     @property
     def alpha(self) -> float:
         return 1 - self.confidence
+
+
+declare("GatePolicy", POLICY_CONSTRAINTS, lambda **kw: GatePolicy(**{"min_robust": 0.5, **kw}))
 
 
 @dataclass

@@ -25,14 +25,32 @@ from pyrobust.store.results import RESULTS_FILE, SUMMARY_FILE, load_results
 from pyrobust.store.rundir import RunLock
 from pyrobust.store.stages import StageRunner, file_sha256
 from pyrobust.study.report import StudyLayout, read_operating_point
-from pyrobust.study.selection import SHORTFALLS, random_subset, read_selection, select_robust, write_subset
+from pyrobust.study.selection import PER_CLASS, SHORTFALLS, random_subset, read_selection, select_robust, write_subset
 from pyrobust.types import NoiseSpec
+from pyrobust.validate import Choice, Constraint, Fraction, Integer, Number, check_fields, declare
 
 QUICK = {"train_sample": 600, "test_sample": 300, "max_steps": 20, "epochs": 2, "per_class": 20}
 RETRAIN_FROM = ("scratch", "finetune")
 RETRAIN_BUDGETS = ("epochs", "updates")
 OPERATING_POINT_IMAGES = 1000
 SCHEME_VARIANTS = (("salt-pepper", "restart"), ("uniform", "cumulative"), ("salt-pepper", "cumulative"))
+
+
+STUDY_CONSTRAINTS: dict[str, Constraint] = {
+    "retrain_from": Choice(RETRAIN_FROM),
+    "retrain_budget": Choice(RETRAIN_BUDGETS),
+    "target_robust": Fraction(lo_open=True, hi_open=True, none=True, hint=", e.g. 0.30"),
+    "shortfall": Choice(SHORTFALLS),
+    "per_class": PER_CLASS,
+    "epochs": Integer(1),
+    "train_batch_size": Integer(1),
+    "eval_batch_size": Integer(1, words=("auto",)),
+    "learning_rate": Number(0, lo_open=True),
+    "seed": Integer(0),
+    "data_seed": Integer(0),
+    "train_sample": Integer(1, none=True),
+    "test_sample": Integer(1, none=True),
+}
 
 
 @dataclass(frozen=True)
@@ -60,22 +78,7 @@ class StudyConfig:
     target_robust: float | None = None  # find the --pixels at which M is about this robust, and study there
 
     def __post_init__(self) -> None:
-        if self.retrain_from not in RETRAIN_FROM:
-            raise InvalidInput(f"retrain_from must be one of {', '.join(RETRAIN_FROM)}; got {self.retrain_from!r}")
-        if self.retrain_budget not in RETRAIN_BUDGETS:
-            raise InvalidInput(f"retrain_budget must be one of {', '.join(RETRAIN_BUDGETS)}; got "
-                               f"{self.retrain_budget!r}")
-        if self.target_robust is not None and (isinstance(self.target_robust, bool) or
-                                               not 0 < float(self.target_robust) < 1):
-            raise InvalidInput(f"target_robust must be a fraction in (0, 1), e.g. 0.30; got {self.target_robust!r}")
-        if self.shortfall not in SHORTFALLS:
-            raise InvalidInput(f"shortfall must be one of {', '.join(SHORTFALLS)}; got {self.shortfall!r}")
-        for name in ("per_class", "epochs", "train_batch_size", "eval_batch_size"):
-            v = getattr(self, name)
-            if name == "eval_batch_size" and v == "auto":
-                continue
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise InvalidInput(f"{name} must be an integer >= 1; got {v!r}")
+        check_fields(self, STUDY_CONSTRAINTS)
 
     @classmethod
     def quick_config(cls, dataset: str, **kwargs) -> StudyConfig:
@@ -90,6 +93,9 @@ class StudyConfig:
         d = asdict(self)
         d["noise"] = self.noise.to_dict()
         return d
+
+
+declare("StudyConfig", STUDY_CONSTRAINTS, lambda **kw: StudyConfig(**{"dataset": "mnist", **kw}))
 
 
 def find_operating_point(model: Path, ds: Dataset, spec: NoiseSpec, target: float, *, seed: int = 0,

@@ -28,6 +28,7 @@ from pyrobust.files import (
 )
 from pyrobust.store.results import load_results
 from pyrobust.types import ROBUST, Outcome
+from pyrobust.validate import Choice, Integer, check, declare
 
 MAX_PER_CLASS = 1_000_000  # images kept per class; sampling with replacement could otherwise ask for any number
 SHORTFALLS = ("all", "replace", "fill")
@@ -50,13 +51,14 @@ class Selection:
         return [r["class"] for r in self.table if r["taken"] < r["asked"]]
 
 
-def _check(per_class, seed, shortfall) -> None:
-    if isinstance(per_class, bool) or int(per_class) != per_class or not 1 <= per_class <= MAX_PER_CLASS:
-        raise InvalidInput(f"per_class must be an integer in [1, {MAX_PER_CLASS:,}]; got {per_class!r}")
-    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-        raise InvalidInput(f"seed must be an integer >= 0; got {seed!r}")
-    if shortfall not in SHORTFALLS:
-        raise InvalidInput(f"shortfall must be one of {', '.join(SHORTFALLS)}; got {shortfall!r}")
+def _check(per_class=1, seed=0, shortfall="all") -> None:
+    for name, value in (("per_class", per_class), ("seed", seed), ("shortfall", shortfall)):
+        check(name, value, SELECTION_CONSTRAINTS[name])
+
+
+PER_CLASS = Integer(1, MAX_PER_CLASS)
+SELECTION_CONSTRAINTS = declare("select_robust", {"per_class": PER_CLASS, "seed": Integer(0),
+                                                  "shortfall": Choice(SHORTFALLS)}, _check)
 
 
 def select_robust(outcome: Outcome, *, per_class: int, seed: int = 0, shortfall: str = "all",

@@ -117,7 +117,7 @@ def test_exit_code_does_not_depend_on_output_options(capsys, tmp_path, models, d
     (["--min-robust", "150%"], "must be between 0 and 1"),
     (["--min-robust", "lots"], "expected a fraction like 0.85"),
     (["--max-robust-drop", "0.01"], "compare with a baseline: give --baseline"),
-    (["--min-robust", "0.5", "--confidence", "1.5"], r"confidence must be in \[0.5, 1\)"),
+    (["--min-robust", "0.5", "--confidence", "1.5"], r"confidence must be a number in \[0.5, 1\)"),
     (["--min-robust", "0.5", "--inconclusive", "maybe"], "Invalid value for '--inconclusive'"),
 ])
 def test_usage_errors_exit_2(capsys, bundled_model, args, match):

@@ -152,7 +152,7 @@ def test_noise_spec_validation():
                           ({"low": 1.0, "high": 0.5}, "finite low < high"),
                           ({"scheme": "x"}, "scheme must be one of uniform, salt-pepper"),
                           ({"mode": "x"}, "mode must be one of restart, cumulative"),
-                          ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*64\)"),
+                          ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*64 - 1\]"),
                           ({"mean": (0.1,)}, "needs both mean and std"),
                           ({"mean": (0.1,), "std": (0.0,)}, r"std in \[1e-06, 1e\+06\]"),
                           ({"mean": (0.1, 0.2), "std": (1.0,)}, "one value per channel each")]:
