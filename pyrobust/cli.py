@@ -14,7 +14,6 @@ import sys
 import traceback
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 
@@ -126,6 +125,35 @@ def noise_options(func):
     return func
 
 
+def data_dir_option(help: str = "Where named datasets live (DIR/mnist/, DIR/fashion-mnist/); also $PYROBUST_DATA."):
+    """``--data-dir``, the same option on every command that reads a named dataset."""
+    return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help=help)
+
+
+def data_options(sample: bool = True):
+    """The data selection (one option per :class:`~pyrobust.data.dataset.DataSelection` field, ``--range`` for
+    start and stop): :func:`_settings` turns them into one ``data`` value."""
+    def decorate(func):
+        options = [
+            click.option("--resize", default=None, help="Resample folder:PATH images to HEIGHTxWIDTH, e.g. 224x224."),
+            data_dir_option(),
+            click.option("--limit", type=int, default=None, help="Only the first N images (of the range)."),
+            click.option("--range", "index_range", default=None,
+                         help="Positions START:STOP of the dataset, e.g. 100:200."),
+        ]
+        if sample:
+            options += [
+                click.option("--sample", type=int, default=None,
+                             help="A random N of the selected images (see --sample-seed)."),
+                click.option("--sample-seed", type=int, default=0, show_default=True,
+                             help="Seeds --sample's choice of images, apart from the noise --seed."),
+            ]
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorate
+
+
 def run_options(checkpoints: bool = True):
     """The run options (one per :class:`~pyrobust.engine.plan.RunOptions` field): how a run uses the machine.
     ``checkpoints``: the command writes a run folder (``--checkpoint-every``)."""
@@ -163,14 +191,16 @@ def run_options(checkpoints: bool = True):
 
 
 def _settings(func):
-    """Innermost decorator of a command with :func:`noise_options` and :func:`run_options`: their values arrive as
-    ``noise`` (a NoiseSpec, built once here) and ``options`` (a RunOptions)."""
+    """Innermost decorator of a command with :func:`noise_options`, :func:`run_options` and (optionally)
+    :func:`data_options`: their values arrive as ``noise`` (a NoiseSpec), ``options`` (a RunOptions) and ``data``
+    (a DataSelection), each built once here."""
     import functools
 
     @functools.wraps(func)
     def wrapper(**kwargs):
         from dataclasses import fields
 
+        from pyrobust.data.dataset import DataSelection, parse_range
         from pyrobust.engine.plan import RunOptions
         from pyrobust.types import NoiseSpec
 
@@ -178,7 +208,13 @@ def _settings(func):
         for name in ("mean", "std"):
             noise[name] = _floats(noise[name], name)
         options = {f.name: kwargs.pop(f.name) for f in fields(RunOptions) if f.name in kwargs}
-        return func(noise=NoiseSpec(**noise), options=RunOptions(**options), **kwargs)
+        records = {"noise": NoiseSpec(**noise), "options": RunOptions(**options)}
+        if "index_range" in kwargs:
+            index_range = kwargs.pop("index_range")
+            start, stop = parse_range(index_range) if index_range else (None, None)
+            picked = {f.name: kwargs.pop(f.name) for f in fields(DataSelection) if f.name in kwargs}
+            records["data"] = DataSelection(start=start, stop=stop, **picked)
+        return func(**records, **kwargs)
 
     return wrapper
 
@@ -472,14 +508,7 @@ def cli(debug: bool) -> None:
 @click.option("--dataset", "dataset", required=True,
               help="mnist:test, fashion-mnist:train, cifar10:test, sample, a .npz file (x, y), FOLDER:SPLIT of IDX "
                    "files, or folder:PATH (a sub-folder of images per class).")
-@click.option("--resize", default=None, help="Resample folder:PATH images to HEIGHTxWIDTH, e.g. 224x224.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where named datasets live (DIR/mnist/, DIR/fashion-mnist/); also $PYROBUST_DATA.")
-@click.option("--limit", type=int, default=None, help="Only the first N images (of the range).")
-@click.option("--range", "index_range", default=None, help="Positions START:STOP of the dataset, e.g. 100:200.")
-@click.option("--sample", type=int, default=None, help="A random N of the selected images (see --sample-seed).")
-@click.option("--sample-seed", type=int, default=0, show_default=True,
-              help="Seeds --sample's choice of images, apart from the noise --seed.")
+@data_options(sample=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for results and figures.")
 @click.option("--overwrite", is_flag=True, help="Replace the results of an earlier run in --out.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (same model, data, settings).")
@@ -493,19 +522,15 @@ def cli(debug: bool) -> None:
 @_quiet_option
 @_timeout_option
 @_settings
-def evaluate(model, dataset, resize, data_dir, limit, index_range, sample, sample_seed, out, overwrite, resume,
-             precision, no_report, json_out, output, noise, options) -> int:
+def evaluate(model, dataset, out, overwrite, resume, precision, no_report, json_out, output, noise, options,
+             data) -> int:
     """Evaluate MODEL (an ONNX file) under random L0 noise and write results to --out.
 
     Example: pyrobust evaluate model.onnx --dataset mnist:test --data-dir ../shared/data --out runs/mnist
     """
-    from pyrobust.data.dataset import parse_range
-
-    start, stop = parse_range(index_range) if index_range else (None, None)
-    return _run_evaluation(model, dataset, resize=resize, data_dir=data_dir, limit=limit, start=start, stop=stop,
-                           sample=sample,
-                           sample_seed=sample_seed, out=out, overwrite=overwrite, resume=resume, precision=precision,
-                           report=not no_report, json_out=json_out, output=output, noise=noise, **asdict(options))
+    return _run_evaluation(model, dataset, data=data, out=out, overwrite=overwrite, resume=resume,
+                           precision=precision, report=not no_report, json_out=json_out, output=output, noise=noise,
+                           options=options)
 
 
 @cli.command()
@@ -522,8 +547,11 @@ def demo(out, limit, threads, overwrite) -> int:
 
     Example: pyrobust demo --out pyrobust-demo
     """
+    from pyrobust.data.dataset import DataSelection
+    from pyrobust.engine.plan import RunOptions
     from pyrobust.store.rundir import holds_only_runs_of
 
+    data, options = DataSelection(limit=limit), RunOptions(threads=threads)  # refused here before anything else
     ref = resources.files("pyrobust") / "assets" / DEMO_MODEL
     with resources.as_file(ref) as model:
         if not overwrite and not holds_only_runs_of(out, model, dataset="sample"):
@@ -531,14 +559,13 @@ def demo(out, limit, threads, overwrite) -> int:
 
             raise OutputError(f"{out}: holds a run that is not a pyrobust demo; pyrobust demo replaces only an "
                               "earlier demo. Choose another --out, or pass --overwrite to replace it")
-        return _run_evaluation(model, "sample", limit=limit, out=out, overwrite=True, report=True, json_out=False,
-                               threads=threads)
+        return _run_evaluation(model, "sample", data=data, options=options, out=out, overwrite=True, report=True,
+                               json_out=False)
 
 
 @cli.command()
 @click.option("--dataset", required=True, help="Training data, e.g. mnist:train or fashion-mnist:train.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where named datasets live (DIR/mnist/, DIR/fashion-mnist/); also $PYROBUST_DATA.")
+@data_dir_option()
 @click.option("--limit", type=int, default=None, help="Only the first N training images.")
 @click.option("--arch", type=click.Choice(["cnn", "mlp"]), default="cnn", show_default=True,
               help="Network: a two-convolution CNN or a one-hidden-layer MLP.")
@@ -579,8 +606,7 @@ def train(dataset, data_dir, limit, arch, epochs, batch_size, lr, seed, threads,
 @click.option("--shortfall", type=click.Choice(["all", "replace", "fill"]), default="all", show_default=True,
               help="A class with too few robust images: take them all, sample with replacement, or fill up with the "
                    "most robust non-robust ones.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the data is now, if it moved since the run.")
+@data_dir_option("Where the data is now, if it moved since the run.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="subset.npz, or a folder.")
 @click.option("--allow-test-split", is_flag=True, help="Select from an evaluation of a test split anyway.")
 def select(results, per_class, seed, shortfall, data_dir, out, allow_test_split) -> int:
@@ -647,8 +673,7 @@ def retrain(subset, like, epochs, seed, init_from, same_updates, threads, out) -
 
 @cli.command()
 @click.option("--dataset", required=True, help="mnist, fashion-mnist, or a folder of MNIST-named IDX files.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where named datasets live (DIR/mnist/, DIR/fashion-mnist/); also $PYROBUST_DATA.")
+@data_dir_option()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Study folder (resumable).")
 @click.option("--per-class", type=int, default=1500, show_default=True,
               help="Robust training images to keep per class (paper: 1500).")
@@ -823,11 +848,7 @@ def _load_gate_config(ctx, param, value):
 @click.option("--config", type=click.Path(dir_okay=False), callback=_load_gate_config, is_eager=True,
               expose_value=False, help="A TOML file holding any of these options (e.g. gate.toml); flags override it.")
 @click.option("--dataset", required=True, help="Test data, e.g. mnist:test or folder:PATH.")
-@click.option("--resize", default=None, help="Resample folder:PATH images to HEIGHTxWIDTH, e.g. 224x224.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where named datasets live (DIR/mnist/, DIR/fashion-mnist/); also $PYROBUST_DATA.")
-@click.option("--limit", type=int, default=None, help="Only the first N images (of the range).")
-@click.option("--range", "index_range", default=None, help="Positions START:STOP of the dataset.")
+@data_options(sample=False)
 @click.option("--min-accuracy", callback=_fraction, help="Clean accuracy must be at least this (0.98 or 98%).")
 @click.option("--min-robust", callback=_fraction, help="Fraction of all test images never fooled, at least.")
 @click.option("--min-class-robust", callback=_fraction, help="The robust rate of every class, at least.")
@@ -861,10 +882,9 @@ def _load_gate_config(ctx, param, value):
 @_quiet_option
 @_timeout_option
 @_settings
-def gate(candidate, dataset, resize, data_dir, limit, index_range, min_accuracy, min_robust, min_class_robust, baseline,
-         baseline_model, baseline_sha256, max_robust_drop, max_accuracy_drop, confidence, inconclusive, no_early_stop,
-         family, spending, out, junit,
-         summary, output, noise, options) -> int:
+def gate(candidate, dataset, min_accuracy, min_robust, min_class_robust, baseline, baseline_model, baseline_sha256,
+         max_robust_drop, max_accuracy_drop, confidence, inconclusive, no_early_stop, family, spending, out, junit,
+         summary, output, noise, options, data) -> int:
     """Pass or fail CANDIDATE (an ONNX model) on robustness thresholds, with statistical decisions.
 
     Exit 0 pass, 1 fail (or inconclusive, unless --inconclusive pass), 2 usage error, 3 bad model or data,
@@ -874,7 +894,6 @@ def gate(candidate, dataset, resize, data_dir, limit, index_range, min_accuracy,
     """
     import os
 
-    from pyrobust.data.dataset import parse_range
     from pyrobust.gate.policy import GatePolicy
     from pyrobust.gate.reports import append_github_summary, markdown_summary, write_outputs
     from pyrobust.gate.run import run_gate
@@ -886,7 +905,6 @@ def gate(candidate, dataset, resize, data_dir, limit, index_range, min_accuracy,
                         max_robust_drop=max_robust_drop, max_accuracy_drop=max_accuracy_drop,
                         confidence=confidence, inconclusive=inconclusive, early_stop=not no_early_stop,
                         family=family, spending=spending)
-    start, stop = parse_range(index_range) if index_range else (None, None)
     from pyrobust.files import check_output_file, make_out_dir
 
     # Every output is checked before any work: a decision must never be lost to a path that cannot be written.
@@ -901,11 +919,8 @@ def gate(candidate, dataset, resize, data_dir, limit, index_range, min_accuracy,
     with warnings.catch_warnings(record=True) as caught, _progress("gate") as progress:
         warnings.simplefilter("always")
         result = run_gate(candidate, dataset, policy=policy, baseline=baseline, baseline_model=baseline_model,
-                          baseline_sha256=baseline_sha256, data_dir=data_dir, limit=limit,
-                          resize=resize,
-                          start=start, stop=stop, noise=noise, output=output, progress=progress,
-                          log=lambda line: _err(line),
-                          status=getattr(progress, "status", None), **asdict(options))
+                          baseline_sha256=baseline_sha256, noise=noise, data=data, options=options, output=output,
+                          progress=progress, log=lambda line: _err(line), status=getattr(progress, "status", None))
     for w in [*(str(c.message) for c in caught), *result.warnings]:
         _err(f"warning: {w}")
     for c in result.checks:
@@ -956,8 +971,7 @@ def compare(a, b, out) -> int:
 @click.option("--step", type=int, default=None, help="Step to rebuild (default: the image's first failure).")
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The model file, if it moved since the run.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the data is now, if it moved since the run.")
+@data_dir_option("Where the data is now, if it moved since the run.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the input: .npy (float32 H×W×C) or .png (original | perturbed).")
 @click.option("--no-check", is_flag=True,
@@ -1072,8 +1086,7 @@ def data_fetch(name, dest, timeout, deadline) -> int:
 
 
 @data.command("list")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Also look here first, as --data-dir does for the other commands.")
+@data_dir_option("Also look here first, as --data-dir does for the other commands.")
 def data_list(data_dir) -> int:
     """Show where named datasets are looked for, and every file found, with its SHA-256 and whether it is verified.
 

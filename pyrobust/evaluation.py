@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyrobust.data.dataset import Dataset
-from pyrobust.data.images import parse_resize
+from pyrobust.data.dataset import DataSelection, Dataset
 from pyrobust.engine.loop import Progress
 from pyrobust.engine.plan import RunOptions, RunPlan, load_data, plan_run, split_settings
 from pyrobust.engine.runtime import BoundModel, OnnxModel
@@ -168,13 +167,8 @@ def evaluate(
     labels=None,
     *,
     noise: NoiseSpec | None = None,
-    data_dir: str | os.PathLike | None = None,
-    limit: int | None = None,
-    start: int | None = None,
-    stop: int | None = None,
-    sample: int | None = None,
-    sample_seed: int = 0,
-    resize: tuple[int, int] | str | None = None,
+    data: DataSelection | None = None,
+    options: RunOptions | None = None,
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     resume: bool = False,
@@ -190,19 +184,19 @@ def evaluate(
     ``model`` is an ONNX file, a loaded :class:`~pyrobust.engine.runtime.OnnxModel`, or a ``torch.nn.Module``
     taking N×C×H×W float images in [0, 1] (after ``mean``/``std`` when given), which is exported to ONNX for the run
     (it is put in eval mode) with the same torch/onnxruntime parity check as ``pyrobust train``. ``dataset`` is a
-    spec such as ``"mnist:test"`` (see :func:`pyrobust.data.load.load_dataset`), a
-    :class:`~pyrobust.data.dataset.Dataset`, or image arrays with ``labels`` (or an ``(x, y)`` pair): N×H×W or
-    N×H×W×C, uint8 in 0–255 or float in [0, 1] (:func:`pyrobust.data.dataset.from_arrays`). ``start``/``stop``/
-    ``limit``/``sample`` select a part of it; ``resize`` (``"224x224"`` or (height, width)) resamples the images of
-    a ``folder:PATH`` dataset.
+    spec such as ``"mnist:test"`` (see :func:`pyrobust.load_dataset`), a :class:`~pyrobust.Dataset`, or image
+    arrays with ``labels`` (or an ``(x, y)`` pair): N×H×W or N×H×W×C, uint8 in 0–255 or float in [0, 1]
+    (:func:`pyrobust.from_arrays`). ``data`` (a :class:`~pyrobust.data.dataset.DataSelection`) selects a part of it
+    and says where named datasets live; its fields can be given here too (``data_dir=``, ``start=``/``stop=``,
+    ``limit=``, ``sample=``/``sample_seed=``, ``resize=`` such as ``"224x224"`` for a ``folder:PATH`` dataset).
 
     The noise is ``noise`` (a :class:`~pyrobust.types.NoiseSpec`, default the paper's), with any of its fields
     given here too (``pixels=10``, ``max_steps=``, ``low=``, ``high=``, ``scheme=``, ``mode=``, ``seed=``,
-    ``mean=``, ``std=``). The other ``settings`` are :class:`~pyrobust.engine.plan.RunOptions` (``batch_size``,
-    ``threads``, ``sessions``, ``scheduler``, ``max_memory_mb``, ``custom_ops``, ``retune``, ...), none of which
-    changes a per-image result. ``output`` names the model output that holds the class scores, needed only when
-    several could (scikit-learn's ZipMap of probabilities is read as scores; integer label outputs never are). Every
-    input is checked before any work starts or any file is written.
+    ``mean=``, ``std=``). ``options`` (:class:`~pyrobust.engine.plan.RunOptions`) says how the run uses the machine,
+    its fields given here too (``batch_size``, ``threads``, ``sessions``, ``scheduler``, ``max_memory_mb``,
+    ``custom_ops``, ``retune``, ...); none of them changes a per-image result. ``output`` names the model output
+    that holds the class scores, needed only when several could (scikit-learn's ZipMap of probabilities is read as
+    scores; integer label outputs never are). Every input is checked before any work starts or any file is written.
 
     With ``out``, writes ``results.npz``, ``summary.json`` and (``report``) the four PNG figures there, saving a
     checkpoint every ``checkpoint_every`` seconds; ``resume`` continues an interrupted run in ``out`` and gives
@@ -218,22 +212,18 @@ def evaluate(
     first one (loading, measuring the batch size).
     """
     status = status or (lambda text: None)
-    spec, options = split_settings(noise, settings)
+    spec, options, selection = split_settings(settings, noise=noise, options=options, data=data)
     _check_precision(precision)
     if resume and overwrite:
         raise InvalidInput("resume=True continues a run and overwrite=True replaces it: pass one of them")
     status("loading the data")
-    size = parse_resize(resize) if isinstance(resize, str) else resize
-    ds, ds_spec = load_data(dataset, labels, data_dir=data_dir, start=start, stop=stop, limit=limit, sample=sample,
-                            sample_seed=sample_seed, max_bytes=options.budget, resize=size)
-    selection = {"spec": ds_spec, "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
-                 "start": start, "stop": stop, "limit": limit, "sample": sample, "sample_seed": sample_seed,
-                 **({"resize": list(size)} if size else {}), **({"classes": list(ds.classes)} if ds.classes else {})}
+    ds, ds_spec = load_data(dataset, labels, selection=selection, max_bytes=options.budget)
+    recorded = selection.record(ds_spec, ds)
     with _session(model, ds, spec, options, status) as (m, model_info), \
             plan_run(m, ds, spec, options, status=status, output=output) as plan:
         def run(state: RunState | None, save) -> Evaluation:
             outcome, used, prec, info = _run(plan, precision, state, save, progress)
-            summary = _summary(plan, outcome, used, prec, info, state, model_info, selection)
+            summary = _summary(plan, outcome, used, prec, info, state, model_info, recorded)
             return Evaluation(outcome=outcome, summary=summary, out=None, dataset=used, model=plan.model)
 
         if out is None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pyrobust.errors import DataError, InvalidInput
+from pyrobust.validate import Integer, check_fields, declare
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,6 +114,65 @@ class Dataset:
             return Dataset(self.name, self.split, self.images[lo:hi], self.labels[lo:hi], self.index[lo:hi],
                            self.source, self.classes)
         return self.take(pos)
+
+
+def parse_resize(text: str | None) -> tuple[int, int] | None:
+    """``"224x224"`` -> (224, 224) (height, width)."""
+    if text is None:
+        return None
+    h, sep, w = str(text).lower().partition("x")
+    try:
+        size = (int(h), int(w))
+    except ValueError:
+        size = (0, 0)
+    if not sep or not all(1 <= v <= 8192 for v in size):
+        raise InvalidInput(f"resize takes HEIGHTxWIDTH in pixels, each 1 to 8192 (e.g. 224x224); got {text!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class DataSelection:
+    """Which images of a dataset a run takes, and where named datasets are found: the positions ``start:stop``,
+    the first ``limit`` of them, a seeded random ``sample`` of those (``sample_seed``), and ``resize`` (height,
+    width, or ``"224x224"``) for a ``folder:PATH`` dataset. Every command and :func:`pyrobust.evaluate` take one;
+    a run records it (:meth:`record`) and a replay rebuilds it from the record (:meth:`from_record`)."""
+
+    data_dir: str | os.PathLike | None = None
+    start: int | None = None
+    stop: int | None = None
+    limit: int | None = None
+    sample: int | None = None
+    sample_seed: int = 0
+    resize: tuple[int, int] | None = None  # also "224x224", read into (224, 224)
+
+    def __post_init__(self) -> None:
+        check_fields(self, SELECTION_CONSTRAINTS)
+        if isinstance(self.resize, str) or self.resize is None:
+            object.__setattr__(self, "resize", parse_resize(self.resize))
+        else:
+            object.__setattr__(self, "resize", parse_resize("x".join(str(v) for v in self.resize)))
+
+    def record(self, spec: str, dataset: Dataset) -> dict:
+        """The selection as a run's summary records it (``summary["dataset"]``, with the spec and the classes)."""
+        return {"spec": spec, "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir is not None else None,
+                "start": self.start, "stop": self.stop, "limit": self.limit, "sample": self.sample,
+                "sample_seed": self.sample_seed, **({"resize": list(self.resize)} if self.resize else {}),
+                **({"classes": list(dataset.classes)} if dataset.classes else {})}
+
+    @classmethod
+    def from_record(cls, recorded: dict, *, data_dir=None) -> DataSelection:
+        """The selection a summary recorded; ``data_dir`` (where to look now) replaces the recorded folder."""
+        resize = recorded.get("resize")
+        return cls(data_dir=data_dir if data_dir is not None else recorded.get("data_dir"),
+                   start=recorded.get("start"), stop=recorded.get("stop"), limit=recorded.get("limit"),
+                   sample=recorded.get("sample"), sample_seed=recorded.get("sample_seed", 0),
+                   resize=tuple(resize) if resize else None)
+
+
+SELECTION_CONSTRAINTS = declare("DataSelection", {
+    "start": Integer(0, none=True), "stop": Integer(0, none=True), "limit": Integer(1, none=True),
+    "sample": Integer(1, none=True), "sample_seed": Integer(0),
+}, DataSelection)
 
 
 def select_positions(n: int, *, start: int | None = None, stop: int | None = None, limit: int | None = None,

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pyrobust.data.dataset import Dataset, search_roots, select_positions
-from pyrobust.errors import DataError, InvalidInput, MissingDependency
+from pyrobust.errors import DataError, MissingDependency
 from pyrobust.files import read_bounded
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -30,20 +30,6 @@ MAX_IMAGE_FILE_BYTES = 256 * 2**20
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_FILES = {"train": tuple(f"data_batch_{k}.bin" for k in range(1, 6)), "test": ("test_batch.bin",)}
 _CIFAR_RECORD = 1 + 3 * 32 * 32
-
-
-def parse_resize(text: str | None) -> tuple[int, int] | None:
-    """``"224x224"`` -> (224, 224) (height, width)."""
-    if text is None:
-        return None
-    h, sep, w = str(text).lower().partition("x")
-    try:
-        size = (int(h), int(w))
-    except ValueError:
-        size = (0, 0)
-    if not sep or not all(1 <= v <= 8192 for v in size):
-        raise InvalidInput(f"resize takes HEIGHTxWIDTH in pixels, each 1 to 8192 (e.g. 224x224); got {text!r}")
-    return size
 
 
 def _pillow():

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from pyrobust.data.dataset import Dataset, images_from_array, labels_from_array, search_roots
+from pyrobust.data.dataset import DataSelection, Dataset, images_from_array, labels_from_array, search_roots
 from pyrobust.data.idx import load_idx_pair, too_big
 from pyrobust.errors import DataError, InvalidInput
 from pyrobust.files import open_regular, write_bytes_atomic
@@ -193,6 +194,13 @@ def load_dataset(spec: str, *, data_dir=None, start: int | None = None, stop: in
     return ds.select(start=start, stop=stop, limit=limit, sample=sample, sample_seed=sample_seed)
 
 
+def load_selected(spec: str, selection: DataSelection, *, max_bytes: int | None = None) -> Dataset:
+    """The images of dataset ``spec`` that ``selection`` takes, found where it says."""
+    return load_dataset(spec, data_dir=selection.data_dir, start=selection.start, stop=selection.stop,
+                        limit=selection.limit, sample=selection.sample, sample_seed=selection.sample_seed,
+                        max_bytes=max_bytes, resize=selection.resize if selection.resize else None)
+
+
 def load_recorded(recorded: dict, *, data_dir=None) -> Dataset:
     """The exact images a run evaluated (``summary["dataset"]``), checked against its recorded SHA-256."""
     recorded_dir = recorded.get("data_dir")
@@ -200,11 +208,8 @@ def load_recorded(recorded: dict, *, data_dir=None) -> Dataset:
         data_dir = recorded_dir  # where the run found it; elsewhere, the usual search (the SHA-256 decides)
     from pyrobust.machine import memory_budget
 
-    resize = recorded.get("resize")
-    ds = load_dataset(recorded["spec"], data_dir=data_dir, max_bytes=memory_budget(None),
-                      start=recorded.get("start"), stop=recorded.get("stop"), limit=recorded.get("limit"),
-                      sample=recorded.get("sample"), sample_seed=recorded.get("sample_seed", 0),
-                      resize=tuple(resize) if resize else None)
+    selection = replace(DataSelection.from_record(recorded), data_dir=data_dir)
+    ds = load_selected(recorded["spec"], selection, max_bytes=memory_budget(None))
     if ds.sha256 != recorded["sha256"]:
         raise DataError(f"dataset {recorded['spec']} now has SHA-256 {ds.sha256[:12]}…, but the run evaluated "
                         f"{recorded['sha256'][:12]}…; point --data-dir at the files the run used")

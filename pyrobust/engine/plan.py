@@ -8,13 +8,13 @@ run option means the same thing, and is available, everywhere.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
-from pyrobust.data.dataset import Dataset, from_arrays
-from pyrobust.data.load import load_dataset
+from pyrobust.data.dataset import DataSelection, Dataset, from_arrays
+from pyrobust.data.load import load_selected
 from pyrobust.engine.backends import Layout, execute
 from pyrobust.engine.loop import Progress, bind_model, check_spec_for_data, working_memory_bytes
 from pyrobust.engine.runtime import BoundModel, OnnxModel
@@ -72,31 +72,43 @@ NOISE_FIELDS = tuple(f.name for f in fields(NoiseSpec))
 OPTION_FIELDS = tuple(f.name for f in fields(RunOptions))
 
 
-def split_settings(noise: NoiseSpec | None, settings: dict) -> tuple[NoiseSpec, RunOptions]:
-    """Keyword settings (``pixels=``, ``batch_size=``, ...) as a :class:`NoiseSpec` and :class:`RunOptions`; noise
-    fields beside ``noise=`` replace its values. An unknown name is refused with the names that exist."""
-    unknown = sorted(set(settings) - set(NOISE_FIELDS) - set(OPTION_FIELDS))
+SELECTION_FIELDS = tuple(f.name for f in fields(DataSelection))
+
+
+def split_settings(settings: dict, *, noise: NoiseSpec | None = None, options: RunOptions | None = None,
+                   data: DataSelection | None = None) -> tuple[NoiseSpec, RunOptions, DataSelection]:
+    """The records a run takes, from the records given and keyword settings beside them (``pixels=``,
+    ``batch_size=``, ``limit=``, ...), which replace their values: a :class:`NoiseSpec`, :class:`RunOptions` and
+    a :class:`DataSelection`. An unknown name is refused with the names that exist."""
+    unknown = sorted(set(settings) - set(NOISE_FIELDS) - set(OPTION_FIELDS) - set(SELECTION_FIELDS))
     if unknown:
-        raise InvalidInput(f"unknown setting(s) {', '.join(unknown)}; noise settings are {', '.join(NOISE_FIELDS)} "
-                           f"and run options {', '.join(OPTION_FIELDS)}")
-    if noise is not None and not isinstance(noise, NoiseSpec):
-        raise InvalidInput(f"noise must be a NoiseSpec; got {type(noise).__name__}")
+        raise InvalidInput(f"unknown setting(s) {', '.join(unknown)}; noise settings are {', '.join(NOISE_FIELDS)}, "
+                           f"run options {', '.join(OPTION_FIELDS)} and data selections "
+                           f"{', '.join(SELECTION_FIELDS)}")
+    for name, record, kind in (("noise", noise, NoiseSpec), ("options", options, RunOptions),
+                               ("data", data, DataSelection)):
+        if record is not None and not isinstance(record, kind):
+            raise InvalidInput(f"{name} must be a {kind.__name__}; got {type(record).__name__}")
     given = {k: v for k, v in settings.items() if k in NOISE_FIELDS}
     for k in ("mean", "std"):
         if given.get(k) is not None and not isinstance(given[k], (int, float)):
             given[k] = tuple(given[k])
         elif isinstance(given.get(k), (int, float)):
             given[k] = (given[k],)
-    from dataclasses import replace
+
+    def merged(record, kind, names):
+        values = {k: v for k, v in settings.items() if k in names}
+        return replace(record, **values) if record is not None else kind(**values)
 
     spec = replace(noise, **given) if noise is not None else NoiseSpec(**given)
-    return spec, RunOptions(**{k: v for k, v in settings.items() if k in OPTION_FIELDS})
+    return spec, merged(options, RunOptions, OPTION_FIELDS), merged(data, DataSelection, SELECTION_FIELDS)
 
 
-def load_data(dataset, labels=None, *, data_dir=None, start=None, stop=None, limit=None, sample=None,
-              sample_seed: int = 0, max_bytes: int | None = None, resize=None) -> tuple[Dataset, str]:
+def load_data(dataset, labels=None, *, selection: DataSelection | None = None,
+              max_bytes: int | None = None) -> tuple[Dataset, str]:
     """The images to evaluate and the spec that names them: ``dataset`` is a spec (``"mnist:test"``), a
-    :class:`Dataset`, image arrays with ``labels``, or an ``(x, y)`` pair."""
+    :class:`Dataset`, image arrays with ``labels``, or an ``(x, y)`` pair; ``selection`` takes part of it."""
+    sel = selection if selection is not None else DataSelection()
     if isinstance(dataset, tuple) and len(dataset) == 2 and labels is None:
         dataset, labels = dataset
     if isinstance(dataset, np.ndarray) or labels is not None:
@@ -107,13 +119,13 @@ def load_data(dataset, labels=None, *, data_dir=None, start=None, stop=None, lim
                                "carries its own labels")
         dataset = from_arrays(dataset, labels)
     if isinstance(dataset, Dataset):
-        ds = dataset.select(start=start, stop=stop, limit=limit, sample=sample, sample_seed=sample_seed)
+        ds = dataset.select(start=sel.start, stop=sel.stop, limit=sel.limit, sample=sel.sample,
+                            sample_seed=sel.sample_seed)
         return ds, ds.spec
     if not isinstance(dataset, str):
         raise InvalidInput(f"dataset must be a spec such as 'mnist:test', a Dataset or image arrays; got "
                            f"{type(dataset).__name__}")
-    return load_dataset(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit, sample=sample,
-                        sample_seed=sample_seed, max_bytes=max_bytes, resize=resize), dataset
+    return load_selected(dataset, sel, max_bytes=max_bytes), dataset
 
 
 @dataclass

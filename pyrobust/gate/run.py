@@ -21,17 +21,26 @@ from __future__ import annotations
 import math
 import os
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pyrobust.data.dataset import Dataset
-from pyrobust.data.images import parse_resize
+from pyrobust.data.dataset import DataSelection, Dataset
 from pyrobust.engine.loop import clean_predictions
-from pyrobust.engine.plan import RunPlan, load_data, plan_run, split_settings
+from pyrobust.engine.plan import RunOptions, RunPlan, load_data, plan_run, split_settings
 from pyrobust.engine.runtime import BoundModel
 from pyrobust.errors import InvalidInput, NonFiniteModel
-from pyrobust.gate.policy import Check, GatePolicy, GateResult, check_counts, checks_from, decide, plan_gate
+from pyrobust.gate.policy import (
+    Check,
+    GatePlan,
+    GatePolicy,
+    GateResult,
+    check_counts,
+    checks_from,
+    decide,
+    plan_gate,
+)
 from pyrobust.sequential import (
     FAIL,
     SequentialDecision,
@@ -57,12 +66,9 @@ def run_gate(
     baseline_model: str | os.PathLike | None = None,
     baseline_sha256: str | None = None,
     noise: NoiseSpec | None = None,
+    data: DataSelection | None = None,
+    options: RunOptions | None = None,
     output: str | None = None,
-    data_dir=None,
-    limit: int | None = None,
-    start: int | None = None,
-    stop: int | None = None,
-    resize=None,
     progress=None,
     log=None,
     status=None,
@@ -72,18 +78,16 @@ def run_gate(
     robustness checks until the verdict can no longer change (or every image is used). A baseline is a model, or a
     folder of its saved results on the same data and noise, tied to the model they came from: ``baseline_model``
     (its file) or ``baseline_sha256`` (its pinned digest; the file is then the one the results name), and verified
-    against it before it is used (:func:`verify_saved_baseline`). ``noise`` and ``settings`` are as for
-    :func:`pyrobust.evaluate` (noise fields, and run options such as ``batch_size``, ``sessions``, ``scheduler``,
-    ``max_memory_mb``, ``custom_ops``): both go through the same run plan."""
-    spec, options = split_settings(noise, settings)
+    against it before it is used (:func:`verify_saved_baseline`). ``noise``, ``data``, ``options`` and
+    ``settings`` are as for :func:`pyrobust.evaluate` (the three records, and any of their fields by name): they
+    go through the same run plan."""
+    spec, options, selection = split_settings(settings, noise=noise, options=options, data=data)
     log = log or (lambda line: None)
     if policy.needs_baseline and baseline is None:
         raise InvalidInput("max_robust_drop and max_accuracy_drop compare with a baseline: give a baseline model "
                            "or a results folder of it")
     # the data is refused from its header when it cannot fit, rather than found out by a MemoryError
-    size = parse_resize(resize) if isinstance(resize, str) else resize
-    ds, ds_spec = load_data(dataset, data_dir=data_dir, start=start, stop=stop, limit=limit, max_bytes=options.budget,
-                            resize=size)
+    ds, ds_spec = load_data(dataset, selection=selection, max_bytes=options.budget)
     base_saved, base_info = None, None
     bpath = Path(baseline) if baseline is not None else None
     if bpath is not None and bpath.is_dir():
@@ -106,127 +110,163 @@ def run_gate(
             bplan = stack.enter_context(plan_run(model_path, ds, spec, options, status=status,
                                                  connection=cand.connection, output=output))
             base_info["verified"] = verify_saved_baseline(base_saved, bplan, pinned=baseline_sha256, log=log)
-        return _decide(policy, cand, base, base_saved.outcome if base_saved else None, base_info, ds_spec,
-                       data_dir, (start, stop, limit, size), progress, log)
+        models = _Contestants(cand, base, base_saved.outcome if base_saved else None)
+        return _decide(policy, models, base_info, selection.record(ds_spec, ds), progress, log)
 
 
-def _decide(policy: GatePolicy, cand: RunPlan, base: RunPlan | None, base_saved: Outcome | None,
-            base_info: dict | None, ds_spec: str, data_dir, selection: tuple, progress, log) -> GateResult:
-    ds, spec = cand.dataset, cand.noise
-    has_baseline = base is not None or base_saved is not None
+@dataclass(frozen=True)
+class _Contestants:
+    """The candidate's run plan and the baseline's: a plan of its model, or its saved (verified) outcome."""
+
+    cand: RunPlan
+    base: RunPlan | None = None
+    base_saved: Outcome | None = None
+
+    @property
+    def has_baseline(self) -> bool:
+        return self.base is not None or self.base_saved is not None
+
+
+@dataclass
+class _Stage:
+    """What one stage of the gate found: its checks, its looks, the inferences it ran and what it warned of."""
+
+    checks: list[Check] = field(default_factory=list)
+    looks: list[dict] = field(default_factory=list)
+    inferences: int = 0
+    warnings: list[str] = field(default_factory=list)
+    nonfinite: int = 0  # outputs that were NaN or infinite: clean images (clean stage) or noisy inputs
+    nonfinite_clean: int = 0  # the noise stage's clean predictions, when there was no clean stage
+    stop_reason: str | None = None  # set when the gate may stop after this stage
+    images: int = 0  # images through the noise protocol
+    info: dict = field(default_factory=dict)
+
+
+def _clean_stage(policy: GatePolicy, plan: GatePlan, m: _Contestants, log) -> _Stage:
+    """The clean pass: one inference per image (per model) decides the accuracy checks in one look."""
+    ds, cand, base = m.cand.dataset, m.cand, m.base
+    out = _Stage()
+    pred = clean_predictions(cand.model, ds, cand.noise, batch_size=cand.batch_size)
+    out.inferences += ds.n
+    _refuse_all_nonfinite(pred, cand.model.path)
+    out.nonfinite = int(np.count_nonzero(pred == NONFINITE))
+    out.warnings += sanity_warnings(ds.labels, pred, model="the candidate")
+    base_ok = None
+    if base is not None:
+        base_ok = clean_predictions(base.model, ds, base.noise, batch_size=base.batch_size) == ds.labels
+        out.inferences += ds.n
+    elif m.base_saved is not None:
+        base_ok = m.base_saved.first_failure != 0
+    counts = [check_counts(s, labels=ds.labels, cand=pred == ds.labels, base=base_ok) for s in plan.clean]
+    alphas = np.array([plan.clean_alpha])
+    decision = SequentialDecision(plan.clean, alphas, family=policy.family)
+    decision.look(counts)
+    out.checks = checks_from(decision, plan.clean, alphas, "clean", counts, ds.n)
+    out.looks.append({"look": 0, "stage": "clean", "images": ds.n, "inferences": out.inferences,
+                      "confidence": 1 - plan.clean_alpha,
+                      "undecided": [x.name for x in out.checks if x.verdict == "inconclusive"]})
+    log(f"clean pass: {ds.n} images, accuracy checks " + ", ".join(f"{x.name} {x.verdict}" for x in out.checks))
+    if policy.early_stop and any(x.verdict == "fail" for x in out.checks):
+        out.stop_reason = "an accuracy check failed on the clean pass: no noise was needed"
+    return out
+
+
+def _noise_stage(policy: GatePolicy, plan: GatePlan, m: _Contestants, inferences_before: int, progress,
+                 log) -> _Stage:
+    """Noise looks for the checks that need noise, on images in a seeded random order, each look running only its
+    new images, until the verdict can no longer change (with early stop) or every image is used."""
+    ds, spec, cand, base = m.cand.dataset, m.cand.noise, m.cand, m.base
     total = ds.n
-    plan = plan_gate(policy, total, np.unique(ds.labels), baseline=has_baseline)
-    inferences = 0
-    look_log: list[dict] = []
-    checks: list[Check] = []
-    warns: list[str] = []
-    nonfinite = {"clean": 0, "noisy": 0}
-    stop_reason = "every image evaluated"
-    failed_early = False
+    out = _Stage()
+    order = random_order(spec.seed, total)
+    cand_state = RunState(total)
+    base_state = RunState(total) if base is not None else None
+    base_ff = m.base_saved.first_failure if m.base_saved is not None else None
+    decision = SequentialDecision(plan.noise, plan.noise_alphas, family=policy.family)
+    counts: list[tuple] = []
 
-    # Stage 1: the clean pass decides the accuracy checks in one look.
-    if plan.clean:
-        pred = clean_predictions(cand.model, ds, spec, batch_size=cand.batch_size)
-        inferences += total
-        _refuse_all_nonfinite(pred, cand.model.path)
-        nonfinite["clean"] = int(np.count_nonzero(pred == NONFINITE))
-        cand_ok = pred == ds.labels
-        warns += sanity_warnings(ds.labels, pred, model="the candidate")
-        base_ok = None
-        if base is not None:
-            base_ok = clean_predictions(base.model, ds, base.noise, batch_size=base.batch_size) == ds.labels
-            inferences += total
-        elif base_saved is not None:
-            base_ok = base_saved.first_failure != 0
-        clean_counts = [check_counts(s, labels=ds.labels, cand=cand_ok, base=base_ok) for s in plan.clean]
-        alphas = np.array([plan.clean_alpha])
-        clean_decision = SequentialDecision(plan.clean, alphas, family=policy.family)
-        clean_decision.look(clean_counts)
-        checks += checks_from(clean_decision, plan.clean, alphas, "clean", clean_counts, total)
-        look_log.append({"look": 0, "stage": "clean", "images": total, "inferences": inferences,
-                         "confidence": 1 - plan.clean_alpha,
-                         "undecided": [x.name for x in checks if x.verdict == "inconclusive"]})
-        log(f"clean pass: {total} images, accuracy checks "
-            + ", ".join(f"{x.name} {x.verdict}" for x in checks))
-        failed_early = policy.early_stop and any(x.verdict == "fail" for x in checks)
-        if failed_early:
-            stop_reason = "an accuracy check failed on the clean pass: no noise was needed"
+    def noise_inferences() -> int:
+        return cand_state.inferences + (base_state.inferences if base_state is not None else 0)
 
-    # Stage 2: noise looks for the checks that need noise, each running only its new images.
-    done_n = 0
-    per_image_noise = 0.0
-    info: dict = {}
-    if plan.noise and not failed_early:
-        order = random_order(spec.seed, total)
-        cand_state = RunState(total)
-        base_state = RunState(total) if base is not None else None
-        base_ff = base_saved.first_failure if base_saved is not None else None
-        decision = SequentialDecision(plan.noise, plan.noise_alphas, family=policy.family)
-        counts: list[tuple] = []
-        for k, n in enumerate(plan.noise_looks):
-            pos = np.sort(order[done_n:n])
-            _, info = cand.execute(cand_state, positions=pos, progress=progress)
-            if base is not None and base_state is not None:
-                base.execute(base_state, positions=pos)
-                base_ff = base_state.first_failure
-            done_n = n
-            seen = np.sort(order[:n])
-            if k == 0:
-                _refuse_all_nonfinite(cand_state.clean_prediction[seen], cand.model.path)
-                if not plan.clean:  # no clean pass: the first look's clean predictions are checked instead
-                    warns += sanity_warnings(ds.labels[seen], cand_state.clean_prediction[seen],
-                                             model="the candidate")
-            robust = cand_state.first_failure[seen] == ROBUST
-            base_robust = None if base_ff is None else base_ff[seen] == ROBUST
-            counts = [check_counts(s, labels=ds.labels[seen], cand=robust, base=base_robust) for s in plan.noise]
-            decision.look(counts)
-            undecided = [s.name for j, s in enumerate(plan.noise) if decision.verdict[0, j] == 0]
-            noise_inferences = cand_state.inferences + (base_state.inferences if base_state is not None else 0)
-            look_log.append({"look": k + 1, "stage": "noise", "images": n, "inferences": inferences + noise_inferences,
-                             "confidence": float(1 - plan.noise_alphas[k]), "undecided": undecided})
-            log(f"look {k + 1}/{len(plan.noise_looks)}: {n} of {total} images, {len(undecided)} check(s) undecided")
-            if policy.early_stop and decision.stopped[0] and n < total:
-                failed = any(decision.verdict[0] == FAIL)
-                stop_reason = (f"a check failed at look {k + 1}: the verdict cannot change" if failed
-                               else f"every check was decided at look {k + 1}")
-                break
-        noise_inferences = cand_state.inferences + (base_state.inferences if base_state is not None else 0)
-        inferences += noise_inferences
-        per_image_noise = noise_inferences / max(done_n, 1)
-        seen = np.sort(order[:done_n])
-        cand_clean, cand_flab = cand_state.clean_prediction[seen], cand_state.failure_label[seen]
-        nonfinite["noisy"] = int(np.count_nonzero((cand_clean != NONFINITE) & (cand_flab == NONFINITE)))
-        if not plan.clean:
-            nonfinite["clean"] = int(np.count_nonzero(cand_clean == NONFINITE))
-        checks += checks_from(decision, plan.noise, plan.noise_alphas, "noise", counts, total)
-    elif plan.noise:
-        checks += [Check(s.name, s.kind, s.threshold, math.nan, (math.nan, math.nan), "inconclusive", 0,
-                         confidence=math.nan, stage="noise",
-                         message=f"{s.name}: not evaluated, the gate had already failed on the clean pass")
-                   for s in plan.noise]
+    for k, n in enumerate(plan.noise_looks):
+        pos = np.sort(order[out.images:n])
+        _, out.info = cand.execute(cand_state, positions=pos, progress=progress)
+        if base is not None and base_state is not None:
+            base.execute(base_state, positions=pos)
+            base_ff = base_state.first_failure
+        out.images = n
+        seen = np.sort(order[:n])
+        if k == 0:
+            _refuse_all_nonfinite(cand_state.clean_prediction[seen], cand.model.path)
+            if not plan.clean:  # no clean pass: the first look's clean predictions are checked instead
+                out.warnings += sanity_warnings(ds.labels[seen], cand_state.clean_prediction[seen],
+                                                model="the candidate")
+        robust = cand_state.first_failure[seen] == ROBUST
+        base_robust = None if base_ff is None else base_ff[seen] == ROBUST
+        counts = [check_counts(s, labels=ds.labels[seen], cand=robust, base=base_robust) for s in plan.noise]
+        decision.look(counts)
+        undecided = [s.name for j, s in enumerate(plan.noise) if decision.verdict[0, j] == 0]
+        out.looks.append({"look": k + 1, "stage": "noise", "images": n,
+                          "inferences": inferences_before + noise_inferences(),
+                          "confidence": float(1 - plan.noise_alphas[k]), "undecided": undecided})
+        log(f"look {k + 1}/{len(plan.noise_looks)}: {n} of {total} images, {len(undecided)} check(s) undecided")
+        if policy.early_stop and decision.stopped[0] and n < total:
+            out.stop_reason = (f"a check failed at look {k + 1}: the verdict cannot change"
+                               if any(decision.verdict[0] == FAIL) else f"every check was decided at look {k + 1}")
+            break
+    out.inferences = noise_inferences()
+    seen = np.sort(order[:out.images])
+    cand_clean, cand_flab = cand_state.clean_prediction[seen], cand_state.failure_label[seen]
+    out.nonfinite = int(np.count_nonzero((cand_clean != NONFINITE) & (cand_flab == NONFINITE)))
+    out.nonfinite_clean = int(np.count_nonzero(cand_clean == NONFINITE))
+    out.checks = checks_from(decision, plan.noise, plan.noise_alphas, "noise", counts, total)
+    return out
+
+
+def _not_evaluated(plan: GatePlan) -> _Stage:
+    """The noise checks of a gate that already failed on the clean pass."""
+    return _Stage(checks=[Check(s.name, s.kind, s.threshold, math.nan, (math.nan, math.nan), "inconclusive", 0,
+                                confidence=math.nan, stage="noise",
+                                message=f"{s.name}: not evaluated, the gate had already failed on the clean pass")
+                          for s in plan.noise])
+
+
+def _decide(policy: GatePolicy, m: _Contestants, base_info: dict | None, dataset: dict, progress,
+            log) -> GateResult:
+    """The clean stage, then the noise stage unless the clean stage settled the gate; one result from both."""
+    ds, spec, total = m.cand.dataset, m.cand.noise, m.cand.dataset.n
+    plan = plan_gate(policy, total, np.unique(ds.labels), baseline=m.has_baseline)
+    clean = _clean_stage(policy, plan, m, log) if plan.clean else _Stage()
+    failed_early = clean.stop_reason is not None
+    if not plan.noise:
+        noise = _Stage()
+    elif failed_early:
+        noise = _not_evaluated(plan)
+    else:
+        noise = _noise_stage(policy, plan, m, clean.inferences, progress, log)
+    nonfinite = {"clean": clean.nonfinite if plan.clean else noise.nonfinite_clean, "noisy": noise.nonfinite}
+    warns = clean.warnings + noise.warnings
     if nonfinite["clean"] or nonfinite["noisy"]:
         warns.append(f"the candidate returned NaN or infinite outputs for {nonfinite['clean']} clean image(s) and "
                      f"{nonfinite['noisy']} noisy input(s); they count as wrong / fooled")
-    stopped_early = failed_early or (bool(plan.noise) and done_n < total)
-    models = 1 + (base is not None)
+    stopped_early = failed_early or (bool(plan.noise) and noise.images < total)
     # The work of the same gate without early stop; unknown when no noise look ran (the clean pass failed).
+    per_image_noise = noise.inferences / max(noise.images, 1)
     full = None if failed_early and plan.noise else \
-        (total * models if plan.clean else 0) + int(round(per_image_noise * total))
+        (total * (1 + (m.base is not None)) if plan.clean else 0) + int(round(per_image_noise * total))
+    checks = clean.checks + noise.checks
     decision_word = decide(checks)
-    passed = decision_word == "pass" or (decision_word == "inconclusive" and policy.inconclusive == "pass")
-    start, stop, limit, size = selection
+    stop_reason = clean.stop_reason or noise.stop_reason or "every image evaluated"
     return GateResult(
-        decision=decision_word, passed=passed, checks=checks, images=total, images_evaluated=done_n,
-        looks=look_log, inferences=inferences,
-        inferences_full_estimate=full,
+        decision=decision_word,
+        passed=decision_word == "pass" or (decision_word == "inconclusive" and policy.inconclusive == "pass"),
+        checks=checks, images=total, images_evaluated=noise.images, looks=clean.looks + noise.looks,
+        inferences=clean.inferences + noise.inferences, inferences_full_estimate=full,
         stopped_early=stopped_early, stop_reason=stop_reason if stopped_early else "every image evaluated",
         nonfinite=nonfinite, warnings=warns, policy=policy,
-        candidate=_model_info(cand.model), baseline=base_info,
-        dataset={"spec": ds_spec, "count": total, "sha256": ds.sha256, "source": ds.source,
-                 "data_dir": str(Path(data_dir).resolve()) if data_dir else None, "start": start, "stop": stop,
-                 "limit": limit, **({"resize": list(size)} if size else {}),
-                 **({"classes": list(ds.classes)} if ds.classes else {})},
-        settings={**spec.to_dict(), **cand.settings(info), "looks_planned": plan.noise_looks,
+        candidate=_model_info(m.cand.model), baseline=base_info,
+        dataset={**dataset, "count": total, "sha256": ds.sha256, "source": ds.source},
+        settings={"noise": spec.to_dict(), **m.cand.settings(noise.info), "looks_planned": plan.noise_looks,
                   "alpha_per_look": [float(a) for a in plan.noise_alphas],
                   "clean_alpha": plan.clean_alpha, "order_seed": spec.seed},
     )

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pyrobust.data.dataset import Dataset
-from pyrobust.data.load import load_dataset, load_npz
+from pyrobust.data.dataset import DataSelection, Dataset
+from pyrobust.data.load import load_npz, load_selected
+from pyrobust.engine.plan import RunOptions
 from pyrobust.errors import InvalidInput, ResumeMismatch
 from pyrobust.files import make_out_dir, write_json_atomic
 from pyrobust.store.results import RESULTS_FILE, SUMMARY_FILE, load_results
@@ -83,11 +84,13 @@ class StudyConfig:
     @classmethod
     def quick_config(cls, dataset: str, **kwargs) -> StudyConfig:
         """A few hundred images and few steps: the whole pipeline in well under two minutes."""
-        noise = kwargs.pop("noise", NoiseSpec())
-        noise = NoiseSpec(**{**noise.to_dict(), "max_steps": QUICK["max_steps"],
-                             "mean": noise.mean, "std": noise.std})
+        noise = replace(kwargs.pop("noise", NoiseSpec()), max_steps=QUICK["max_steps"])
         base = {k: QUICK[k] for k in ("train_sample", "test_sample", "epochs", "per_class")}
         return cls(dataset=dataset, noise=noise, quick=True, **{**base, **kwargs})
+
+    def selection(self, sample: int | None) -> DataSelection:
+        """Which images of a split the study takes: a seeded ``sample`` of them (``data_seed``), or all."""
+        return DataSelection(data_dir=self.data_dir, sample=sample, sample_seed=self.data_seed)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -132,141 +135,178 @@ def find_operating_point(model: Path, ds: Dataset, spec: NoiseSpec, target: floa
 
 
 def _split(config: StudyConfig, split: str, sample: int | None) -> Dataset:
-    return load_dataset(f"{config.dataset}:{split}", data_dir=config.data_dir, sample=sample,
-                        sample_seed=config.data_seed)
+    return load_selected(f"{config.dataset}:{split}", config.selection(sample))
 
 
 def reproduce(config: StudyConfig, out: str | os.PathLike, *, log: Callable[[str], None] | None = None,
               progress_factory: Callable[[str], object] | None = None) -> dict:
-    """Run (or resume) the study into ``out``; return the report as a dict (also written to ``report.json``)."""
-    from pyrobust.evaluation import evaluate
-    from pyrobust.study.report import write_study_report
-    from pyrobust.training import retrain, train
+    """Run (or resume) the study into ``out``; return the report as a dict (also written to ``report.json``).
 
-    log = log or (lambda line: None)
-    root = make_out_dir(out)
-    train_ds = _split(config, "train", config.train_sample)
-    test_ds = _split(config, "test", config.test_sample)
-    spec = config.noise
-    noise = spec.to_dict()
-    with RunLock(root):
-        runner = StageRunner(root, log)
-        layout = StudyLayout(root)
-        for d in (layout.models, layout.evals, layout.select):
+    The paper's recipe, stage by stage; each stage is resumable and skipped when its inputs are unchanged."""
+    study = _Study(config, make_out_dir(out), log or (lambda line: None), progress_factory)
+    with RunLock(study.root):
+        m = study.train("M", study.train_ds)
+        if config.target_robust is not None:
+            study.find_operating_point(m)
+        study.evaluate("M", m, study.test_ds)
+        study.evaluate("M", m, study.train_ds)
+        robust = study.select_robust()
+        m_r = study.retrain("M_R", robust, like=m, what=f"retrain on the robust subset ({robust.n} images)")
+        study.evaluate("M_R", m_r, study.test_ds)
+        control = study.select_random(robust)
+        m_rand = study.retrain("M_rand", control, like=m,
+                               what=f"train the control on the random subset ({control.n} images)")
+        study.evaluate("M_rand", m_rand, study.test_ds)
+        if config.schemes:
+            for scheme, mode in SCHEME_VARIANTS:
+                study.evaluate("M", m, study.test_ds, scheme=scheme, mode=mode)
+        return study.report()
+
+
+class _Study:
+    """The stages of one study in its folder: the data, the noise (moved to the operating point when one is
+    found) and the stage runner that skips what is already done."""
+
+    def __init__(self, config: StudyConfig, root: Path, log: Callable[[str], None], progress_factory) -> None:
+        self.config, self.root, self.log, self.progress_factory = config, root, log, progress_factory
+        self.train_ds = _split(config, "train", config.train_sample)
+        self.test_ds = _split(config, "test", config.test_sample)
+        self.spec = config.noise
+        self.runner = StageRunner(root, log)
+        self.layout = StudyLayout(root)
+        for d in (self.layout.models, self.layout.evals, self.layout.select):
             d.mkdir(exist_ok=True)
 
-        def train_stage(name, title, ds: Dataset, out_model: Path, like: Path | None, extra_inputs: dict):
-            settings = {"architecture": config.architecture, "epochs": config.epochs, "seed": config.seed,
-                        "batch_size": config.train_batch_size, "learning_rate": config.learning_rate}
+    def _train_settings(self) -> dict:
+        c = self.config
+        return {"architecture": c.architecture, "epochs": c.epochs, "seed": c.seed, "batch_size": c.train_batch_size,
+                "learning_rate": c.learning_rate}
 
-            def fn(start_over):
-                if like is None:
-                    train(ds, out=out_model, n_classes=max(train_ds.n_classes, test_ds.n_classes),
-                          threads=config.threads, log=lambda line: log(f"  {line}"), **settings)
-                else:
-                    retrain(ds, like=like, out=out_model, threads=config.threads, log=lambda line: log(f"  {line}"),
-                            finetune=config.retrain_from == "finetune", same_updates=config.retrain_budget == "updates")
+    def train(self, name: str, ds: Dataset) -> Path:
+        """Train ``name`` from scratch on ``ds`` (the paper's M)."""
+        from pyrobust.training import train
 
-            how = {} if like is None else {"retrain_from": config.retrain_from, "retrain_budget": config.retrain_budget}
-            runner.run(name, title, inputs={"data_sha256": ds.sha256, "images": ds.n, **settings, **how,
-                                            **extra_inputs},
-                       outputs=[out_model], fn=fn)
+        out_model, settings = self.layout.model(name), self._train_settings()
+        n_classes = max(self.train_ds.n_classes, self.test_ds.n_classes)
 
-        def eval_stage(name, title, model: Path, ds: Dataset, folder: Path, scheme=None, mode=None):
-            sp = {**noise, **({"scheme": scheme} if scheme else {}), **({"mode": mode} if mode else {})}
-            sample = config.train_sample if ds is train_ds else config.test_sample
+        def fn(start_over):
+            train(ds, out=out_model, n_classes=n_classes, threads=self.config.threads,
+                  log=lambda line: self.log(f"  {line}"), **settings)
 
-            def fn(start_over):
-                # By spec, not by Dataset object, so the results record how to reload the data (replay, select).
-                kwargs = dict(data_dir=config.data_dir, sample=sample, sample_seed=config.data_seed,
-                              batch_size=config.eval_batch_size, scheduler=config.scheduler,
-                              threads=config.threads, out=folder,
-                              progress=progress_factory(title) if progress_factory else None, **sp)
-                try:
-                    evaluate(model, ds.spec, resume=not start_over, overwrite=start_over, **kwargs)
-                except ResumeMismatch:  # a checkpoint or result of other inputs: start this stage over
-                    evaluate(model, ds.spec, overwrite=True, **kwargs)
+        self.runner.run(f"train_{name}", f"train {name} ({self.config.architecture}) on {ds.spec} ({ds.n} images)",
+                        inputs={"data_sha256": ds.sha256, "images": ds.n, **settings}, outputs=[out_model], fn=fn)
+        return out_model
 
-            runner.run(name, title, inputs={"model_sha256": file_sha256(model), "data_sha256": ds.sha256,
-                                            "noise": sp},
-                       outputs=[folder / SUMMARY_FILE, folder / RESULTS_FILE], fn=fn)
+    def retrain(self, name: str, ds: Dataset, *, like: Path, what: str) -> Path:
+        """Train ``name`` on ``ds`` with ``like``'s recorded settings (M_R on the robust subset, M_rand on the
+        control), from scratch or fine-tuned, for as many epochs or updates as the configuration says."""
+        from pyrobust.training import retrain
 
-        m = layout.model("M")
-        train_stage("train_M", f"train M ({config.architecture}) on {train_ds.spec} ({train_ds.n} images)", train_ds,
-                    m, None, {})
-        if config.target_robust is not None:
-            point_file = layout.operating_point
+        c, out_model, settings = self.config, self.layout.model(name), self._train_settings()
 
-            def point_fn(start_over):
-                point = find_operating_point(m, test_ds, spec, float(config.target_robust), seed=config.data_seed,
-                                             threads=config.threads, log=lambda line: log(f"  {line}"))
-                write_json_atomic(point_file, point)
+        def fn(start_over):
+            retrain(ds, like=like, out=out_model, threads=c.threads, log=lambda line: self.log(f"  {line}"),
+                    finetune=c.retrain_from == "finetune", same_updates=c.retrain_budget == "updates")
 
-            runner.run("operating_point", f"find the pixels at which M is about {config.target_robust:.0%} robust",
-                       inputs={"model_sha256": file_sha256(m), "data_sha256": test_ds.sha256, "noise": noise,
-                               "target": config.target_robust}, outputs=[point_file], fn=point_fn)
-            point = read_operating_point(point_file)
-            spec = replace(spec, pixels=int(point["pixels"]))
-            noise = spec.to_dict()  # every evaluation below runs at the operating point
-            log(f"  operating point: {point['pixels']} pixels ({point['robust']:.1%} robust on "
-                f"{point['images']} test images)")
-        eval_stage("eval_M_test", f"evaluate M on {test_ds.spec} ({test_ds.n} images)", m, test_ds,
-                   layout.eval("M-test"))
-        eval_stage("eval_M_train", f"evaluate M on {train_ds.spec} ({train_ds.n} images)", m, train_ds,
-                   layout.eval("M-train"))
+        self.runner.run(f"train_{name}", what,
+                        inputs={"data_sha256": ds.sha256, "images": ds.n, **settings,
+                                "retrain_from": c.retrain_from, "retrain_budget": c.retrain_budget,
+                                "like_sha256": file_sha256(like)},
+                        outputs=[out_model], fn=fn)
+        return out_model
 
-        robust_npz = layout.subset("robust")
+    def find_operating_point(self, m: Path) -> None:
+        """The pixels at which M is about ``target_robust`` robust; every later evaluation runs there."""
+        c, point_file = self.config, self.layout.operating_point
+        target = float(c.target_robust)  # type: ignore[arg-type]  # the caller checked it is set
 
-        def select_fn(start_over):
-            outcome, summary = load_results(layout.eval("M-train"))
-            sel = select_robust(outcome, per_class=config.per_class, seed=config.seed, shortfall=config.shortfall,
+        def fn(start_over):
+            point = find_operating_point(m, self.test_ds, self.spec, target, seed=c.data_seed, threads=c.threads,
+                                         log=lambda line: self.log(f"  {line}"))
+            write_json_atomic(point_file, point)
+
+        self.runner.run("operating_point", f"find the pixels at which M is about {target:.0%} robust",
+                        inputs={"model_sha256": file_sha256(m), "data_sha256": self.test_ds.sha256,
+                                "noise": self.spec.to_dict(), "target": c.target_robust},
+                        outputs=[point_file], fn=fn)
+        point = read_operating_point(point_file)
+        self.spec = replace(self.spec, pixels=int(point["pixels"]))
+        self.log(f"  operating point: {point['pixels']} pixels ({point['robust']:.1%} robust on "
+                 f"{point['images']} test images)")
+
+    def evaluate(self, name: str, model: Path, ds: Dataset, *, scheme: str | None = None,
+                 mode: str | None = None) -> None:
+        """The protocol for ``model`` on ``ds`` (with another noise ``scheme`` / ``mode`` for the variants)."""
+        from pyrobust.evaluation import evaluate
+
+        c = self.config
+        spec = replace(self.spec, scheme=scheme or self.spec.scheme, mode=mode or self.spec.mode)
+        split = "train" if ds is self.train_ds else "test"
+        folder = self.layout.eval(f"{name}-{split}" + (f"-{scheme}-{mode}" if scheme else ""))
+        title = f"evaluate {name} on {ds.spec}" + (f" ({ds.n} images)" if name == "M" and not scheme else "") + \
+            (f" with {scheme} values, {mode} mode" if scheme else "")
+        data = c.selection(c.train_sample if split == "train" else c.test_sample)
+        options = RunOptions(batch_size=c.eval_batch_size, scheduler=c.scheduler, threads=c.threads)
+
+        def fn(start_over):
+            # By spec, not by Dataset object, so the results record how to reload the data (replay, select).
+            progress = self.progress_factory(title) if self.progress_factory else None
+            run = dict(noise=spec, data=data, options=options, out=folder, progress=progress)
+            try:
+                evaluate(model, ds.spec, resume=not start_over, overwrite=start_over, **run)
+            except ResumeMismatch:  # a checkpoint or result of other inputs: start this stage over
+                evaluate(model, ds.spec, overwrite=True, **run)
+
+        stage = f"eval_{name}_{split}" + (f"_{scheme}_{mode}" if scheme else "")
+        self.runner.run(stage, title, inputs={"model_sha256": file_sha256(model), "data_sha256": ds.sha256,
+                                              "noise": spec.to_dict()},
+                        outputs=[folder / SUMMARY_FILE, folder / RESULTS_FILE], fn=fn)
+
+    def select_robust(self) -> Dataset:
+        """The robust images of M's training-set evaluation, ``per_class`` of each class (the paper: 1500)."""
+        c, robust_npz, results = self.config, self.layout.subset("robust"), self.layout.eval("M-train")
+
+        def fn(start_over):
+            outcome, summary = load_results(results)
+            sel = select_robust(outcome, per_class=c.per_class, seed=c.seed, shortfall=c.shortfall,
                                 n_classes=len(summary["per_class"]))
-            write_subset(robust_npz, train_ds, sel.positions,
+            write_subset(robust_npz, self.train_ds, sel.positions,
                          {"kind": "robust", "per_class": sel.per_class, "seed": sel.seed, "shortfall": sel.shortfall,
                           "table": sel.table, "source": {"results": "eval/M-train", "dataset": summary["dataset"]}})
             for row in sel.table:
                 if row["taken"] == 0:
-                    log(f"  warning: class {row['class']} has no robust training images: M_R and M_rand will never "
-                        "see it (a higher --target-robust, fewer --pixels or more training data gives it some)")
+                    self.log(f"  warning: class {row['class']} has no robust training images: M_R and M_rand will "
+                             "never see it (a higher --target-robust, fewer --pixels or more training data gives it "
+                             "some)")
                 elif row["taken"] < row["asked"]:
-                    log(f"  class {row['class']}: {row['available']} robust images, {row['asked']} asked, "
-                        f"{row['taken']} taken")
+                    self.log(f"  class {row['class']}: {row['available']} robust images, {row['asked']} asked, "
+                             f"{row['taken']} taken")
 
-        runner.run("select_robust", f"select robust training images ({config.per_class} per class)",
-                   inputs={"results_sha256": file_sha256(layout.eval("M-train") / RESULTS_FILE),
-                           "per_class": config.per_class, "seed": config.seed, "shortfall": config.shortfall},
-                   outputs=[robust_npz, robust_npz.with_suffix(".json")], fn=select_fn)
-        robust_ds = load_npz(robust_npz, name="robust-subset")
-        m_r = layout.model("M_R")
-        train_stage("train_M_R", f"retrain on the robust subset ({robust_ds.n} images)", robust_ds, m_r, m,
-                    {"like_sha256": file_sha256(m)})
-        eval_stage("eval_M_R_test", f"evaluate M_R on {test_ds.spec}", m_r, test_ds, layout.eval("M_R-test"))
+        self.runner.run("select_robust", f"select robust training images ({c.per_class} per class)",
+                        inputs={"results_sha256": file_sha256(results / RESULTS_FILE), "per_class": c.per_class,
+                                "seed": c.seed, "shortfall": c.shortfall},
+                        outputs=[robust_npz, robust_npz.with_suffix(".json")], fn=fn)
+        return load_npz(robust_npz, name="robust-subset")
 
-        random_npz = layout.subset("random")
-        counts = {row["class"]: row["taken"] for row in read_selection(robust_npz)["table"]}
+    def select_random(self, robust: Dataset) -> Dataset:
+        """The control: as many random training images of each class as the robust subset holds."""
+        c, random_npz = self.config, self.layout.subset("random")
+        counts = {row["class"]: row["taken"] for row in read_selection(self.layout.subset("robust"))["table"]}
 
-        def random_fn(start_over):
-            positions = random_subset(train_ds.labels, counts, seed=config.seed)
-            write_subset(random_npz, train_ds, positions,
-                         {"kind": "random", "seed": config.seed, "counts": {str(k): v for k, v in counts.items()},
-                          "source": {"dataset": {"spec": train_ds.spec, "sha256": train_ds.sha256}}})
+        def fn(start_over):
+            positions = random_subset(self.train_ds.labels, counts, seed=c.seed)
+            write_subset(random_npz, self.train_ds, positions,
+                         {"kind": "random", "seed": c.seed, "counts": {str(k): v for k, v in counts.items()},
+                          "source": {"dataset": {"spec": self.train_ds.spec, "sha256": self.train_ds.sha256}}})
 
-        runner.run("select_random", "draw the random class-balanced control subset (same size per class)",
-                   inputs={"data_sha256": train_ds.sha256, "counts": counts, "seed": config.seed},
-                   outputs=[random_npz, random_npz.with_suffix(".json")], fn=random_fn)
-        random_ds = load_npz(random_npz, name="random-subset")
-        m_rand = layout.model("M_rand")
-        train_stage("train_M_rand", f"train the control on the random subset ({random_ds.n} images)", random_ds,
-                    m_rand, m, {"like_sha256": file_sha256(m)})
-        eval_stage("eval_M_rand_test", f"evaluate M_rand on {test_ds.spec}", m_rand, test_ds,
-                   layout.eval("M_rand-test"))
+        self.runner.run("select_random", "draw the random class-balanced control subset (same size per class)",
+                        inputs={"data_sha256": self.train_ds.sha256, "counts": counts, "seed": c.seed},
+                        outputs=[random_npz, random_npz.with_suffix(".json")], fn=fn)
+        return load_npz(random_npz, name="random-subset")
 
-        if config.schemes:
-            for scheme, mode in SCHEME_VARIANTS:
-                eval_stage(f"eval_M_test_{scheme}_{mode}", f"evaluate M on {test_ds.spec} with {scheme} values, "
-                           f"{mode} mode", m, test_ds, layout.eval(f"M-test-{scheme}-{mode}"), scheme=scheme,
-                           mode=mode)
+    def report(self) -> dict:
+        from pyrobust.study.report import write_study_report
 
-        log("[report] writing report.md, report.html and report.json")
-        return write_study_report(root, config=config.to_dict(), stages=runner.records,
-                                  test_spec=test_ds.spec, train_spec=train_ds.spec)
+        self.log("[report] writing report.md, report.html and report.json")
+        return write_study_report(self.root, config=self.config.to_dict(), stages=self.runner.records,
+                                  test_spec=self.test_ds.spec, train_spec=self.train_ds.spec)
