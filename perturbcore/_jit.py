@@ -33,6 +33,7 @@ import os
 import stat
 import warnings
 from pathlib import Path
+from typing import Any
 
 
 class KernelCacheWarning(UserWarning):
@@ -120,7 +121,7 @@ import numba  # noqa: E402
 
 numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]  # type: ignore[attr-defined]
 
-JIT_OPTIONS = {"cache": _problem is None, "error_model": "numpy", "nogil": True}
+JIT_OPTIONS: dict[str, Any] = {"cache": _problem is None, "error_model": "numpy", "nogil": True}
 
 
 def _prefer_256_bit_vectors() -> None:

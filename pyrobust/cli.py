@@ -20,10 +20,10 @@ from pathlib import Path
 import click
 
 from pyrobust import __version__
-from pyrobust.errors import Interrupted, InvalidInput, PyRobustError
+from pyrobust.errors import DataError, Interrupted, InvalidInput, ModelError, OutputError, PyRobustError
 from pyrobust.escape import printable
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 4  # 3 (bad input) and 130 come from the errors
 # An output that cannot be written once the work is under way (a full disk, a quota, a file system remounted
 # read-only): an output error (exit 2), not an internal one.
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
@@ -298,8 +298,6 @@ def _progress(label: str):
         yield None
         return
     if not sys.stderr.isatty():
-        import os
-
         yield _Lines(label, float(os.environ.get("PYROBUST_PROGRESS_SECONDS", "10")))
         return
     from rich.console import Console
@@ -555,8 +553,6 @@ def demo(out, limit, threads, overwrite) -> int:
     ref = resources.files("pyrobust") / "assets" / DEMO_MODEL
     with resources.as_file(ref) as model:
         if not overwrite and not holds_only_runs_of(out, model, dataset="sample"):
-            from pyrobust.errors import OutputError
-
             raise OutputError(f"{out}: holds a run that is not a pyrobust demo; pyrobust demo replaces only an "
                               "earlier demo. Choose another --out, or pass --overwrite to replace it")
         return _run_evaluation(model, "sample", data=data, options=options, out=out, overwrite=True, report=True,
@@ -796,12 +792,11 @@ def _load_gate_config(ctx, param, value):
     if value is None:
         return None
     ctx.meta["pyrobust.config"] = value  # an input: no output of the command may overwrite it
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there)
+    else:  # Python 3.10: the same parser, from PyPI (a dependency there)
         import tomli as tomllib
 
-    from pyrobust.errors import DataError
     from pyrobust.files import read_bounded
 
     try:
@@ -892,8 +887,6 @@ def gate(candidate, dataset, min_accuracy, min_robust, min_class_robust, baselin
 
     Example: pyrobust gate model.onnx --dataset mnist:test --min-accuracy 97% --min-robust 80% --junit gate.xml
     """
-    import os
-
     from pyrobust.gate.policy import GatePolicy
     from pyrobust.gate.reports import append_github_summary, markdown_summary, write_outputs
     from pyrobust.gate.run import run_gate
@@ -935,8 +928,6 @@ def gate(candidate, dataset, min_accuracy, min_robust, min_class_robust, baselin
             if not append_github_summary(markdown_summary(result), step_summary):
                 _err("warning: $GITHUB_STEP_SUMMARY is full (1 MiB); the summary was not added")
     except OSError as exc:
-        from pyrobust.errors import OutputError
-
         raise OutputError(f"the gate decided {result.decision.upper()} (above), but its reports could not be "
                           f"written: {exc.strerror or exc} ({exc.filename or 'output'})") from None
     return result.exit_code
@@ -1001,7 +992,6 @@ def replay(results, index, step, model, data_dir, out, no_check) -> int:
     if r.prediction is None:
         if no_check:
             return EXIT_OK
-        from pyrobust.errors import ModelError
 
         raise ModelError("the run's model file was not found, so the prediction could not be checked; pass --model "
                          "FILE, or --no-check to only rebuild the input")

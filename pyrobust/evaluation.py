@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pyrobust.data.dataset import DataSelection, Dataset
-from pyrobust.engine.loop import Progress
+from pyrobust.data.dataset import DataSelection, Dataset, class_names
+from pyrobust.engine.loop import Progress, prepare
 from pyrobust.engine.plan import RunOptions, RunPlan, load_data, plan_run, split_settings
 from pyrobust.engine.runtime import BoundModel, OnnxModel
-from pyrobust.errors import Interrupted, InvalidInput, NonFiniteModel
+from pyrobust.errors import Interrupted, InvalidInput, MissingDependency, NonFiniteModel
 from pyrobust.files import make_out_dir
 from pyrobust.machine import check_threads
-from pyrobust.report import write_report
+from pyrobust.report import plot_examples, plot_failure, plot_per_class, plot_survival, write_report
 from pyrobust.sequential import precision_bounds, random_order
 from pyrobust.stats import look_schedule
 from pyrobust.store.results import build_summary, noise_of
@@ -108,28 +108,18 @@ class Evaluation:
 
     def plot_survival(self):
         """The survival curve (the paper's Figures 3 and 5), as a matplotlib figure."""
-        from pyrobust.report import plot_survival
-
         return plot_survival(self.summary)
 
     def plot_per_class(self):
-        from pyrobust.report import plot_per_class
-
         return plot_per_class(self.summary)
 
     def plot_examples(self):
-        from pyrobust.data.dataset import class_names
-        from pyrobust.report import plot_examples
-
         data = self._data()
         return plot_examples(self.outcome, data, class_names(data.name, len(self.summary["per_class"]), data.classes))
 
     def plot_failure(self, index: int | None = None):
         """Image ``index`` (default: the one fooled earliest) beside its first failing input and the pixels
         changed."""
-        from pyrobust.data.dataset import class_names
-        from pyrobust.report import plot_failure
-
         data = self._data()
         position = None
         if index is not None:
@@ -146,8 +136,6 @@ class Evaluation:
         try:
             import pandas as pd
         except ImportError:
-            from pyrobust.errors import MissingDependency
-
             raise MissingDependency("to_dataframe needs pandas: pip install pandas") from None
         o = self.outcome
         return pd.DataFrame({"index": o.index, "label": o.label, "clean_prediction": o.clean_prediction,
@@ -401,9 +389,6 @@ class _Exported:
 def _export_module(module, ds: Dataset, spec: NoiseSpec) -> _Exported:
     """Export a torch module to ONNX in a private temporary folder, checked for parity with torch on the first
     images as the engine feeds them (normalised when ``mean``/``std`` are given)."""
-    import tempfile
-
-    from pyrobust.engine.loop import prepare
     from pyrobust.training import check_parity, expectation_metadata, export_onnx
 
     module.eval()

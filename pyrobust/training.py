@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,7 +221,7 @@ def train(
 def _with_image_input(torch, module):
     """Wrap ``module`` so the exported graph's input is called ``image``."""
 
-    class Classifier(torch.nn.Module):
+    class Classifier(torch.nn.Module):  # type: ignore[name-defined]  # torch is a parameter: imported on demand
         def __init__(self, net):
             super().__init__()
             self.net = net
@@ -234,7 +235,6 @@ def _with_image_input(torch, module):
 def export_onnx(module, image_shape: tuple[int, int, int], out: Path, *, metadata: dict | None = None) -> None:
     """Export ``module`` (taking N×C×H×W) to ``out`` with a dynamic batch axis, atomically."""
     import logging
-    import warnings
 
     import onnx
 

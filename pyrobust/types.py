@@ -10,7 +10,7 @@ Sentinels, per image:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +124,6 @@ class NoiseSpec:
             return self
         share = pixel_share(self.pixels)
         assert share is not None
-        from dataclasses import replace
 
         return replace(self, pixels=max(1, math.ceil(share * height * width - 1e-9)))
 
@@ -265,7 +264,7 @@ def fingerprint(*, model_sha256: str, dataset_sha256: str, count: int, spec: dic
 
 
 def differences(a: dict, b: dict, *, compare: tuple[str, ...] = _FINGERPRINT_PARTS) -> list[str]:
-    """What differs between two run fingerprints (``pyrobust.store.rundir.fingerprint``), one phrase per field, in
+    """What differs between two run fingerprints (:func:`fingerprint`), one phrase per field, in
     the words a refusal uses: ``the model changed (SHA-256 …)``, ``pixels 28 → 10``. ``compare`` picks the parts:
     ``model``, ``data``, ``count`` and ``noise``."""
     out = []

@@ -152,7 +152,7 @@ def load_dataset(spec: str, *, data_dir=None, start: int | None = None, stop: in
     ``spec`` is ``mnist:test`` / ``fashion-mnist:train`` (a named dataset, split ``test`` when omitted),
     ``sample`` (the bundled MNIST sample), a ``.npz`` file, or a folder of MNIST-named files with ``:train`` or
     ``:test``, ``cifar10:train|test`` (CIFAR-10's binary batches), or ``folder:PATH`` (a folder of image files
-    per class; ``resize`` (height, width) brings them to one size; see :mod:`pyrobust.images`). ``start``/
+    per class; ``resize`` (height, width) brings them to one size; see :mod:`pyrobust.data.images`). ``start``/
     ``stop``/``limit`` select a part; images keep their original indices. Compressed data larger than
     ``max_bytes`` is refused before it is decompressed (raw IDX files too: they are read, not mapped).
     """

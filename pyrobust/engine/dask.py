@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,8 +44,6 @@ def identity() -> dict:
     """What decides this process's per-image results: library versions and the SHA-256 of pyrobust's kernel and
     engine sources (so an edited install with the same version string is told apart too)."""
     if not _IDENTITY:
-        import platform
-
         import numba
         import onnx
         import onnxruntime
@@ -141,7 +141,6 @@ def connect(scheduler: str):
         return client, cluster
     if "://" not in scheduler:
         raise InvalidInput(f"--scheduler takes local:N or tcp://HOST:PORT; got {scheduler!r}")
-    import threading
 
     box: dict = {}
 

@@ -14,6 +14,7 @@ depend on ``batch_size``, thread counts, ``chunk_size``, the order of images or 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -53,8 +54,6 @@ def resolve_noise(model: OnnxModel, spec: NoiseSpec) -> NoiseSpec:
     """``spec`` as this model needs it: integer noise values for an integer input; the pixel range the model's
     pyrobust metadata states (or 255 for an integer input, else 1) unless given; the normalisation its metadata
     states unless given (a different one given is kept, with a warning)."""
-    import warnings
-
     meta = model.expects
     integer = model.integer_input
     pixel_range = spec.pixel_range or meta.get("pixel_range") or (255 if integer else 1)

@@ -20,7 +20,7 @@ from pyrobust.engine.loop import Progress, bind_model, check_spec_for_data, work
 from pyrobust.engine.runtime import BoundModel, OnnxModel
 from pyrobust.errors import DataError, InvalidInput
 from pyrobust.machine import THREADS, check_threads, memory_budget
-from pyrobust.types import NoiseSpec, Outcome, RunState
+from pyrobust.types import NoiseSpec, Outcome, RunState, fingerprint
 from pyrobust.validate import Constraint, Integer, Number, check_fields, declare
 
 OPTION_CONSTRAINTS: dict[str, Constraint] = {
@@ -160,8 +160,6 @@ class RunPlan:
                 "resumed_sessions": state.sessions if state is not None else 1}
 
     def fingerprint(self) -> dict:
-        from pyrobust.types import fingerprint
-
         return fingerprint(model_sha256=self.model.sha256, dataset_sha256=self.dataset.sha256, count=self.dataset.n,
                            spec=self.noise.to_dict())
 

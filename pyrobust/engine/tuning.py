@@ -20,8 +20,8 @@ import numpy as np
 
 from pyrobust.engine.runtime import BoundModel, OnnxModel
 from pyrobust.errors import PyRobustError
-from pyrobust.files import read_bounded
-from pyrobust.machine import default_threads
+from pyrobust.files import read_bounded, write_json_atomic
+from pyrobust.machine import default_threads, versions
 
 BATCH_SIZES = (32, 64, 128, 256, 512, 1024)
 NEAR_BEST = 0.95  # the smallest size within 5 % of the best wins: less padding at the tail, less memory
@@ -45,7 +45,6 @@ def machine_key() -> str:
                     break
     except OSError:
         pass
-    from pyrobust.machine import versions
 
     v = versions()  # a new onnxruntime, numba or numpy can change the best choice: measure again
     libs = ",".join(f"{k}={v.get(k)}" for k in ("pyrobust", "onnxruntime", "numba", "numpy"))
@@ -90,8 +89,6 @@ def _cached(section: str, key: str, fields: tuple[str, ...], limit: int) -> tupl
 
 
 def _store(section: str, key: str, value) -> None:
-    from pyrobust.files import write_json_atomic
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TuningCacheWarning)  # already said when it was read
         data = _load()
@@ -248,7 +245,6 @@ def check_run_rate(model: BoundModel, batch_size: int, achieved: float, seconds:
     data.get("batch_size", {}).pop(_batch_key(model), None)
     for key in [k for k in data.get("layout", {}) if k.startswith(model.sha256)]:
         data["layout"].pop(key)
-    from pyrobust.files import write_json_atomic
 
     try:
         write_json_atomic(cache_path(), data)

@@ -30,7 +30,7 @@ from pyrobust.data.dataset import DataSelection, Dataset
 from pyrobust.engine.loop import clean_predictions
 from pyrobust.engine.plan import RunOptions, RunPlan, load_data, plan_run, split_settings
 from pyrobust.engine.runtime import BoundModel
-from pyrobust.errors import InvalidInput, NonFiniteModel
+from pyrobust.errors import DataError, InvalidInput, NonFiniteModel
 from pyrobust.gate.policy import (
     Check,
     GatePlan,
@@ -322,8 +322,6 @@ def verify_saved_baseline(record: RunRecord, plan: RunPlan, *, pinned: str | Non
     recorded first-failure step and label. A folder in which a share f of the correctly classified images was
     altered passes the replay with probability (1 - f)^replays: about 4 % for f = 5 % with 64 replays. Returns what
     was checked, for ``gate.json``."""
-    from pyrobust.errors import DataError
-
     out = record.outcome
     digest = plan.model.sha256
     where = f"the baseline results in {record.folder}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pyrobust.data.dataset import class_names
-from pyrobust.errors import DataError
+from pyrobust.errors import DataError, InvalidInput
 from pyrobust.files import atomic_path, read_run_file, write_json_atomic
 from pyrobust.machine import versions
 from pyrobust.stats import survival_curve, wilson_interval
@@ -239,8 +239,6 @@ def check_outcome_arrays(arrays: dict, max_steps: int, where: str) -> None:
 def check_record(outcome: Outcome, summary, where: Path) -> NoiseSpec:
     """A results folder read back: the summary's settings are valid, and every count it states is the one its
     arrays give."""
-    from pyrobust.errors import InvalidInput
-
     def bad(what: str) -> DataError:
         return DataError(f"{where / SUMMARY_FILE}: {what}; the folder is damaged or was not written by pyrobust")
 

@@ -32,14 +32,21 @@ from pyrobust.errors import (
     PyRobustError,
     ResumeMismatch,
 )
-from pyrobust.files import read_run_file, write_bytes_atomic
+from pyrobust.files import file_sha256, read_run_file, write_bytes_atomic
 from pyrobust.machine import on_forced_exit
-from pyrobust.store.results import check_outcome_arrays
-from pyrobust.types import FINGERPRINT_VERSION, RunRecord, RunState, differences
+from pyrobust.store.results import (
+    RUN_FILES,
+    SUMMARY_FILE,
+    check_outcome_arrays,
+    clear_run_files,
+    load_results,
+    run_files,
+    write_results,
+)
+from pyrobust.types import RunRecord, RunState, differences
 
 CHECKPOINT_FILE = "checkpoint.npz"
 LOCK_FILE = ".pyrobust.lock"
-CHECKPOINT_VERSION = FINGERPRINT_VERSION
 
 
 _SAVE_LOCK = threading.RLock()  # one checkpoint write at a time: the main thread's, or the watchdog's last resort
@@ -210,8 +217,6 @@ class Complete:
 def decide_start(out_dir: Path, fp: dict, *, overwrite: bool, resume: bool) -> Fresh | Resume | Complete:
     """What to do with what ``out_dir`` holds. A checkpoint comes first: an interrupted ``overwrite`` run leaves
     one beside the earlier run's results. Nothing is deleted here."""
-    from pyrobust.store.results import RUN_FILES, SUMMARY_FILE, load_results, run_files
-
     for name in (*RUN_FILES, CHECKPOINT_FILE):
         # a file is written by renaming a whole temporary file over its name: a folder there cannot be replaced
         if (out_dir / name).is_dir() and not (out_dir / name).is_symlink():
@@ -275,8 +280,6 @@ def checkpointed(out_dir: Path, state: RunState, fp: dict, *, resumed: bool):
 def finish_run(out_dir: Path, outcome, summary: dict) -> None:
     """Only now, with the new run complete, does an earlier run's output go (summary first, so the folder is never
     a mix that passes for complete); the checkpoint stays until the new results are written."""
-    from pyrobust.store.results import clear_run_files, write_results
-
     clear_run_files(out_dir)
     write_results(out_dir, outcome, summary)
     (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -285,9 +288,6 @@ def finish_run(out_dir: Path, outcome, summary: dict) -> None:
 def holds_only_runs_of(folder: str | os.PathLike, model: str | os.PathLike, *, dataset: str) -> bool:
     """True when ``folder`` holds no run, or only a run (finished or not) of ``model`` on ``dataset``: what
     ``pyrobust demo`` may replace without being told to."""
-    from pyrobust.files import file_sha256
-    from pyrobust.store.results import SUMMARY_FILE, run_files
-
     out = Path(folder)
     if not out.is_dir():
         return True

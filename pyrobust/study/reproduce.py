@@ -25,7 +25,7 @@ from pyrobust.files import make_out_dir, write_json_atomic
 from pyrobust.store.results import RESULTS_FILE, SUMMARY_FILE, load_results
 from pyrobust.store.rundir import RunLock
 from pyrobust.store.stages import StageRunner, file_sha256
-from pyrobust.study.report import StudyLayout, read_operating_point
+from pyrobust.study.report import StudyLayout, read_operating_point, write_study_report
 from pyrobust.study.selection import PER_CLASS, SHORTFALLS, random_subset, read_selection, select_robust, write_subset
 from pyrobust.types import NoiseSpec
 from pyrobust.validate import Choice, Constraint, Fraction, Integer, Number, check_fields, declare
@@ -251,11 +251,15 @@ class _Study:
         def fn(start_over):
             # By spec, not by Dataset object, so the results record how to reload the data (replay, select).
             progress = self.progress_factory(title) if self.progress_factory else None
-            run = dict(noise=spec, data=data, options=options, out=folder, progress=progress)
+
+            def run(*, resume: bool, overwrite: bool) -> None:
+                evaluate(model, ds.spec, noise=spec, data=data, options=options, out=folder, progress=progress,
+                         resume=resume, overwrite=overwrite)
+
             try:
-                evaluate(model, ds.spec, resume=not start_over, overwrite=start_over, **run)
+                run(resume=not start_over, overwrite=start_over)
             except ResumeMismatch:  # a checkpoint or result of other inputs: start this stage over
-                evaluate(model, ds.spec, overwrite=True, **run)
+                run(resume=False, overwrite=True)
 
         stage = f"eval_{name}_{split}" + (f"_{scheme}_{mode}" if scheme else "")
         self.runner.run(stage, title, inputs={"model_sha256": file_sha256(model), "data_sha256": ds.sha256,
@@ -305,8 +309,6 @@ class _Study:
         return load_npz(random_npz, name="random-subset")
 
     def report(self) -> dict:
-        from pyrobust.study.report import write_study_report
-
         self.log("[report] writing report.md, report.html and report.json")
         return write_study_report(self.root, config=self.config.to_dict(), stages=self.runner.records,
                                   test_spec=self.test_ds.spec, train_spec=self.train_ds.spec)
