@@ -18,14 +18,18 @@ import hashlib
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pyrobust.data.dataset import Dataset
+from pyrobust.engine.loop import clean_predictions
+from pyrobust.engine.runtime import OnnxModel
 from pyrobust.errors import InvalidInput, MissingDependency, ModelError
 from pyrobust.files import atomic_path, file_sha256
+from pyrobust.types import NoiseSpec
 from pyrobust.validate import Choice, Constraint, Integer, Number, check, declare
 
 ARCHITECTURES = ("cnn", "mlp")
@@ -138,63 +142,28 @@ def train(
     the same weights (with the same thread count and torch version)."""
     check_training(architecture=architecture, epochs=epochs, batch_size=batch_size, updates=updates,
                    learning_rate=learning_rate)
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise InvalidInput(f"the model is written as ONNX: --out must end in .onnx; got {out}")
-    if not out.parent.is_dir():
-        raise InvalidInput(f"{out.parent}: folder does not exist; create it or choose another --out")
+    out = _checked_out(out)
     torch = _torch()
     k = n_classes or dataset.n_classes
-    from pyrobust.types import NoiseSpec
-
     norm = NoiseSpec(mean=None if mean is None else tuple(np.atleast_1d(mean)),
                      std=None if std is None else tuple(np.atleast_1d(std)), pixel_range=1)
     t0 = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    previous_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads or previous_threads)
-    try:
-        torch.manual_seed(seed)
-        torch.use_deterministic_algorithms(True)
+    with _deterministic(torch, threads):
+        torch.manual_seed(seed)  # the initialisation draws from torch's global generator: seeded first
         model = build_model(architecture, dataset.image_shape, k)
         if init_from is not None:
             load_weights(model, init_from)
         x_all = torch.from_numpy(_nchw(dataset, mean=norm.mean, std=norm.std))
         y_all = torch.from_numpy(dataset.labels)
-        opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
-        gen = torch.Generator().manual_seed(seed)
-        losses = []
-        model.train()
-        per_epoch = -(-dataset.n // batch_size)
-        n_epochs = int(epochs) if updates is None else -(-int(updates) // per_epoch)
-        steps = 0
-        for epoch in range(n_epochs):
-            order = torch.randperm(dataset.n, generator=gen)
-            total, seen = 0.0, 0
-            for lo in range(0, dataset.n, batch_size):
-                if updates is not None and steps >= updates:
-                    break
-                steps += 1
-                idx = order[lo: lo + batch_size]
-                opt.zero_grad()
-                loss = torch.nn.functional.cross_entropy(model(x_all[idx]), y_all[idx])
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * idx.numel()
-                seen += idx.numel()
-            losses.append(total / seen)
-            if log:
-                log(f"epoch {epoch + 1}/{n_epochs}: loss {losses[-1]:.4f}")
-        model.eval()
-        with torch.no_grad():
-            preds = torch.cat([model(x_all[lo: lo + 1024]).argmax(1) for lo in range(0, dataset.n, 1024)])
-        train_acc = float((preds == y_all).double().mean())
+        fit = _fit(torch, model, x_all, y_all, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                   epochs=epochs, updates=updates, log=log)
+        train_acc = _accuracy(torch, model, x_all, y_all)
         export_onnx(model, dataset.image_shape, out, metadata={
             "pyrobust.architecture": architecture, "pyrobust.dataset": dataset.spec,
-            "pyrobust.dataset_sha256": dataset.sha256, "pyrobust.seed": str(seed), "pyrobust.epochs": str(n_epochs),
+            "pyrobust.dataset_sha256": dataset.sha256, "pyrobust.seed": str(seed), "pyrobust.epochs": str(fit.epochs),
             "pyrobust.classes": str(k), "pyrobust.batch_size": str(batch_size),
             "pyrobust.learning_rate": repr(float(learning_rate)), "pyrobust.train_images": str(dataset.n),
-            "pyrobust.updates": str(steps),
+            "pyrobust.updates": str(fit.updates),
             **({"pyrobust.init_from_sha256": file_sha256(init_from)} if init_from is not None else {}),
             # What else decides the weights: the same seed, data and settings give the same bytes only with the same
             # thread count and torch version (reductions split across threads round differently).
@@ -203,19 +172,82 @@ def train(
             **expectation_metadata(norm),
         })
         diff = check_parity(model, out, _nchw(dataset, 0, min(dataset.n, 256), mean=norm.mean, std=norm.std))
+    test_acc = None
+    if test is not None:
+        test_acc = float((clean_predictions(OnnxModel(out, threads=threads), test, NoiseSpec()) == test.labels).mean())
+    return TrainReport(out=out, architecture=architecture, epochs=fit.epochs, seed=seed, train_images=dataset.n,
+                       train_accuracy=train_acc, losses=fit.losses, parity_max_abs_diff=diff,
+                       seconds=time.perf_counter() - t0, sha256=hashlib.sha256(out.read_bytes()).hexdigest(),
+                       test_accuracy=test_acc, test_images=None if test is None else test.n)
+
+
+def _checked_out(out: str | os.PathLike) -> Path:
+    path = Path(out)
+    if path.suffix != ".onnx":
+        raise InvalidInput(f"the model is written as ONNX: --out must end in .onnx; got {path}")
+    if not path.parent.is_dir():
+        raise InvalidInput(f"{path.parent}: folder does not exist; create it or choose another --out")
+    return path
+
+
+@contextmanager
+def _deterministic(torch, threads: int | None):
+    """torch with ``threads`` threads and deterministic algorithms inside; as it was outside."""
+    previous_threads = torch.get_num_threads()
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads or previous_threads)
+    try:
+        torch.use_deterministic_algorithms(True)
+        yield
     finally:
         torch.set_num_threads(previous_threads)
         torch.use_deterministic_algorithms(previous_deterministic)
-    test_acc = None
-    if test is not None:
-        from pyrobust.engine.loop import clean_predictions
-        from pyrobust.engine.runtime import OnnxModel
 
-        test_acc = float((clean_predictions(OnnxModel(out, threads=threads), test, NoiseSpec()) == test.labels).mean())
-    return TrainReport(out=out, architecture=architecture, epochs=n_epochs, seed=seed, train_images=dataset.n,
-                       train_accuracy=train_acc, losses=tuple(losses), parity_max_abs_diff=diff,
-                       seconds=time.perf_counter() - t0, sha256=hashlib.sha256(out.read_bytes()).hexdigest(),
-                       test_accuracy=test_acc, test_images=None if test is None else test.n)
+
+@dataclass(frozen=True)
+class _Fit:
+    losses: tuple[float, ...]  # mean training loss of each epoch
+    epochs: int
+    updates: int  # Adam steps taken
+
+
+def _fit(torch, model, x_all, y_all, *, batch_size: int, learning_rate: float, seed: int, epochs: int,
+         updates: int | None, log) -> _Fit:
+    """Adam on shuffled mini-batches (the shuffle seeded apart from the initialisation): ``epochs`` passes, or
+    exactly ``updates`` steps with the passes repeated as needed."""
+    n = int(y_all.shape[0])
+    opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    per_epoch = -(-n // batch_size)
+    n_epochs = int(epochs) if updates is None else -(-int(updates) // per_epoch)
+    steps = 0
+    for epoch in range(n_epochs):
+        order = torch.randperm(n, generator=gen)
+        total, seen = 0.0, 0
+        for lo in range(0, n, batch_size):
+            if updates is not None and steps >= updates:
+                break
+            steps += 1
+            idx = order[lo: lo + batch_size]
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x_all[idx]), y_all[idx])
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * idx.numel()
+            seen += idx.numel()
+        losses.append(total / seen)
+        if log:
+            log(f"epoch {epoch + 1}/{n_epochs}: loss {losses[-1]:.4f}")
+    model.eval()
+    return _Fit(tuple(losses), n_epochs, steps)
+
+
+def _accuracy(torch, model, x_all, y_all) -> float:
+    with torch.no_grad():
+        preds = torch.cat([model(x_all[lo: lo + 1024]).argmax(1) for lo in range(0, int(y_all.shape[0]), 1024)])
+    return float((preds == y_all).double().mean())
 
 
 def _with_image_input(torch, module):
