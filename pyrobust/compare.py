@@ -15,7 +15,7 @@ from pyrobust.stats import paired_difference_interval
 from pyrobust.store.results import load_results
 from pyrobust.types import ROBUST, RunRecord, differences
 
-COMPARE_SCHEMA = 1
+COMPARE_SCHEMA = 2  # 2: the noise under "noise", as in summary.json and gate.json
 
 
 def _refuse_unless_comparable(a: RunRecord, b: RunRecord) -> None:
@@ -63,7 +63,7 @@ def compare_runs(a_dir: str | os.PathLike, b_dir: str | os.PathLike, *, out: str
         "schema_version": COMPARE_SCHEMA,
         "a": {"results": str(Path(a_dir).resolve()), "model": sa["model"]},
         "b": {"results": str(Path(b_dir).resolve()), "model": sb["model"]},
-        "dataset": sa["dataset"], "settings": ra_.noise.to_dict(),
+        "dataset": sa["dataset"], "noise": ra_.noise.to_dict(),
         "images": int(idx.size),
         "robust": _paired(ra, rb),
         "accuracy": _paired(ca, cb),
@@ -97,8 +97,8 @@ def compare_markdown(rep: dict) -> str:
 
     lines = [f"# pyrobust compare: {md_text(rep['a']['model']['name'])} (A) → {md_text(rep['b']['model']['name'])} "
              "(B)", "",
-             f"{rep['images']} images of {md_code(rep['dataset']['spec'])}, seed {rep['settings']['seed']}, "
-             f"{rep['settings']['pixels']} pixels, {rep['settings']['max_steps']} steps.", "",
+             f"{rep['images']} images of {md_code(rep['dataset']['spec'])}, seed {rep['noise']['seed']}, "
+             f"{rep['noise']['pixels']} pixels, {rep['noise']['max_steps']} steps.", "",
              f"- robust: {pct(rep['robust'])}", f"- accuracy: {pct(rep['accuracy'])}",
              f"- newly fragile: {rep['newly_fragile']['count']}; newly robust: {rep['newly_robust']['count']}",
              f"- first-failure step moved: {rep['steps_moved']['count']} images ({rep['steps_moved']['earlier']} "

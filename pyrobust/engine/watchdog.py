@@ -53,6 +53,7 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._pipe: tuple[int, int] | None = None
         self._previous_fd = -1
+        self._previous_sigint = None
 
     def set_timeout(self, seconds: float) -> None:
         """Arm (or re-arm) the deadline, counted from now."""
@@ -66,9 +67,18 @@ class Watchdog:
             os.set_blocking(w, False)
             self._previous_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
             self._pipe = (r, w)
+            if not callable(signal.getsignal(signal.SIGINT)):
+                # SIGINT ignored (a job started in the background by a shell, nohup) or not handled by Python: the
+                # deadline's interrupt would do nothing, and Python code would run on until the last resort. Raise
+                # it for the deadline only; a SIGINT from outside stays ignored, as the parent asked.
+                self._previous_sigint = signal.signal(signal.SIGINT, self._deadline_interrupt)
         self._thread = threading.Thread(target=self._watch, name="pyrobust-watchdog", daemon=True)
         self._thread.start()
         return self
+
+    def _deadline_interrupt(self, signo, frame) -> None:
+        if self.reason == "timeout":
+            raise KeyboardInterrupt
 
     def _watch(self) -> None:
         r = self._pipe[0] if self._pipe else None
@@ -82,6 +92,8 @@ class Watchdog:
                     except BlockingIOError:
                         data = b""
                     for signo in data:
+                        if signo == signal.SIGINT and self._previous_sigint is not None:
+                            continue  # SIGINT was ignored when the run started: it stays ignored
                         if signo in (signal.SIGINT, signal.SIGTERM):
                             # the signal's handler raises KeyboardInterrupt once the main thread leaves C code
                             self.reason = signal.Signals(signo).name
@@ -119,6 +131,9 @@ class Watchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
         if self._pipe is not None:
             signal.set_wakeup_fd(self._previous_fd)
             for fd in self._pipe:

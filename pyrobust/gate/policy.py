@@ -25,7 +25,7 @@ from pyrobust.sequential import (
 from pyrobust.stats import images_for_power, look_schedule, normal_quantile
 from pyrobust.validate import Choice, Constraint, Fraction, Number, check_fields, declare
 
-GATE_SCHEMA = 2
+GATE_SCHEMA = 3  # 3: the noise settings have their own block in settings, as in summary.json
 POWER_MARGIN, POWER = 0.01, 0.8  # the power statement in gate.json: a model 1 point better, 80 % power
 VERDICT = {PASS: "pass", FAIL: "fail", 0: "inconclusive"}
 

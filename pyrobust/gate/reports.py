@@ -49,12 +49,12 @@ def markdown_summary(result: GateResult) -> str:
         lines.append(f"| {md_code(c.name, table=True)} | {_interval(c)} | {_threshold(c)} | {_ICON[c.verdict]} "
                      f"{c.verdict} |")
     lines.append("")
-    p = result.policy
+    p, noise = result.policy, result.settings["noise"]
     lines.append(f"Exact intervals at each check's per-look level ({p.confidence:.0%} overall: accuracy on the clean "
                  f"pass of every image, robustness over {len(result.settings['looks_planned'])} planned looks, "
                  f"error spent {p.spending}; fail verdicts controlled across checks: {p.family}); noise: "
-                 f"{result.settings['pixels']} pixels, {result.settings['max_steps']} steps, "
-                 f"{result.settings['scheme']}, {result.settings['mode']}, seed {result.settings['seed']}.")
+                 f"{noise['pixels']} pixels, {noise['max_steps']} steps, {noise['scheme']}, {noise['mode']}, "
+                 f"seed {noise['seed']}.")
     if result.stopped_early:
         lines.append(f"Stopped early: {md_text(result.stop_reason)}.")
     for w in result.warnings:

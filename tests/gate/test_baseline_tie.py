@@ -120,9 +120,10 @@ def test_one_altered_robust_flag_is_caught_when_replayed(baseline_run, bundled_m
     ff, fl = out.first_failure.copy(), out.failure_label.copy()
     ff[i], fl[i] = ROBUST, ROBUST
     doctored = replace(record, outcome=replace(out, first_failure=ff, failure_label=fl))
+    from pyrobust.data.dataset import DataSelection
     from pyrobust.engine.plan import load_data
 
-    ds, _ = load_data("sample", limit=120)
+    ds, _ = load_data("sample", selection=DataSelection(limit=120))
     spec = NoiseSpec(max_steps=15)
     with plan_run(bundled_model, ds, spec, RunOptions(batch_size=32, sessions=1)) as plan:
         class Pick:  # a generator whose "random" choice is the altered image and a few others

@@ -110,15 +110,17 @@ def test_a_damaged_output_is_redone(study, shared_data):
 
 def test_the_scheduler_reaches_every_evaluation(monkeypatch, tmp_path, shared_data):
     """``reproduce --scheduler`` hands the scheduler to each evaluation (Dask itself is tested in test_parallel)."""
+    import dataclasses
+
     import pyrobust.evaluation
 
     seen = []
     real = pyrobust.evaluation.evaluate
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("scheduler"))
-        kwargs["scheduler"] = None  # run in this process: the point is only what was asked for
-        return real(*args, **kwargs)
+    def spy(*args, options, **kwargs):
+        seen.append(options.scheduler)
+        # run in this process: the point is only what was asked for
+        return real(*args, options=dataclasses.replace(options, scheduler=None), **kwargs)
 
     monkeypatch.setattr(pyrobust.evaluation, "evaluate", spy)
     reproduce(StudyConfig.quick_config("mnist", data_dir=str(shared_data), scheduler="local:2"), tmp_path)
