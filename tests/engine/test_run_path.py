@@ -35,6 +35,7 @@ def test_evaluate_and_gate_have_every_run_option():
     assert run - {"checkpoint_every"} <= _options("gate")  # a gate writes no run folder to checkpoint
 
 
+@pytest.mark.slow
 def test_gate_config_keys_follow_the_command_options(capsys, tmp_path, bundled_model):
     keys = config_keys(cli.commands["gate"])
     assert {"sessions", "max_memory", "custom_ops", "chunk_size", "scheduler", "range", "early_stop",

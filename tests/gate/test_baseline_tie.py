@@ -137,6 +137,7 @@ def test_one_altered_robust_flag_is_caught_when_replayed(baseline_run, bundled_m
     del sample
 
 
+@pytest.mark.slow
 def test_the_library_names_python_arguments(baseline_run, bundled_model):
     from pyrobust.errors import InvalidInput
 
