@@ -180,11 +180,14 @@ class RunPlan:
 def plan_run(model, dataset: Dataset, noise: NoiseSpec, options: RunOptions, *, status=None,
              connection=None, output: str | None = None) -> RunPlan:
     """Everything a run needs, checked before any work: ``model`` is an ONNX file or a loaded
-    :class:`~pyrobust.engine.runtime.OnnxModel` (which then runs as the only session unless ``sessions`` is
-    given); ``output`` names the output that holds the class scores (default: the one that unambiguously does).
+    :class:`~pyrobust.engine.runtime.OnnxModel` or :class:`~pyrobust.engine.runtime.BoundModel` (bound again to
+    this data; it then runs as the only session unless ``sessions`` is given); ``output`` names the output that
+    holds the class scores (default: the one that unambiguously does).
     Memory: the data, the engine's buffers for every session, and onnxruntime's working memory per image must fit
     the budget; the batch sizes ``auto`` may pick are bounded by it."""
     status = status or (lambda text: None)
+    if isinstance(model, BoundModel):
+        model = model.model  # bound again below, to this data
     threads = check_threads(options.threads)  # at most the CPUs available (with a warning)
     budget = options.budget
     check_spec_for_data(noise, dataset.image_shape)

@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 import weakref
+from typing import Any
 
 _ACTIVE_RUNS: weakref.WeakSet = weakref.WeakSet()  # RunOptions of the sessions that exist
 GRACE_SECONDS = 10.0  # how long the main thread may take to stop by itself once asked (a loaded machine saving a
@@ -53,7 +54,7 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._pipe: tuple[int, int] | None = None
         self._previous_fd = -1
-        self._previous_sigint = None
+        self._previous_sigint: Any = None  # the SIGINT handler replaced for the run (it was not Python's)
 
     def set_timeout(self, seconds: float) -> None:
         """Arm (or re-arm) the deadline, counted from now."""

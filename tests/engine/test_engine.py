@@ -193,3 +193,15 @@ def test_packed_rows_never_pass_max_steps():
     assert steps.tolist() == [0, 1, 2, 3, 9, 10, 10]
     slots, steps = _batch_rows(rows, slot_step, batch_size=2, max_steps=10, pack=True)
     assert slots.tolist() == [0, 2, 3] and steps.tolist() == [0, 9, 10]
+
+
+def test_a_bound_model_is_evaluated_like_the_loaded_one(bundled_model, sample):
+    """A BoundModel (what bind() returns) is a model evaluate() takes too: bound again to the data, same results."""
+    import pyrobust
+    from pyrobust.engine.runtime import OnnxModel
+
+    loaded = OnnxModel(bundled_model, threads=1)
+    bound = loaded.bind((28, 28, 1), n_classes=10)
+    a = pyrobust.evaluate(bound, sample, limit=30, max_steps=8, report=False)
+    b = pyrobust.evaluate(loaded, sample, limit=30, max_steps=8, report=False)
+    assert np.array_equal(a.first_failure, b.first_failure) and a.model.binding == bound.binding
