@@ -17,6 +17,7 @@ from pyrobust.engine.loop import model_units, perturbed_input, predict_one
 from pyrobust.errors import InvalidInput, ModelError
 from pyrobust.store.results import load_results
 from pyrobust.types import ROBUST, NoiseSpec
+from pyrobust.validate import Integer, check
 
 
 @dataclass(frozen=True, repr=False)
@@ -70,8 +71,7 @@ def rebuild(outcome, spec: NoiseSpec, dataset, *, index: int, step: int | None =
             raise InvalidInput(f"image {index} is robust (never fooled in {spec.max_steps} steps), so it has no "
                                "failing input; pass step=S to rebuild its input at step S")
         step = ff
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= spec.max_steps:
-        raise InvalidInput(f"step must be an integer in [0, {spec.max_steps}]; got {step!r}")
+    check("step", step, Integer(0, spec.max_steps))
     if ff != ROBUST and step > ff:
         raise InvalidInput(f"image {index} left play at step {ff}; steps after it were never run")
     base = model_units(dataset, slice(pos, pos + 1), spec)[0]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pyrobust.errors import DataError, InvalidInput
-from pyrobust.validate import Integer, check_fields, declare
+from pyrobust.validate import Integer, check, check_fields, declare
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,8 +187,7 @@ def select_positions(n: int, *, start: int | None = None, stop: int | None = Non
     if hi <= lo:
         raise InvalidInput(f"the index range {lo}:{hi} is empty; give start < stop")
     if limit is not None:
-        if limit < 1:
-            raise InvalidInput(f"limit must be >= 1; got {limit}")
+        check("limit", limit, Integer(1))
         if limit > hi - lo:
             raise InvalidInput(f"limit {limit} is beyond the dataset: {what} has {hi - lo} images in range")
         hi = lo + limit

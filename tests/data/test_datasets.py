@@ -245,7 +245,7 @@ def test_selection_keeps_original_indices(sample):
     assert sample.select(limit=3).index.tolist() == [0, 1, 2]
     with pytest.raises(InvalidInput, match="limit 501 is beyond the dataset: mnist-sample:test has 500 images"):
         sample.select(limit=501)
-    with pytest.raises(InvalidInput, match="limit must be >= 1"):
+    with pytest.raises(InvalidInput, match="limit must be an integer >= 1"):
         sample.select(limit=0)
     with pytest.raises(InvalidInput, match=r"stop must be in \[0, 500\]"):
         sample.select(stop=600)
