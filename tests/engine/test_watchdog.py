@@ -70,14 +70,17 @@ def test_sigterm_stops_a_model_that_never_returns(hanging_model):
 
 
 def test_timeout_mid_run_saves_a_fresh_checkpoint_with_sessions_and_resumes(tmp_path, bundled_model, shared_data):
-    common = ["evaluate", str(bundled_model), "--dataset", "mnist:test", "--data-dir", str(shared_data), "--limit",
-              "3000", "--sessions", "2", "--threads", "2", "--batch-size", "64", "--no-report", "--out",
-              str(tmp_path / "o")]
+    def command(out):
+        return ["evaluate", str(bundled_model), "--dataset", "mnist:test", "--data-dir", str(shared_data), "--limit",
+                "3000", "--sessions", "2", "--threads", "2", "--batch-size", "64", "--no-report", "--out", str(out)]
+
     # The deadline must fall inside the run: 2 s on a quiet machine, where the start (imports, probe, tuning) takes
     # under a second. On a loaded machine the start can take longer than the deadline, so that no image is done
-    # yet: the deadline is then doubled and the run started again, until it falls inside the run.
+    # yet: the deadline is then doubled and the run started again in a fresh folder, until it falls inside the run.
     for seconds in (2, 4, 8, 16, 32):
-        r = subprocess.run([*CLI, *common, "--timeout", str(seconds)], capture_output=True, text=True, timeout=300)
+        out = tmp_path / f"o-{seconds}"
+        r = subprocess.run([*CLI, *command(out), "--timeout", str(seconds)], capture_output=True, text=True,
+                           timeout=300)
         assert r.returncode == 130 and f"timed out after {seconds} s (--timeout)" in r.stderr, r.stderr
         if "interrupted after" in r.stderr and int(r.stderr.split("interrupted after ")[1].split(" ")[0]) > 0:
             break
@@ -85,9 +88,9 @@ def test_timeout_mid_run_saves_a_fresh_checkpoint_with_sessions_and_resumes(tmp_
         pytest.fail(f"no image was done within 32 s: {r.stderr}")
     saved = int(r.stderr.split("interrupted after ")[1].split(" ")[0])
     assert 0 < saved < 3000  # merged image by image, not only when a whole shard finishes
-    r = subprocess.run([*CLI, *common, "--resume"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*CLI, *command(out), "--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    resumed = pyrobust.load_results(tmp_path / "o")[0]
+    resumed = pyrobust.load_results(out)[0]
     whole = pyrobust.evaluate(bundled_model, "mnist:test", data_dir=shared_data, limit=3000, report=False,
                               sessions=1)
     assert np.array_equal(resumed.first_failure, whole.first_failure)
