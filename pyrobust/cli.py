@@ -115,6 +115,9 @@ def noise_options(func):
         click.option("--pixel-count", type=click.Choice(["fixed", "random"]), default="fixed", show_default=True,
                      help="fixed: every step draws --pixels pixels; random: a count uniform in 1..--pixels per step "
                           "(the paper's 'at most')."),
+        click.option("--count-failures", is_flag=True,
+                     help="Keep probing each image through all --max-steps steps and count its failing steps: an "
+                          "exact interval on each image's failure probability (costs the steps after a failure)."),
         click.option("--pixel-range", type=click.Choice(["0,1", "0,255"]), default=None,
                      callback=lambda ctx, param, v: None if v is None else (1 if v == "0,1" else 255),
                      help="Pixel values the model takes; images and noise are scaled to it (default: the model's "
@@ -371,6 +374,23 @@ def _print_summary(summary: dict, out: Path | None) -> None:
     step = m["first_failure_step"]
     if step["median"] is not None:
         t.add_row("first-failure step", f"median {step['median']:.0f}, mean {step['mean']:.1f}")
+    fp = summary.get("failure_probability")
+    if fp and fp["images"]:
+        worst = fp["most_fragile"][0] if fp["most_fragile"] else None
+        text = (f"mean p̂ {fp['mean']:.3%} per step ({fp['method']}); never fooled: p <= "
+                f"{fp['never_failed_upper_bound']:.2%} at {fp['confidence']:.0%}")
+        if worst is not None:
+            lo, hi = worst["interval"]
+            text += f"; most fragile #{worst['index']}: p̂ {worst['p_hat']:.1%} [{lo:.1%}, {hi:.1%}]"
+        t.add_row("failure probability", text)
+    budget = summary.get("budget")
+    if budget:
+        t.add_row("step budget", f"{budget['max_steps']} steps: {budget['claim']}")
+    margin = summary.get("clean_margin")
+    if margin and margin.get("auc") is not None:
+        lo, hi = margin["interval"]
+        t.add_row("clean margin", f"AUC {margin['auc']:.3f} [{lo:.3f}, {hi:.3f}] for telling robust from fooled "
+                                  "images (1.0: one clean pass would tell)")
     if m["nonfinite_outputs"]:
         t.add_row("non-finite outputs", str(m["nonfinite_outputs"]))
     prec = summary.get("precision")
@@ -383,7 +403,7 @@ def _print_summary(summary: dict, out: Path | None) -> None:
     n, s = noise_of(summary), summary["settings"]
     values = f"{{{n.low}, {n.high}}}" if n.scheme == "salt-pepper" else f"[{n.low}, {n.high})"
     t.add_row("noise", f"{_count(int(n.pixels), 'pixel')}, {_count(n.max_steps, 'step')}, {n.scheme} {values}, "
-                       f"{n.mode}, seed {n.seed}")
+                       f"{n.mode}, seed {n.seed}" + (", every step counted" if n.count_failures else ""))
     par = s.get("parallel") or {}
     if "workers" in par:
         t.add_row("ran on", f"Dask {par['scheduler']}: {_count(par['workers'], 'worker')}, "
@@ -513,6 +533,13 @@ def cli(debug: bool) -> None:
 @click.option("--precision", callback=_fraction, default=None,
               help="Stop once the 95% intervals of robust fraction and accuracy are within ± this (0.01 or 1%), "
                    "taking images in a seeded random order.")
+@click.option("--max-failure-prob", callback=_fraction, default=None,
+              help="Set --max-steps from a target: the budget at which an image never fooled has a per-step failure "
+                   "probability at most this (1% or 0.01) at --confidence (299 steps for 1% at 95%).")
+@click.option("--confidence", callback=_fraction, default="95%", show_default=True,
+              help="Confidence of --max-failure-prob's claim.")
+@click.option("--familywise", is_flag=True,
+              help="--max-failure-prob's claim holds for every image of the set at once (Bonferroni over them).")
 @click.option("--no-report", is_flag=True, help="Skip the PNG figures.")
 @click.option("--json", "json_out", is_flag=True, help="Print summary.json to stdout instead of the table.")
 @noise_options
@@ -520,15 +547,30 @@ def cli(debug: bool) -> None:
 @_quiet_option
 @_timeout_option
 @_settings
-def evaluate(model, dataset, out, overwrite, resume, precision, no_report, json_out, output, noise, options,
-             data) -> int:
+def evaluate(model, dataset, out, overwrite, resume, precision, max_failure_prob, confidence, familywise, no_report,
+             json_out, output, noise, options, data) -> int:
     """Evaluate MODEL (an ONNX file) under random L0 noise and write results to --out.
 
     Example: pyrobust evaluate model.onnx --dataset mnist:test --data-dir ../shared/data --out runs/mnist
     """
+    target = _target(max_failure_prob, confidence, familywise)
     return _run_evaluation(model, dataset, data=data, out=out, overwrite=overwrite, resume=resume,
-                           precision=precision, report=not no_report, json_out=json_out, output=output, noise=noise,
-                           options=options)
+                           precision=precision, target=target, report=not no_report, json_out=json_out,
+                           output=output, noise=noise, options=options)
+
+
+def _target(max_failure_prob, confidence, familywise):
+    """The failure-probability target of --max-failure-prob, refused beside an explicit --max-steps."""
+    from pyrobust.types import FailureTarget
+
+    ctx = click.get_current_context()
+    if max_failure_prob is None:
+        if familywise or ctx.get_parameter_source("confidence") == click.core.ParameterSource.COMMANDLINE:
+            raise click.UsageError("--confidence and --familywise qualify --max-failure-prob; give it too")
+        return None
+    if ctx.get_parameter_source("max_steps") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("give --max-steps or --max-failure-prob (which sets the step budget), not both")
+    return FailureTarget(max_failure_prob, confidence, familywise)
 
 
 @cli.command()
@@ -960,6 +1002,8 @@ def compare(a, b, out) -> int:
 @click.argument("results", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--index", type=int, required=True, help="Original dataset index of the image.")
 @click.option("--step", type=int, default=None, help="Step to rebuild (default: the image's first failure).")
+@click.option("--failure", type=int, default=None,
+              help="Rebuild the image's K-th failing step instead (a run with --count-failures; asks the model).")
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The model file, if it moved since the run.")
 @data_dir_option("Where the data is now, if it moved since the run.")
@@ -967,7 +1011,7 @@ def compare(a, b, out) -> int:
               help="Write the input: .npy (float32 H×W×C) or .png (original | perturbed).")
 @click.option("--no-check", is_flag=True,
               help="Only rebuild the input when the run's model file is gone (else: exit 3).")
-def replay(results, index, step, model, data_dir, out, no_check) -> int:
+def replay(results, index, step, failure, model, data_dir, out, no_check) -> int:
     """Rebuild image INDEX's input at its first failure (or --step) from RESULTS and ask the model again.
 
     Exit 0 when the model's prediction matches the run's record, 1 when it does not.
@@ -982,10 +1026,12 @@ def replay(results, index, step, model, data_dir, out, no_check) -> int:
 
     if out is not None and out.suffix not in (".npy", ".png"):
         raise InvalidInput(f"--out must end in .npy or .png; got {out}")
-    r = do_replay(results, index=index, step=step, model=model, data_dir=data_dir)
+    r = do_replay(results, index=index, step=step, model=model, data_dir=data_dir, failure=failure)
     changed = int((r.perturbed != r.original).any(axis=2).sum())
-    _echo(f"image {r.index}: label {r.label}, step {r.step} ({changed} pixels changed); "
-               f"run recorded prediction {r.recorded_label}")
+    recorded = f"prediction {r.recorded_label}" if r.recorded_label >= -2 else "a failure (any class but the label)"
+    which = f"failure {r.failure}, " if r.failure is not None else ""
+    _echo(f"image {r.index}: label {r.label}, {which}step {r.step} ({changed} pixels changed); "
+               f"run recorded {recorded}")
     if out is not None:
         _write_replay(out, r)
         _echo(f"wrote {out}")

@@ -23,13 +23,14 @@ from pyrobust.files import make_out_dir
 from pyrobust.machine import check_threads
 from pyrobust.report import plot_examples, plot_failure, plot_per_class, plot_survival, write_report
 from pyrobust.sequential import precision_bounds, random_order
-from pyrobust.stats import look_schedule
+from pyrobust.stats import failure_interval, failure_probability, look_schedule
 from pyrobust.store.results import build_summary, noise_of
 from pyrobust.store.rundir import Complete, Resume, RunLock, checkpointed, decide_start, finish_run
-from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome, RunState
+from pyrobust.types import NONFINITE, PAPER_MAX_STEPS, ROBUST, FailureTarget, NoiseSpec, Outcome, RunState
 from pyrobust.validate import Number, check
 
 PRECISION_CONFIDENCE = 0.95
+CONFIDENCE = Number(0, 1, lo_open=True, hi_open=True, kind="a confidence", hint="(e.g. 0.95)")
 
 
 def precision_alpha_side(looks: int) -> float:
@@ -81,6 +82,43 @@ class Evaluation:
     @property
     def index(self) -> np.ndarray:
         return self.outcome.index
+
+    @property
+    def robust_of_correct(self) -> float | None:
+        """Robust images as a share of the correctly classified ones (``robust_fraction`` is of all images)."""
+        v = self.summary["metrics"]["robust_of_correct"]["fraction"]
+        return None if v is None else float(v)
+
+    @property
+    def failures(self) -> np.ndarray | None:
+        """Per image: failing steps among its ``max_steps`` probes (runs with ``count_failures=True``; else None)."""
+        return self.outcome.failures
+
+    @property
+    def clean_margin(self) -> np.ndarray | None:
+        """Per image: its clean score for the label minus the best other score (NaN: not recorded)."""
+        return self.outcome.clean_margin
+
+    @property
+    def failure_probability(self) -> np.ndarray:
+        """Per image: the estimated per-step failure probability p̂ under this noise (NaN for an image wrong before
+        any noise): failures / probes with failure counts, else 1 / first-failure step and 0 for a robust image
+        (:func:`pyrobust.stats.failure_probability`)."""
+        return failure_probability(self.outcome.first_failure, self.outcome.failures, self.noise.max_steps)
+
+    def failure_interval(self, confidence: float = 0.95, *, side: str = "two",
+                         familywise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Per image: exact bounds on its failure probability (:func:`pyrobust.stats.failure_interval`), two-sided
+        or the one-sided ``side="upper"`` bound. ``familywise``: the level holds for every image of this set at
+        once (Bonferroni over the images that were perturbed)."""
+        check("confidence", confidence, CONFIDENCE)
+        if side not in ("two", "upper"):
+            raise InvalidInput(f"side must be 'two' or 'upper'; got {side!r}")
+        level = confidence
+        if familywise:
+            level = 1 - (1 - confidence) / max(1, int(self.outcome.correct.sum()))
+        return failure_interval(self.outcome.first_failure, self.outcome.failures, self.noise.max_steps, level,
+                                side=side)
 
     @property
     def labels(self) -> np.ndarray:
@@ -138,9 +176,17 @@ class Evaluation:
         except ImportError:
             raise MissingDependency("to_dataframe needs pandas: pip install pandas") from None
         o = self.outcome
-        return pd.DataFrame({"index": o.index, "label": o.label, "clean_prediction": o.clean_prediction,
-                             "first_failure": o.first_failure, "failure_label": o.failure_label,
-                             "correct": o.correct, "robust": o.robust})
+        lo, hi = self.failure_interval()
+        _, upper = self.failure_interval(side="upper")
+        columns = {"index": o.index, "label": o.label, "clean_prediction": o.clean_prediction,
+                   "first_failure": o.first_failure, "failure_label": o.failure_label,
+                   "correct": o.correct, "robust": o.robust}
+        if o.failures is not None:
+            columns["failures"] = o.failures
+        columns.update(p_hat=self.failure_probability, p_low=lo, p_high=hi, p_upper95=upper)
+        if o.clean_margin is not None:
+            columns["clean_margin"] = o.clean_margin
+        return pd.DataFrame(columns)
 
     def __repr__(self) -> str:
         m = self.summary["metrics"]
@@ -161,6 +207,7 @@ def evaluate(
     overwrite: bool = False,
     resume: bool = False,
     precision: float | None = None,
+    target: FailureTarget | None = None,
     output: str | None = None,
     report: bool = True,
     progress: Progress | None = None,
@@ -196,10 +243,19 @@ def evaluate(
     they hold at 95 % jointly over every look, whichever look stops the run; the summary's ``precision`` block
     records them, the number of images used and why the run stopped. Results cover the images evaluated.
 
+    ``count_failures=True`` (a noise field) keeps probing each correctly classified image through all ``max_steps``
+    steps and counts its failing steps: ``ev.failures``, and exact Clopper-Pearson intervals on each image's failure
+    probability (``ev.failure_probability``, ``ev.failure_interval()``); without it the intervals come from the
+    first-failure step (exact geometric). ``target`` (a :class:`~pyrobust.types.FailureTarget`, e.g.
+    ``FailureTarget(0.01)``) sets ``max_steps`` to the budget at which an image never fooled has p <= 1 % at
+    95 % (299 steps; ``familywise=True``: for every image of the set at once), recorded in the summary's ``budget``.
+
     ``progress(done, total, inferences)`` is called as images finish; ``status(text)`` says what happens before the
     first one (loading, measuring the batch size).
     """
     status = status or (lambda text: None)
+    if target is not None and ("max_steps" in settings or (noise is not None and noise.max_steps != PAPER_MAX_STEPS)):
+        raise InvalidInput("give max_steps or a failure-probability target (which sets max_steps), not both")
     spec, options, selection = split_settings(settings, noise=noise, options=options, data=data)
     _check_precision(precision)
     if resume and overwrite:
@@ -207,11 +263,18 @@ def evaluate(
     status("loading the data")
     ds, ds_spec = load_data(dataset, labels, selection=selection, max_bytes=options.budget)
     recorded = selection.record(ds_spec, ds)
+    budget = None
+    if target is not None:
+        budget = target.record(ds.n)
+        spec = replace(spec, max_steps=budget["max_steps"])
+        status(f"step budget {budget['max_steps']}: {budget['claim']}")
     with _session(model, ds, spec, options, status) as (m, model_info), \
             plan_run(m, ds, spec, options, status=status, output=output) as plan:
         def run(state: RunState | None, save) -> Evaluation:
             outcome, used, prec, info = _run(plan, precision, state, save, progress)
             summary = _summary(plan, outcome, used, prec, info, state, model_info, recorded)
+            if budget is not None:
+                summary["budget"] = budget
             return Evaluation(outcome=outcome, summary=summary, out=None, dataset=used, model=plan.model)
 
         if out is None:
@@ -339,11 +402,7 @@ def _run_to_precision(plan: RunPlan, precision: float, state: RunState | None, s
             reached = True
             break
     used = ds.take(pos)
-    outcome = Outcome(index=used.index.copy(), label=used.labels.copy(),
-                      clean_prediction=state.clean_prediction[pos].copy(),
-                      first_failure=state.first_failure[pos].copy(),
-                      failure_label=state.failure_label[pos].copy(), inferences=state.inferences,
-                      noisy_inferences=state.noisy_inferences, seconds=state.seconds)
+    outcome = state.outcome(ds, counted=plan.noise.count_failures).take(pos)
     worst = max(w["half_width"] for w in widths.values())
     reason = (f"both intervals within ±{precision:.2%} after {n} of {ds.n} images" if reached and n < ds.n else
               f"both intervals within ±{precision:.2%} only with every image" if reached else

@@ -13,7 +13,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from pyrobust.types import ROBUST
+from perturbcore import ROBUST
 
 
 def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -160,3 +160,164 @@ def look_schedule(total: int, *, first: int | None = None, growth: float = 1.5) 
         n = max(n + 1, math.ceil(n * growth))
     looks.append(int(total))
     return looks
+
+
+# ---------------------------------------------------------------------------------- per-image failure probability
+def _alpha(confidence: float) -> float:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1); got {confidence}")
+    return 1 - confidence
+
+
+def failure_probability(first_failure, failures, max_steps: int) -> np.ndarray:
+    """Each image's estimated per-step failure probability p̂ (float64; NaN for an image wrong before any noise).
+
+    With failure counts (``failures`` not None): failing steps / ``max_steps`` probes. Without: the maximum-
+    likelihood estimate of a geometric first-failure step, 1 / step for an image fooled at ``step``, and 0 for an
+    image never fooled in ``max_steps`` (censored: only its bound says how small p is)."""
+    ff = np.asarray(first_failure)
+    out = np.full(ff.shape, np.nan)
+    if failures is not None:
+        f = np.asarray(failures, np.float64)
+        ok = ff != 0
+        out[ok] = f[ok] / max_steps
+        return out
+    fooled = ff > 0
+    out[fooled] = 1.0 / ff[fooled]
+    out[ff == ROBUST] = 0.0
+    return out
+
+
+def failure_interval(first_failure, failures, max_steps: int, confidence: float = 0.95,
+                     side: str = "two") -> tuple[np.ndarray, np.ndarray]:
+    """Exact bounds on each image's per-step failure probability p (float64 arrays; NaN for an image wrong before
+    any noise), for every p and every budget (they never undercover):
+
+    * with failure counts: Clopper-Pearson on failures / ``max_steps``;
+    * without: the first-failure step T is geometric, censored at ``max_steps``, and P(T <= t) = 1 - (1 - p)^t
+      is monotone in p, so inverting its two tails gives the exact interval: for an image fooled at step t,
+      [1 - (1 - a)^(1/t), 1 - a^(1/(t-1))] (upper bound 1 at t = 1); for an image never fooled, [0, 1 - a^(1/N)].
+
+    ``side="two"``: a two-sided interval at ``confidence`` (a = (1 - confidence) / 2 on each side);
+    ``side="upper"``: the one-sided upper bound at ``confidence`` (a = 1 - confidence; the lower bound is 0): the
+    claim "p <= bound at 95 %" (1.19 % for 0 failures in 250 steps)."""
+    if side not in ("two", "upper"):
+        raise ValueError(f"side must be 'two' or 'upper'; got {side!r}")
+    a = _alpha(confidence) / (2 if side == "two" else 1)
+    ff = np.asarray(first_failure)
+    lo = np.full(ff.shape, np.nan)
+    hi = np.full(ff.shape, np.nan)
+    ok = ff != 0
+    if failures is not None:
+        f = np.asarray(failures)[ok]
+        clo, chi = clopper_pearson(f, np.full(f.shape, max_steps), a)
+        lo[ok], hi[ok] = clo, chi
+    else:
+        fooled = ff > 0
+        t = ff[fooled].astype(np.float64)
+        lo[fooled] = -np.expm1(np.log1p(-a) / t)
+        with np.errstate(divide="ignore"):
+            hi[fooled] = np.where(t > 1, -np.expm1(np.log(a) / np.maximum(t - 1, 1)), 1.0)
+        robust = ff == ROBUST
+        lo[robust] = 0.0
+        hi[robust] = -math.expm1(math.log(a) / max_steps)
+    if side == "upper":
+        lo[ok] = 0.0
+    return lo, hi
+
+
+def steps_for_bound(max_failure_prob: float, confidence: float = 0.95, images: int = 1) -> int:
+    """The step budget N at which an image never fooled has p <= ``max_failure_prob`` at ``confidence``:
+    the smallest N with (1 - q)^N <= a, where a = 1 - confidence, or a / ``images`` for a claim on every image of a
+    fixed set at once (Bonferroni; Holm's first step is the same). 299 for 1 % at 95 %; 757 for each of 100
+    images."""
+    if not 0 < max_failure_prob < 1:
+        raise ValueError(f"max_failure_prob must be in (0, 1); got {max_failure_prob}")
+    if images < 1:
+        raise ValueError(f"images must be >= 1; got {images}")
+    a = _alpha(confidence) / images
+    n = math.log(a) / math.log1p(-max_failure_prob)
+    steps = math.ceil(n - 1e-9)
+    while (1 - max_failure_prob) ** steps > a:  # rounding at the boundary
+        steps += 1
+    return max(1, steps)
+
+
+def robust_at(first_failure, steps: int) -> np.ndarray:
+    """Images correctly classified and not fooled within the first ``steps`` steps."""
+    ff = np.asarray(first_failure)
+    return (ff == ROBUST) | (ff > steps)
+
+
+def survival_bands(first_failure, max_steps: int, confidence: float = 0.95) -> dict:
+    """The survival curve (share of all images not fooled after each step 0..max_steps) with two bands:
+
+    * ``pointwise``: Clopper-Pearson at each step (each step's share covers at ``confidence`` on its own);
+    * ``simultaneous``: the Dvoretzky-Kiefer-Wolfowitz band, ± sqrt(ln(2 / a) / (2 n)) (Massart's constant),
+      which covers the whole curve at once at ``confidence`` for any n and any distribution of failure steps.
+    """
+    a = _alpha(confidence)
+    ff = np.asarray(first_failure)
+    n = ff.shape[0]
+    curve = survival_curve(ff, max_steps)
+    if n == 0:
+        ones = [1.0] * (max_steps + 1)
+        zeros = [0.0] * (max_steps + 1)
+        return {"confidence": confidence, "pointwise": {"lower": zeros, "upper": ones},
+                "simultaneous": {"lower": zeros, "upper": ones, "half_width": 1.0, "method": "dkw"}}
+    counts = np.rint(curve * n)
+    lo, hi = clopper_pearson(counts, np.full(counts.shape, n), a / 2)
+    eps = math.sqrt(math.log(2 / a) / (2 * n))
+    return {"confidence": confidence,
+            "pointwise": {"lower": [float(v) for v in lo], "upper": [float(v) for v in hi],
+                          "method": "clopper-pearson"},
+            "simultaneous": {"lower": [float(v) for v in np.clip(curve - eps, 0, 1)],
+                             "upper": [float(v) for v in np.clip(curve + eps, 0, 1)],
+                             "half_width": eps, "method": "dkw"}}
+
+
+# -------------------------------------------------------------------------------------------- rank statistics
+def auc_interval(score, positive, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Area under the ROC curve of ``score`` for telling ``positive`` items apart (ties count half), with DeLong's
+    variance (DeLong, DeLong & Clarke-Pearson 1988) and a logit-transformed normal interval, which stays in
+    [0, 1]. NaN scores are dropped. Returns (auc, lower, upper); NaNs when a class is empty."""
+    from scipy.stats import rankdata
+
+    s = np.asarray(score, np.float64)
+    y = np.asarray(positive, bool)
+    keep = ~np.isnan(s)
+    s, y = s[keep], y[keep]
+    m, n = int(y.sum()), int((~y).sum())
+    if m == 0 or n == 0:
+        return (math.nan, math.nan, math.nan)
+    r_all = rankdata(s)
+    r_pos = rankdata(s[y])
+    r_neg = rankdata(s[~y])
+    auc = float((r_all[y].sum() - m * (m + 1) / 2) / (m * n))
+    v10 = (r_all[y] - r_pos) / n  # per positive: share of negatives below it
+    v01 = 1 - (r_all[~y] - r_neg) / m  # per negative: share of positives above it
+    var = (np.var(v10, ddof=1) / m if m > 1 else 0.0) + (np.var(v01, ddof=1) / n if n > 1 else 0.0)
+    z = normal_quantile(1 - _alpha(confidence) / 2)
+    clipped = min(max(auc, 0.5 / (m * n)), 1 - 0.5 / (m * n))
+    se_logit = math.sqrt(var) / (clipped * (1 - clipped))
+    centre = math.log(clipped / (1 - clipped))
+    lo, hi = (1 / (1 + math.exp(-(centre + k * z * se_logit))) for k in (-1, 1))
+    return (auc, float(lo), float(hi))
+
+
+def spearman_interval(x, y, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Spearman's rank correlation of ``x`` and ``y`` (NaN pairs dropped) with the Fisher-z interval and the
+    Bonett-Wright variance, (1 + r²/2) / (n - 3). Returns (rho, lower, upper); NaNs below 4 pairs or for a
+    constant variable."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    if a.size < 4 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return (math.nan, math.nan, math.nan)
+    r = float(spearmanr(a, b).statistic)
+    z = normal_quantile(1 - _alpha(confidence) / 2)
+    se = math.sqrt((1 + r * r / 2) / (a.size - 3))
+    c = math.atanh(min(max(r, -0.999999), 0.999999))
+    return (r, math.tanh(c - z * se), math.tanh(c + z * se))

@@ -17,7 +17,7 @@ import numpy as np
 
 from perturbcore import NONFINITE, ROBUST, SCHEMES
 from pyrobust.errors import InvalidInput
-from pyrobust.validate import Choice, Constraint, Integer, check_fields, declare
+from pyrobust.validate import Choice, Constraint, Integer, Number, check_fields, declare
 
 MODES = ("restart", "cumulative")
 PAPER_PIXELS = 28
@@ -29,7 +29,8 @@ VALUE_LIMIT = 1e6
 PIXEL_COUNTS = ("fixed", "random")
 STD_MIN = 1e-6  # the survival curve has max_steps + 1 points in summary.json and the figures
 
-__all__ = ["MODES", "NONFINITE", "ROBUST", "SCHEMES", "NoiseSpec", "Outcome", "RunRecord", "RunState", "differences"]
+__all__ = ["MODES", "NONFINITE", "ROBUST", "SCHEMES", "FailureTarget", "NoiseSpec", "Outcome", "RunRecord", "RunState",
+           "differences"]
 
 
 def pixel_share(text: str) -> float | None:
@@ -42,6 +43,11 @@ def pixel_share(text: str) -> float | None:
     except ValueError:
         return None
     return v / 100 if math.isfinite(v) and 0 < v <= 100 else None
+
+
+def percent(x: float) -> str:
+    """0.01 -> "1%", 0.995 -> "99.5%"."""
+    return f"{x * 100:.4g}%"
 
 
 def is_int(value) -> bool:
@@ -78,6 +84,9 @@ class NoiseSpec:
     pixel_count: str = "fixed"
     # Integer noise values, for a model with an integer input (uint8 pixels): never set by hand, the model decides.
     integer: bool = field(default=False, metadata={"derived": True})
+    # Keep probing a correctly classified image through all max_steps steps and count its failing steps (the
+    # first-failure step stays): an exact per-image failure probability instead of a censored yes/no.
+    count_failures: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.pixels, str):
@@ -107,6 +116,9 @@ class NoiseSpec:
                                    f"(e.g. 0.1307 and 0.3081 for MNIST); got mean={list(mean)}, std={list(std)}")
             object.__setattr__(self, "mean", mean)
             object.__setattr__(self, "std", std)
+        if not isinstance(self.count_failures, (bool, np.bool_)):
+            raise InvalidInput(f"count_failures must be true or false; got {self.count_failures!r}")
+        object.__setattr__(self, "count_failures", bool(self.count_failures))
         if self.integer and self.mean is not None:
             raise InvalidInput("a model with an integer input takes raw pixel values: mean and std cannot apply")
         object.__setattr__(self, "integer", bool(self.integer))
@@ -144,6 +156,8 @@ class NoiseSpec:
             del d["integer"]
         if self.pixel_count == "fixed":
             del d["pixel_count"]
+        if not self.count_failures:
+            del d["count_failures"]
         return d
 
     @classmethod
@@ -160,6 +174,49 @@ class NoiseSpec:
 declare("NoiseSpec", NOISE_CONSTRAINTS, NoiseSpec)
 
 
+TARGET_CONSTRAINTS: dict[str, Constraint] = {
+    "max_failure_prob": Number(0, 0.5, lo_open=True, hi_open=True, kind="a probability", hint="(e.g. 0.01 or 1%)"),
+    "confidence": Number(0.5, 1, hi_open=True, kind="a confidence", hint="(e.g. 0.95 or 95%)"),
+}
+
+
+@dataclass(frozen=True)
+class FailureTarget:
+    """A step budget chosen from what it must show: an image never fooled in that many steps has per-step failure
+    probability at most ``max_failure_prob`` at ``confidence`` (one-sided, exact); ``familywise``: for every image
+    of the evaluated set at once (Bonferroni over the set, the same budget Holm's procedure needs)."""
+
+    max_failure_prob: float
+    confidence: float = 0.95
+    familywise: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self, TARGET_CONSTRAINTS)
+        if not isinstance(self.familywise, (bool, np.bool_)):
+            raise InvalidInput(f"familywise must be true or false; got {self.familywise!r}")
+
+    def steps(self, images: int) -> int:
+        from pyrobust.stats import steps_for_bound
+
+        steps = steps_for_bound(self.max_failure_prob, self.confidence, images if self.familywise else 1)
+        if steps > MAX_STEPS_LIMIT:
+            raise InvalidInput(f"showing p <= {percent(self.max_failure_prob)} at {percent(self.confidence)}"
+                               f"{f' for each of {images} images' if self.familywise else ''} needs {steps:,} steps, "
+                               f"more than the {MAX_STEPS_LIMIT:,} allowed: ask for a larger max_failure_prob")
+        return steps
+
+    def record(self, images: int) -> dict:
+        steps = self.steps(images)
+        over = f" for every one of the {images:,} images at once" if self.familywise else " for each image"
+        return {"max_failure_prob": self.max_failure_prob, "confidence": self.confidence,
+                "familywise": bool(self.familywise), "images": int(images), "max_steps": steps,
+                "claim": f"an image never fooled in {steps} steps has a per-step failure probability <= "
+                         f"{percent(self.max_failure_prob)} at {percent(self.confidence)} confidence{over}"}
+
+
+declare("FailureTarget", TARGET_CONSTRAINTS, lambda **kw: FailureTarget(**{"max_failure_prob": 0.01, **kw}))
+
+
 @dataclass(frozen=True)
 class Outcome:
     """Per-image results of one evaluation, aligned with ``index`` (the images' original dataset indices)."""
@@ -172,8 +229,20 @@ class Outcome:
     inferences: int = 0
     noisy_inferences: int = 0
     seconds: float = 0.0
+    # int32 (n,): failing steps among the max_steps probes of each image (runs with count_failures; else None)
+    failures: np.ndarray | None = None
+    # float64 (n,): clean score of the label minus the best other score (NaN: non-finite output, or not recorded)
+    clean_margin: np.ndarray | None = None
 
     ARRAYS = ("index", "label", "clean_prediction", "first_failure", "failure_label")
+    OPTIONAL = ("failures", "clean_margin")
+
+    def take(self, positions) -> Outcome:
+        """The outcome of the images at ``positions`` (counters kept)."""
+        arrays: dict = {k: getattr(self, k)[positions].copy() for k in self.ARRAYS}
+        for k in self.OPTIONAL:
+            arrays[k] = None if getattr(self, k) is None else getattr(self, k)[positions].copy()
+        return replace(self, **arrays)
 
     @property
     def n(self) -> int:
@@ -200,13 +269,15 @@ class RunState:
         self.clean_prediction = np.full(n, ROBUST, np.int32)
         self.first_failure = np.full(n, ROBUST, np.int32)
         self.failure_label = np.full(n, ROBUST, np.int32)
+        self.failures = np.zeros(n, np.int32)
+        self.clean_margin = np.full(n, np.nan)
         self.done = np.zeros(n, np.bool_)
         self.inferences = 0
         self.noisy_inferences = 0
         self.seconds = 0.0
         self.sessions = 0
 
-    ARRAYS = ("clean_prediction", "first_failure", "failure_label", "done")
+    ARRAYS = ("clean_prediction", "first_failure", "failure_label", "failures", "done")
 
     @property
     def n(self) -> int:
@@ -216,11 +287,13 @@ class RunState:
     def n_done(self) -> int:
         return int(np.count_nonzero(self.done))
 
-    def outcome(self, dataset) -> Outcome:
+    def outcome(self, dataset, *, counted: bool = False) -> Outcome:
+        """The outcome of every image (``counted``: the run counted failures, so ``failures`` is part of it)."""
         return Outcome(index=dataset.index.copy(), label=dataset.labels.copy(),
                        clean_prediction=self.clean_prediction.copy(), first_failure=self.first_failure.copy(),
                        failure_label=self.failure_label.copy(), inferences=self.inferences,
-                       noisy_inferences=self.noisy_inferences, seconds=self.seconds)
+                       noisy_inferences=self.noisy_inferences, seconds=self.seconds,
+                       failures=self.failures.copy() if counted else None, clean_margin=self.clean_margin.copy())
 
 
 @dataclass(frozen=True)

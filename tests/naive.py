@@ -104,8 +104,9 @@ def survival(first_failure, max_steps):
     return np.array([sum(1 for f in first_failure if f == -1 or f > s) / n for s in range(max_steps + 1)])
 
 
-def record_batch(preds, rows, row_steps, label, step, pos, max_steps, clean, first, fail):
-    """The tracking kernel's bookkeeping, one row at a time (``perturbcore.record_batch``)."""
+def record_batch(preds, rows, row_steps, label, step, pos, max_steps, clean, first, fail, failures=None):
+    """The tracking kernel's bookkeeping, one row at a time (``perturbcore.record_batch``); with ``failures``,
+    every failing step is counted and only a wrong clean prediction or the budget ends an image."""
     finished = {}
     for p, r, s in zip(preds, rows, row_steps, strict=True):
         if finished.get(r):
@@ -114,10 +115,48 @@ def record_batch(preds, rows, row_steps, label, step, pos, max_steps, clean, fir
         if s == 0:
             clean[pos[r]] = p
         if p != label[r]:
-            first[pos[r]], fail[pos[r]] = s, p
-            finished[r] = True
-        elif s >= max_steps:
+            if s == 0 or failures is None:
+                first[pos[r]], fail[pos[r]] = s, p
+                finished[r] = True
+                continue
+            if failures[pos[r]] == 0:
+                first[pos[r]], fail[pos[r]] = s, p
+            failures[pos[r]] += 1
+        if s >= max_steps:
             finished[r] = True
         else:
             step[r] = s + 1
     return finished
+
+
+def failure_counts(predict_one, images, labels, indices, *, seed, pixels, max_steps, low=0.0, high=1.0,
+                   scheme="uniform"):
+    """The counting protocol one image and one step at a time: every step 1..max_steps of a correctly classified
+    image is asked of the model. Returns (first_failure, failure_label, failures)."""
+    n = len(labels)
+    first = np.full(n, -1, np.int64)
+    fail = np.full(n, -1, np.int64)
+    count = np.zeros(n, np.int64)
+    for i in range(n):
+        x0 = np.asarray(images[i], np.float32)
+        p0 = predict_one(x0)
+        if p0 != labels[i]:
+            first[i], fail[i] = 0, p0
+            continue
+        for s in range(1, max_steps + 1):
+            p = predict_one(perturb_image(x0, seed=seed, index=int(indices[i]), step=s, pixels=pixels, low=low,
+                                          high=high, scheme=scheme))
+            if p != labels[i]:
+                if count[i] == 0:
+                    first[i], fail[i] = s, p
+                count[i] += 1
+    return first, fail, count
+
+
+def margin(scores, label):
+    """Score of ``label`` minus the best other score, by sorting (NaN for a non-finite row)."""
+    row = np.asarray(scores, np.float64)
+    if not np.all(np.isfinite(row)):
+        return float("nan")
+    others = np.delete(row, label)
+    return float(row[label] - others.max()) if others.size else float("inf")

@@ -72,7 +72,7 @@ def execute(model: BoundModel, dataset: Dataset, spec: NoiseSpec, state: RunStat
     else:
         updates = _single_updates(model, dataset, spec, todo, batch_size=batch_size, chunk_size=chunk_size)
     drive(updates, state, progress=progress, on_checkpoint=on_checkpoint, checkpoint_every=checkpoint_every)
-    return state.outcome(dataset), info
+    return state.outcome(dataset, counted=spec.count_failures), info
 
 
 def _single_updates(model, dataset, spec, todo, *, batch_size, chunk_size) -> Iterator[Update]:

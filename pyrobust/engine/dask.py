@@ -209,7 +209,8 @@ def evaluate_shard(model, sha256: str, images: np.ndarray, labels: np.ndarray, i
     out = run_protocol(m, Dataset("shard", None, images, labels, index, "dask shard"), NoiseSpec.from_dict(spec),
                        batch_size=batch_size, chunk_size=chunk_size)
     return {"clean_prediction": out.clean_prediction, "first_failure": out.first_failure,
-            "failure_label": out.failure_label, "inferences": out.inferences, "noisy": out.noisy_inferences,
+            "failure_label": out.failure_label, "failures": out.failures, "clean_margin": out.clean_margin,
+            "inferences": out.inferences, "noisy": out.noisy_inferences,
             "pid": os.getpid(), "identity": identity(), "data_sha256": _shard_digest(images, labels, index)}
 
 
@@ -255,7 +256,7 @@ def dask_updates(model: BoundModel, dataset: Dataset, spec: NoiseSpec, todo: np.
             pids.add(r["pid"])
             info["worker_processes_used"] = len(pids)
             yield Update(futures[f], r["clean_prediction"], r["first_failure"], r["failure_label"],
-                         r["inferences"], r["noisy"])
+                         r["inferences"], r["noisy"], r.get("failures"), r.get("clean_margin"))
     finally:
         for f in futures:
             f.cancel()

@@ -24,7 +24,7 @@ import perturbcore
 from pyrobust.data.dataset import Dataset
 from pyrobust.engine.runtime import BoundModel, OnnxModel
 from pyrobust.errors import InvalidInput
-from pyrobust.types import NoiseSpec, Outcome, RunState
+from pyrobust.types import ROBUST, NoiseSpec, Outcome, RunState
 from pyrobust.validate import Integer, check
 
 Progress = Callable[[int, int, int], None]  # (images finished, images in all, inferences run)
@@ -146,6 +146,7 @@ def iter_protocol(model: BoundModel, dataset: Dataset, spec: NoiseSpec, state: R
     finished = np.zeros(batch_size, np.bool_)
     cumulative = spec.mode == "cumulative"
     pack = pack and not cumulative
+    counting = spec.count_failures
 
     nxt = 0  # next entry of ``todo`` to admit
     chunk_lo, chunk = 0, np.empty((0, d), np.float32)  # ``chunk`` holds todo[chunk_lo : chunk_lo + len(chunk)]
@@ -164,6 +165,10 @@ def iter_protocol(model: BoundModel, dataset: Dataset, spec: NoiseSpec, state: R
             slot_pos[slots] = pos
             slot_step[slots] = 0
             busy[slots] = True
+            if counting:  # an image run again after an interruption counts from zero
+                state.failures[pos] = 0
+                state.first_failure[pos] = ROBUST
+                state.failure_label[pos] = ROBUST
             nxt += k
         rows = np.flatnonzero(busy)
         if rows.size == 0:
@@ -175,10 +180,11 @@ def iter_protocol(model: BoundModel, dataset: Dataset, spec: NoiseSpec, state: R
             slot_src[row_slots] = buf[:m]
         scores = model.run(buf[:m])
         perturbcore.predict(scores, out=preds)
+        _record_margins(scores, row_slots, row_steps, slot_label, slot_pos, state.clean_margin)
         perturbcore.record_batch(
             preds, row_slots, row_steps=row_steps, slot_label=slot_label, slot_step=slot_step, slot_pos=slot_pos,
             max_steps=spec.max_steps, clean_prediction=state.clean_prediction, first_failure=state.first_failure,
-            failure_label=state.failure_label, finished=finished,
+            failure_label=state.failure_label, failures=state.failures if counting else None, finished=finished,
         )
         freed = rows[finished[rows]]
         busy[freed] = False
@@ -187,6 +193,21 @@ def iter_protocol(model: BoundModel, dataset: Dataset, spec: NoiseSpec, state: R
         state.inferences += m
         state.noisy_inferences += int(np.count_nonzero(row_steps))
         yield done
+
+
+def _record_margins(scores, row_slots, row_steps, slot_label, slot_pos, out) -> None:
+    """The clean margin of the images whose clean pass is in this batch (NaN for a label the model has no score
+    for)."""
+    clean = np.flatnonzero(row_steps == 0)
+    if clean.size == 0:
+        return
+    slots = row_slots[clean]
+    labels = slot_label[slots]
+    ok = labels < scores.shape[1]
+    margins = np.full(clean.size, np.nan)
+    if ok.any():
+        margins[ok] = perturbcore.clean_margin(scores[clean[ok]], labels[ok])
+    out[slot_pos[slots]] = margins
 
 
 def run_protocol(model: OnnxModel | BoundModel, dataset: Dataset, spec: NoiseSpec, *, batch_size: int = 256,
@@ -199,7 +220,7 @@ def run_protocol(model: OnnxModel | BoundModel, dataset: Dataset, spec: NoiseSpe
     for _ in iter_protocol(bound, dataset, spec, state, batch_size=batch_size, chunk_size=chunk_size, pack=pack):
         pass
     state.seconds += time.perf_counter() - t0
-    return state.outcome(dataset)
+    return state.outcome(dataset, counted=spec.count_failures)
 
 
 def _batch_rows(rows, slot_step, batch_size: int, max_steps: int, pack: bool):
@@ -221,7 +242,7 @@ def working_memory_bytes(dataset: Dataset, *, batch_size: int, chunk_size: int) 
     row = h * w * c * 4
     slots = 2 * batch_size * row
     chunk = 2 * min(chunk_size, dataset.n) * row  # the float conversion and its copy in the model's layout
-    per_image = dataset.n * (4 * 3 + 1 + 8 * 2) * 2  # results, done mask, index and label copies; outcome copies
+    per_image = dataset.n * (4 * 4 + 8 + 1 + 8 * 2) * 2  # results, margins, done mask, index and label; copies
     return slots + chunk + per_image
 
 
@@ -232,10 +253,14 @@ def warm_up_kernels() -> None:
     src = np.zeros((1, 1), np.float32)
     perturbcore.prepare_noise(pixels=1, n_positions=1, channels=1, seed=0).perturb(src, none, none, none, src)
     perturbcore.predict(np.empty((0, 1), np.float32))
+    perturbcore.clean_margin(np.empty((0, 1), np.float32), np.empty(0, np.int64))
     empty = np.empty(0, np.int32)
     perturbcore.record_batch(empty, none, row_steps=none, slot_label=none, slot_step=none, slot_pos=none,
                              max_steps=1, clean_prediction=empty, first_failure=empty, failure_label=empty,
                              finished=np.zeros(0, np.bool_))
+    perturbcore.record_batch(empty, none, row_steps=none, slot_label=none, slot_step=none, slot_pos=none,
+                             max_steps=1, clean_prediction=empty, first_failure=empty, failure_label=empty,
+                             failures=empty, finished=np.zeros(0, np.bool_))
 
 
 def scaled(x: np.ndarray, spec: NoiseSpec) -> np.ndarray:
@@ -287,16 +312,17 @@ def perturbed_image(original: np.ndarray, *, index: int, step: int, spec: NoiseS
     return x / np.float32(spec.scale) if spec.scale != 1 else x
 
 
-def perturbed_input(base: np.ndarray, *, index: int, step: int, spec: NoiseSpec) -> np.ndarray:
+def perturbed_input(base: np.ndarray, *, index: int, step: int, spec: NoiseSpec, walk: bool = True) -> np.ndarray:
     """The input at ``step`` of the image with original index ``index``, in the model's units: ``base`` (H, W, C)
-    is the clean image as :func:`model_units` gives it; the result is not normalised."""
+    is the clean image as :func:`model_units` gives it; the result is not normalised. ``walk=False``: only step
+    ``step``'s noise applied to ``base`` (in the cumulative mode, ``base`` is then the walk's input at step - 1)."""
     h, w, c = base.shape
     flat = np.ascontiguousarray(base, dtype=np.float32).reshape(1, h * w * c).copy()
     low, high = noise_bounds(spec)
     common = dict(pixels=int(spec.for_image(h, w).pixels), n_positions=h * w, channels=c, seed=spec.seed, low=low,
                   high=high, scheme=spec.scheme, indices=[index], integer=spec.integer,
                   random_count=spec.pixel_count == "random")
-    if spec.mode == "restart" or step == 0:
+    if spec.mode == "restart" or step == 0 or not walk:
         out = perturbcore.perturb_flat(flat, steps=[step], **common)
     else:
         out = np.empty_like(flat)

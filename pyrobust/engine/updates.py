@@ -27,12 +27,15 @@ class Update:
     failure_label: np.ndarray
     inferences: int
     noisy_inferences: int
+    failures: np.ndarray | None = None  # with count_failures
+    clean_margin: np.ndarray | None = None
 
     @classmethod
     def of(cls, sub: RunState, local: np.ndarray, positions: np.ndarray, counted: list[int]) -> Update:
         """The results at ``local`` of a back end's own state ``sub`` (``positions``: where they go in the run)."""
         u = cls(positions, sub.clean_prediction[local], sub.first_failure[local], sub.failure_label[local],
-                sub.inferences - counted[0], sub.noisy_inferences - counted[1])
+                sub.inferences - counted[0], sub.noisy_inferences - counted[1], sub.failures[local],
+                sub.clean_margin[local])
         counted[:] = [sub.inferences, sub.noisy_inferences]
         return u
 
@@ -49,6 +52,10 @@ def drive(updates: Iterator[Update], state: RunState, *, progress: Progress | No
             state.clean_prediction[u.positions] = u.clean_prediction
             state.first_failure[u.positions] = u.first_failure
             state.failure_label[u.positions] = u.failure_label
+            if u.failures is not None:
+                state.failures[u.positions] = u.failures
+            if u.clean_margin is not None:
+                state.clean_margin[u.positions] = u.clean_margin
             state.done[u.positions] = True  # last: only final results are ever marked done
             state.inferences += u.inferences
             state.noisy_inferences += u.noisy_inferences

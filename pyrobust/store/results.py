@@ -18,7 +18,14 @@ from pyrobust.data.dataset import class_names
 from pyrobust.errors import DataError, InvalidInput
 from pyrobust.files import atomic_path, read_run_file, write_json_atomic
 from pyrobust.machine import versions
-from pyrobust.stats import survival_curve, wilson_interval
+from pyrobust.stats import (
+    auc_interval,
+    failure_interval,
+    failure_probability,
+    survival_bands,
+    survival_curve,
+    wilson_interval,
+)
 from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome, RunRecord
 
 SCHEMA_VERSION = 2  # 2: the noise settings have their own block, apart from the run settings
@@ -72,6 +79,58 @@ def noise_of(summary: dict) -> NoiseSpec:
                                else summary["settings"])
 
 
+INTERVAL_CONFIDENCE = 0.95
+FRAGILE_LISTED = 20
+HISTOGRAM_EDGES = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def per_image_block(outcome: Outcome, max_steps: int, confidence: float = INTERVAL_CONFIDENCE) -> dict:
+    """What summary.json says of the per-image failure probabilities: how they were measured, their histogram, the
+    bound every never-fooled image gets, and the most fragile images with their exact intervals."""
+    counted = outcome.failures is not None
+    p = failure_probability(outcome.first_failure, outcome.failures, max_steps)
+    lo, hi = failure_interval(outcome.first_failure, outcome.failures, max_steps, confidence)
+    _, upper = failure_interval(outcome.first_failure, outcome.failures, max_steps, confidence, side="upper")
+    ok = ~np.isnan(p)
+    hist, _ = np.histogram(p[ok], bins=np.asarray(HISTOGRAM_EDGES))
+    order = np.lexsort((outcome.index[ok], -p[ok]))[:FRAGILE_LISTED]
+    where = np.flatnonzero(ok)[order]
+    return {
+        "method": "failure counts, clopper-pearson" if counted else "first-failure step, exact geometric",
+        "probes_per_image": int(max_steps),
+        "confidence": confidence,
+        "images": int(ok.sum()),
+        "mean": float(p[ok].mean()) if ok.any() else None,
+        "median": float(np.median(p[ok])) if ok.any() else None,
+        "never_failed_upper_bound": float(-np.expm1(np.log(1 - confidence) / max_steps)),
+        "histogram": {"edges": list(HISTOGRAM_EDGES), "counts": [int(v) for v in hist]},
+        "most_fragile": [{"index": int(outcome.index[i]), "p_hat": float(p[i]),
+                          "interval": [float(lo[i]), float(hi[i])], "upper_bound": float(upper[i]),
+                          **({"failures": int(outcome.failures[i])} if counted and outcome.failures is not None
+                             else {"first_failure": int(outcome.first_failure[i])})}
+                         for i in where if p[i] > 0],
+    }
+
+
+def margin_block(outcome: Outcome, confidence: float = INTERVAL_CONFIDENCE) -> dict | None:
+    """How well the clean margin (one forward pass) predicts the robust flag among correctly classified images:
+    the AUC with DeLong's interval. None when the margins were not recorded."""
+    if outcome.clean_margin is None or np.all(np.isnan(outcome.clean_margin)):
+        return None
+    ok = outcome.correct & ~np.isnan(outcome.clean_margin)
+    margin, robust = outcome.clean_margin[ok], outcome.robust[ok]
+    auc, lo, hi = auc_interval(margin, robust, confidence)
+
+    def med(a: np.ndarray) -> float | None:
+        return float(np.median(a)) if a.size else None
+
+    return {"what": "clean score of the label minus the best other score; AUC: how well it tells robust from "
+                    "fooled among correctly classified images",
+            "auc": None if np.isnan(auc) else auc, "interval": None if np.isnan(auc) else [lo, hi],
+            "confidence": confidence, "images": int(ok.sum()),
+            "median_robust": med(margin[robust]), "median_fooled": med(margin[~robust])}
+
+
 def build_summary(outcome: Outcome, *, spec: NoiseSpec, model: dict, dataset: dict, settings: dict,
                   n_classes: int) -> dict:
     """Everything a reader needs about one evaluation, computed from the per-image arrays."""
@@ -105,9 +164,11 @@ def build_summary(outcome: Outcome, *, spec: NoiseSpec, model: dict, dataset: di
             "robust_rate_of_correct": rk / ck if ck else None,
         })
     secs = outcome.seconds
-    # Inferences the protocol needs: the clean pass, then steps up to the first failure (or all of them). Step
+    # Inferences the protocol needs: the clean pass, then steps up to the first failure (or all of them; all of them
+    # for every correctly classified image when counting failures). Step
     # packing may run more (steps past a failure, scored in the same batch); they change no result.
-    useful = int(n + np.where(ff > 0, ff, 0).sum() + spec.max_steps * n_robust)
+    useful = int(n + spec.max_steps * n_correct) if spec.count_failures else \
+        int(n + np.where(ff > 0, ff, 0).sum() + spec.max_steps * n_robust)
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -130,7 +191,10 @@ def build_summary(outcome: Outcome, *, spec: NoiseSpec, model: dict, dataset: di
                 "median": float(np.median(fooled_steps)) if fooled_steps.size else None,
             },
         },
-        "survival": {"steps": list(range(spec.max_steps + 1)), "fraction": [float(v) for v in curve]},
+        "survival": {"steps": list(range(spec.max_steps + 1)), "fraction": [float(v) for v in curve],
+                     "bands": survival_bands(ff, spec.max_steps, INTERVAL_CONFIDENCE)},
+        "failure_probability": per_image_block(outcome, spec.max_steps),
+        "clean_margin": margin_block(outcome),
         "per_class": per_class,
         "performance": {
             "inferences": int(outcome.inferences),
@@ -157,11 +221,29 @@ def clear_run_files(folder: Path, extra: tuple[str, ...] = ()) -> None:
         (folder / f).unlink(missing_ok=True)
 
 
+def result_arrays(outcome: Outcome, max_steps: int) -> dict:
+    """The arrays of ``results.npz``: the per-image outcome, the failure counts (runs that counted them), the clean
+    margins, and each image's p̂ with its exact 95 % interval (derived, for readers of the file; pyrobust recomputes
+    them on reading and refuses a file where they disagree)."""
+    arrays = {name: getattr(outcome, name) for name in Outcome.ARRAYS}
+    for name in Outcome.OPTIONAL:
+        if getattr(outcome, name) is not None:
+            arrays[name] = getattr(outcome, name)
+    arrays["failure_probability"] = failure_probability(outcome.first_failure, outcome.failures, max_steps)
+    arrays["failure_low"], arrays["failure_high"] = failure_interval(outcome.first_failure, outcome.failures,
+                                                                     max_steps, INTERVAL_CONFIDENCE)
+    return arrays
+
+
+DERIVED = ("failure_probability", "failure_low", "failure_high")
+
+
 def write_results(out: Path, outcome: Outcome, summary: dict) -> None:
     """Write the per-image arrays, then the summary (the completion marker)."""
+    max_steps = int(summary["noise"]["max_steps"])
     with atomic_path(out / RESULTS_FILE) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, **{name: getattr(outcome, name) for name in Outcome.ARRAYS})
+            np.savez(fh, **result_arrays(outcome, max_steps))
     write_json_atomic(out / SUMMARY_FILE, summary)
 
 
@@ -179,6 +261,7 @@ def load_results(folder: str | os.PathLike) -> RunRecord:
         summary = json.loads(summary_bytes.decode())
         with np.load(io.BytesIO(results_bytes), allow_pickle=False) as z:
             arrays = {name: z[name] for name in Outcome.ARRAYS}
+            extra = {name: z[name] for name in (*Outcome.OPTIONAL, *DERIVED) if name in z.files}
     except (OSError, ValueError, KeyError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
         raise DataError(f"{p}: unreadable results ({exc}); rerun the evaluation") from None
     version = summary.get("schema_version") if isinstance(summary, dict) else None
@@ -186,17 +269,39 @@ def load_results(folder: str | os.PathLike) -> RunRecord:
         raise DataError(f"{p}: summary schema_version {version!r}; this pyrobust reads "
                         f"{' and '.join(map(str, READABLE_SCHEMAS))}")
     perf = summary.get("performance", {}) if isinstance(summary, dict) else {}
-    outcome = Outcome(**arrays, inferences=_count(perf.get("inferences", 0)),
+    optional: dict = {name: extra.get(name) for name in Outcome.OPTIONAL}
+    outcome = Outcome(**arrays, **optional, inferences=_count(perf.get("inferences", 0)),
                       noisy_inferences=_count(perf.get("noisy_inferences", 0)),
                       seconds=float(perf.get("seconds", 0.0)) if isinstance(perf.get("seconds", 0.0), (int, float))
                       else 0.0)
     spec = check_record(outcome, summary, p)
+    check_derived(outcome, {k: v for k, v in extra.items() if k in DERIVED}, spec.max_steps, p / RESULTS_FILE)
     return RunRecord(outcome=outcome, noise=spec, model=summary["model"], dataset=summary["dataset"],
                      summary=summary, folder=p)
 
 
 def _count(v) -> int:
     return int(v) if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+
+def check_margins(margin, n: int, where: str) -> None:
+    """Clean margins read back: a float array with one entry per image."""
+    if not isinstance(margin, np.ndarray) or margin.dtype.kind != "f" or margin.shape != (n,):
+        raise DataError(f"{where}: 'clean_margin' is not a float array of {n} entries; the file is damaged or was "
+                        "not written by pyrobust")
+
+
+def check_derived(outcome: Outcome, derived: dict, max_steps: int, where) -> None:
+    """The p̂ and intervals stored beside the counts must be the ones the counts give."""
+    if not derived:
+        return
+    want = result_arrays(outcome, max_steps)
+    for name, arr in derived.items():
+        if not isinstance(arr, np.ndarray) or arr.shape != want[name].shape or \
+                not np.allclose(arr.astype(np.float64, copy=False), want[name], rtol=1e-9, atol=1e-12,
+                                equal_nan=True):
+            raise DataError(f"{where}: '{name}' is not what the failure counts give; the file is damaged or was "
+                            "altered. Rerun the evaluation")
 
 
 def check_outcome_arrays(arrays: dict, max_steps: int, where: str) -> None:
@@ -227,6 +332,15 @@ def check_outcome_arrays(arrays: dict, max_steps: int, where: str) -> None:
         if cp is not None and label is not None and "done" not in arrays and \
                 np.any((ff == 0) != (cp != label)):
             raise bad("clean predictions do not match the steps (wrong before noise exactly when step 0)")
+    failures = arrays.get("failures")
+    if failures is not None and ff is not None and failures.size:
+        if failures.min() < 0 or failures.max() > max_steps:
+            raise bad(f"failure counts outside [0, {max_steps}] (max_steps)")
+        if np.any((failures > 0) != (ff > 0)):
+            raise bad("failure counts do not match the first-failure steps (an image fails at least once exactly "
+                      "when it has a first-failure step)")
+        if np.any(failures > np.where(ff > 0, max_steps - ff + 1, 0)):
+            raise bad("more failures than steps from the first failure on")
     for name in ("index", "label"):
         arr = arrays.get(name)
         if arr is not None and arr.size and arr.min() < 0:
@@ -259,7 +373,14 @@ def check_record(outcome: Outcome, summary, where: Path) -> NoiseSpec:
         if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
             raise bad(f"{what} is not a SHA-256 hex digest")
     arrays = {name: getattr(outcome, name) for name in Outcome.ARRAYS}
+    if outcome.failures is not None:
+        arrays["failures"] = outcome.failures
+    if spec.count_failures != (outcome.failures is not None):
+        raise bad("the settings say failures were counted but results.npz has no counts" if spec.count_failures
+                  else "results.npz has failure counts but the settings say none were counted")
     check_outcome_arrays(arrays, spec.max_steps, str(where / RESULTS_FILE))
+    if outcome.clean_margin is not None:
+        check_margins(outcome.clean_margin, outcome.n, str(where / RESULTS_FILE))
     n = outcome.n
     try:
         stated = (dataset["count"], metrics["images"], metrics["robust"]["count"], metrics["accuracy"]["count"])

@@ -37,6 +37,7 @@ from pyrobust.machine import on_forced_exit
 from pyrobust.store.results import (
     RUN_FILES,
     SUMMARY_FILE,
+    check_margins,
     check_outcome_arrays,
     clear_run_files,
     load_results,
@@ -81,7 +82,7 @@ def _save_checkpoint(folder: Path, state: RunState, fp: dict) -> None:
     meta = {"fingerprint": fp, "inferences": state.inferences, "noisy_inferences": state.noisy_inferences,
             "seconds": state.seconds, "sessions": state.sessions}
     buf = io.BytesIO()
-    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), clean_margin=state.clean_margin,
              **{name: getattr(state, name) for name in RunState.ARRAYS})
     write_bytes_atomic(folder / CHECKPOINT_FILE, buf.getvalue())
 
@@ -106,7 +107,11 @@ def load_checkpoint(folder: Path, fp: dict) -> RunState:
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes().decode())
-            arrays = {name: z[name] for name in RunState.ARRAYS}
+            # checkpoints from before failure counting hold neither counts nor margins (and cannot be of a
+            # counting run: its fingerprint differs)
+            arrays = {name: z[name] for name in RunState.ARRAYS if name in z.files or name != "failures"}
+            arrays.setdefault("failures", np.zeros(fp["count"], np.int32))
+            margin = z["clean_margin"] if "clean_margin" in z.files else np.full(fp["count"], np.nan)
     except Exception as exc:  # a checkpoint is ours, but a disk can still hand back garbage
         raise DataError(f"{path}: unreadable checkpoint ({type(exc).__name__}); pass overwrite=True to start over") \
             from None
@@ -120,10 +125,12 @@ def load_checkpoint(folder: Path, fp: dict) -> RunState:
         if arr.shape != (fp["count"],):
             raise DataError(f"{path}: checkpoint arrays do not match the run; pass overwrite=True to start over")
     check_outcome_arrays(arrays, int(fp["spec"]["max_steps"]), f"{path} (pass overwrite=True to start over)")
+    check_margins(margin, fp["count"], f"{path} (pass overwrite=True to start over)")
     if arrays["done"].dtype != np.bool_:
         raise DataError(f"{path}: the 'done' mask is not boolean; pass overwrite=True to start over")
     for name, arr in arrays.items():
         getattr(state, name)[:] = arr
+    state.clean_margin[:] = margin
     counts = [meta.get(k, 0) for k in ("inferences", "noisy_inferences", "sessions")]
     seconds = meta.get("seconds", 0.0)
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts) or \
