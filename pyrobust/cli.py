@@ -1067,23 +1067,35 @@ def _write_replay(out: Path, r) -> None:
 @click.option("--names", default=None, help="Comma-separated names for the runs (default: their folder names).")
 @click.option("--ceiling", nargs=2, type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Two results folders of one model under two noise seeds: the agreement noise alone allows.")
+@click.option("--retest", "retests", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A run's retest (the same model under another --seed), once per run in order, or '-' for a run "
+                   "without one: each run's reliability, and agreement corrected for it.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for agreement.json, agreement.md and agreement.png (a heat-map of kappa).")
-def agreement(runs, names, ceiling, out) -> int:
+def agreement(runs, names, ceiling, retests, out) -> int:
     """How much the robust flags of RUNS (evaluations of the same images with the same noise) agree beyond chance.
 
     Example: pyrobust agreement runs/M runs/M_R runs/M_rand --ceiling runs/M runs/M-seed1 --out runs/agreement
     """
     from pyrobust.agreement import agreement as measure
 
-    rep = measure(runs, names=names.split(",") if names else None, ceiling=ceiling, out=out)
+    retest = [None if str(r) == "-" else r for r in retests] if retests else None
+    rep = measure(runs, names=names.split(",") if names else None, ceiling=ceiling, retests=retest, out=out)
+
+    def f(v) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
     for p in rep["pairs"]:
         if p["kappa"] is None:
-            _echo(f"{p['a']} – {p['b']}: {p['note']}")
+            _echo(f"{p['a']} – {p['b']}: {p.get('note') or 'kappa undefined (one flag only)'}")
             continue
         lo, hi = p["kappa_ci95"]
-        _echo(f"{p['a']} – {p['b']}: kappa {p['kappa']:.3f} [{lo:.3f}, {hi:.3f}], Jaccard {p['jaccard']:.3f}, "
-                   f"Spearman {p['spearman']:.3f} ({p['images_correct_under_both']} images)")
+        cor = p.get("corrected") or {}
+        _echo(f"{p['a']} – {p['b']}: kappa {p['kappa']:.3f} [{lo:.3f}, {hi:.3f}] (kappa/kappa_max "
+              f"{f(p.get('kappa_over_max'))}, within classes {f(p['kappa_by_class']['pooled'])}), Jaccard "
+              f"{f(p['jaccard'])}, Spearman steps {f(p['spearman'])}, p-hat {f(p.get('spearman_p_hat'))}"
+              + (f", corrected kappa {f(cor.get('kappa'))}, p-hat {f(cor.get('spearman_p_hat'))}" if cor else "")
+              + f" ({p['images_correct_under_both']} images)")
     c = rep["ceiling"]
     if c and c["kappa"] is not None:
         _echo(f"noise-only ceiling (seeds {c['seeds'][0]}, {c['seeds'][1]}): kappa {c['kappa']:.3f}")

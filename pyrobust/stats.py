@@ -305,19 +305,39 @@ def auc_interval(score, positive, confidence: float = 0.95) -> tuple[float, floa
     return (auc, float(lo), float(hi))
 
 
-def spearman_interval(x, y, confidence: float = 0.95) -> tuple[float, float, float]:
-    """Spearman's rank correlation of ``x`` and ``y`` (NaN pairs dropped) with the Fisher-z interval and the
-    Bonett-Wright variance, (1 + r²/2) / (n - 3). Returns (rho, lower, upper); NaNs below 4 pairs or for a
-    constant variable."""
-    from scipy.stats import spearmanr
+def _rank_correlation_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's ρ of each row pair of ``a`` and ``b`` (midranks for ties)."""
+    from scipy.stats import rankdata
+
+    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (ra * rb).sum(axis=1) / np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+
+
+def spearman_interval(x, y, confidence: float = 0.95, resamples: int = 1000) -> tuple[float, float, float]:
+    """Spearman's rank correlation of ``x`` and ``y`` (NaN pairs dropped) with an approximate interval: normal on
+    Fisher's z scale with the standard error of z over ``resamples`` bootstrap resamples of the pairs (seeded by the
+    data, so reproducible). Per-image p̂ are heavily tied (every robust image at 0), where the textbook variances
+    (Fieller, Bonett-Wright) undercover (91 % at 95 % in ``tests/test_agreement.py``'s simulation); this one covers
+    93-96 % there. Returns (rho, lower, upper); NaNs below 4 pairs or for a constant variable."""
+    import zlib
 
     a, b = np.asarray(x, np.float64), np.asarray(y, np.float64)
     keep = ~(np.isnan(a) | np.isnan(b))
     a, b = a[keep], b[keep]
     if a.size < 4 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return (math.nan, math.nan, math.nan)
-    r = float(spearmanr(a, b).statistic)
-    z = normal_quantile(1 - _alpha(confidence) / 2)
-    se = math.sqrt((1 + r * r / 2) / (a.size - 3))
+    r = float(_rank_correlation_rows(a[None], b[None])[0])
+    rng = np.random.default_rng(zlib.crc32(a.tobytes() + b.tobytes()))
+    zs = []
+    for lo in range(0, resamples, 100):
+        idx = rng.integers(0, a.size, size=(min(100, resamples - lo), a.size))
+        rs = _rank_correlation_rows(a[idx], b[idx])
+        zs.append(np.arctanh(np.clip(rs[np.isfinite(rs)], -0.999999, 0.999999)))
+    z_all = np.concatenate(zs)
+    se = float(np.std(z_all, ddof=1)) if z_all.size > 1 else math.inf
+    q = normal_quantile(1 - _alpha(confidence) / 2)
     c = math.atanh(min(max(r, -0.999999), 0.999999))
-    return (r, math.tanh(c - z * se), math.tanh(c + z * se))
+    return (r, math.tanh(c - q * se), math.tanh(c + q * se))
