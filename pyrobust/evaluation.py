@@ -21,7 +21,14 @@ from pyrobust.engine.runtime import BoundModel, OnnxModel
 from pyrobust.errors import Interrupted, InvalidInput, MissingDependency, NonFiniteModel
 from pyrobust.files import make_out_dir
 from pyrobust.machine import check_threads
-from pyrobust.report import plot_examples, plot_failure, plot_per_class, plot_survival, write_report
+from pyrobust.report import (
+    plot_examples,
+    plot_failure,
+    plot_failure_probability,
+    plot_per_class,
+    plot_survival,
+    write_report,
+)
 from pyrobust.sequential import precision_bounds, random_order
 from pyrobust.stats import failure_interval, failure_probability, look_schedule
 from pyrobust.store.results import build_summary, noise_of
@@ -150,6 +157,17 @@ class Evaluation:
 
     def plot_per_class(self):
         return plot_per_class(self.summary)
+
+    def plot_failure_probability(self):
+        """The per-image failure probabilities, and the most fragile images with their exact intervals."""
+        return plot_failure_probability(self.outcome, self.summary)
+
+    def survival_bands(self, confidence: float = 0.95) -> dict:
+        """The survival curve's pointwise (Clopper-Pearson) and simultaneous (DKW) bands at ``confidence``."""
+        from pyrobust.stats import survival_bands
+
+        check("confidence", confidence, CONFIDENCE)
+        return survival_bands(self.outcome.first_failure, self.noise.max_steps, confidence)
 
     def plot_examples(self):
         data = self._data()

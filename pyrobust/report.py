@@ -3,7 +3,8 @@
 * ``survival.png``: fraction of images not yet fooled after each step (Figures 3 and 5);
 * ``per_class.png``: robust / fooled / wrong-before-noise images per class (Figure 4);
 * ``examples.png``: robust images above fragile ones that were correct before noise (Figure 1);
-* ``failure.png``: an original beside its first failing perturbation (Figure 2).
+* ``failure.png``: an original beside its first failing perturbation (Figure 2);
+* ``failure_probability.png``: the per-image failure probabilities and the most fragile images' exact intervals.
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot global state): each ``plot_*`` function returns its
 figure (a notebook shows it) and, given a path, also writes it atomically as PNG.
@@ -60,12 +61,25 @@ def _label_text(k: int, names: list[str]) -> str:
 
 
 def plot_survival(summary: dict, path: Path | None = None, *,
-                  curves: dict[str, list[float]] | None = None) -> Figure:
-    """One curve, or several (``curves``: name -> fractions) on the same axes."""
+                  curves: dict[str, list[float]] | None = None, bands: bool = True) -> Figure:
+    """One curve, or several (``curves``: name -> fractions) on the same axes. A single curve is drawn with its
+    95 % bands (``bands``): pointwise Clopper-Pearson (dark) and simultaneous DKW (light), recomputed from the
+    curve and the number of images."""
+    from pyrobust.stats import curve_bands
+
+    single = curves is None
     curves = curves or {summary["model"].get("name", "model"): summary["survival"]["fraction"]}
     curves = {figure_text(name): frac for name, frac in curves.items()}
     fig = _figure(figsize=(6.4, 4.0))
     ax = fig.subplots()
+    if single and bands:
+        frac = next(iter(curves.values()))
+        b = curve_bands(frac, int(summary["metrics"]["images"]))
+        x = np.arange(len(frac))
+        ax.fill_between(x, b["simultaneous"]["lower"], b["simultaneous"]["upper"], step="post", color="#1f77b4",
+                        alpha=0.12, lw=0, label="95% simultaneous band (DKW)")
+        ax.fill_between(x, b["pointwise"]["lower"], b["pointwise"]["upper"], step="post", color="#1f77b4",
+                        alpha=0.3, lw=0, label="95% pointwise (Clopper-Pearson)")
     for name, frac in curves.items():
         ax.step(np.arange(len(frac)), frac, where="post", label=f"{name}: {frac[-1]:.1%} robust")
     ax.set_xlabel("step")
@@ -77,7 +91,46 @@ def plot_survival(summary: dict, path: Path | None = None, *,
                  fontsize=9)
     ax.grid(alpha=0.3)
     # below the axes: a curve can pass through any corner of them (a fragile model's runs along the bottom)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(3, len(curves)), fontsize=8, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3 if single and bands else min(3, len(curves)),
+              fontsize=8, frameon=False)
+    return save_figure(fig, path)
+
+
+def plot_failure_probability(outcome: Outcome, summary: dict, path: Path | None = None, *,
+                             listed: int = 20) -> Figure:
+    """Left: how the per-image failure probabilities p̂ are spread (correctly classified images); right: the most
+    fragile images with their exact 95 % intervals."""
+    from pyrobust.stats import failure_interval, failure_probability
+
+    max_steps = noise_of(summary).max_steps
+    p = failure_probability(outcome.first_failure, outcome.failures, max_steps)
+    lo, hi = failure_interval(outcome.first_failure, outcome.failures, max_steps)
+    ok = ~np.isnan(p)
+    fig = _figure(figsize=(9.6, 3.8))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
+    never = int(np.count_nonzero(p[ok] == 0))
+    pos = p[ok][p[ok] > 0]
+    if pos.size:
+        edges = np.logspace(np.log10(max(pos.min(), 1 / max_steps) * 0.9), 0, 30)
+        left.hist(pos, bins=edges, color="#e76f51")
+        left.set_xscale("log")
+    bound = 1 - 0.05 ** (1 / max_steps)
+    how = "failures / probes" if outcome.failures is not None else "1 / first-failure step"
+    left.set_title(f"p̂ per image ({how}); {never} of {int(ok.sum())} never failed: p ≤ {bound:.2%} at 95%",
+                   fontsize=8)
+    left.set_xlabel("estimated failure probability per step")
+    left.set_ylabel("images")
+    order = np.flatnonzero(ok)[np.lexsort((outcome.index[ok], -p[ok]))][:listed]
+    order = order[p[order] > 0]
+    y = np.arange(order.size)
+    right.errorbar(p[order], y, xerr=[p[order] - lo[order], hi[order] - p[order]], fmt="o", ms=3, color="#264653",
+                   ecolor="#8ab17d", capsize=2)
+    right.set_yticks(y, [f"#{int(outcome.index[i])}" for i in order], fontsize=7)
+    right.invert_yaxis()
+    right.set_xlim(0, 1)
+    right.set_xlabel("failure probability, exact 95% interval")
+    right.set_title(f"the {order.size} most fragile images", fontsize=8)
+    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -188,4 +241,5 @@ def write_report(out: Path, outcome: Outcome, summary: dict, dataset: Dataset) -
     plot_per_class(summary, out / "per_class.png")
     plot_examples(outcome, dataset, names, out / "examples.png")
     plot_failure(outcome, dataset, spec, names, out / "failure.png")
+    plot_failure_probability(outcome, summary, out / "failure_probability.png")
     return [out / f for f in REPORT_FILES]

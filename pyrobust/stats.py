@@ -250,20 +250,24 @@ def robust_at(first_failure, steps: int) -> np.ndarray:
 
 
 def survival_bands(first_failure, max_steps: int, confidence: float = 0.95) -> dict:
-    """The survival curve (share of all images not fooled after each step 0..max_steps) with two bands:
+    """The survival curve (share of all images not fooled after each step 0..max_steps) with two bands
+    (:func:`curve_bands`)."""
+    ff = np.asarray(first_failure)
+    return curve_bands(survival_curve(ff, max_steps), ff.shape[0], confidence)
+
+
+def curve_bands(fraction, n: int, confidence: float = 0.95) -> dict:
+    """Two bands around a survival curve of ``n`` images (``fraction``: its value after each step):
 
     * ``pointwise``: Clopper-Pearson at each step (each step's share covers at ``confidence`` on its own);
     * ``simultaneous``: the Dvoretzky-Kiefer-Wolfowitz band, ± sqrt(ln(2 / a) / (2 n)) (Massart's constant),
       which covers the whole curve at once at ``confidence`` for any n and any distribution of failure steps.
     """
     a = _alpha(confidence)
-    ff = np.asarray(first_failure)
-    n = ff.shape[0]
-    curve = survival_curve(ff, max_steps)
-    if n == 0:
-        ones = [1.0] * (max_steps + 1)
-        zeros = [0.0] * (max_steps + 1)
-        return {"confidence": confidence, "pointwise": {"lower": zeros, "upper": ones},
+    curve = np.asarray(fraction, np.float64)
+    if n <= 0:
+        ones, zeros = [1.0] * curve.size, [0.0] * curve.size
+        return {"confidence": confidence, "pointwise": {"lower": zeros, "upper": ones, "method": "clopper-pearson"},
                 "simultaneous": {"lower": zeros, "upper": ones, "half_width": 1.0, "method": "dkw"}}
     counts = np.rint(curve * n)
     lo, hi = clopper_pearson(counts, np.full(counts.shape, n), a / 2)

@@ -35,7 +35,8 @@ SUMMARY_FILE = "summary.json"
 
 
 # Files a pyrobust run writes; an output folder holding any of them belongs to a run.
-REPORT_FILES = ("survival.png", "per_class.png", "examples.png", "failure.png")  # drawn by pyrobust.report
+# drawn by pyrobust.report
+REPORT_FILES = ("survival.png", "per_class.png", "examples.png", "failure.png", "failure_probability.png")
 RUN_FILES = (RESULTS_FILE, SUMMARY_FILE, *REPORT_FILES)
 MANY_CLASSES = 1000
 
