@@ -32,7 +32,7 @@ from pyrobust.escape import figure_text, md_cell, md_code
 from pyrobust.files import make_out_dir, write_bytes_atomic, write_json_atomic
 from pyrobust.stats import spearman_interval
 from pyrobust.store.results import load_results
-from pyrobust.types import ROBUST, RunRecord, differences
+from pyrobust.types import PAIRING_IGNORES, ROBUST, RunRecord, differences
 
 AGREEMENT_SCHEMA = 1
 MIN_COMMON = 10  # fewer images correct under both models cannot say anything
@@ -179,7 +179,7 @@ def _check_comparable(records: list[RunRecord], names: list[str], *, allow_seed:
         if allow_seed:
             a = {**a, "spec": {**a["spec"], "seed": None}}
             b = {**b, "spec": {**b["spec"], "seed": None}}
-        diffs = differences(a, b, compare=("data", "noise"))
+        diffs = differences(a, b, compare=("data", "noise"), ignore=PAIRING_IGNORES)
         if not diffs and not np.array_equal(first.outcome.index, r.outcome.index):
             diffs = [f"other images ({first.outcome.n} and {r.outcome.n}, or other indices)"]
         if diffs:

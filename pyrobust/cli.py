@@ -988,9 +988,15 @@ def compare(a, b, out) -> int:
     from pyrobust.compare import compare_runs
 
     rep = compare_runs(a, b, out=out)
-    r, c = rep["robust"], rep["accuracy"]
-    _echo(f"robust {r['a']:.2%} → {r['b']:.2%} ({r['change']:+.2%}, 95% [{r['ci95'][0]:+.2%}, "
+    r, c, rc = rep["robust"], rep["accuracy"], rep["robust_of_correct"]
+    _echo(f"robust of all images {r['a']:.2%} → {r['b']:.2%} ({r['change']:+.2%}, 95% [{r['ci95'][0]:+.2%}, "
                f"{r['ci95'][1]:+.2%}]); accuracy {c['a']:.2%} → {c['b']:.2%} ({c['change']:+.2%})")
+    if rc["change"] is not None:
+        _echo(f"robust of correct images {rc['a']:.2%} → {rc['b']:.2%} ({rc['change']:+.2%}, 95% "
+              f"[{rc['ci95'][0]:+.2%}, {rc['ci95'][1]:+.2%}])")
+    mv = rep["intervals_moved"]
+    _echo(f"failure-probability interval moved clear of the old one for {mv['count']} images "
+          f"({mv['more_fragile']} more fragile, {mv['more_robust']} more robust)")
     _echo(f"newly fragile {rep['newly_fragile']['count']}, newly robust {rep['newly_robust']['count']}, "
                f"first-failure step moved for {rep['steps_moved']['count']} images")
     if out is not None:

@@ -11,15 +11,20 @@ from pyrobust.errors import InvalidInput
 from pyrobust.escape import md_cell, md_code, md_text
 from pyrobust.files import make_out_dir, write_bytes_atomic, write_json_atomic
 from pyrobust.report import plot_survival
-from pyrobust.stats import paired_difference_interval
+from pyrobust.stats import (
+    failure_interval,
+    failure_probability,
+    paired_difference_interval,
+    paired_ratio_difference,
+)
 from pyrobust.store.results import load_results
-from pyrobust.types import ROBUST, RunRecord, differences
+from pyrobust.types import PAIRING_IGNORES, ROBUST, RunRecord, differences
 
 COMPARE_SCHEMA = 2  # 2: the noise under "noise", as in summary.json and gate.json
 
 
 def _refuse_unless_comparable(a: RunRecord, b: RunRecord) -> None:
-    diffs = differences(a.fingerprint, b.fingerprint, compare=("data", "noise"))
+    diffs = differences(a.fingerprint, b.fingerprint, compare=("data", "noise"), ignore=PAIRING_IGNORES)
     if diffs:
         raise InvalidInput(f"these runs cannot be compared image by image: {'; '.join(diffs)}. Evaluate both models "
                            "on the same data with the same seed and settings")
@@ -30,6 +35,39 @@ def _paired(a: np.ndarray, b: np.ndarray) -> dict:
     diff, lo, hi = paired_difference_interval(both, only_b, only_a, int(a.size) - both - only_a - only_b)
     return {"a": float(a.mean()), "b": float(b.mean()), "change": diff, "ci95": [lo, hi],
             "lost": only_a, "gained": only_b}
+
+
+def _of_correct(ra: np.ndarray, ca: np.ndarray, rb: np.ndarray, cb: np.ndarray) -> dict:
+    """Robust as a share of the correctly classified images, for each run, and its change with a paired bootstrap
+    interval (each run's denominator is its own correct images)."""
+    change, lo, hi = paired_ratio_difference(ra, ca, rb, cb)
+
+    def share(r: np.ndarray, c: np.ndarray) -> float | None:
+        return float(r.sum() / c.sum()) if c.sum() else None
+
+    return {"a": share(ra, ca), "b": share(rb, cb), "change": None if np.isnan(change) else change,
+            "ci95": None if np.isnan(change) else [lo, hi], "correct_a": int(ca.sum()), "correct_b": int(cb.sum()),
+            "method": "paired percentile bootstrap over images"}
+
+
+def _intervals_moved(a: RunRecord, b: RunRecord, listed: int) -> dict:
+    """Images correct under both runs whose exact 95 % intervals on the failure probability do not overlap: a
+    change of the image's own robustness beyond what the noise explains (each interval holds at 95 % on its own)."""
+    pa = failure_probability(a.outcome.first_failure, a.outcome.failures, a.noise.max_steps)
+    pb = failure_probability(b.outcome.first_failure, b.outcome.failures, b.noise.max_steps)
+    la, ha = failure_interval(a.outcome.first_failure, a.outcome.failures, a.noise.max_steps)
+    lb, hb = failure_interval(b.outcome.first_failure, b.outcome.failures, b.noise.max_steps)
+    ok = ~np.isnan(pa) & ~np.isnan(pb)
+    worse = ok & (lb > ha)
+    better = ok & (hb < la)
+    moved = np.flatnonzero(worse | better)
+    order = moved[np.argsort(-np.abs(pb[moved] - pa[moved]), kind="stable")][:listed]
+    return {"count": int(moved.size), "more_fragile": int(worse.sum()), "more_robust": int(better.sum()),
+            "method": [("failure counts" if r.outcome.failures is not None else "first-failure step")
+                       for r in (a, b)],
+            "largest": [{"index": int(a.outcome.index[i]), "p_a": float(pa[i]), "interval_a": [float(la[i]),
+                                                                                             float(ha[i])],
+                         "p_b": float(pb[i]), "interval_b": [float(lb[i]), float(hb[i])]} for i in order]}
 
 
 def compare_runs(a_dir: str | os.PathLike, b_dir: str | os.PathLike, *, out: str | os.PathLike | None = None,
@@ -66,7 +104,9 @@ def compare_runs(a_dir: str | os.PathLike, b_dir: str | os.PathLike, *, out: str
         "dataset": sa["dataset"], "noise": ra_.noise.to_dict(),
         "images": int(idx.size),
         "robust": _paired(ra, rb),
+        "robust_of_correct": _of_correct(ra, ca, rb, cb),
         "accuracy": _paired(ca, cb),
+        "intervals_moved": _intervals_moved(ra_, rb_, listed),
         "newly_fragile": {"count": int((ra & ~rb).sum()), "index": idx[ra & ~rb][:listed].tolist()},
         "newly_robust": {"count": int((~ra & rb).sum()), "index": idx[~ra & rb][:listed].tolist()},
         "newly_wrong": {"count": int((ca & ~cb).sum()), "index": idx[ca & ~cb][:listed].tolist()},
@@ -95,11 +135,22 @@ def compare_markdown(rep: dict) -> str:
         return (f"{r['a']:.2%} → {r['b']:.2%} ({r['change']:+.2%}, 95 % interval [{r['ci95'][0]:+.2%}, "
                 f"{r['ci95'][1]:+.2%}]; {r['lost']} lost, {r['gained']} gained)")
 
+    def of_correct(r):
+        if r["change"] is None:
+            return "n/a (no correctly classified images in a run)"
+        return (f"{r['a']:.2%} → {r['b']:.2%} ({r['change']:+.2%}, 95 % interval [{r['ci95'][0]:+.2%}, "
+                f"{r['ci95'][1]:+.2%}]; of {r['correct_a']} and {r['correct_b']} correct images)")
+
     lines = [f"# pyrobust compare: {md_text(rep['a']['model']['name'])} (A) → {md_text(rep['b']['model']['name'])} "
              "(B)", "",
              f"{rep['images']} images of {md_code(rep['dataset']['spec'])}, seed {rep['noise']['seed']}, "
              f"{rep['noise']['pixels']} pixels, {rep['noise']['max_steps']} steps.", "",
-             f"- robust: {pct(rep['robust'])}", f"- accuracy: {pct(rep['accuracy'])}",
+             f"- robust, of all images: {pct(rep['robust'])}",
+             f"- robust, of correctly classified images: {of_correct(rep['robust_of_correct'])}",
+             f"- accuracy: {pct(rep['accuracy'])}",
+             f"- failure probability's exact 95 % interval moved clear of its old one: "
+             f"{rep['intervals_moved']['count']} images ({rep['intervals_moved']['more_fragile']} more fragile, "
+             f"{rep['intervals_moved']['more_robust']} more robust)",
              f"- newly fragile: {rep['newly_fragile']['count']}; newly robust: {rep['newly_robust']['count']}",
              f"- first-failure step moved: {rep['steps_moved']['count']} images ({rep['steps_moved']['earlier']} "
              f"earlier, {rep['steps_moved']['later']} later)", "",

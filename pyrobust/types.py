@@ -336,10 +336,17 @@ def fingerprint(*, model_sha256: str, dataset_sha256: str, count: int, spec: dic
             "count": int(count), "spec": spec}
 
 
-def differences(a: dict, b: dict, *, compare: tuple[str, ...] = _FINGERPRINT_PARTS) -> list[str]:
+# Settings that change what a run records but not the per-image first failures: runs that differ only in them are
+# paired image by image (compare, agreement, a gate's saved baseline); a resume must still match them.
+PAIRING_IGNORES = ("count_failures",)
+
+
+def differences(a: dict, b: dict, *, compare: tuple[str, ...] = _FINGERPRINT_PARTS,
+                ignore: tuple[str, ...] = ()) -> list[str]:
     """What differs between two run fingerprints (:func:`fingerprint`), one phrase per field, in
     the words a refusal uses: ``the model changed (SHA-256 …)``, ``pixels 28 → 10``. ``compare`` picks the parts:
-    ``model``, ``data``, ``count`` and ``noise``."""
+    ``model``, ``data``, ``count`` and ``noise``; ``ignore`` names noise fields left out (:data:`PAIRING_IGNORES`
+    to pair runs image by image)."""
     out = []
     if a.get("version") != b.get("version"):
         return [f"checkpoint format {a.get('version')!r}, this pyrobust writes {b.get('version')!r}"]
@@ -351,6 +358,6 @@ def differences(a: dict, b: dict, *, compare: tuple[str, ...] = _FINGERPRINT_PAR
     if "noise" in compare:
         old, new = a.get("spec") or {}, b.get("spec") or {}
         for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
+            if key not in ignore and old.get(key) != new.get(key):
                 out.append(f"{key} {old.get(key)!r} → {new.get(key)!r}")
     return out

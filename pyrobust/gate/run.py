@@ -47,7 +47,17 @@ from pyrobust.sequential import (
     random_order,
 )
 from pyrobust.store.results import load_results, sanity_warnings
-from pyrobust.types import NONFINITE, ROBUST, NoiseSpec, Outcome, RunRecord, RunState, differences, fingerprint
+from pyrobust.types import (
+    NONFINITE,
+    PAIRING_IGNORES,
+    ROBUST,
+    NoiseSpec,
+    Outcome,
+    RunRecord,
+    RunState,
+    differences,
+    fingerprint,
+)
 
 
 # ------------------------------------------------------------------------------------------------------- run
@@ -282,7 +292,7 @@ def _saved_baseline(folder: Path, ds: Dataset, spec: NoiseSpec) -> RunRecord:
     """A baseline's saved results, usable only for the same images, data and noise as this gate's."""
     record = load_results(folder)
     here = fingerprint(model_sha256="", dataset_sha256=ds.sha256, count=ds.n, spec=spec.to_dict())
-    diffs = differences(record.fingerprint, here, compare=("data", "noise"))
+    diffs = differences(record.fingerprint, here, compare=("data", "noise"), ignore=PAIRING_IGNORES)
     if diffs:
         raise InvalidInput(f"the baseline results in {folder} cannot be paired with this gate: {'; '.join(diffs)} "
                            "(there → here). Evaluate the baseline on the same data with the same settings, or pass "
