@@ -889,6 +889,17 @@ def _load_gate_config(ctx, param, value):
 @click.option("--min-accuracy", callback=_fraction, help="Clean accuracy must be at least this (0.98 or 98%).")
 @click.option("--min-robust", callback=_fraction, help="Fraction of all test images never fooled, at least.")
 @click.option("--min-class-robust", callback=_fraction, help="The robust rate of every class, at least.")
+@click.option("--min-robust-at", default=None,
+              help="Robust fractions at several budgets from one run, STEPS:FRACTION pairs: 10:95%,50:90%,250:80% "
+                   "(not fooled within STEPS steps).")
+@click.option("--robust-of", type=click.Choice(["all", "correct"]), default="all", show_default=True,
+              help="What --min-robust, --min-class-robust and --min-robust-at are a share of: all images, or the "
+                   "correctly classified ones.")
+@click.option("--max-failure-prob", callback=_fraction, default=None,
+              help="A golden set: no image (or at most --max-fragile) may have a per-step failure probability above "
+                   "this (1%), decided on exact per-image bounds; sets the step budget and counts every step.")
+@click.option("--max-fragile", type=int, default=0, show_default=True,
+              help="Images of the golden set allowed above --max-failure-prob.")
 @click.option("--baseline", type=click.Path(path_type=Path), default=None,
               help="The production model (.onnx) or a results folder of it on the same data and settings (then "
                    "with --baseline-model or --baseline-sha256).")
@@ -919,9 +930,9 @@ def _load_gate_config(ctx, param, value):
 @_quiet_option
 @_timeout_option
 @_settings
-def gate(candidate, dataset, min_accuracy, min_robust, min_class_robust, baseline, baseline_model, baseline_sha256,
-         max_robust_drop, max_accuracy_drop, confidence, inconclusive, no_early_stop, family, spending, out, junit,
-         summary, output, noise, options, data) -> int:
+def gate(candidate, dataset, min_accuracy, min_robust, min_class_robust, min_robust_at, robust_of, max_failure_prob,
+         max_fragile, baseline, baseline_model, baseline_sha256, max_robust_drop, max_accuracy_drop, confidence,
+         inconclusive, no_early_stop, family, spending, out, junit, summary, output, noise, options, data) -> int:
     """Pass or fail CANDIDATE (an ONNX model) on robustness thresholds, with statistical decisions.
 
     Exit 0 pass, 1 fail (or inconclusive, unless --inconclusive pass), 2 usage error, 3 bad model or data,
@@ -939,7 +950,11 @@ def gate(candidate, dataset, min_accuracy, min_robust, min_class_robust, baselin
     policy = GatePolicy(min_accuracy=min_accuracy, min_robust=min_robust, min_class_robust=min_class_robust,
                         max_robust_drop=max_robust_drop, max_accuracy_drop=max_accuracy_drop,
                         confidence=confidence, inconclusive=inconclusive, early_stop=not no_early_stop,
-                        family=family, spending=spending)
+                        family=family, spending=spending, min_robust_at=min_robust_at, robust_of=robust_of,
+                        max_failure_prob=max_failure_prob, max_fragile=max_fragile)
+    if max_failure_prob is not None and \
+            click.get_current_context().get_parameter_source("max_steps") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--max-failure-prob sets the step budget; leave out --max-steps")
     from pyrobust.files import check_output_file, make_out_dir
 
     # Every output is checked before any work: a decision must never be lost to a path that cannot be written.
@@ -953,6 +968,12 @@ def gate(candidate, dataset, min_accuracy, min_robust, min_class_robust, baselin
         check_output_file(Path(step_summary), "$GITHUB_STEP_SUMMARY", create_parent=False)
     with warnings.catch_warnings(record=True) as caught, _progress("gate") as progress:
         warnings.simplefilter("always")
+        if max_failure_prob is not None:  # the budget is the golden set's, not the --max-steps default
+            from dataclasses import replace as _replace
+
+            from pyrobust.types import PAPER_MAX_STEPS
+
+            noise = _replace(noise, max_steps=PAPER_MAX_STEPS)
         result = run_gate(candidate, dataset, policy=policy, baseline=baseline, baseline_model=baseline_model,
                           baseline_sha256=baseline_sha256, noise=noise, data=data, options=options, output=output,
                           progress=progress, log=lambda line: _err(line), status=getattr(progress, "status", None))

@@ -34,8 +34,8 @@ import numpy as np
 
 from pyrobust.stats import clopper_pearson, normal_quantile, paired_drop_bounds
 
-KINDS = ("min_accuracy", "min_robust", "min_class_robust", "max_robust_drop", "max_accuracy_drop")
-NOISE_KINDS = ("min_robust", "min_class_robust", "max_robust_drop")
+KINDS = ("min_accuracy", "min_robust", "min_class_robust", "min_robust_at", "max_robust_drop", "max_accuracy_drop")
+NOISE_KINDS = ("min_robust", "min_class_robust", "min_robust_at", "max_robust_drop")
 FAMILIES = ("holm", "bonferroni", "none")
 SPENDING = ("equal", "obrien-fleming")
 PASS, FAIL, OPEN = 1, -1, 0

@@ -23,7 +23,7 @@ from pyrobust.sequential import (
     stage_alphas,
 )
 from pyrobust.stats import images_for_power, look_schedule, normal_quantile
-from pyrobust.validate import Choice, Constraint, Fraction, Number, check_fields, declare
+from pyrobust.validate import Choice, Constraint, Fraction, Integer, Number, check_fields, declare
 
 GATE_SCHEMA = 3  # 3: the noise settings have their own block in settings, as in summary.json
 POWER_MARGIN, POWER = 0.01, 0.8  # the power statement in gate.json: a model 1 point better, 80 % power
@@ -31,9 +31,14 @@ VERDICT = {PASS: "pass", FAIL: "fail", 0: "inconclusive"}
 
 
 _THRESHOLD = Fraction(none=True, hint="(e.g. 0.85 or 85%)")
+ROBUST_OF = ("all", "correct")
 POLICY_CONSTRAINTS: dict[str, Constraint] = {
     "min_accuracy": _THRESHOLD, "min_robust": _THRESHOLD, "min_class_robust": _THRESHOLD,
     "max_robust_drop": _THRESHOLD, "max_accuracy_drop": _THRESHOLD,
+    "max_failure_prob": Number(0, 0.5, lo_open=True, hi_open=True, none=True, kind="a probability",
+                               hint="(e.g. 0.01 or 1%)"),
+    "max_fragile": Integer(0),
+    "robust_of": Choice(ROBUST_OF, hint="(all: share of all images; correct: of the correctly classified ones)"),
     "confidence": Number(0.5, 1, hi_open=True, hint="(e.g. 0.95)"),
     "inconclusive": Choice(("fail", "pass")),
     "family": Choice(FAMILIES),
@@ -53,14 +58,31 @@ class GatePolicy:
     early_stop: bool = True
     family: str = "holm"  # error control of fail verdicts across checks: holm, bonferroni or none
     spending: str = "equal"  # how the error is spent over the looks: equal or obrien-fleming
+    # robust fractions at several budgets from one run: ((steps, minimum), ...), e.g. ((10, 0.95), (250, 0.8))
+    min_robust_at: tuple[tuple[int, float], ...] | None = None
+    # the denominator of min_robust, min_class_robust and min_robust_at: all images, or the correctly classified
+    robust_of: str = "all"
+    # a golden set: at most max_fragile images may have a per-step failure probability above max_failure_prob
+    max_failure_prob: float | None = None
+    max_fragile: int = 0
 
-    THRESHOLDS = ("min_accuracy", "min_robust", "min_class_robust", "max_robust_drop", "max_accuracy_drop")
+    THRESHOLDS = ("min_accuracy", "min_robust", "min_class_robust", "max_robust_drop", "max_accuracy_drop",
+                  "min_robust_at", "max_failure_prob")
 
     def __post_init__(self) -> None:
         check_fields(self, POLICY_CONSTRAINTS)
+        if self.min_robust_at is not None:
+            object.__setattr__(self, "min_robust_at", parse_robust_at(self.min_robust_at))
         if all(getattr(self, n) is None for n in self.THRESHOLDS):
             raise InvalidInput("the gate has nothing to check: give min_accuracy, min_robust, min_class_robust, "
-                               "or a baseline with max_robust_drop / max_accuracy_drop")
+                               "min_robust_at, max_failure_prob, or a baseline with max_robust_drop / "
+                               "max_accuracy_drop")
+        if self.max_fragile and self.max_failure_prob is None:
+            raise InvalidInput("max_fragile counts the images allowed above max_failure_prob: give max_failure_prob")
+        if self.robust_of == "correct" and self.max_robust_drop is not None:
+            raise InvalidInput("max_robust_drop compares shares of all images (paired image by image); robust_of="
+                               "correct applies to min_robust, min_class_robust and min_robust_at: drop it or "
+                               "use robust_of=all")
 
     @property
     def needs_baseline(self) -> bool:
@@ -72,6 +94,35 @@ class GatePolicy:
 
 
 declare("GatePolicy", POLICY_CONSTRAINTS, lambda **kw: GatePolicy(**{"min_robust": 0.5, **kw}))
+
+
+def parse_robust_at(value) -> tuple[tuple[int, float], ...]:
+    """``"10:95%,50:90%,250:80%"`` (or pairs) -> ((10, 0.95), (50, 0.9), (250, 0.8)): a minimum robust fraction
+    after each number of steps, budgets distinct."""
+    items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        try:
+            if isinstance(item, str):
+                steps_text, frac_text = item.split(":")
+                steps = int(steps_text)
+                frac = float(frac_text[:-1]) / 100 if frac_text.strip().endswith("%") else float(frac_text)
+            else:
+                steps, frac = item
+                if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+                    raise ValueError
+                steps, frac = int(steps), float(frac)
+        except (ValueError, TypeError):
+            raise InvalidInput(f"min_robust_at takes STEPS:FRACTION pairs such as 10:95%,250:80%; got {item!r}") \
+                from None
+        if steps < 1 or not 0 <= frac <= 1:
+            raise InvalidInput(f"min_robust_at needs steps >= 1 and a fraction in [0, 1]; got {item!r}")
+        out.append((steps, frac))
+    if not out:
+        raise InvalidInput("min_robust_at needs at least one STEPS:FRACTION pair, e.g. 10:95%")
+    if len({s for s, _ in out}) != len(out):
+        raise InvalidInput(f"min_robust_at names a budget twice: {value!r}")
+    return tuple(sorted(out))
 
 
 @dataclass
@@ -145,6 +196,76 @@ def check_json(c: Check) -> dict:
     return d
 
 
+# ------------------------------------------------------------------------------------------------- golden set
+@dataclass(frozen=True)
+class GoldenSpec:
+    """The golden-set check: at most ``max_fragile`` of the ``images`` may have a per-step failure probability
+    above ``max_failure_prob``. Each image gets exact Clopper-Pearson bounds on its failures over ``steps`` probes at
+    one-sided level ``alpha_side`` = (1 - confidence) / 2 / images (Bonferroni over the set), and ``steps`` is the
+    budget at which an image never fooled clears the threshold: if more than ``max_fragile`` images truly lie above
+    it, the chance that the check passes is at most (1 - confidence) / 2, as for every other check's wrong pass."""
+
+    max_failure_prob: float
+    max_fragile: int
+    images: int
+    alpha_side: float
+    steps: int
+
+
+def plan_golden(policy: GatePolicy, images: int) -> GoldenSpec | None:
+    if policy.max_failure_prob is None:
+        return None
+    from pyrobust.stats import steps_for_bound
+    from pyrobust.types import MAX_STEPS_LIMIT
+
+    if policy.max_fragile >= images:
+        raise InvalidInput(f"max_fragile {policy.max_fragile} allows every one of the {images} images to fail: "
+                           "nothing would be checked; give fewer")
+    alpha_side = policy.alpha / 2 / images
+    steps = steps_for_bound(policy.max_failure_prob, 1 - policy.alpha / 2, images)
+    if steps > MAX_STEPS_LIMIT:
+        raise InvalidInput(f"showing p <= {policy.max_failure_prob:.4g} for each of {images:,} images needs {steps:,} "
+                           f"steps, more than the {MAX_STEPS_LIMIT:,} allowed: raise max_failure_prob or use fewer "
+                           "images")
+    return GoldenSpec(policy.max_failure_prob, policy.max_fragile, images, alpha_side, steps)
+
+
+def golden_check(g: GoldenSpec, first_failure: np.ndarray, failures: np.ndarray, seen: np.ndarray,
+                 images_seen: int) -> Check:
+    """The golden-set check after a look: images not yet seen have bounds [0, 1], an image wrong before any noise
+    [1, 1] (it fails every step). It passes when the (k+1)-th largest upper bound is at most the threshold (at most
+    k images are not shown below it), fails when the (k+1)-th largest lower bound is above it (more than k images
+    are shown above it), and is open otherwise. ``value``/``interval`` are those two order statistics."""
+    from pyrobust.stats import clopper_pearson
+
+    lo = np.zeros(g.images)
+    hi = np.ones(g.images)
+    ff, f = first_failure[seen], failures[seen]
+    right = ff != 0
+    clo, chi = clopper_pearson(np.where(right, f, g.steps), np.full(ff.shape, g.steps), g.alpha_side)
+    lo[seen] = np.where(right, clo, 1.0)
+    hi[seen] = np.where(right, chi, 1.0)
+    k = g.max_fragile + 1
+    hi_k = float(np.sort(hi)[-k])
+    lo_k = float(np.sort(lo)[-k])
+    q = g.max_failure_prob
+    verdict = "pass" if hi_k <= q else "fail" if lo_k > q else "inconclusive"
+    not_shown = int(np.count_nonzero(hi > q))
+    above = int(np.count_nonzero(lo > q))
+    c = Check("max_failure_prob", "max_failure_prob", q, hi_k, (lo_k, hi_k), verdict, int(images_seen),
+              confidence=1 - 2 * g.alpha_side, stage="noise")
+    left = g.images - images_seen
+    c.message = (f"max_failure_prob: {not_shown} of {g.images} images not shown to have a per-step failure "
+                 f"probability <= {q:.2%}, {above} shown above it (exact bounds over {g.steps} steps at "
+                 f"{1 - g.alpha_side:.4%} each, Bonferroni over the set{f', {left} not yet evaluated' if left else ''})"
+                 f", at most {g.max_fragile} allowed: {verdict}")
+    if verdict == "inconclusive" and not left:
+        c.message += (f"; {not_shown - above} image(s) failed too often to be shown below {q:.2%} and too seldom to "
+                      "be shown above it, so a larger set does not settle it: allow more images (max_fragile) or a "
+                      "larger max_failure_prob, or fix those images")
+    return c
+
+
 # ------------------------------------------------------------------------------------------------- decisions
 @dataclass(frozen=True)
 class GatePlan:
@@ -155,6 +276,11 @@ class GatePlan:
     clean_alpha: float
     noise_looks: list[int]
     noise_alphas: np.ndarray
+    golden: GoldenSpec | None = None  # the golden-set check, decided on every image's exact bounds
+
+    @property
+    def needs_noise(self) -> bool:
+        return bool(self.noise) or self.golden is not None
 
     @property
     def specs(self) -> list[CheckSpec]:
@@ -175,18 +301,24 @@ def plan_gate(policy: GatePolicy, total: int, classes, *, baseline: bool = True)
     if policy.min_class_robust is not None:
         specs += [CheckSpec(f"min_class_robust[{int(k)}]", "min_class_robust", policy.min_class_robust)
                   for k in classes]
+    for steps, frac in policy.min_robust_at or ():
+        specs.append(CheckSpec(f"min_robust_at[{steps}]", "min_robust_at", frac))
     if policy.max_robust_drop is not None and baseline:
         specs.append(CheckSpec("max_robust_drop", "max_robust_drop", policy.max_robust_drop))
     clean_alpha, noise_alpha = stage_alphas(specs, policy.alpha, policy.family)
     looks = look_schedule(total) if policy.early_stop else [total]
     return GatePlan(clean=[s for s in specs if not s.needs_noise], noise=[s for s in specs if s.needs_noise],
                     clean_alpha=clean_alpha, noise_looks=looks,
-                    noise_alphas=look_alphas(looks, noise_alpha, policy.spending))
+                    noise_alphas=look_alphas(looks, noise_alpha, policy.spending), golden=plan_golden(policy, total))
 
 
-def check_counts(spec: CheckSpec, *, labels: np.ndarray, cand: np.ndarray, base: np.ndarray | None) -> tuple:
+def check_counts(spec: CheckSpec, *, labels: np.ndarray, cand: np.ndarray, base: np.ndarray | None,
+                 among: np.ndarray | None = None) -> tuple:
     """The counts a check is decided from. ``cand``/``base``: per-image flags (correct for accuracy checks, robust
-    for robustness checks) on the images seen so far."""
+    (at the check's budget) for robustness checks) on the images seen so far; ``among``: the images a minimum is a
+    share of (the correctly classified ones with robust_of=correct; default all)."""
+    if among is not None and not spec.is_drop:
+        cand, labels = cand[among], labels[among]
     if spec.is_drop:
         if base is None:
             raise InvalidInput(f"{spec.name} compares with a baseline; none was given")
@@ -236,6 +368,11 @@ def _variance(spec: CheckSpec, c: Check, counts: tuple) -> float:
 
 def _message(c: Check, counts: tuple) -> str:
     lo, hi = c.interval
+    if c.kind == "min_robust_at":
+        x, n = counts if c.verdict == "inconclusive" else (round(c.value * c.n), c.n)
+        steps = c.name[c.name.index("[") + 1:-1]
+        return (f"{c.name}: not fooled within {steps} steps {c.value:.2%} ({x}/{n}), {c.confidence:.2%} interval "
+                f"[{lo:.2%}, {hi:.2%}], threshold >= {c.threshold:.2%}: {c.verdict}")
     if c.kind.startswith("max_"):
         lost, gained, n = counts
         what = "robust fraction" if c.kind == "max_robust_drop" else "accuracy"

@@ -23,12 +23,16 @@ _ICON = {"pass": "✅", "fail": "❌", "inconclusive": "⚠️"}
 def _interval(c: Check) -> str:
     if math.isnan(c.value):
         return "not evaluated"
+    if c.kind == "max_failure_prob":  # per-image probabilities: the deciding image's exact bounds
+        return f"{c.value:.2%} [{c.interval[0]:.2%}, {c.interval[1]:.2%}]"
     if c.kind.startswith("max_"):
         return f"{c.value:+.2%} [{c.interval[0]:+.2%}, {c.interval[1]:+.2%}]"
     return f"{c.value:.2%} [{c.interval[0]:.2%}, {c.interval[1]:.2%}]"
 
 
 def _threshold(c: Check) -> str:
+    if c.kind == "max_failure_prob":
+        return f"≤ {c.threshold:.2%} per image"
     return f"≤ {c.threshold:+.2%}" if c.kind.startswith("max_") else f"≥ {c.threshold:.2%}"
 
 

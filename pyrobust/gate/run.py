@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,17 +39,21 @@ from pyrobust.gate.policy import (
     check_counts,
     checks_from,
     decide,
+    golden_check,
     plan_gate,
+    plan_golden,
 )
 from pyrobust.sequential import (
     FAIL,
     SequentialDecision,
     random_order,
 )
+from pyrobust.stats import robust_at
 from pyrobust.store.results import load_results, sanity_warnings
 from pyrobust.types import (
     NONFINITE,
     PAIRING_IGNORES,
+    PAPER_MAX_STEPS,
     ROBUST,
     NoiseSpec,
     Outcome,
@@ -91,6 +95,7 @@ def run_gate(
     against it before it is used (:func:`verify_saved_baseline`). ``noise``, ``data``, ``options`` and
     ``settings`` are as for :func:`pyrobust.evaluate` (the three records, and any of their fields by name): they
     go through the same run plan."""
+    budget_given = "max_steps" in settings or (noise is not None and noise.max_steps != PAPER_MAX_STEPS)
     spec, options, selection = split_settings(settings, noise=noise, options=options, data=data)
     log = log or (lambda line: None)
     if policy.needs_baseline and baseline is None:
@@ -98,6 +103,7 @@ def run_gate(
                            "or a results folder of it")
     # the data is refused from its header when it cannot fit, rather than found out by a MemoryError
     ds, ds_spec = load_data(dataset, selection=selection, max_bytes=options.budget)
+    spec = _gate_spec(policy, spec, ds.n, budget_given, log)
     base_saved, base_info = None, None
     bpath = Path(baseline) if baseline is not None else None
     if bpath is not None and bpath.is_dir():
@@ -122,6 +128,24 @@ def run_gate(
             base_info["verified"] = verify_saved_baseline(base_saved, bplan, pinned=baseline_sha256, log=log)
         models = _Contestants(cand, base, base_saved.outcome if base_saved else None)
         return _decide(policy, models, base_info, selection.record(ds_spec, ds), progress, log)
+
+
+def _gate_spec(policy: GatePolicy, spec: NoiseSpec, images: int, budget_given: bool, log) -> NoiseSpec:
+    """The noise the checks need: a golden-set check sets the step budget and counts failures; every min_robust_at
+    budget must lie within the step budget."""
+    golden = plan_golden(policy, images)
+    if golden is not None:
+        if budget_given:
+            raise InvalidInput("max_failure_prob sets the step budget (the steps at which an image never fooled "
+                               f"clears it for each of the {images} images: {golden.steps}); leave out max_steps")
+        spec = replace(spec, max_steps=golden.steps, count_failures=True)
+        log(f"golden set: {golden.steps} steps per image, every step counted ({images} images, p <= "
+            f"{golden.max_failure_prob:.2%} each at {1 - golden.alpha_side:.4%})")
+    for steps, _ in policy.min_robust_at or ():
+        if steps > spec.max_steps:
+            raise InvalidInput(f"min_robust_at asks for the robust fraction at {steps} steps, beyond the step budget "
+                               f"({spec.max_steps}); raise max_steps to {steps} or more")
+    return spec
 
 
 @dataclass(frozen=True)
@@ -211,34 +235,62 @@ def _noise_stage(policy: GatePolicy, plan: GatePlan, m: _Contestants, inferences
             if not plan.clean:  # no clean pass: the first look's clean predictions are checked instead
                 out.warnings += sanity_warnings(ds.labels[seen], cand_state.clean_prediction[seen],
                                                 model="the candidate")
-        robust = cand_state.first_failure[seen] == ROBUST
+        ff_seen = cand_state.first_failure[seen]
         base_robust = None if base_ff is None else base_ff[seen] == ROBUST
-        counts = [check_counts(s, labels=ds.labels[seen], cand=robust, base=base_robust) for s in plan.noise]
-        decision.look(counts)
+        among = ff_seen != 0 if policy.robust_of == "correct" else None
+        counts = [check_counts(s, labels=ds.labels[seen], cand=_flags(s, ff_seen), base=base_robust, among=among)
+                  for s in plan.noise]
+        if plan.noise:
+            decision.look(counts)
+        golden = None
+        if plan.golden is not None:
+            mask = np.zeros(total, np.bool_)
+            mask[seen] = True
+            golden = golden_check(plan.golden, cand_state.first_failure, cand_state.failures, mask, n)
         undecided = [s.name for j, s in enumerate(plan.noise) if decision.verdict[0, j] == 0]
+        if golden is not None and golden.verdict == "inconclusive":
+            undecided.append(golden.name)
         out.looks.append({"look": k + 1, "stage": "noise", "images": n,
                           "inferences": inferences_before + noise_inferences(),
                           "confidence": float(1 - plan.noise_alphas[k]), "undecided": undecided})
         log(f"look {k + 1}/{len(plan.noise_looks)}: {n} of {total} images, {len(undecided)} check(s) undecided")
-        if policy.early_stop and decision.stopped[0] and n < total:
-            out.stop_reason = (f"a check failed at look {k + 1}: the verdict cannot change"
-                               if any(decision.verdict[0] == FAIL) else f"every check was decided at look {k + 1}")
+        failed = bool(any(decision.verdict[0] == FAIL)) or (golden is not None and golden.verdict == "fail")
+        settled = (not plan.noise or bool(decision.stopped[0])) and (golden is None or golden.verdict != "inconclusive")
+        if policy.early_stop and (failed or settled) and n < total:
+            out.stop_reason = (f"a check failed at look {k + 1}: the verdict cannot change" if failed
+                               else f"every check was decided at look {k + 1}")
             break
     out.inferences = noise_inferences()
     seen = np.sort(order[:out.images])
     cand_clean, cand_flab = cand_state.clean_prediction[seen], cand_state.failure_label[seen]
     out.nonfinite = int(np.count_nonzero((cand_clean != NONFINITE) & (cand_flab == NONFINITE)))
     out.nonfinite_clean = int(np.count_nonzero(cand_clean == NONFINITE))
-    out.checks = checks_from(decision, plan.noise, plan.noise_alphas, "noise", counts, total)
+    out.checks = checks_from(decision, plan.noise, plan.noise_alphas, "noise", counts, total) if plan.noise else []
+    if policy.robust_of == "correct":
+        for c in out.checks:
+            if c.kind in ("min_robust", "min_class_robust", "min_robust_at"):
+                c.message += " (a share of the correctly classified images)"
+    if golden is not None:
+        out.checks.append(golden)
     return out
+
+
+def _flags(spec, ff: np.ndarray) -> np.ndarray:
+    """Per image: robust (never fooled), or for min_robust_at[t] not fooled within t steps (and right before)."""
+    if spec.kind == "min_robust_at":
+        return (ff != 0) & robust_at(ff, int(spec.name[spec.name.index("[") + 1:-1]))
+    return ff == ROBUST
 
 
 def _not_evaluated(plan: GatePlan) -> _Stage:
     """The noise checks of a gate that already failed on the clean pass."""
-    return _Stage(checks=[Check(s.name, s.kind, s.threshold, math.nan, (math.nan, math.nan), "inconclusive", 0,
+    specs = [(s.name, s.kind, s.threshold) for s in plan.noise]
+    if plan.golden is not None:
+        specs.append(("max_failure_prob", "max_failure_prob", plan.golden.max_failure_prob))
+    return _Stage(checks=[Check(name, kind, threshold, math.nan, (math.nan, math.nan), "inconclusive", 0,
                                 confidence=math.nan, stage="noise",
-                                message=f"{s.name}: not evaluated, the gate had already failed on the clean pass")
-                          for s in plan.noise])
+                                message=f"{name}: not evaluated, the gate had already failed on the clean pass")
+                          for name, kind, threshold in specs])
 
 
 def _decide(policy: GatePolicy, m: _Contestants, base_info: dict | None, dataset: dict, progress,
@@ -248,7 +300,7 @@ def _decide(policy: GatePolicy, m: _Contestants, base_info: dict | None, dataset
     plan = plan_gate(policy, total, np.unique(ds.labels), baseline=m.has_baseline)
     clean = _clean_stage(policy, plan, m, log) if plan.clean else _Stage()
     failed_early = clean.stop_reason is not None
-    if not plan.noise:
+    if not plan.needs_noise:
         noise = _Stage()
     elif failed_early:
         noise = _not_evaluated(plan)
@@ -259,10 +311,10 @@ def _decide(policy: GatePolicy, m: _Contestants, base_info: dict | None, dataset
     if nonfinite["clean"] or nonfinite["noisy"]:
         warns.append(f"the candidate returned NaN or infinite outputs for {nonfinite['clean']} clean image(s) and "
                      f"{nonfinite['noisy']} noisy input(s); they count as wrong / fooled")
-    stopped_early = failed_early or (bool(plan.noise) and noise.images < total)
+    stopped_early = failed_early or (plan.needs_noise and noise.images < total)
     # The work of the same gate without early stop; unknown when no noise look ran (the clean pass failed).
     per_image_noise = noise.inferences / max(noise.images, 1)
-    full = None if failed_early and plan.noise else \
+    full = None if failed_early and plan.needs_noise else \
         (total * (1 + (m.base is not None)) if plan.clean else 0) + int(round(per_image_noise * total))
     checks = clean.checks + noise.checks
     decision_word = decide(checks)
@@ -278,7 +330,8 @@ def _decide(policy: GatePolicy, m: _Contestants, base_info: dict | None, dataset
         dataset={**dataset, "count": total, "sha256": ds.sha256, "source": ds.source},
         settings={"noise": spec.to_dict(), **m.cand.settings(noise.info), "looks_planned": plan.noise_looks,
                   "alpha_per_look": [float(a) for a in plan.noise_alphas],
-                  "clean_alpha": plan.clean_alpha, "order_seed": spec.seed},
+                  "clean_alpha": plan.clean_alpha, "order_seed": spec.seed,
+                  "golden": None if plan.golden is None else asdict(plan.golden)},
     )
 
 
