@@ -105,13 +105,16 @@ def _rate(r: dict) -> dict:
 def _paired_change(a, b) -> dict:
     """Change from model ``a`` to model ``b`` on the same test images with the same noise draws: robust fraction and
     accuracy, each with Newcombe's paired 95 % interval (images lost and gained)."""
-    from pyrobust.stats import paired_difference_interval
+    from pyrobust.stats import paired_difference_interval, paired_ratio_difference
 
     out = {}
     for what, fa, fb in (("robust", a.robust, b.robust), ("accuracy", a.correct, b.correct)):
         both, lost, gained = int((fa & fb).sum()), int((fa & ~fb).sum()), int((~fa & fb).sum())
         diff, lo, hi = paired_difference_interval(both, gained, lost, int(fa.size) - both - lost - gained)
         out[what] = {"change": diff, "ci95": [lo, hi], "lost": lost, "gained": gained}
+    change, lo, hi = paired_ratio_difference(a.robust, a.correct, b.robust, b.correct)
+    out["robust_of_correct"] = {"change": change, "ci95": [lo, hi],
+                                "method": "paired percentile bootstrap over images"}
     return out
 
 
@@ -168,14 +171,16 @@ def gather(root: Path, *, config: dict, stages: dict, test_spec: str, train_spec
     selection = json.loads(layout.subset("robust").with_suffix(".json").read_text())
     schemes = [{"scheme": test_noise.scheme, "mode": test_noise.mode,
                 "results": "eval/M-test", "accuracy": _rate(test_summary["metrics"]["accuracy"]),
-                "robust": _rate(test_summary["metrics"]["robust"])}]
+                "robust": _rate(test_summary["metrics"]["robust"]),
+                "robust_of_correct": _rate(test_summary["metrics"]["robust_of_correct"])}]
     for scheme_folder in sorted(layout.evals.glob("M-test-*")):
         if (scheme_folder / "summary.json").exists():
             record = load_results(scheme_folder)
             s = record.summary
             schemes.append({"scheme": record.noise.scheme, "mode": record.noise.mode,
                             "results": f"eval/{scheme_folder.name}", "accuracy": _rate(s["metrics"]["accuracy"]),
-                            "robust": _rate(s["metrics"]["robust"])})
+                            "robust": _rate(s["metrics"]["robust"]),
+                            "robust_of_correct": _rate(s["metrics"]["robust_of_correct"])})
     point = read_operating_point(layout.operating_point) if config.get("target_robust") is not None else None
     if point is not None and point["pixels"] != test_noise.pixels:
         raise DataError(f"{layout.operating_point} says {point['pixels']} pixels but eval/M-test ran with "
@@ -255,13 +260,18 @@ def blocks(rep: dict) -> list[tuple]:
                          f"{'it' if len(empty) == 1 else 'them'}: their accuracy drop is, in part, these missing "
                          "classes. See Selection below."))
     out.append(("h", 2, "Paired comparisons on the test split"))
-    out.append(("table", ["change", "robust fraction (95 % CI)", "images lost / gained", "accuracy (95 % CI)"],
+    out.append(("table", ["change", "robust, of all images (95 % CI)", "images lost / gained",
+                          "robust, of correct images (95 % CI)", "accuracy (95 % CI)"],
                 [[label, _change(rep["paired"][key]["robust"]),
                   f"{rep['paired'][key]['robust']['lost']} / {rep['paired'][key]['robust']['gained']}",
-                  _change(rep["paired"][key]["accuracy"])]
+                  _change(rep["paired"][key]["robust_of_correct"]) if "robust_of_correct" in rep["paired"][key]
+                  else "n/a", _change(rep["paired"][key]["accuracy"])]
                  for key, label in (("M->M_R", "M → M_R"), ("M_rand->M_R", "M_rand → M_R"))]))
-    out.append(("p", "Both models of a pair saw the same test images with the same noise draws; the intervals are "
-                     "Newcombe's paired intervals."))
+    out.append(("p", "Both models of a pair saw the same test images with the same noise draws; the intervals of "
+                     "shares of all images are Newcombe's paired intervals. A share of the correct images has a "
+                     "denominator of its own per model (the images it classifies correctly), so its change gets a "
+                     "paired bootstrap interval over the images; the two readings can differ widely when the "
+                     "models' accuracies differ."))
     out.append(("h", 2, "Conclusion"))
     out.append(("p", conclusion(rep)))
     out.append(("img", "survival_test.png", "Survival curves on the test split (the paper's Figures 3 and 5)."))
@@ -293,8 +303,9 @@ def blocks(rep: dict) -> list[tuple]:
                     [[names[k], *[str(v) for v in row]] for k, row in enumerate(rep["flip_matrix"][n])]))
     out.append(("img", "flip_matrix.png", "Flip matrices of M, M_R and M_rand on the test split."))
     out.append(("h", 2, "Scheme sensitivity (M on the test split)"))
-    out.append(("table", ["values", "mode", "accuracy", "robust, of all test images"],
-                [[s["scheme"], s["mode"], _pct(s["accuracy"]), _pct(s["robust"])] for s in rep["schemes"]]))
+    out.append(("table", ["values", "mode", "accuracy", "robust, of all test images", "robust, of correct ones"],
+                [[s["scheme"], s["mode"], _pct(s["accuracy"]), _pct(s["robust"]),
+                  _pct(s["robust_of_correct"]) if "robust_of_correct" in s else "n/a"] for s in rep["schemes"]]))
     if len(rep["schemes"]) == 1:
         out.append(("p", "Run with --schemes to add salt-and-pepper values and the random-walk mode."))
     out.append(("h", 2, "Stages and wall time"))
@@ -318,6 +329,8 @@ def _classes(ks: list[int], names: list[str]) -> str:
 
 
 def _change(r: dict) -> str:
+    if r["change"] is None or r["change"] != r["change"]:  # None or NaN: an empty denominator
+        return "n/a"
     return f"{100 * r['change']:+.2f} points [{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]"
 
 

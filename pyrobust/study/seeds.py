@@ -154,6 +154,9 @@ def seed_report(reports: dict[int, dict], *, config: dict | None = None) -> dict
         r = reports[s]
         rows.append({"seed": s, **{m: {"accuracy": r["models"][m]["accuracy"]["fraction"],
                                        "robust": r["models"][m]["robust"]["fraction"],
+                                       # a study report from before both denominators has none
+                                       "robust_of_correct": (r["models"][m].get("robust_of_correct") or
+                                                             {}).get("fraction"),
                                        "train_images": r["models"][m]["train_images"]} for m in MODELS},
                      "pixels": r["noise"]["pixels"], "operating_point": r.get("operating_point"),
                      "empty_classes": (r.get("selection") or {}).get("empty_classes", []),
@@ -161,14 +164,17 @@ def seed_report(reports: dict[int, dict], *, config: dict | None = None) -> dict
     summary: dict[str, dict] = {}
     for m in MODELS:
         summary[m] = {}
-        for metric in ("accuracy", "robust"):
+        for metric in ("accuracy", "robust", "robust_of_correct"):
+            if any(row[m][metric] is None for row in rows):
+                continue
             v = np.array([row[m][metric] for row in rows])
             summary[m][metric] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None,
                                   "min": float(v.min()), "max": float(v.max())}
     contrasts: dict[str, dict] = {}
     for name, a, b in CONTRASTS:
         contrasts[name] = {metric: _paired_stats(np.array([row[b][metric] - row[a][metric] for row in rows]))
-                           for metric in ("robust", "accuracy")}
+                           for metric in ("robust", "robust_of_correct", "accuracy")
+                           if all(row[a][metric] is not None and row[b][metric] is not None for row in rows)}
     first = reports[seeds[0]]
     noise = dict(first.get("noise") or {})
     target = (config or {}).get("target_robust")
@@ -241,10 +247,13 @@ def to_markdown(rep: dict) -> str:
             "the same images and noise for every seed")
     lines = [f"# The study over {len(rep['seeds'])} training seeds", "",
              f"Seeds {', '.join(map(str, rep['seeds']))}: {same}. Each seed's own study is in `seed-S/`.", "",
-             "| model | accuracy, mean ± SD | robust, mean ± SD |", "|---|---|---|"]
+             "| model | accuracy, mean ± SD | robust of all images, mean ± SD | robust of correct ones, mean ± SD |",
+             "|---|---|---|---|"]
     for m in MODELS:
         a, r = rep["models"][m]["accuracy"], rep["models"][m]["robust"]
-        lines.append(f"| {m} | {pct(a['mean'])}{_sd(a)} | {pct(r['mean'])}{_sd(r)} |")
+        rc = rep["models"][m].get("robust_of_correct")
+        lines.append(f"| {m} | {pct(a['mean'])}{_sd(a)} | {pct(r['mean'])}{_sd(r)} | "
+                     f"{pct(rc['mean']) + _sd(rc) if rc else 'n/a'} |")
     lines += ["", "Seed-level paired comparisons (each seed's two models on the same images and noise):", "",
               "| contrast | metric | mean | SD | paired t 95 % | sign-flip 95 % | permutation p |",
               "|---|---|---|---|---|---|---|"]

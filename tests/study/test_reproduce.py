@@ -58,6 +58,14 @@ def test_report_numbers_equal_the_json_files(study):
         assert cells[4] == _pct(m["robust_of_correct"])
     _, train = load_results(study / "eval" / "M-train")
     assert f"Accuracy {_pct(train['metrics']['accuracy'])}; robust {_pct(train['metrics']['robust'])}." in md
+    # both denominators in the paired comparisons: robust of correct changes with the bootstrap over images
+    from pyrobust.stats import paired_ratio_difference
+
+    a, b = load_results(study / "eval" / "M-test").outcome, load_results(study / "eval" / "M_R-test").outcome
+    change, lo, hi = paired_ratio_difference(a.robust, a.correct, b.robust, b.correct)
+    row = next(line for line in md.splitlines() if line.startswith("| M → M_R |"))
+    assert f"{100 * change:+.2f} points [{100 * lo:+.2f}, {100 * hi:+.2f}]" in row
+    assert "robust, of correct images (95 % CI)" in md and "robust, of correct ones" in md
     sel = json.loads((study / "select" / "robust.json").read_text())
     assert f"{sel['images']} images selected." in md
     with np.load(study / "select" / "robust.npz") as z:

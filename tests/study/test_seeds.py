@@ -112,7 +112,8 @@ def test_seed_level_intervals_cover(n, draw):
 
 def _fake(seed, m, r, mrand, pixels=28):
     def model(acc, rob):
-        return {"accuracy": {"fraction": acc}, "robust": {"fraction": rob}, "train_images": 100}
+        return {"accuracy": {"fraction": acc}, "robust": {"fraction": rob},
+                "robust_of_correct": {"fraction": rob / acc}, "train_images": 100}
 
     change = {"change": r - mrand, "ci95": [r - mrand - 0.01, r - mrand + 0.01], "lost": 1, "gained": 1}
     return {"noise": {"pixels": pixels, "max_steps": 250, "seed": 0},
@@ -124,6 +125,15 @@ def _fake(seed, m, r, mrand, pixels=28):
 def test_the_seed_report_reads_each_seeds_report():
     rep = seed_report({0: _fake(0, 0.8, 0.85, 0.82), 1: _fake(1, 0.81, 0.84, 0.80), 2: _fake(2, 0.79, 0.86, 0.83)})
     assert rep["models"]["M_R"]["robust"]["mean"] == pytest.approx(0.85)
+    assert rep["models"]["M_R"]["robust_of_correct"]["mean"] == pytest.approx(0.85 / 0.97)
+    assert rep["contrasts"]["M_R - M_rand"]["robust_of_correct"]["per_seed"] == pytest.approx(
+        [0.03 / 0.97, 0.04 / 0.97, 0.03 / 0.97])
+    assert "robust of correct ones, mean ± SD" in to_markdown(rep)
+    older = {k: _fake(k, 0.8, 0.85, 0.82) for k in range(2)}  # study reports from before both denominators
+    for r in older.values():
+        for m in r["models"].values():
+            del m["robust_of_correct"]
+    assert "robust_of_correct" not in seed_report(older)["models"]["M"]
     c = rep["contrasts"]["M_R - M_rand"]["robust"]
     assert c["per_seed"] == pytest.approx([0.03, 0.04, 0.03]) and c["t_ci95"][0] > 0
     assert "more robust than" in rep["conclusion"] and "training randomness" in rep["conclusion"]
