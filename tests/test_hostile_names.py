@@ -127,7 +127,7 @@ def test_a_name_that_reads_as_mathtext_still_draws_the_figures(bundled_model, tm
                  "--out", str(tmp_path / "run")])
     assert code == 0, capsys.readouterr().err
     assert {p.name for p in (tmp_path / "run").glob("*.png")} == {"survival.png", "per_class.png", "examples.png",
-                                                                  "failure.png"}
+                                                                  "failure.png", "failure_probability.png"}
 
 
 def test_file_names_that_are_not_utf8_are_shown_escaped(bundled_model, tmp_path):

@@ -16,6 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# The blocks build on each other (an evaluation, then its replay): with pytest-xdist they all go to one worker, in
+# order (``--dist loadgroup``, as the README's test command runs).
+pytestmark = pytest.mark.xdist_group("readme")
 MARKER = re.compile(r"<!-- readme-test: (skip \((?P<why>.+)\)|file (?P<file>\S+)) -->")
 
 

@@ -122,8 +122,9 @@ def margin_block(outcome: Outcome, confidence: float = INTERVAL_CONFIDENCE) -> d
     margin, robust = outcome.clean_margin[ok], outcome.robust[ok]
     auc, lo, hi = auc_interval(margin, robust, confidence)
 
-    def med(a: np.ndarray) -> float | None:
-        return float(np.median(a)) if a.size else None
+    def med(a: np.ndarray) -> float | None:  # JSON has no infinity (a one-class model's margins are +inf)
+        v = float(np.median(a)) if a.size else None
+        return v if v is not None and np.isfinite(v) else None
 
     return {"what": "clean score of the label minus the best other score; AUC: how well it tells robust from "
                     "fooled among correctly classified images",

@@ -110,7 +110,6 @@ def load_checkpoint(folder: Path, fp: dict) -> RunState:
             # checkpoints from before failure counting hold neither counts nor margins (and cannot be of a
             # counting run: its fingerprint differs)
             arrays = {name: z[name] for name in RunState.ARRAYS if name in z.files or name != "failures"}
-            arrays.setdefault("failures", np.zeros(fp["count"], np.int32))
             margin = z["clean_margin"] if "clean_margin" in z.files else np.full(fp["count"], np.nan)
     except Exception as exc:  # a checkpoint is ours, but a disk can still hand back garbage
         raise DataError(f"{path}: unreadable checkpoint ({type(exc).__name__}); pass overwrite=True to start over") \
@@ -124,6 +123,11 @@ def load_checkpoint(folder: Path, fp: dict) -> RunState:
     for arr in arrays.values():
         if arr.shape != (fp["count"],):
             raise DataError(f"{path}: checkpoint arrays do not match the run; pass overwrite=True to start over")
+    if not fp["spec"].get("count_failures"):  # the counts of a run that does not count are zeros, not read
+        arrays.pop("failures", None)
+    elif "failures" not in arrays:
+        raise DataError(f"{path}: the checkpoint of a failure-counting run holds no counts; pass overwrite=True to "
+                        "start over")
     check_outcome_arrays(arrays, int(fp["spec"]["max_steps"]), f"{path} (pass overwrite=True to start over)")
     check_margins(margin, fp["count"], f"{path} (pass overwrite=True to start over)")
     if arrays["done"].dtype != np.bool_:

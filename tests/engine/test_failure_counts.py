@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -78,15 +79,36 @@ def test_clean_margins_are_the_models_own(bundled_model, counted):
     assert np.array_equal(got.clean_margin > 0, got.correct)
 
 
+STUDY_M_R = Path(__file__).resolve().parents[2] / "docs" / "results" / "mnist" / "models" / "M_R.onnx"
+
+
+SESSIONS, DASK = dict(sessions=2, threads=2, shard_size=7), dict(scheduler="local:2", shard_size=37)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [dict(sessions=2, threads=2, shard_size=7), dict(scheduler="local:2",
-                                                                                    shard_size=37)])
-def test_counts_are_bit_identical_across_sessions_and_dask(bundled_model, layout):
-    ref = pyrobust.evaluate(bundled_model, "sample", limit=150, max_steps=30, seed=4, count_failures=True,
+@pytest.mark.parametrize("which,layout", [("bundled", SESSIONS), ("bundled", DASK), ("study M_R", SESSIONS)],
+                         ids=["bundled-sessions", "bundled-dask", "study-sessions"])
+def test_counts_are_bit_identical_across_sessions_and_dask(bundled_model, layout, which):
+    model = bundled_model if which == "bundled" else STUDY_M_R  # the study's model: fooled more, counted more
+    ref = pyrobust.evaluate(model, "sample", limit=150, max_steps=30, seed=4, count_failures=True,
                             sessions=1, batch_size=64).outcome
-    got = pyrobust.evaluate(bundled_model, "sample", limit=150, max_steps=30, seed=4, count_failures=True,
+    got = pyrobust.evaluate(model, "sample", limit=150, max_steps=30, seed=4, count_failures=True,
                             batch_size=32, **layout).outcome
     _same(got, ref)
+    assert (got.failures > 1).any()
+
+
+def test_the_margin_block_is_json_safe():
+    from pyrobust.store.results import margin_block
+
+    n = 6
+    o = Outcome(index=np.arange(n), label=np.zeros(n, np.int64), clean_prediction=np.zeros(n, np.int32),
+                first_failure=np.array([-1, -1, 3, -1, 2, 0], np.int32),
+                failure_label=np.array([-1, -1, 1, -1, 1, 1], np.int32), clean_margin=np.full(n, np.inf))
+    block = margin_block(o)  # a one-class model: every margin +inf
+    json.dumps(block, allow_nan=False)
+    assert block["median_robust"] is None and block["images"] == 5
+    assert margin_block(Outcome(**{k: getattr(o, k) for k in Outcome.ARRAYS})) is None  # not recorded
 
 
 @pytest.mark.slow
