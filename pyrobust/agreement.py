@@ -315,9 +315,10 @@ def to_markdown(rep: dict) -> str:
              f"{len(rep['runs'])} evaluations of {md_code(rep['dataset']['spec'])} ({rep['dataset']['count']} images), "
              f"noise {rep['noise']['pixels']} pixels, {rep['noise']['max_steps']} steps, {rep['noise']['scheme']}, "
              f"{rep['noise']['mode']}, seed {rep['noise']['seed']}. Each pair is compared on {rep['population']}.",
-             "", "| run | model | accuracy | robust |", "|---|---|---|---|"]
+             "", "| run | model | accuracy | robust, of all images | robust, of correct ones |",
+             "|---|---|---|---|---|"]
     lines += [f"| {md_cell(r['name'])} | {md_code(r['model'], table=True)} | {r['accuracy']:.2%} | "
-              f"{r['robust']:.2%} |" for r in rep["runs"]]
+              f"{r['robust']:.2%} | {f(r.get('robust_of_correct'), '{:.2%}')} |" for r in rep["runs"]]
     lines += ["", "| pair | images | κ [95 % interval] | κ / κ_max | κ within classes | Jaccard | Spearman (steps) | "
               "Spearman p̂ [95 %] | corrected κ | corrected p̂ ρ |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in rep["pairs"]:
