@@ -134,8 +134,11 @@ def connect(scheduler: str):
             raise InvalidInput(f"--scheduler local:N needs a number of workers >= 1; got {scheduler!r}")
         import logging
 
+        # The scheduler always serves HTTP, on port 8787 when no address is given (dashboard_address=None does not
+        # stop it): a free port on the loopback interface, so two local clusters never collide and none listens
+        # beyond this machine.
         cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, silence_logs=logging.ERROR)
+                                           dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
         client = distributed.Client(cluster)
         client._pyrobust_scheduler = scheduler
         return client, cluster

@@ -278,3 +278,28 @@ def test_a_result_from_a_changed_worker_is_not_merged(bundled_model, monkeypatch
             execute(m, ds, spec, layout=Layout("dask", scheduler="local:1"), batch_size=16, connection=connection)
     finally:
         d.disconnect(connection)
+
+
+def test_local_clusters_do_not_take_port_8787(bundled_model):
+    """A local cluster serves its HTTP routes on a free loopback port: one holding 8787 (another cluster, a user's
+    dashboard) does not stop a run."""
+    import socket
+
+    from pyrobust.engine.dask import connect, disconnect
+
+    holder = socket.socket()
+    try:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            holder.bind(("0.0.0.0", 8787))
+            holder.listen()
+        except OSError:
+            pass  # already taken by something else: the point stands either way
+        connection = connect("local:1")
+        try:
+            address = connection[0].dashboard_link
+            assert "127.0.0.1" in address and ":8787" not in address, address
+        finally:
+            disconnect(connection)
+    finally:
+        holder.close()
