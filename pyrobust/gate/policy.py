@@ -22,7 +22,7 @@ from pyrobust.sequential import (
     look_alphas,
     stage_alphas,
 )
-from pyrobust.stats import images_for_power, look_schedule, normal_quantile
+from pyrobust.stats import images_for_power, look_schedule
 from pyrobust.validate import Choice, Constraint, Fraction, Integer, Number, check_fields, declare
 
 GATE_SCHEMA = 3  # 3: the noise settings have their own block in settings, as in summary.json
@@ -139,6 +139,7 @@ class Check:
     message: str = ""
     images_to_settle: int | None = None
     power: dict | None = None
+    seconds: float = 0.0  # wall time of the stage that decided it (the clean pass, or the noise looks)
 
 
 @dataclass
@@ -346,9 +347,7 @@ def checks_from(decision: SequentialDecision, specs: list[CheckSpec], alphas: np
         c.message = _message(c, counts[j])
         variance = _variance(spec, c, counts[j])
         if verdict == "inconclusive":
-            gap = abs(c.value - spec.threshold)
-            need = math.inf if gap == 0 else normal_quantile(1 - last_alpha / 2) ** 2 * variance / gap**2
-            c.images_to_settle = _settle_count(need, c.n, total, c)
+            c.images_to_settle = _settle_count(settle_images(spec, counts[j], last_alpha / 2), c.n, total, c)
         need = images_for_power(variance, POWER_MARGIN, last_alpha / 2, POWER)
         c.power = {"margin": POWER_MARGIN, "power": POWER, "images": math.ceil(need)}
         good = "above" if not spec.is_drop else "below"
@@ -376,7 +375,8 @@ def _message(c: Check, counts: tuple) -> str:
     if c.kind.startswith("max_"):
         lost, gained, n = counts
         what = "robust fraction" if c.kind == "max_robust_drop" else "accuracy"
-        return (f"{c.name}: {what} drop {c.value:+.2%} ({lost} images lost, {gained} gained of {n}, paired), "
+        moved = f"drop {c.value:.2%}" if c.value > 0 else f"gain {-c.value:.2%}" if c.value < 0 else "unchanged"
+        return (f"{c.name}: {what} {moved} ({lost} images lost, {gained} gained of {n}, paired), "
                 f"{c.confidence:.2%} interval [{lo:+.2%}, {hi:+.2%}], threshold <= {c.threshold:+.2%}: {c.verdict}")
     x, n = counts if c.verdict == "inconclusive" else (round(c.value * c.n), c.n)
     what = c.kind.removeprefix("min_").replace("_", " ")
@@ -384,12 +384,43 @@ def _message(c: Check, counts: tuple) -> str:
             f"threshold >= {c.threshold:.2%}: {c.verdict}")
 
 
-def _settle_count(need: float, n: int, total: int, c: Check) -> int | None:
-    if not math.isfinite(need):
-        c.message += " (the estimate sits on the threshold: no number of images settles it)"
+SETTLE_LIMIT = 10_000  # look no further than this many times the images seen
+
+
+def settle_images(spec: CheckSpec, counts: tuple, alpha_side: float) -> int | None:
+    """The fewest images at which the check's exact bounds, at the level of its last look, would decide it if the
+    shares seen so far held (counts scaled up, rounded); None when no number up to ``SETTLE_LIMIT`` times the
+    images seen would (the estimate sits on, or too near, the threshold)."""
+    from pyrobust.sequential import _fails, _passes, bounds
+
+    n = int(counts[-1])
+    if n <= 0:
         return None
-    more = max(0, math.ceil(need) - n)
-    c.message += f"; about {more} more images would settle it"
+
+    def decided(m: int) -> bool:
+        scaled = (*(round(v * m / n) for v in counts[:-1]), m)
+        _, lo, hi = bounds(spec, scaled, alpha_side)
+        return bool(_passes(spec, lo, hi) or _fails(spec, lo, hi))
+
+    hi_m = n + 1
+    while not decided(hi_m):
+        if hi_m > n * SETTLE_LIMIT:
+            return None
+        hi_m *= 2
+    lo_m = max(n, hi_m // 2)  # not decided at lo_m (or it is n, where the check stayed open)
+    while hi_m - lo_m > 1:
+        mid = (lo_m + hi_m) // 2
+        lo_m, hi_m = (lo_m, mid) if decided(mid) else (mid, hi_m)
+    return hi_m
+
+
+def _settle_count(need: int | None, n: int, total: int, c: Check) -> int | None:
+    if need is None:
+        c.message += (" (the estimate sits on the threshold or too near it: no number of images at these shares "
+                      "settles it)")
+        return None
+    more = max(1, need - n)
+    c.message += f"; about {more:,} more images at the same shares would settle it"
     if n + more > total:
         left = total - n
         c.message += f" (the dataset has {'no' if left == 0 else left} more)"

@@ -71,14 +71,17 @@ def markdown_summary(result: GateResult) -> str:
 
 def junit_xml(result: GateResult) -> bytes:
     failing = {"fail"} | ({"inconclusive"} if result.policy.inconclusive == "fail" else set())
+    seconds = {c.stage: c.seconds for c in result.checks}  # each stage's wall time, once
     suite = ET.Element("testsuite", name="pyrobust gate", tests=str(len(result.checks)),
+                       time=f"{sum(seconds.values()):.3f}",
                        failures=str(sum(c.verdict in failing for c in result.checks)),
                        skipped=str(sum(c.verdict == "inconclusive" and c.verdict not in failing
                                        for c in result.checks)),
                        errors="0", timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     for c in result.checks:
         message = xml_text(c.message)  # XML 1.0 has no place for control characters: escaped, not written raw
-        case = ET.SubElement(suite, "testcase", classname=xml_text(f"pyrobust.gate.{c.kind}"), name=xml_text(c.name))
+        case = ET.SubElement(suite, "testcase", classname=xml_text(f"pyrobust.gate.{c.kind}"), name=xml_text(c.name),
+                             time=f"{c.seconds:.3f}")  # the wall time of the stage that decided it
         if c.verdict in failing:
             ET.SubElement(case, "failure", message=message, type=c.verdict).text = message
         elif c.verdict == "inconclusive":

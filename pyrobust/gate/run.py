@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -206,7 +207,7 @@ def _clean_stage(policy: GatePolicy, plan: GatePlan, m: _Contestants, log) -> _S
 
 
 def _noise_stage(policy: GatePolicy, plan: GatePlan, m: _Contestants, inferences_before: int, progress,
-                 log) -> _Stage:
+                 log, open_clean: tuple[str, ...] = ()) -> _Stage:
     """Noise looks for the checks that need noise, on images in a seeded random order, each look running only its
     new images, until the verdict can no longer change (with early stop) or every image is used."""
     ds, spec, cand, base = m.cand.dataset, m.cand.noise, m.cand, m.base
@@ -253,7 +254,9 @@ def _noise_stage(policy: GatePolicy, plan: GatePlan, m: _Contestants, inferences
         out.looks.append({"look": k + 1, "stage": "noise", "images": n,
                           "inferences": inferences_before + noise_inferences(),
                           "confidence": float(1 - plan.noise_alphas[k]), "undecided": undecided})
-        log(f"look {k + 1}/{len(plan.noise_looks)}: {n} of {total} images, {len(undecided)} check(s) undecided")
+        log(f"look {k + 1}/{len(plan.noise_looks)}: {n} of {total} images; "
+            + (f"undecided: {', '.join(undecided)}" if undecided else "every noise check decided")
+            + (f" (left inconclusive on the clean pass: {', '.join(open_clean)})" if open_clean else ""))
         failed = bool(any(decision.verdict[0] == FAIL)) or (golden is not None and golden.verdict == "fail")
         settled = (not plan.noise or bool(decision.stopped[0])) and (golden is None or golden.verdict != "inconclusive")
         if policy.early_stop and (failed or settled) and n < total:
@@ -298,14 +301,21 @@ def _decide(policy: GatePolicy, m: _Contestants, base_info: dict | None, dataset
     """The clean stage, then the noise stage unless the clean stage settled the gate; one result from both."""
     ds, spec, total = m.cand.dataset, m.cand.noise, m.cand.dataset.n
     plan = plan_gate(policy, total, np.unique(ds.labels), baseline=m.has_baseline)
+    t0 = time.perf_counter()
     clean = _clean_stage(policy, plan, m, log) if plan.clean else _Stage()
+    for c in clean.checks:
+        c.seconds = time.perf_counter() - t0
     failed_early = clean.stop_reason is not None
     if not plan.needs_noise:
         noise = _Stage()
     elif failed_early:
         noise = _not_evaluated(plan)
     else:
-        noise = _noise_stage(policy, plan, m, clean.inferences, progress, log)
+        t1 = time.perf_counter()
+        noise = _noise_stage(policy, plan, m, clean.inferences, progress, log,
+                             tuple(c.name for c in clean.checks if c.verdict == "inconclusive"))
+        for c in noise.checks:
+            c.seconds = time.perf_counter() - t1
     nonfinite = {"clean": clean.nonfinite if plan.clean else noise.nonfinite_clean, "noisy": noise.nonfinite}
     warns = clean.warnings + noise.warnings
     if nonfinite["clean"] or nonfinite["noisy"]:

@@ -88,10 +88,11 @@ def test_pass_fail_inconclusive(capsys, tmp_path, models, data):
     code, out, _ = gate(capsys, models["any_noise"], "--dataset", data["half_robust"], "--min-robust", "0.5",
                         "--low", "0.5", "--max-steps", "10")
     assert code == 1 and "gate INCONCLUSIVE" in out
-    assert "no number of images settles it" in out  # 50.00 % measured against a 50 % threshold
+    assert "no number of images at these shares settles it" in out  # 50.00 % measured against a 50 % threshold
     code, out, _ = gate(capsys, models["any_noise"], "--dataset", data["half_robust"], "--min-robust", "0.45",
                         "--low", "0.5", "--max-steps", "10")
-    assert code == 1 and re_search(r"about \d+ more images would settle it \(the dataset has no more\)", out)
+    assert code == 1 and re_search(r"about [\d,]+ more images at the same shares would settle it \(the dataset has "
+                                   r"no more\)", out)
     code, _, _ = gate(capsys, models["any_noise"], "--dataset", data["half_robust"], "--min-robust", "0.45",
                       "--low", "0.5", "--max-steps", "10", "--inconclusive", "pass")
     assert code == 0
@@ -261,14 +262,14 @@ def test_paired_baseline_detects_an_injected_regression(tmp_path, capsys, bundle
     common = ["--dataset", "mnist:test", "--data-dir", shared_data, "--limit", "2000", "--max-steps", "30",
               "--no-early-stop"]
     code, out, _ = gate(capsys, regressed, *common, "--baseline", bundled_model, "--max-robust-drop", "0.005")
-    assert code == 1 and "max_robust_drop: robust fraction drop +2.80%" in out and ": fail" in out
+    assert code == 1 and "max_robust_drop: robust fraction drop 2.80%" in out and ": fail" in out
     # the same decision from the baseline's saved results (no second model run)
     assert main(["evaluate", str(bundled_model), "--dataset", "mnist:test", "--data-dir", str(shared_data),
                  "--limit", "2000", "--max-steps", "30", "--no-report", "--out", str(tmp_path / "base")]) == 0
     capsys.readouterr()
     code, out, _ = gate(capsys, regressed, *common, "--baseline", tmp_path / "base", "--baseline-model",
                         bundled_model, "--max-robust-drop", "0.005")
-    assert code == 1 and "drop +2.80%" in out
+    assert code == 1 and "drop 2.80%" in out
     # the unchanged model against itself passes a 0.5-point budget
     code, out, _ = gate(capsys, bundled_model, *common, "--baseline", tmp_path / "base", "--baseline-sha256",
                         file_sha256(bundled_model), "--max-robust-drop", "0.005", "--max-accuracy-drop", "0.005")

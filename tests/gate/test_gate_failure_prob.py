@@ -149,3 +149,61 @@ def test_a_golden_set_passes_or_fails_on_its_exact_bounds(bundled_model, regress
     assert main(["gate", str(regressed), "--dataset", "sample", "--max-failure-prob", "5%", "--max-steps",
                  "100"]) == 2
     assert "leave out --max-steps" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- every verdict path says what is true
+def test_the_settle_count_is_where_the_exact_bounds_decide():
+    from pyrobust.gate.policy import settle_images
+    from pyrobust.sequential import CheckSpec, _fails, _passes, bounds
+
+    for spec, counts in ((CheckSpec("min_robust", "min_robust", 0.8), (85, 100)),
+                         (CheckSpec("min_robust", "min_robust", 0.8), (76, 100)),
+                         (CheckSpec("max_robust_drop", "max_robust_drop", 0.01), (6, 1, 200))):
+        need = settle_images(spec, counts, 0.0125)
+        n = counts[-1]
+        assert need is not None and need > n
+
+        def decided(m, spec=spec, counts=counts, n=n):
+            _, lo, hi = bounds(spec, (*(round(v * m / n) for v in counts[:-1]), m), 0.0125)
+            return bool(_passes(spec, lo, hi) or _fails(spec, lo, hi))
+
+        assert decided(need) and not decided(need - 1)
+    assert settle_images(CheckSpec("min_robust", "min_robust", 0.5), (50, 100), 0.0125) is None  # on the threshold
+
+
+@pytest.mark.slow
+def test_the_gates_words_match_its_verdicts(bundled_model, regressed, tmp_path, capsys):
+    import xml.etree.ElementTree as ET
+
+    # a gain is a gain, not a negative drop
+    code = main(["gate", str(regressed), "--dataset", "sample", "--limit", "200", "--max-steps", "40",
+                 "--baseline", str(bundled_model), "--max-robust-drop", "50%", "--batch-size", "64", "--sessions", "1",
+                 "--no-early-stop"])
+    out = capsys.readouterr().out
+    assert code == 0 and "robust fraction drop" in out and "drop -" not in out
+    code = main(["gate", str(bundled_model), "--dataset", "sample", "--limit", "200", "--max-steps", "40",
+                 "--baseline", str(regressed), "--max-robust-drop", "50%", "--batch-size", "64", "--sessions", "1",
+                 "--no-early-stop"])
+    out = capsys.readouterr().out
+    assert code == 0 and "robust fraction gain" in out and "drop -" not in out
+    # an accuracy check left open on the clean pass is named by every look, so no look claims all is decided
+    code = main(["gate", str(bundled_model), "--dataset", "sample", "--limit", "200", "--max-steps", "20",
+                 "--min-accuracy", "98.5%", "--min-robust", "50%", "--batch-size", "64", "--sessions", "1",
+                 "--junit", str(tmp_path / "j.xml")])
+    captured = capsys.readouterr()
+    assert code == 1 and "gate INCONCLUSIVE" in captured.out
+    looks = [line for line in captured.err.splitlines() if "look " in line]
+    assert looks and all("left inconclusive on the clean pass: min_accuracy" in line for line in looks)
+    assert "0 check(s) undecided" not in captured.err
+    assert "about 0 more" not in captured.out and re_more(captured.out)
+    suite = ET.parse(tmp_path / "j.xml").getroot().find("testsuite")
+    assert float(suite.get("time")) > 0
+    assert all(float(case.get("time")) >= 0 for case in suite.findall("testcase"))
+    assert any(float(case.get("time")) > 0 for case in suite.findall("testcase"))
+
+
+def re_more(text: str) -> bool:
+    import re
+
+    return bool(re.search(r"min_accuracy: .*inconclusive; about [1-9][\d,]* more images at the same shares would "
+                          r"settle it", text))
