@@ -15,6 +15,7 @@ import numpy as np
 from perturbcore import predict
 from pyrobust.data.load import load_recorded
 from pyrobust.engine.loop import model_units, normalised, perturbed_input, predict_one
+from pyrobust.engine.runtime import BoundModel
 from pyrobust.errors import DataError, InvalidInput, ModelError
 from pyrobust.store.results import load_results
 from pyrobust.types import ROBUST, NoiseSpec
@@ -65,7 +66,7 @@ def failing_steps(model, dataset, pos: int, spec: NoiseSpec, *, index: int, batc
     ``index``), asked again in batches: the steps a failure-counting run counted."""
     base = model_units(dataset, slice(pos, pos + 1), spec)[0]
     label = int(dataset.labels[pos])
-    loaded = model.model if hasattr(model, "model") else model
+    loaded = model.model if isinstance(model, BoundModel) else model
     bound = None
     wrong = []
     walk = base  # the random walk's current input (cumulative mode)

@@ -313,6 +313,11 @@ def plan_gate(policy: GatePolicy, total: int, classes, *, baseline: bool = True)
                     noise_alphas=look_alphas(looks, noise_alpha, policy.spending), golden=plan_golden(policy, total))
 
 
+def bracketed(spec: CheckSpec) -> int:
+    """The number in a check's name: the class of ``min_class_robust[k]``, the steps of ``min_robust_at[t]``."""
+    return int(spec.name[spec.name.index("[") + 1:-1])
+
+
 def check_counts(spec: CheckSpec, *, labels: np.ndarray, cand: np.ndarray, base: np.ndarray | None,
                  among: np.ndarray | None = None) -> tuple:
     """The counts a check is decided from. ``cand``/``base``: per-image flags (correct for accuracy checks, robust
@@ -327,8 +332,7 @@ def check_counts(spec: CheckSpec, *, labels: np.ndarray, cand: np.ndarray, base:
         gained = int(np.count_nonzero(~base & cand))
         return (lost, gained, int(cand.size))
     if spec.kind == "min_class_robust":
-        k = int(spec.name[spec.name.index("[") + 1:-1])
-        sel = labels == k
+        sel = labels == bracketed(spec)
         return (int(np.count_nonzero(cand[sel])), int(np.count_nonzero(sel)))
     return (int(np.count_nonzero(cand)), int(cand.size))
 
@@ -369,7 +373,7 @@ def _message(c: Check, counts: tuple) -> str:
     lo, hi = c.interval
     if c.kind == "min_robust_at":
         x, n = counts if c.verdict == "inconclusive" else (round(c.value * c.n), c.n)
-        steps = c.name[c.name.index("[") + 1:-1]
+        steps = c.name[c.name.index("[") + 1:-1]  # a Check's name, as bracketed() reads a CheckSpec's
         return (f"{c.name}: not fooled within {steps} steps {c.value:.2%} ({x}/{n}), {c.confidence:.2%} interval "
                 f"[{lo:.2%}, {hi:.2%}], threshold >= {c.threshold:.2%}: {c.verdict}")
     if c.kind.startswith("max_"):

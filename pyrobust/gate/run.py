@@ -37,6 +37,7 @@ from pyrobust.gate.policy import (
     GatePlan,
     GatePolicy,
     GateResult,
+    bracketed,
     check_counts,
     checks_from,
     decide,
@@ -281,7 +282,7 @@ def _noise_stage(policy: GatePolicy, plan: GatePlan, m: _Contestants, inferences
 def _flags(spec, ff: np.ndarray) -> np.ndarray:
     """Per image: robust (never fooled), or for min_robust_at[t] not fooled within t steps (and right before)."""
     if spec.kind == "min_robust_at":
-        return (ff != 0) & robust_at(ff, int(spec.name[spec.name.index("[") + 1:-1]))
+        return (ff != 0) & robust_at(ff, bracketed(spec))
     return ff == ROBUST
 
 
