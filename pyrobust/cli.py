@@ -96,6 +96,17 @@ def _pixels(ctx, param, value):
         raise click.BadParameter(f"expected a whole number or a share such as 3.5%; got {text!r}") from None
 
 
+def _corruption(ctx, param, value):
+    if value is None:
+        return None
+    from perturbcore.families import parse
+
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def noise_options(func):
     """The noise options (one per :class:`~pyrobust.types.NoiseSpec` field), shared by every command that runs the
     protocol; :func:`_settings` turns them into one ``noise`` value."""
@@ -118,6 +129,10 @@ def noise_options(func):
         click.option("--count-failures", is_flag=True,
                      help="Keep probing each image through all --max-steps steps and count its failing steps: an "
                           "exact interval on each image's failure probability (costs the steps after a failure)."),
+        click.option("--noise", "corruption", default=None, callback=_corruption, metavar="FAMILY[:K=V,...]",
+                     help="A noise family instead of the paper's L0 noise, e.g. gaussian:sigma=0.1 or patch:size=6 "
+                          "(pyrobust families lists them); --pixels, --scheme, --low, --high and --pixel-count then "
+                          "stay unset."),
         click.option("--pixel-range", type=click.Choice(["0,1", "0,255"]), default=None,
                      callback=lambda ctx, param, v: None if v is None else (1 if v == "0,1" else 255),
                      help="Pixel values the model takes; images and noise are scaled to it (default: the model's "
@@ -402,8 +417,10 @@ def _print_summary(summary: dict, out: Path | None) -> None:
 
     n, s = noise_of(summary), summary["settings"]
     values = f"{{{n.low}, {n.high}}}" if n.scheme == "salt-pepper" else f"[{n.low}, {n.high})"
-    t.add_row("noise", f"{_count(int(n.pixels), 'pixel')}, {_count(n.max_steps, 'step')}, {n.scheme} {values}, "
-                       f"{n.mode}, seed {n.seed}" + (", every step counted" if n.count_failures else ""))
+    what = (n.corruption.text() if n.corruption is not None
+            else f"{_count(int(n.pixels), 'pixel')}, {n.scheme} {values}")
+    t.add_row("noise", f"{what}, {_count(n.max_steps, 'step')}, {n.mode}, seed {n.seed}"
+                       + (", every step counted" if n.count_failures else ""))
     par = s.get("parallel") or {}
     if "workers" in par:
         t.add_row("ran on", f"Dask {par['scheduler']}: {_count(par['workers'], 'worker')}, "

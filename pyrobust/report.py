@@ -87,7 +87,7 @@ def plot_survival(summary: dict, path: Path | None = None, *,
     ax.set_ylim(0, 1.02)
     ax.set_xlim(0, len(next(iter(curves.values()))) - 1)
     s = noise_of(summary)
-    ax.set_title(f"{figure_text(summary['dataset']['spec'])}: {s.pixels} pixels, {s.scheme}, {s.mode}, seed {s.seed}",
+    ax.set_title(f"{figure_text(summary['dataset']['spec'])}: {s.noise_name}, {s.mode}, seed {s.seed}",
                  fontsize=9)
     ax.grid(alpha=0.3)
     # below the axes: a curve can pass through any corner of them (a fragile model's runs along the bottom)

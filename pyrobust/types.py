@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from perturbcore import NONFINITE, ROBUST, SCHEMES
+from perturbcore.families import Family, parse
 from pyrobust.errors import InvalidInput
 from pyrobust.validate import Choice, Constraint, Integer, Number, check_fields, declare
 
@@ -87,8 +88,12 @@ class NoiseSpec:
     # Keep probing a correctly classified image through all max_steps steps and count its failing steps (the
     # first-failure step stays): an exact per-image failure probability instead of a censored yes/no.
     count_failures: bool = False
+    # A noise family other than the paper's L0 noise (``gaussian:sigma=0.1``; :mod:`perturbcore.families`), or
+    # None for the L0 noise that pixels, scheme, low, high and pixel_count describe.
+    corruption: Family | None = None
 
     def __post_init__(self) -> None:
+        self._check_corruption()
         if isinstance(self.pixels, str):
             share = pixel_share(self.pixels)
             if share is None:
@@ -129,6 +134,34 @@ class NoiseSpec:
         object.__setattr__(self, "max_steps", int(self.max_steps))
         object.__setattr__(self, "seed", int(self.seed))
 
+    def _check_corruption(self) -> None:
+        c = self.corruption
+        if c is None:
+            return
+        if isinstance(c, str):
+            try:
+                c = parse(c)
+            except ValueError as exc:
+                raise InvalidInput(str(exc)) from None
+            object.__setattr__(self, "corruption", c)
+        if not isinstance(c, Family):
+            raise InvalidInput(f"corruption must be a noise family such as 'gaussian:sigma=0.1'; got "
+                               f"{type(c).__name__}")
+        l0 = [k for k, default in L0_DEFAULTS.items() if getattr(self, k) != default]
+        if l0:
+            raise InvalidInput(f"{', '.join(l0)} set the L0 noise; the {c.name} noise has its own parameters "
+                               f"({c.text()}): leave {', '.join(l0)} unset")
+        if self.mode != "restart":
+            raise InvalidInput(f"the random walk (mode=cumulative) is the L0 noise's; every step of the {c.name} "
+                               "noise starts again from the original image: use mode=restart")
+
+    @property
+    def noise_name(self) -> str:
+        """The noise in one phrase: ``gaussian:sigma=0.1``, or ``28 pixels, uniform`` for the paper's L0 noise."""
+        if self.corruption is not None:
+            return self.corruption.text()
+        return f"{self.pixels} pixels, {self.scheme}"
+
     def for_image(self, height: int, width: int) -> NoiseSpec:
         """This spec with a share of the image (``pixels="3.5%"``) resolved to a count for ``height``×``width``
         images: the share of the pixel positions, rounded up (3.5 % of 784 is 28, the paper's)."""
@@ -158,6 +191,10 @@ class NoiseSpec:
             del d["pixel_count"]
         if not self.count_failures:
             del d["count_failures"]
+        if self.corruption is None:
+            del d["corruption"]
+        else:
+            d["corruption"] = self.corruption.text()
         return d
 
     @classmethod
@@ -167,11 +204,16 @@ class NoiseSpec:
         for k in ("mean", "std"):
             if known.get(k) is not None:
                 known[k] = tuple(known[k])
+        if known.get("corruption") is not None and not isinstance(known["corruption"], str):
+            raise InvalidInput(f"corruption must be written as text such as 'gaussian:sigma=0.1'; got "
+                               f"{known['corruption']!r}")
         known.setdefault("pixel_range", 1)
         return cls(**known)
 
 
 declare("NoiseSpec", NOISE_CONSTRAINTS, NoiseSpec)
+# The L0 noise's own settings at their defaults: what a spec with another noise family must leave them at.
+L0_DEFAULTS = {"pixels": PAPER_PIXELS, "scheme": "uniform", "low": 0.0, "high": 1.0, "pixel_count": "fixed"}
 
 
 TARGET_CONSTRAINTS: dict[str, Constraint] = {

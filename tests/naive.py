@@ -160,3 +160,141 @@ def margin(scores, label):
         return float("nan")
     others = np.delete(row, label)
     return float(row[label] - others.max()) if others.size else float("inf")
+
+
+# --- noise families (perturbcore.families), on whole images in their own units -------------------------------------
+
+def draws(seed: int, index: int, step: int, counters) -> np.ndarray:
+    """The raw 64-bit draws of one (seed, index, step) stream at ``counters``, vectorised in numpy's wrapping
+    uint64 arithmetic (the stream key in Python integers, as :func:`random_u64`)."""
+    key = mix64(mix64(mix64(seed + GOLDEN) ^ ((index + GOLDEN) & MASK)) ^ ((step + GOLDEN) & MASK))
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) + (np.asarray(counters, np.uint64) + np.uint64(1)) * np.uint64(GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seed, index, step, count, base=0) -> np.ndarray:
+    """Uniforms 0..count-1 in (0, 1): uniform ``e`` is half of draw ``base + e // 2`` (high 32 bits for even e)."""
+    e = np.arange(count)
+    u = draws(seed, index, step, base + e // 2)
+    half = np.where(e % 2 == 0, u >> np.uint64(32), u & np.uint64(0xFFFFFFFF))
+    return (half.astype(np.float64) + 0.5) / 2.0**32
+
+
+def normals(u) -> np.ndarray:
+    import statistics
+
+    q = statistics.NormalDist().inv_cdf
+    return np.array([q(float(v)) for v in np.ravel(u)]).reshape(np.shape(u))
+
+
+def family_image(name, params, img, *, seed, index, step, top=1.0, integer=False):
+    """The family ``name`` (params: its parameters as a dict, in [0, 1] units) at one step of one image: ``img`` is
+    float32 (H, W, C) in [0, top]; the result too. Written from each family's docstring, sharing no code with it."""
+    h, w, c = img.shape
+    x = np.asarray(img, np.float64)
+    if step == 0:
+        return np.array(img, np.float32)
+    n = h * w * c
+
+    def finish(v):
+        v = np.clip(v, 0.0, top)
+        return np.rint(v).astype(np.float32) if integer else v.astype(np.float32)
+
+    if name == "gaussian":
+        return finish(x + params["sigma"] * top * normals(uniforms(seed, index, step, n)).reshape(h, w, c))
+    if name == "uniform":
+        return finish(x + params["eps"] * top * (2 * uniforms(seed, index, step, n).reshape(h, w, c) - 1))
+    if name == "speckle":
+        return finish(x + x * params["sigma"] * normals(uniforms(seed, index, step, n)).reshape(h, w, c))
+    if name == "l2":
+        z = normals(uniforms(seed, index, step, n))
+        radius = params["eps"] * top
+        if params.get("shape", "sphere") == "ball":
+            radius *= uniforms(seed, index, step, 1, base=(n + 1) // 2 + 1)[0] ** (1 / n)
+        return finish(x + (radius * z / np.linalg.norm(z)).reshape(h, w, c))
+    if name == "shot":
+        from scipy.stats import poisson
+
+        lam = params["photons"]
+        k = poisson.ppf(uniforms(seed, index, step, n).reshape(h, w, c), lam * np.clip(x, 0, top) / top)
+        return finish(k / lam * top)
+    out = np.array(x)
+    if name in ("impulse", "dropout"):
+        u = uniforms(seed, index, step, h * w).reshape(h, w)
+        if name == "impulse":
+            d = params["density"]
+            out[u < d / 2] = 0.0
+            out[(u >= d / 2) & (u < d)] = top
+        else:
+            out[u < params["rate"]] = params.get("value", 0.0) * top
+        return finish(out)
+    if name == "patch":
+        s = params["size"]
+        y0 = int(draws(seed, index, step, [0])[0] % np.uint64(h - s + 1))
+        x0 = int(draws(seed, index, step, [1])[0] % np.uint64(w - s + 1))
+        if params.get("fill", "constant") == "random":
+            u = uniforms(seed, index, step, s * s * c, base=2).reshape(s, s, c)
+            out[y0:y0 + s, x0:x0 + s] = np.floor(u * (top + 1)) if integer else u * top
+        else:
+            out[y0:y0 + s, x0:x0 + s] = params.get("value", 0.0) * top
+        res = np.array(img, np.float32)
+        res[y0:y0 + s, x0:x0 + s] = finish(out[y0:y0 + s, x0:x0 + s])
+        return res
+    if name == "translate":
+        d = params["shift"]
+        side = 2 * d + 1
+        shifts = [(dy, dx) for dy in range(-d, d + 1) for dx in range(-d, d + 1) if (dy, dx) != (0, 0)]
+        dy, dx = shifts[int(draws(seed, index, step, [0])[0] % np.uint64(side * side - 1))]
+        res = np.full((h, w, c), np.float32(finish(np.array(params.get("value", 0.0) * top))))
+        ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+        xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+        res[yd, xd] = np.asarray(img, np.float32)[ys, xs]
+        return res
+    if name == "dihedral":
+        k = int(draws(seed, index, step, [0])[0] % np.uint64(3 if params.get("group", "flips") == "flips" else 7))
+        ops = [lambda a: a[:, ::-1], lambda a: a[::-1], lambda a: a[::-1, ::-1], lambda a: a.transpose(1, 0, 2),
+               lambda a: np.rot90(a, 1), lambda a: np.rot90(a, -1), lambda a: np.rot90(a, 2).transpose(1, 0, 2)]
+        return np.ascontiguousarray(ops[k](np.asarray(img, np.float32)))
+    if name == "rotate":
+        from scipy.ndimage import map_coordinates
+
+        t = np.deg2rad(params["degrees"] * (2 * uniforms(seed, index, step, 1)[0] - 1))
+        cy, cx = (h - 1) / 2, (w - 1) / 2
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+        sy = cy + (yy - cy) * np.cos(t) + (xx - cx) * np.sin(t)
+        sx = cx - (yy - cy) * np.sin(t) + (xx - cx) * np.cos(t)
+        value = params.get("value", 0.0) * top
+        res = np.stack([map_coordinates(x[..., ch], [sy, sx], order=1, mode="grid-constant", cval=value)
+                        for ch in range(c)], axis=-1)
+        return finish(res)
+    raise ValueError(name)
+
+
+def family_protocol(predict_one, images, labels, indices, *, name, params, seed, max_steps, top=1.0,
+                    integer=False, count=False):
+    """The first-failure protocol (``count``: every step counted) under a noise family, one image and one step at a
+    time. Returns (clean_prediction, first_failure, failure_label, failures)."""
+    n = len(labels)
+    clean = np.empty(n, np.int64)
+    first = np.full(n, -1, np.int64)
+    fail = np.full(n, -1, np.int64)
+    failures = np.zeros(n, np.int64)
+    for i in range(n):
+        x0 = np.asarray(images[i], np.float32)
+        clean[i] = predict_one(x0)
+        if clean[i] != labels[i]:
+            first[i], fail[i] = 0, clean[i]
+            continue
+        for s in range(1, max_steps + 1):
+            p = predict_one(family_image(name, params, x0, seed=seed, index=int(indices[i]), step=s, top=top,
+                                         integer=integer))
+            if p != labels[i]:
+                if failures[i] == 0:
+                    first[i], fail[i] = s, p
+                failures[i] += 1
+                if not count:
+                    break
+    return clean, first, fail, failures

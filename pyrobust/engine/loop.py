@@ -21,6 +21,7 @@ from dataclasses import replace
 import numpy as np
 
 import perturbcore
+import perturbcore.families
 from pyrobust.data.dataset import Dataset
 from pyrobust.engine.runtime import BoundModel, OnnxModel
 from pyrobust.errors import InvalidInput
@@ -44,10 +45,38 @@ def _channel_values(values, channels: int, name: str) -> np.ndarray | None:
 def check_spec_for_data(spec: NoiseSpec, image_shape: tuple[int, int, int]) -> None:
     h, w, c = image_shape
     spec = spec.for_image(h, w)
-    if int(spec.pixels) > h * w:
+    if spec.corruption is not None:
+        try:
+            spec.corruption.check_image(h, w, c)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+    elif int(spec.pixels) > h * w:
         raise InvalidInput(f"pixels must be an integer in [1, {h * w}] for {h}x{w} images; got {spec.pixels}")
     _channel_values(spec.mean, c, "mean")
     _channel_values(spec.std, c, "std")
+
+
+def prepared_noise(spec: NoiseSpec, image_shape: tuple[int, int, int], *, channels_first: bool = False,
+                   normalise: bool = True):
+    """The noise kernel of ``spec`` for images of ``image_shape`` in the model's units, validated once: the L0
+    noise (:func:`perturbcore.prepare_noise`) or the spec's family (:func:`perturbcore.families.prepare`).
+    ``normalise=False``: the input stays in the model's pixel units (replay, figures). A prepared family reads its
+    sources *not* normalised (``normalises_source``); the L0 kernel reads them normalised."""
+    h, w, c = image_shape
+    mean = _channel_values(spec.mean, c, "mean") if normalise else None
+    std = _channel_values(spec.std, c, "std") if normalise else None
+    try:
+        if spec.corruption is not None:
+            return perturbcore.families.prepare(spec.corruption, height=h, width=w, channels=c, seed=spec.seed,
+                                                channels_first=channels_first, mean=mean, std=std, top=spec.scale,
+                                                integer=spec.integer)
+        low, high = noise_bounds(spec)
+        return perturbcore.prepare_noise(pixels=int(spec.for_image(h, w).pixels), n_positions=h * w, channels=c,
+                                         seed=spec.seed, low=low, high=high, scheme=spec.scheme, integer=spec.integer,
+                                         random_count=spec.pixel_count == "random", channels_first=channels_first,
+                                         mean=mean, std=std)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 def resolve_noise(model: OnnxModel, spec: NoiseSpec) -> NoiseSpec:
@@ -121,18 +150,10 @@ def iter_protocol(model: BoundModel, dataset: Dataset, spec: NoiseSpec, state: R
     if not isinstance(model, BoundModel):
         raise InvalidInput("bind the model to the data first (bind_model)")
     h, w, c = dataset.image_shape
-    mean = _channel_values(spec.mean, c, "mean")
-    std = _channel_values(spec.std, c, "std")
-    n_pos = h * w
-    d = n_pos * c
-    low, high = noise_bounds(spec)
-    try:
-        noise = perturbcore.prepare_noise(pixels=int(spec.for_image(h, w).pixels), n_positions=n_pos, channels=c,
-                                          seed=spec.seed, low=low, high=high, scheme=spec.scheme, integer=spec.integer,
-                                          random_count=spec.pixel_count == "random",
-                                          channels_first=model.binding.channels_first, mean=mean, std=std)
-    except ValueError as exc:
-        raise InvalidInput(str(exc)) from None
+    d = h * w * c
+    noise = prepared_noise(spec, dataset.image_shape, channels_first=model.binding.channels_first)
+    # a family normalises as it writes, so its slots hold the clean images in the model's units
+    source = model_units if getattr(noise, "normalises_source", False) else prepare
     todo = np.flatnonzero(~state.done)
 
     slot_src = np.zeros((batch_size, d), np.float32)
@@ -155,7 +176,7 @@ def iter_protocol(model: BoundModel, dataset: Dataset, spec: NoiseSpec, state: R
         while free.size and nxt < todo.size:
             if nxt >= chunk_lo + chunk.shape[0]:
                 chunk_lo = nxt
-                chunk = model.to_flat(prepare(dataset, todo[nxt: nxt + chunk_size], spec))
+                chunk = model.to_flat(source(dataset, todo[nxt: nxt + chunk_size], spec))
             k = min(free.size, chunk_lo + chunk.shape[0] - nxt)
             slots, free = free[:k], free[k:]
             pos = todo[nxt: nxt + k]
@@ -318,16 +339,13 @@ def perturbed_input(base: np.ndarray, *, index: int, step: int, spec: NoiseSpec,
     ``step``'s noise applied to ``base`` (in the cumulative mode, ``base`` is then the walk's input at step - 1)."""
     h, w, c = base.shape
     flat = np.ascontiguousarray(base, dtype=np.float32).reshape(1, h * w * c).copy()
-    low, high = noise_bounds(spec)
-    common = dict(pixels=int(spec.for_image(h, w).pixels), n_positions=h * w, channels=c, seed=spec.seed, low=low,
-                  high=high, scheme=spec.scheme, indices=[index], integer=spec.integer,
-                  random_count=spec.pixel_count == "random")
-    if spec.mode == "restart" or step == 0 or not walk:
-        out = perturbcore.perturb_flat(flat, steps=[step], **common)
-    else:
-        out = np.empty_like(flat)
-        for s in range(1, step + 1):
-            perturbcore.perturb_flat(flat, steps=[s], out=out, write_back=True, **common)
+    noise = prepared_noise(spec, base.shape, normalise=False)
+    slot, key = np.zeros(1, np.int64), np.array([index], np.int64)
+    out = np.empty_like(flat)
+    for s in ([step] if spec.mode == "restart" or step == 0 or not walk else range(1, step + 1)):
+        noise.perturb(flat, slot, np.array([s], np.int64), key, out)
+        if spec.mode == "cumulative":
+            flat[:] = out
     return out.reshape(h, w, c)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from perturbcore.families import Family
 from pyrobust.data.dataset import DataSelection, Dataset, from_arrays
 from pyrobust.data.load import load_selected
 from pyrobust.engine.backends import Layout, execute
@@ -79,7 +80,10 @@ def split_settings(settings: dict, *, noise: NoiseSpec | None = None, options: R
                    data: DataSelection | None = None) -> tuple[NoiseSpec, RunOptions, DataSelection]:
     """The records a run takes, from the records given and keyword settings beside them (``pixels=``,
     ``batch_size=``, ``limit=``, ...), which replace their values: a :class:`NoiseSpec`, :class:`RunOptions` and
-    a :class:`DataSelection`. An unknown name is refused with the names that exist."""
+    a :class:`DataSelection`. An unknown name is refused with the names that exist. ``noise`` may also be a noise
+    family, written (``"gaussian:sigma=0.1"``) or built (``Gaussian(sigma=0.1)``): the paper's settings otherwise."""
+    if isinstance(noise, (str, Family)):
+        noise = NoiseSpec(corruption=noise)
     unknown = sorted(set(settings) - set(NOISE_FIELDS) - set(OPTION_FIELDS) - set(SELECTION_FIELDS))
     if unknown:
         raise InvalidInput(f"unknown setting(s) {', '.join(unknown)}; noise settings are {', '.join(NOISE_FIELDS)}, "

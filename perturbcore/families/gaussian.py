@@ -1,0 +1,40 @@
+"""Additive Gaussian noise: every value gets ``sigma * z``, ``z`` standard normal (ImageNet-C's ``gaussian_noise``,
+drawn afresh at every step).
+
+Draws: the value of pixel ``p``, channel ``ch`` uses uniform ``e = p * c + ch`` (:func:`~perturbcore.families._base.
+_unit`, base 0), turned into a normal by its quantile function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from perturbcore._jit import kernel
+from perturbcore.families._base import Family, _normal_quantile, _offset, _store, _unit, param
+
+
+@kernel
+def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
+    sigma = params[0]
+    n = h * w
+    for p in range(n):
+        for ch in range(c):
+            off = _offset(p, ch, n, c, channels_first)
+            z = _normal_quantile(_unit(key, p * c + ch, 0))
+            _store(out, off, np.float64(src[off]) + sigma * z, ch, mean, std, top, integer)
+
+
+@dataclass(frozen=True)
+class Gaussian(Family):
+    """Additive Gaussian noise of standard deviation ``sigma`` (a share of the pixel range)."""
+
+    name = "gaussian"
+    summary = "every value + sigma·N(0, 1), clipped"
+    row = _row
+
+    sigma: float = param(0.1, lo=0, hi=1, lo_open=True, unit="of the pixel range", doc="standard deviation")
+
+    def kernel_params(self, top: float) -> np.ndarray:
+        return np.array([self.sigma * top])
