@@ -40,6 +40,14 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 
 
 @kernel
+def _half(u, e):
+    """Uniform ``e`` of the pair a 64-bit draw ``u`` holds (the high half for even ``e``), as :func:`_unit`: a loop
+    over ``e`` in order draws once per pair (``if e & 1 == 0: u = _draw(key, base + (e >> 1))``)."""
+    half = (u >> _S32) if e & 1 == 0 else (u & _LOW32)
+    return (np.float64(half) + 0.5) * _INV_2_32
+
+
+@kernel
 def _unit(key, e, base):
     """The ``e``-th uniform of a stream, in (0, 1): counter ``base + e // 2``, its high 32 bits for even ``e`` and its
     low 32 bits for odd ``e`` (so one 64-bit draw serves two pixels); ``(u + 0.5) / 2**32`` never reaches 0 or 1."""
@@ -60,6 +68,14 @@ _P_LOW = 0.02425
 
 
 @kernel
+def _central(q):
+    """Acklam's central rational in ``q = p - 0.5`` (|q| <= 0.5 - _P_LOW)."""
+    r = q * q
+    return ((((((_A[0] * r + _A[1]) * r + _A[2]) * r + _A[3]) * r + _A[4]) * r + _A[5]) * q
+            / (((((_B[0] * r + _B[1]) * r + _B[2]) * r + _B[3]) * r + _B[4]) * r + 1.0))
+
+
+@kernel
 def _normal_quantile(p):
     """The standard normal's ``p``-quantile, for p in (0, 1): one uniform gives one normal (no rejection, so the
     number of draws per pixel is fixed), and a 32-bit uniform reaches ±6.3 standard deviations."""
@@ -71,10 +87,54 @@ def _normal_quantile(p):
         q = math.sqrt(-2.0 * math.log(1.0 - p))
         return -((((((_C[0] * q + _C[1]) * q + _C[2]) * q + _C[3]) * q + _C[4]) * q + _C[5])
                  / ((((_D[0] * q + _D[1]) * q + _D[2]) * q + _D[3]) * q + 1.0))
-    q = p - 0.5
-    r = q * q
-    return ((((((_A[0] * r + _A[1]) * r + _A[2]) * r + _A[3]) * r + _A[4]) * r + _A[5]) * q
-            / (((((_B[0] * r + _B[1]) * r + _B[2]) * r + _B[3]) * r + _B[4]) * r + 1.0))
+    return _central(p - 0.5)
+
+
+@kernel
+def _fill_uniforms(key, count, base, u):
+    """``u[e]`` = uniform ``e`` of the stream (:func:`_unit` with ``base``) for ``e < count`` (``u`` holds at least
+    ``count + 1``): one 64-bit draw per pair, in a branch-free loop LLVM vectorises."""
+    for d in range((count + 1) // 2):
+        r = _draw(key, base + d)
+        u[2 * d] = (np.float64(r >> _S32) + 0.5) * _INV_2_32
+        u[2 * d + 1] = (np.float64(r & _LOW32) + 0.5) * _INV_2_32
+
+
+@kernel
+def _fill_normals(key, count, u, z):
+    """``z[e]`` = the normal quantile of uniform ``e`` (base 0) for ``e < count``, bit-identical to
+    ``_normal_quantile(_unit(key, e, 0))``: the central rational for every value in a vectorised loop, then the tails
+    (4.85 % of values) one by one."""
+    _fill_uniforms(key, count, 0, u)
+    for e in range(count):
+        z[e] = _central(u[e] - 0.5)
+    for e in range(count):
+        p = u[e]
+        if p < _P_LOW or p > 1.0 - _P_LOW:
+            z[e] = _normal_quantile(p)
+
+
+@kernel
+def _store_grey(src, out, add, mul, values, n, mean, std, top, integer):
+    """:func:`_store_all` for one channel: one flat loop LLVM vectorises (kept apart: inlined into the general case,
+    it was not vectorised and cost 3x as much)."""
+    for e in range(n):
+        _store(out, e, np.float64(src[e]) * mul + add * values[e], 0, mean, std, top, integer)
+
+
+@kernel
+def _store_all(src, out, add, mul, values, n, c, channels_first, mean, std, top, integer):
+    """Every value ``v`` of the image becomes ``v * mul + add * values[e]`` (``e = p * c + ch``, canonical order),
+    stored as :func:`_store` does."""
+    if c == 1:
+        _store_grey(src, out, add, mul, values, n, mean, std, top, integer)
+        return
+    for p in range(n):
+        for ch in range(c):
+            e = p * c + ch
+            off = ch * n + p if channels_first else e
+            v = np.float64(src[off])
+            _store(out, off, v * mul + add * values[e], ch, mean, std, top, integer)
 
 
 @kernel
@@ -86,10 +146,7 @@ def _offset(p, ch, n_positions, channels, channels_first):
 @kernel
 def _store(out, off, v, ch, mean, std, top, integer):
     """Write value ``v`` (image units): clipped to [0, top], rounded for an integer input, then normalised."""
-    if v < 0.0:
-        v = 0.0
-    elif v > top:
-        v = top
+    v = min(max(v, 0.0), top)
     if integer:
         v = np.rint(v)
     out[off] = (np.float32(v) - mean[ch]) / std[ch]
@@ -124,6 +181,8 @@ class Family:
     summary: ClassVar[str]  # one line: what a step does
     # True: values change, positions do not (the engine's per-pixel cost); False: pixels move (a spatial family)
     pixelwise: ClassVar[bool] = True
+    # True: the kernel writes every value of ``out`` (so the clean image is not copied in first)
+    writes_all: ClassVar[bool] = True
     row: ClassVar[Any]  # the row kernel (module docstring)
     _kernels: ClassVar[tuple | None] = None
 
@@ -158,7 +217,7 @@ class Family:
     def kernels(cls):
         """The (serial, parallel) batch kernels of this family, compiled on first use."""
         if cls.__dict__.get("_kernels") is None:
-            cls._kernels = _batch_kernels(cls.row)
+            cls._kernels = _batch_kernels(cls.row, not cls.writes_all)
         return cls._kernels
 
 
@@ -170,20 +229,32 @@ def _word(v) -> str:
     return f"{v:.12g}"
 
 
-def _batch_kernels(row):
-    """One batch driver per family: each row's slot, normalised, then perturbed at its step (step 0 is the clean
-    image)."""
+@kernel
+def _normalised_copy(src, dst, n, c, channels_first, mean, std):
+    if channels_first:
+        for ch in range(c):
+            for p in range(n):
+                dst[ch * n + p] = (src[ch * n + p] - mean[ch]) / std[ch]
+    else:
+        for p in range(n):
+            for ch in range(c):
+                dst[p * c + ch] = (src[p * c + ch] - mean[ch]) / std[ch]
+
+
+def _batch_kernels(row, copies):
+    """One batch driver per family: each row's slot at its step (step 0 is the clean image). ``copies``: the family
+    writes only some values, so the clean image goes to ``out`` first, normalised (unless ``copied``: the caller
+    copied it, which it does when the normalisation is the identity)."""
 
     def _batch(rows, row_steps, indices, source, out, params, seed, h, w, c, channels_first, mean, std, top,
-               integer):
+               integer, copied):
         n = h * w
         for j in prange(rows.shape[0]):
             src = source[rows[j]]
             dst = out[j]
-            for off in range(n * c):
-                ch = off // n if channels_first else off % c
-                dst[off] = (src[off] - mean[ch]) / std[ch]
             step = row_steps[j]
+            if (copies or step == 0) and not copied:
+                _normalised_copy(src, dst, n, c, channels_first, mean, std)
             if step > 0:
                 key = _stream_key(seed, indices[rows[j]], step)
                 row(key, src, dst, params, h, w, c, channels_first, mean, std, top, integer)
@@ -204,11 +275,15 @@ class PreparedFamily:
         self.width = int(height) * int(width) * int(channels)
         self._args = (family.kernel_params(float(top)), np.uint64(seed), int(height), int(width), int(channels),
                       bool(channels_first), mean, std, float(top), bool(integer))
+        # no normalisation: the clean values are copied as they are, by numpy (memcpy), before the kernel runs
+        self._identity = bool(np.all(mean == 0) and np.all(std == 1))
 
     def perturb(self, source, rows, row_steps, indices, out, *, threads: int | None = 1) -> None:
         """Write row ``j`` of ``out``: slot ``rows[j]`` of ``source`` at step ``row_steps[j]``."""
         serial, parallel = type(self.family).kernels()
-        args = (rows, row_steps, indices, source, out, *self._args)
+        if self._identity:
+            np.take(source, rows, axis=0, out=out[:rows.shape[0]])
+        args = (rows, row_steps, indices, source, out, *self._args, self._identity)
         if threads == 1:
             serial(*args)
             return

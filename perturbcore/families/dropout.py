@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perturbcore._jit import kernel
-from perturbcore.families._base import Family, _offset, _store, _unit, param
+from perturbcore.families._base import Family, _fill_uniforms, _offset, _store, param
 
 
 @kernel
@@ -19,11 +19,12 @@ def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer
     rate = params[0]
     value = params[1]
     n = h * w
+    u = np.empty(n + 1)
+    _fill_uniforms(key, n, 0, u)
     for p in range(n):
-        if _unit(key, p, 0) < rate:
+        if u[p] < rate:
             for ch in range(c):
                 _store(out, _offset(p, ch, n, c, channels_first), value, ch, mean, std, top, integer)
-
 
 @dataclass(frozen=True)
 class Dropout(Family):
@@ -31,6 +32,7 @@ class Dropout(Family):
 
     name = "dropout"
     summary = "each pixel, with probability rate, set to value"
+    writes_all = False
     row = _row
 
     rate: float = param(0.05, lo=0, hi=1, lo_open=True, unit="share of pixels", doc="probability per pixel")

@@ -12,19 +12,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from perturbcore._jit import kernel
-from perturbcore.families._base import Family, _normal_quantile, _offset, _store, _unit, param
+from perturbcore.families._base import Family, _fill_normals, _store_all, param
 
 
 @kernel
 def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
-    sigma = params[0]
-    n = h * w
-    for p in range(n):
-        for ch in range(c):
-            off = _offset(p, ch, n, c, channels_first)
-            z = _normal_quantile(_unit(key, p * c + ch, 0))
-            _store(out, off, np.float64(src[off]) + sigma * z, ch, mean, std, top, integer)
-
+    d = h * w * c
+    u = np.empty(d + 1)
+    z = np.empty(d + 1)
+    _fill_normals(key, d, u, z)
+    _store_all(src, out, params[0], 1.0, z, h * w, c, channels_first, mean, std, top, integer)
 
 @dataclass(frozen=True)
 class Gaussian(Family):

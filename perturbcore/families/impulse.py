@@ -12,20 +12,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from perturbcore._jit import kernel
-from perturbcore.families._base import Family, _offset, _store, _unit, param
+from perturbcore.families._base import Family, _fill_uniforms, _offset, _store, param
 
 
 @kernel
 def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     density = params[0]
     n = h * w
+    u = np.empty(n + 1)
+    _fill_uniforms(key, n, 0, u)
     for p in range(n):
-        u = _unit(key, p, 0)
-        if u < density:
-            v = 0.0 if u < 0.5 * density else top
+        if u[p] < density:
+            v = 0.0 if u[p] < 0.5 * density else top
             for ch in range(c):
                 _store(out, _offset(p, ch, n, c, channels_first), v, ch, mean, std, top, integer)
-
 
 @dataclass(frozen=True)
 class Impulse(Family):
@@ -33,6 +33,7 @@ class Impulse(Family):
 
     name = "impulse"
     summary = "each pixel, with probability density, set to black or white"
+    writes_all = False
     row = _row
 
     density: float = param(0.05, lo=0, hi=1, lo_open=True, unit="share of pixels", doc="probability per pixel")

@@ -13,29 +13,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from perturbcore._jit import kernel
-from perturbcore.families._base import Family, _normal_quantile, _offset, _store, _unit, param
+from perturbcore.families._base import Family, _fill_normals, _store_all, _unit, param
 
 
 @kernel
 def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     eps = params[0]
     ball = params[1] != 0.0
-    n = h * w
-    d = n * c
+    d = h * w * c
+    u = np.empty(d + 1)
+    z = np.empty(d + 1)
+    _fill_normals(key, d, u, z)
     total = 0.0
-    for e in range(d):  # the normals, in canonical order, kept in ``out`` until the norm is known
-        z = _normal_quantile(_unit(key, e, 0))
-        total += z * z
-        out[_offset(e // c, e % c, n, c, channels_first)] = z
+    for e in range(d):
+        total += z[e] * z[e]
     radius = eps
     if ball:
         radius = eps * _unit(key, 0, (d + 1) // 2 + 1) ** (1.0 / d)
     scale = radius / math.sqrt(total) if total > 0.0 else 0.0
-    for e in range(d):
-        ch = e % c
-        off = _offset(e // c, ch, n, c, channels_first)
-        _store(out, off, np.float64(src[off]) + scale * np.float64(out[off]), ch, mean, std, top, integer)
-
+    _store_all(src, out, scale, 1.0, z, h * w, c, channels_first, mean, std, top, integer)
 
 @dataclass(frozen=True)
 class L2(Family):

@@ -42,6 +42,7 @@ class Patch(Family):
     name = "patch"
     summary = "a size×size square at a random position, filled with value or with random values"
     pixelwise = False
+    writes_all = False
     row = _row
 
     size: int = param(4, lo=1, hi=4096, whole=True, unit="pixels", doc="side of the square")

@@ -13,7 +13,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from perturbcore._jit import kernel
-from perturbcore.families._base import Family, _offset, _store, _unit, param
+from perturbcore.families._base import Family, _fill_uniforms, _store, param
+
+
+@kernel
+def _poisson_quantile(u, mu):
+    """The smallest k with P(K <= k) >= u for K ~ Poisson(mu) (mu <= 500, so exp(-mu) does not underflow)."""
+    term = math.exp(-mu)
+    cdf = term
+    k = 0
+    while cdf < u and k < 100000:
+        k += 1
+        term *= mu / k
+        cdf += term
+        if term == 0.0 and k > mu:  # the tail's terms underflowed: u lies in float64's rounding of the last ones
+            break
+    return k
 
 
 @kernel
@@ -35,13 +50,15 @@ def _poisson_quantile(u, mu):
 def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     photons = params[0]
     n = h * w
+    u = np.empty(n * c + 1)
+    _fill_uniforms(key, n * c, 0, u)
     for p in range(n):
         for ch in range(c):
-            off = _offset(p, ch, n, c, channels_first)
+            e = p * c + ch
+            off = ch * n + p if channels_first else e
             v = min(max(np.float64(src[off]), 0.0), top) / top
-            k = _poisson_quantile(_unit(key, p * c + ch, 0), photons * v)
+            k = _poisson_quantile(u[e], photons * v)
             _store(out, off, k / photons * top, ch, mean, std, top, integer)
-
 
 @dataclass(frozen=True)
 class Shot(Family):

@@ -10,19 +10,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from perturbcore._jit import kernel
-from perturbcore.families._base import Family, _offset, _store, _unit, param
+from perturbcore.families._base import Family, _fill_uniforms, _store_all, param
 
 
 @kernel
 def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
-    eps = params[0]
-    n = h * w
-    for p in range(n):
-        for ch in range(c):
-            off = _offset(p, ch, n, c, channels_first)
-            u = _unit(key, p * c + ch, 0)
-            _store(out, off, np.float64(src[off]) + eps * (2.0 * u - 1.0), ch, mean, std, top, integer)
-
+    d = h * w * c
+    u = np.empty(d + 1)
+    _fill_uniforms(key, d, 0, u)
+    for e in range(d):
+        u[e] = 2.0 * u[e] - 1.0
+    _store_all(src, out, params[0], 1.0, u, h * w, c, channels_first, mean, std, top, integer)
 
 @dataclass(frozen=True)
 class Uniform(Family):
