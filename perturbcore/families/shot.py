@@ -32,21 +32,6 @@ def _poisson_quantile(u, mu):
 
 
 @kernel
-def _poisson_quantile(u, mu):
-    """The smallest k with P(K <= k) >= u for K ~ Poisson(mu) (mu <= 500, so exp(-mu) does not underflow)."""
-    term = math.exp(-mu)
-    cdf = term
-    k = 0
-    while cdf < u and k < 100000:
-        k += 1
-        term *= mu / k
-        cdf += term
-        if term == 0.0 and k > mu:  # the tail's terms underflowed: u lies in float64's rounding of the last ones
-            break
-    return k
-
-
-@kernel
 def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     photons = params[0]
     n = h * w
