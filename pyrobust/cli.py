@@ -384,10 +384,15 @@ def _print_summary(summary: dict, out: Path | None) -> None:
     t.add_column(no_wrap=True)
     t.add_column(overflow="fold")
     t.add_row("accuracy (clean)", rate(m["accuracy"]))
-    t.add_row("robust, of all images", rate(m["robust"]))
+    sev = summary.get("severity")
+    t.add_row("robust, of all images", rate(m["robust"]) + (" (survive all 5 severities)" if sev else ""))
     t.add_row("robust, of correct ones", rate(m["robust_of_correct"]))
     step = m["first_failure_step"]
-    if step["median"] is not None:
+    if sev:
+        first = ", ".join(f"{lv['first_failing']} at {lv['severity']}" + (f" ({lv['setting']})" if lv.get("setting")
+                                                                            else "") for lv in sev["levels"])
+        t.add_row("first failing severity", first)
+    elif step["median"] is not None:
         t.add_row("first-failure step", f"median {step['median']:.0f}, mean {step['mean']:.1f}")
     fp = summary.get("failure_probability")
     if fp and fp["images"]:
@@ -419,7 +424,8 @@ def _print_summary(summary: dict, out: Path | None) -> None:
     values = f"{{{n.low}, {n.high}}}" if n.scheme == "salt-pepper" else f"[{n.low}, {n.high})"
     what = (n.corruption.text() if n.corruption is not None
             else f"{_count(int(n.pixels), 'pixel')}, {n.scheme} {values}")
-    t.add_row("noise", f"{what}, {_count(n.max_steps, 'step')}, {n.mode}, seed {n.seed}"
+    t.add_row("noise", f"{what}, " + (f"severities 1-{n.max_steps}" if n.is_sweep else
+                                        f"{_count(n.max_steps, 'step')}, {n.mode}, seed {n.seed}")
                        + (", every step counted" if n.count_failures else ""))
     par = s.get("parallel") or {}
     if "workers" in par:

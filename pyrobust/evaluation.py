@@ -111,6 +111,7 @@ class Evaluation:
         """Per image: the estimated per-step failure probability p̂ under this noise (NaN for an image wrong before
         any noise): failures / probes with failure counts, else 1 / first-failure step and 0 for a robust image
         (:func:`pyrobust.stats.failure_probability`)."""
+        self._refuse_sweep("failure_probability")
         return failure_probability(self.outcome.first_failure, self.outcome.failures, self.noise.max_steps)
 
     def failure_interval(self, confidence: float = 0.95, *, side: str = "two",
@@ -118,6 +119,7 @@ class Evaluation:
         """Per image: exact bounds on its failure probability (:func:`pyrobust.stats.failure_interval`), two-sided
         or the one-sided ``side="upper"`` bound. ``familywise``: the level holds for every image of this set at
         once (Bonferroni over the images that were perturbed)."""
+        self._refuse_sweep("failure_interval")
         check("confidence", confidence, CONFIDENCE)
         if side not in ("two", "upper"):
             raise InvalidInput(f"side must be 'two' or 'upper'; got {side!r}")
@@ -158,6 +160,11 @@ class Evaluation:
     def plot_per_class(self):
         return plot_per_class(self.summary)
 
+    def _refuse_sweep(self, what: str) -> None:
+        if self.noise.is_sweep:
+            raise InvalidInput(f"{what}: {self.noise.noise_name} is a severity sweep, deterministic, so an image has "
+                               "no per-step failure probability; its first_failure is its first failing severity")
+
     def plot_failure_probability(self):
         """The per-image failure probabilities, and the most fragile images with their exact intervals."""
         return plot_failure_probability(self.outcome, self.summary)
@@ -194,14 +201,15 @@ class Evaluation:
         except ImportError:
             raise MissingDependency("to_dataframe needs pandas: pip install pandas") from None
         o = self.outcome
-        lo, hi = self.failure_interval()
-        _, upper = self.failure_interval(side="upper")
         columns = {"index": o.index, "label": o.label, "clean_prediction": o.clean_prediction,
                    "first_failure": o.first_failure, "failure_label": o.failure_label,
                    "correct": o.correct, "robust": o.robust}
         if o.failures is not None:
             columns["failures"] = o.failures
-        columns.update(p_hat=self.failure_probability, p_low=lo, p_high=hi, p_upper95=upper)
+        if not self.noise.is_sweep:
+            lo, hi = self.failure_interval()
+            _, upper = self.failure_interval(side="upper")
+            columns.update(p_hat=self.failure_probability, p_low=lo, p_high=hi, p_upper95=upper)
         if o.clean_margin is not None:
             columns["clean_margin"] = o.clean_margin
         return pd.DataFrame(columns)
@@ -354,7 +362,7 @@ def _summary(plan: RunPlan, outcome: Outcome, used: Dataset, prec: dict | None, 
         if slow:
             warnings.warn(slow, SlowRunWarning, stacklevel=4)
     summary = build_summary(
-        outcome, spec=plan.noise, n_classes=max(ds.n_classes, 1),
+        outcome, spec=plan.noise, n_classes=max(ds.n_classes, 1), image_shape=ds.image_shape,
         model={"path": str(Path(m.path).resolve()), "name": Path(m.path).stem, **(model_info or {}),
                "sha256": m.sha256, "external_data": m.external_data, "input": m.input.name,
                "input_shape": m.input_shape, "input_type": m.input.type, "output": m.output.name,

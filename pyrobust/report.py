@@ -96,12 +96,31 @@ def plot_survival(summary: dict, path: Path | None = None, *,
     return save_figure(fig, path)
 
 
+def _plot_first_severity(summary: dict, path: Path | None) -> Figure:
+    """A severity sweep has no failure probabilities (nothing in it is random): how many images first fail at each
+    severity, and how many survive them all."""
+    sev = summary["severity"]
+    fig = _figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
+    labels = [f"{lv['severity']}" + (f"\n{lv['setting']}" if lv.get("setting") else "") for lv in sev["levels"]]
+    counts = [lv["first_failing"] for lv in sev["levels"]]
+    ax.bar(range(len(counts)), counts, color="#c44e52")
+    ax.bar([len(counts)], [sev["survive_all"]], color="#4c72b0")
+    ax.set_xticks(range(len(counts) + 1), [*labels, "survive all"], fontsize=7)
+    ax.set_ylabel("images")
+    ax.set_title(f"{noise_of(summary).noise_name}: first failing severity ({sev['correct']} correctly classified "
+                 "images; a sweep has no failure probability)", fontsize=8)
+    return save_figure(fig, path)
+
+
 def plot_failure_probability(outcome: Outcome, summary: dict, path: Path | None = None, *,
                              listed: int = 20) -> Figure:
     """Left: how the per-image failure probabilities p̂ are spread (correctly classified images); right: the most
     fragile images with their exact 95 % intervals."""
     from pyrobust.stats import failure_interval, failure_probability
 
+    if noise_of(summary).is_sweep:
+        return _plot_first_severity(summary, path)
     max_steps = noise_of(summary).max_steps
     p = failure_probability(outcome.first_failure, outcome.failures, max_steps)
     lo, hi = failure_interval(outcome.first_failure, outcome.failures, max_steps)

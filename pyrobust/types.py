@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from perturbcore import NONFINITE, ROBUST, SCHEMES
-from perturbcore.families import Family, parse
+from perturbcore.families import LEVELS, Family, parse
 from pyrobust.errors import InvalidInput
 from pyrobust.validate import Choice, Constraint, Integer, Number, check_fields, declare
 
@@ -154,6 +154,18 @@ class NoiseSpec:
         if self.mode != "restart":
             raise InvalidInput(f"the random walk (mode=cumulative) is the L0 noise's; every step of the {c.name} "
                                "noise starts again from the original image: use mode=restart")
+        if c.kind == "sweep":  # its steps are its severities
+            if self.max_steps == PAPER_MAX_STEPS:
+                object.__setattr__(self, "max_steps", LEVELS)
+            elif self.max_steps != LEVELS:
+                raise InvalidInput(f"{c.name} is a severity sweep: its {LEVELS} steps are its {LEVELS} severities, "
+                                   f"so max_steps is {LEVELS}; got {self.max_steps}")
+
+    @property
+    def is_sweep(self) -> bool:
+        """A deterministic corruption run by severity: step s is severity s, nothing is random, so there is no
+        per-step failure probability (an image's first-failure step is its first failing severity)."""
+        return self.corruption is not None and self.corruption.kind == "sweep"
 
     @property
     def noise_name(self) -> str:

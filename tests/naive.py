@@ -298,3 +298,69 @@ def family_protocol(predict_one, images, labels, indices, *, name, params, seed,
                 if not count:
                     break
     return clean, first, fail, failures
+
+
+def sweep_image(name, img, severity, *, top=1.0, integer=False, angle=0.0):
+    """A severity sweep (perturbcore.families' deterministic corruptions) at one severity of one image (H, W, C) in
+    [0, top], from scipy, matplotlib and Pillow; shares no code with the kernels except the ladders and the blur
+    kernels' shapes, which are the specification."""
+    from perturbcore.families import FAMILIES
+    from perturbcore.families._sweep import disk, motion_line
+
+    h, w, c = img.shape
+    fam = FAMILIES[name]() if name != "motion-blur" else FAMILIES[name](angle=angle)
+    level = fam.levels(img.shape)[severity - 1]
+    x = np.asarray(img, np.float64)
+
+    def finish(v):
+        v = np.clip(v, 0.0, top)
+        return (np.rint(v) if integer else v).astype(np.float32)
+
+    if name == "gaussian-blur":
+        from scipy.ndimage import gaussian_filter
+
+        return finish(np.stack([gaussian_filter(x[..., ch], level[0], mode="nearest", truncate=4.0)
+                                for ch in range(c)], axis=-1))
+    if name in ("defocus-blur", "motion-blur"):
+        from scipy.ndimage import correlate
+
+        k = disk(*level) if name == "defocus-blur" else motion_line(level[0], level[1], angle)
+        return finish(np.stack([correlate(x[..., ch], k, mode="nearest") for ch in range(c)], axis=-1))
+    if name == "contrast":
+        m = x.mean(axis=(0, 1), keepdims=True)
+        return finish((x - m) * level[0] + m)
+    if name == "quantize":
+        q = 2.0 ** level[0] - 1
+        return finish(np.floor(np.clip(x / top, 0, 1) * q + 0.5) / q * top)
+    if name in ("brightness", "saturate"):
+        from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
+
+        if c == 1:
+            return finish(np.clip(x / top + level[0], 0, 1) * top)
+        hsv = rgb_to_hsv(x / top)
+        if name == "brightness":
+            hsv[..., 2] = np.clip(hsv[..., 2] + level[0], 0, 1)
+        else:
+            hsv[..., 1] = np.clip(hsv[..., 1] * level[0] + level[1], 0, 1)
+        return finish(hsv_to_rgb(hsv) * top)
+    if name == "pixelate":
+        from PIL import Image
+
+        sh, sw = max(1, round(h * level[0])), max(1, round(w * level[0]))
+        chans = []
+        for ch in range(c):
+            pic = Image.fromarray(x[..., ch].astype(np.float32), mode="F")
+            chans.append(np.asarray(pic.resize((sw, sh), Image.BOX).resize((w, h), Image.NEAREST), np.float64))
+        return finish(np.stack(chans, axis=-1))
+    if name == "jpeg":
+        import io
+
+        from PIL import Image
+
+        pixels = np.rint(np.clip(x / top, 0, 1) * 255).astype(np.uint8)
+        pic = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
+        buf = io.BytesIO()
+        pic.save(buf, format="JPEG", quality=int(level[0]))
+        back = np.asarray(Image.open(io.BytesIO(buf.getvalue())), np.float64).reshape(h, w, c)
+        return finish(back / 255 * top)
+    raise ValueError(name)

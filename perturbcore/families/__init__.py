@@ -15,22 +15,33 @@ import dataclasses
 import numpy as np
 
 from perturbcore.families._base import Family, PreparedFamily
+from perturbcore.families._sweep import LEVELS, Sweep
+from perturbcore.families.brightness import Brightness
+from perturbcore.families.contrast import Contrast
+from perturbcore.families.defocus_blur import DefocusBlur
 from perturbcore.families.dihedral import Dihedral
 from perturbcore.families.dropout import Dropout
 from perturbcore.families.gaussian import Gaussian
+from perturbcore.families.gaussian_blur import GaussianBlur
 from perturbcore.families.impulse import Impulse
+from perturbcore.families.jpeg import Jpeg
 from perturbcore.families.l2 import L2
+from perturbcore.families.motion_blur import MotionBlur
 from perturbcore.families.patch import Patch
+from perturbcore.families.pixelate import Pixelate
+from perturbcore.families.quantize import Quantize
 from perturbcore.families.rotate import Rotate
+from perturbcore.families.saturate import Saturate
 from perturbcore.families.shot import Shot
 from perturbcore.families.speckle import Speckle
 from perturbcore.families.translate import Translate
 from perturbcore.families.uniform import Uniform
 
 FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (
-    Gaussian, Uniform, L2, Shot, Speckle, Impulse, Dropout, Patch, Translate, Dihedral, Rotate)}
+    Gaussian, Uniform, L2, Shot, Speckle, Impulse, Dropout, Patch, Translate, Dihedral, Rotate,
+    GaussianBlur, DefocusBlur, MotionBlur, Brightness, Contrast, Saturate, Pixelate, Jpeg, Quantize)}
 
-__all__ = ["FAMILIES", "Family", "PreparedFamily", "parse", "prepare"]
+__all__ = ["FAMILIES", "LEVELS", "Family", "PreparedFamily", "Sweep", "parse", "prepare"]
 
 
 def _value(family: type[Family], name: str, text: str):
@@ -106,6 +117,6 @@ def describe() -> list[dict]:
                 rng = f"{'(' if m['lo_open'] else '['}{m['lo']:g}, {m['hi']:g}]" + (" integer" if m["whole"] else "")
             params.append({"name": f.name, "default": f.default, "range": rng, "unit": m.get("unit", ""),
                            "doc": m.get("doc", "")})
-        out.append({"name": cls.name, "summary": cls.summary, "pixelwise": cls.pixelwise, "parameters": params,
-                    "example": cls().text()})
+        out.append({"name": cls.name, "kind": cls.kind, "summary": cls.summary, "pixelwise": cls.pixelwise,
+                    "parameters": params, "example": cls().text()})
     return out

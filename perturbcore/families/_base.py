@@ -3,15 +3,17 @@
 A family is a frozen dataclass (its parameters, each declared with :func:`param`) plus one row kernel, in one file
 of this folder. The row kernel has the signature::
 
-    row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer)
+    row(key, step, src, out, params, h, w, c, channels_first, mean, std, top, integer)
 
-``src`` is the clean image (float32 ``(h * w * c,)``, in the model's layout and pixel range, *not* normalised);
-``out`` holds it normalised on entry (``(v - mean) / std``, as the model takes it) and receives the perturbed
-input, normalised; ``key`` is the (seed, image index, step) stream key of
-:mod:`perturbcore.rng`, so every draw is ``_draw(key, counter)`` and nothing depends on the batch, the thread or
-the order; ``params`` are the family's numbers in the model's pixel units (:meth:`Family.kernel_params`);
-``top`` is the pixel range (1 or 255) every value is clipped to; ``integer`` rounds values to whole numbers (a
-model with an integer input). Draws are keyed by the pixel's canonical position ``p = y * w + x`` and channel, never
+``step`` (>= 1) is the step being perturbed: a random family ignores it (its draws are keyed by ``key``), a severity
+sweep reads its level from it. ``src`` is the clean image (float32 ``(h * w * c,)``, in the model's layout and pixel
+range, *not* normalised); ``out`` holds it normalised on entry (``(v - mean) / std``, as the model takes it) when
+the family does not write every value, and receives the perturbed input, normalised. ``key`` is the (seed, image
+index, step) stream key of :mod:`perturbcore.rng`, so every draw is ``_draw(key, counter)`` and nothing depends on
+the batch, the thread or the order; ``params`` are the family's numbers in the model's pixel units
+(:meth:`Family.kernel_params`); ``top`` is the pixel range (1 or 255) every value is clipped to; ``integer`` rounds
+values to whole numbers (a model with an integer input). Draws are keyed by the pixel's canonical position
+``p = y * w + x`` and channel, never
 by its memory offset, so NCHW and NHWC models see the same perturbed image.
 
 Values are computed in float64 in the image's own units, clipped to ``[0, top]``, rounded for an integer input,
@@ -25,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numba
 import numpy as np
@@ -179,6 +181,8 @@ class Family:
 
     name: ClassVar[str]
     summary: ClassVar[str]  # one line: what a step does
+    # random: a fresh draw every step (the first-failure protocol); sweep: step s is severity s (a ladder)
+    kind: ClassVar[str] = "random"
     # True: values change, positions do not (the engine's per-pixel cost); False: pixels move (a spatial family)
     pixelwise: ClassVar[bool] = True
     # True: the kernel writes every value of ``out`` (so the clean image is not copied in first)
@@ -206,7 +210,7 @@ class Family:
         parts = [f"{f.name}={_word(getattr(self, f.name))}" for f in self.parameters()]
         return self.name + (":" + ",".join(parts) if parts else "")
 
-    def kernel_params(self, top: float) -> np.ndarray:
+    def kernel_params(self, top: float, shape: tuple[int, int, int]) -> np.ndarray:
         """The family's numbers for its kernel, float64, in the model's pixel units (``top``: 1 or 255)."""
         raise NotImplementedError
 
@@ -257,7 +261,7 @@ def _batch_kernels(row, copies):
                 _normalised_copy(src, dst, n, c, channels_first, mean, std)
             if step > 0:
                 key = _stream_key(seed, indices[rows[j]], step)
-                row(key, src, dst, params, h, w, c, channels_first, mean, std, top, integer)
+                row(key, step, src, dst, params, h, w, c, channels_first, mean, std, top, integer)
 
     return kernel(_batch), parallel_kernel(_batch)
 
@@ -273,13 +277,33 @@ class PreparedFamily:
     def __init__(self, family: Family, *, height, width, channels, seed, channels_first, mean, std, top, integer):
         self.family = family
         self.width = int(height) * int(width) * int(channels)
-        self._args = (family.kernel_params(float(top)), np.uint64(seed), int(height), int(width), int(channels),
+        self._args = (np.ascontiguousarray(family.kernel_params(float(top), (int(height), int(width), int(channels))),
+                                           dtype=np.float64), np.uint64(seed), int(height), int(width), int(channels),
                       bool(channels_first), mean, std, float(top), bool(integer))
         # no normalisation: the clean values are copied as they are, by numpy (memcpy), before the kernel runs
         self._identity = bool(np.all(mean == 0) and np.all(std == 1))
+        self._shape = (int(height), int(width), int(channels))
+        self._layout = (bool(channels_first), mean, std, float(top), bool(integer))
+
+    def _perturb_python(self, source, rows, row_steps, out) -> None:
+        """The kernels' contract for a family with ``apply(image, step, top)`` instead of a row kernel."""
+        h, w, c = self._shape
+        channels_first, mean, std, top, integer = self._layout
+        for j in range(rows.shape[0]):
+            flat = source[rows[j]]
+            img = (flat.reshape(c, h, w).transpose(1, 2, 0) if channels_first else flat.reshape(h, w, c))
+            if row_steps[j] > 0:
+                apply = cast(Any, self.family).apply
+                v = np.clip(apply(img.astype(np.float64), int(row_steps[j]), top), 0.0, top)
+                img = (np.rint(v) if integer else v).astype(np.float32)
+            normed = (img.astype(np.float32) - mean) / std
+            out[j] = (normed.transpose(2, 0, 1) if channels_first else normed).reshape(-1)
 
     def perturb(self, source, rows, row_steps, indices, out, *, threads: int | None = 1) -> None:
         """Write row ``j`` of ``out``: slot ``rows[j]`` of ``source`` at step ``row_steps[j]``."""
+        if self.family.row is None:  # a family written in Python (jpeg): one image at a time
+            self._perturb_python(source, rows, row_steps, out)
+            return
         serial, parallel = type(self.family).kernels()
         if self._identity:
             np.take(source, rows, axis=0, out=out[:rows.shape[0]])

@@ -21,7 +21,7 @@ ELEMENTS = ("hflip", "vflip", "rot180", "transpose", "rot90", "rot270", "antitra
 
 
 @kernel
-def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
+def _row(key, step, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     k = np.int64(_draw(key, 0) % np.uint64(np.int64(params[0])))
     n = h * w
     for y in range(h):
@@ -56,7 +56,7 @@ class Dihedral(Family):
 
     group: str = param("flips", choices=("flips", "d4"), doc="flips: 3 elements; d4: 7 (square images)")
 
-    def kernel_params(self, top: float) -> np.ndarray:
+    def kernel_params(self, top: float, shape: tuple[int, int, int]) -> np.ndarray:
         return np.array([3.0 if self.group == "flips" else 7.0])
 
     def check_image(self, height: int, width: int, channels: int) -> None:

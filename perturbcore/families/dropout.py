@@ -15,7 +15,7 @@ from perturbcore.families._base import Family, _fill_uniforms, _offset, _store, 
 
 
 @kernel
-def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
+def _row(key, step, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     rate = params[0]
     value = params[1]
     n = h * w
@@ -38,5 +38,5 @@ class Dropout(Family):
     rate: float = param(0.05, lo=0, hi=1, lo_open=True, unit="share of pixels", doc="probability per pixel")
     value: float = param(0.0, lo=0, hi=1, unit="of the pixel range", doc="the value a dropped pixel takes")
 
-    def kernel_params(self, top: float) -> np.ndarray:
+    def kernel_params(self, top: float, shape: tuple[int, int, int]) -> np.ndarray:
         return np.array([self.rate, self.value * top])

@@ -16,7 +16,7 @@ from perturbcore.families._base import Family, _fill_normals, _store_all, param
 
 
 @kernel
-def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
+def _row(key, step, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     d = h * w * c
     u = np.empty(d + 1)
     z = np.empty(d + 1)
@@ -33,5 +33,5 @@ class Gaussian(Family):
 
     sigma: float = param(0.1, lo=0, hi=1, lo_open=True, unit="of the pixel range", doc="standard deviation")
 
-    def kernel_params(self, top: float) -> np.ndarray:
+    def kernel_params(self, top: float, shape: tuple[int, int, int]) -> np.ndarray:
         return np.array([self.sigma * top])

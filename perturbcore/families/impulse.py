@@ -16,7 +16,7 @@ from perturbcore.families._base import Family, _fill_uniforms, _offset, _store, 
 
 
 @kernel
-def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
+def _row(key, step, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     density = params[0]
     n = h * w
     u = np.empty(n + 1)
@@ -38,5 +38,5 @@ class Impulse(Family):
 
     density: float = param(0.05, lo=0, hi=1, lo_open=True, unit="share of pixels", doc="probability per pixel")
 
-    def kernel_params(self, top: float) -> np.ndarray:
+    def kernel_params(self, top: float, shape: tuple[int, int, int]) -> np.ndarray:
         return np.array([self.density])

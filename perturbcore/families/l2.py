@@ -17,7 +17,7 @@ from perturbcore.families._base import Family, _fill_normals, _store_all, _unit,
 
 
 @kernel
-def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
+def _row(key, step, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     eps = params[0]
     ball = params[1] != 0.0
     d = h * w * c
@@ -44,5 +44,5 @@ class L2(Family):
     eps: float = param(1.0, lo=0, hi=1000, lo_open=True, unit="L2 norm in pixel-range units", doc="radius")
     shape: str = param("sphere", choices=("sphere", "ball"), doc="on the sphere or uniform in the ball")
 
-    def kernel_params(self, top: float) -> np.ndarray:
+    def kernel_params(self, top: float, shape: tuple[int, int, int]) -> np.ndarray:
         return np.array([self.eps * top, 1.0 if self.shape == "ball" else 0.0])

@@ -17,7 +17,7 @@ from perturbcore.rng import _draw
 
 
 @kernel
-def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
+def _row(key, step, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     size = np.int64(params[0])
     random_fill = params[1] != 0.0
     value = params[2]
@@ -49,7 +49,7 @@ class Patch(Family):
     fill: str = param("constant", choices=("constant", "random"), doc="constant: value; random: uniform values")
     value: float = param(0.0, lo=0, hi=1, unit="of the pixel range", doc="the constant fill")
 
-    def kernel_params(self, top: float) -> np.ndarray:
+    def kernel_params(self, top: float, shape: tuple[int, int, int]) -> np.ndarray:
         return np.array([float(self.size), 1.0 if self.fill == "random" else 0.0, self.value * top])
 
     def check_image(self, height: int, width: int, channels: int) -> None:

@@ -26,7 +26,7 @@ def _sample(src, y, x, ch, h, w, c, channels_first, value):
 
 
 @kernel
-def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
+def _row(key, step, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     degrees = params[0]
     value = params[1]
     t = degrees * (2.0 * _unit(key, 0, 0) - 1.0) * math.pi / 180.0
@@ -64,5 +64,5 @@ class Rotate(Family):
     degrees: float = param(10.0, lo=0, hi=180, lo_open=True, unit="degrees", doc="largest angle either way")
     value: float = param(0.0, lo=0, hi=1, unit="of the pixel range", doc="the value outside the image")
 
-    def kernel_params(self, top: float) -> np.ndarray:
+    def kernel_params(self, top: float, shape: tuple[int, int, int]) -> np.ndarray:
         return np.array([self.degrees, self.value * top])

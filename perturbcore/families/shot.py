@@ -32,7 +32,7 @@ def _poisson_quantile(u, mu):
 
 
 @kernel
-def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
+def _row(key, step, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     photons = params[0]
     n = h * w
     u = np.empty(n * c + 1)
@@ -55,5 +55,5 @@ class Shot(Family):
 
     photons: float = param(60.0, lo=1, hi=500, unit="photons at full range", doc="photon count")
 
-    def kernel_params(self, top: float) -> np.ndarray:
+    def kernel_params(self, top: float, shape: tuple[int, int, int]) -> np.ndarray:
         return np.array([self.photons])

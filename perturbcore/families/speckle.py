@@ -23,7 +23,7 @@ def _speckle_grey(src, out, sigma, z, n, mean, std, top, integer):
 
 
 @kernel
-def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
+def _row(key, step, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     sigma = params[0]
     n = h * w
     d = n * c
@@ -50,5 +50,5 @@ class Speckle(Family):
 
     sigma: float = param(0.2, lo=0, hi=5, lo_open=True, unit="relative", doc="relative standard deviation")
 
-    def kernel_params(self, top: float) -> np.ndarray:
+    def kernel_params(self, top: float, shape: tuple[int, int, int]) -> np.ndarray:
         return np.array([self.sigma])

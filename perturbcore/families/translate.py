@@ -18,7 +18,7 @@ from perturbcore.rng import _draw
 
 
 @kernel
-def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
+def _row(key, step, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     shift = np.int64(params[0])
     value = params[1]
     side = 2 * shift + 1
@@ -52,7 +52,7 @@ class Translate(Family):
     shift: int = param(2, lo=1, hi=4096, whole=True, unit="pixels", doc="largest shift in each direction")
     value: float = param(0.0, lo=0, hi=1, unit="of the pixel range", doc="the value moved in from outside")
 
-    def kernel_params(self, top: float) -> np.ndarray:
+    def kernel_params(self, top: float, shape: tuple[int, int, int]) -> np.ndarray:
         return np.array([float(self.shift), self.value * top])
 
     def check_image(self, height: int, width: int, channels: int) -> None:

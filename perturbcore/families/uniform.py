@@ -14,7 +14,7 @@ from perturbcore.families._base import Family, _fill_uniforms, _store_all, param
 
 
 @kernel
-def _row(key, src, out, params, h, w, c, channels_first, mean, std, top, integer):
+def _row(key, step, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     d = h * w * c
     u = np.empty(d + 1)
     _fill_uniforms(key, d, 0, u)
@@ -32,5 +32,5 @@ class Uniform(Family):
 
     eps: float = param(0.1, lo=0, hi=1, lo_open=True, unit="of the pixel range", doc="L∞ radius")
 
-    def kernel_params(self, top: float) -> np.ndarray:
+    def kernel_params(self, top: float, shape: tuple[int, int, int]) -> np.ndarray:
         return np.array([self.eps * top])

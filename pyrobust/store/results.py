@@ -113,6 +113,23 @@ def per_image_block(outcome: Outcome, max_steps: int, confidence: float = INTERV
     }
 
 
+def severity_block(outcome: Outcome, spec: NoiseSpec, shape: tuple[int, int, int] | None) -> dict:
+    """What summary.json says of a severity sweep: each level's setting (for images of ``shape``), how many images
+    first failed at it, and how many survived every level."""
+    from perturbcore.families import Sweep
+
+    assert isinstance(spec.corruption, Sweep)
+    ff = outcome.first_failure
+    levels = []
+    for s in range(1, spec.max_steps + 1):
+        levels.append({"severity": s, "first_failing": int(np.count_nonzero(ff == s)),
+                       **({"setting": spec.corruption.describe_level(s, shape)} if shape is not None else {})})
+    return {"what": "step s is severity s of the family's ladder; an image's first-failure step is its first "
+                    "failing severity",
+            "levels": levels, "survive_all": int(np.count_nonzero(ff == ROBUST)),
+            "correct": int(np.count_nonzero(ff != 0))}
+
+
 def margin_block(outcome: Outcome, confidence: float = INTERVAL_CONFIDENCE) -> dict | None:
     """How well the clean margin (one forward pass) predicts the robust flag among correctly classified images:
     the AUC with DeLong's interval. None when the margins were not recorded."""
@@ -134,7 +151,7 @@ def margin_block(outcome: Outcome, confidence: float = INTERVAL_CONFIDENCE) -> d
 
 
 def build_summary(outcome: Outcome, *, spec: NoiseSpec, model: dict, dataset: dict, settings: dict,
-                  n_classes: int) -> dict:
+                  n_classes: int, image_shape: tuple[int, int, int] | None = None) -> dict:
     """Everything a reader needs about one evaluation, computed from the per-image arrays."""
     ff, y = outcome.first_failure, outcome.label
     n = outcome.n
@@ -195,7 +212,8 @@ def build_summary(outcome: Outcome, *, spec: NoiseSpec, model: dict, dataset: di
         },
         "survival": {"steps": list(range(spec.max_steps + 1)), "fraction": [float(v) for v in curve],
                      "bands": survival_bands(ff, spec.max_steps, INTERVAL_CONFIDENCE)},
-        "failure_probability": per_image_block(outcome, spec.max_steps),
+        "failure_probability": None if spec.is_sweep else per_image_block(outcome, spec.max_steps),
+        "severity": severity_block(outcome, spec, image_shape) if spec.is_sweep else None,
         "clean_margin": margin_block(outcome),
         "per_class": per_class,
         "performance": {
@@ -223,14 +241,17 @@ def clear_run_files(folder: Path, extra: tuple[str, ...] = ()) -> None:
         (folder / f).unlink(missing_ok=True)
 
 
-def result_arrays(outcome: Outcome, max_steps: int) -> dict:
+def result_arrays(outcome: Outcome, max_steps: int, *, sweep: bool = False) -> dict:
     """The arrays of ``results.npz``: the per-image outcome, the failure counts (runs that counted them), the clean
     margins, and each image's p̂ with its exact 95 % interval (derived, for readers of the file; pyrobust recomputes
-    them on reading and refuses a file where they disagree)."""
+    them on reading and refuses a file where they disagree). A severity sweep (``sweep``) has no p̂: nothing in it
+    is random."""
     arrays = {name: getattr(outcome, name) for name in Outcome.ARRAYS}
     for name in Outcome.OPTIONAL:
         if getattr(outcome, name) is not None:
             arrays[name] = getattr(outcome, name)
+    if sweep:
+        return arrays
     arrays["failure_probability"] = failure_probability(outcome.first_failure, outcome.failures, max_steps)
     arrays["failure_low"], arrays["failure_high"] = failure_interval(outcome.first_failure, outcome.failures,
                                                                      max_steps, INTERVAL_CONFIDENCE)
@@ -243,9 +264,10 @@ DERIVED = ("failure_probability", "failure_low", "failure_high")
 def write_results(out: Path, outcome: Outcome, summary: dict) -> None:
     """Write the per-image arrays, then the summary (the completion marker)."""
     max_steps = int(summary["noise"]["max_steps"])
+    sweep = NoiseSpec.from_dict(summary["noise"]).is_sweep
     with atomic_path(out / RESULTS_FILE) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, **result_arrays(outcome, max_steps))
+            np.savez(fh, **result_arrays(outcome, max_steps, sweep=sweep))
     write_json_atomic(out / SUMMARY_FILE, summary)
 
 
@@ -277,7 +299,8 @@ def load_results(folder: str | os.PathLike) -> RunRecord:
                       seconds=float(perf.get("seconds", 0.0)) if isinstance(perf.get("seconds", 0.0), (int, float))
                       else 0.0)
     spec = check_record(outcome, summary, p)
-    check_derived(outcome, {k: v for k, v in extra.items() if k in DERIVED}, spec.max_steps, p / RESULTS_FILE)
+    check_derived(outcome, {k: v for k, v in extra.items() if k in DERIVED}, spec.max_steps, p / RESULTS_FILE,
+                  sweep=spec.is_sweep)
     return RunRecord(outcome=outcome, noise=spec, model=summary["model"], dataset=summary["dataset"],
                      summary=summary, folder=p)
 
@@ -293,8 +316,12 @@ def check_margins(margin, n: int, where: str) -> None:
                         "not written by pyrobust")
 
 
-def check_derived(outcome: Outcome, derived: dict, max_steps: int, where) -> None:
-    """The p̂ and intervals stored beside the counts must be the ones the counts give."""
+def check_derived(outcome: Outcome, derived: dict, max_steps: int, where, *, sweep: bool = False) -> None:
+    """The p̂ and intervals stored beside the counts must be the ones the counts give (and a severity sweep has
+    none)."""
+    if sweep and derived:
+        raise DataError(f"{where}: '{sorted(derived)[0]}' in a severity sweep, which has no failure probabilities; "
+                        "the file is damaged or was altered. Rerun the evaluation")
     if not derived:
         return
     want = result_arrays(outcome, max_steps)

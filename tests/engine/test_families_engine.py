@@ -247,3 +247,98 @@ def test_the_cli_takes_a_family_and_refuses_a_bad_one(bundled_model, tmp_path, c
     code = main(["evaluate", str(bundled_model), "--dataset", "sample", "--noise", "gaussian", "--pixels", "5",
                  "--out", str(tmp_path / "c")])
     assert code == 2 and "leave pixels unset" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- severity sweeps
+from perturbcore.families import FAMILIES as _ALL  # noqa: E402
+from perturbcore.families import LEVELS, Sweep  # noqa: E402
+
+SWEEPS = [name for name, cls in _ALL.items() if issubclass(cls, Sweep)]
+GREY_SWEEPS = [name for name in SWEEPS if name != "saturate"]
+
+
+def _first_failing(predict_one, images, labels, name, **kw):
+    out = []
+    for img, y in zip(images, labels, strict=True):
+        if predict_one(img) != y:
+            out.append(0)
+            continue
+        out.append(next((s for s in range(1, LEVELS + 1)
+                         if predict_one(naive.sweep_image(name, img, s, **kw)) != y), -1))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("name", GREY_SWEEPS)
+def test_sweeps_record_the_first_failing_severity(bundled_model, sample, name):
+    ds = sample.select(limit=80)
+    got = run_protocol(OnnxModel(bundled_model, threads=1), ds, NoiseSpec(corruption=name), batch_size=32)
+    want = _first_failing(_predict_one(bundled_model), ds.float_images(), ds.labels, name)
+    assert np.array_equal(got.first_failure, want)
+    assert got.first_failure.max() <= LEVELS
+    again = run_protocol(OnnxModel(bundled_model, threads=2), ds, NoiseSpec(corruption=name), batch_size=7)
+    _same(again, got)
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sweeps_on_rgb_with_normalisation_replay_exactly(rgb_model, tmp_path, name):
+    path, x, y, mean, std = rgb_model
+    ev = pyrobust.evaluate(path, x, y, noise=name, mean=mean, std=std, out=tmp_path / "r", report=False,
+                           batch_size=16, sessions=1)
+    assert ev.noise.max_steps == LEVELS and ev.summary["severity"]["levels"][0]["severity"] == 1
+    for i in np.flatnonzero(ev.outcome.first_failure > 0)[:4]:
+        r = pyrobust.replay(tmp_path / "r", index=int(ev.outcome.index[i]))
+        assert r.matches and r.step == ev.outcome.first_failure[i]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, bundled_model):
+    folder = tmp_path_factory.mktemp("sweep") / "contrast"
+    ev = pyrobust.evaluate(bundled_model, "sample", noise="contrast", out=folder, sessions=1)
+    return folder, ev
+
+
+def test_a_sweep_summary_speaks_of_severities_not_probabilities(swept):
+    folder, ev = swept
+    s = json.loads((folder / "summary.json").read_text())
+    assert s["failure_probability"] is None and s["noise"]["max_steps"] == LEVELS
+    sev = s["severity"]
+    assert [lv["severity"] for lv in sev["levels"]] == [1, 2, 3, 4, 5]
+    assert sev["levels"][4]["setting"] == "keep=0.15"
+    ff = ev.outcome.first_failure
+    assert [lv["first_failing"] for lv in sev["levels"]] == [int((ff == k).sum()) for k in range(1, 6)]
+    assert sev["survive_all"] == int((ff == -1).sum()) and sum(lv["first_failing"] for lv in sev["levels"]) > 0
+    with np.load(folder / "results.npz") as z:
+        assert "failure_probability" not in z.files
+    with pytest.raises(InvalidInput, match="contrast is a severity sweep, deterministic"):
+        ev.failure_probability  # noqa: B018
+    assert "p_hat" not in ev.to_dataframe().columns
+    assert (folder / "failure_probability.png").exists()  # the first-failing-severity chart
+
+
+def test_a_sweep_with_probabilities_added_is_refused(swept, tmp_path):
+    import shutil
+
+    folder, ev = swept
+    copy = tmp_path / "c"
+    shutil.copytree(folder, copy)
+    with np.load(copy / "results.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["failure_probability"] = np.zeros(ev.outcome.n)
+    np.savez(copy / "results.npz", **arrays)
+    with pytest.raises(PyRobustError, match="'failure_probability' in a severity sweep"):
+        pyrobust.load_results(copy)
+
+
+def test_a_sweeps_steps_are_its_severities(bundled_model):
+    with pytest.raises(InvalidInput, match=r"contrast is a severity sweep: its 5 steps are its 5 severities, so "
+                                           r"max_steps is 5; got 10"):
+        NoiseSpec(corruption="contrast", max_steps=10)
+    assert NoiseSpec(corruption="contrast").max_steps == LEVELS
+    assert NoiseSpec(corruption="contrast", max_steps=5).max_steps == LEVELS
+
+
+@pytest.mark.slow
+def test_a_sweep_is_identical_across_sessions_and_dask(bundled_model):
+    ref = pyrobust.evaluate(bundled_model, "sample", noise="pixelate", sessions=1, batch_size=64).outcome
+    for layout in (dict(sessions=2, threads=2, shard_size=7), dict(scheduler="local:2", shard_size=37)):
+        _same(pyrobust.evaluate(bundled_model, "sample", noise="pixelate", batch_size=32, **layout).outcome, ref)
