@@ -20,6 +20,7 @@ _LAZY = {
     "Evaluation": "pyrobust.evaluation", "NonFiniteOutputWarning": "pyrobust.evaluation",
     "evaluate": "pyrobust.evaluation",
     "load_results": "pyrobust.store.results",
+    "Profile": "pyrobust.profiles", "profile": "pyrobust.profiles",
     "NONFINITE": "pyrobust.types", "ROBUST": "pyrobust.types", "NoiseSpec": "pyrobust.types",
     "Outcome": "pyrobust.types",
 }
@@ -58,12 +59,14 @@ __all__ = [
     "NonFiniteOutputWarning",
     "Outcome",
     "OutputError",
+    "Profile",
     "PyRobustError",
     "evaluate",
     "from_arrays",
     "bundled_sample",
     "load_dataset",
     "load_results",
+    "profile",
     "replay",
     "save_npz",
 ]

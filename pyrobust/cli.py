@@ -582,6 +582,101 @@ def evaluate(model, dataset, out, overwrite, resume, precision, max_failure_prob
                            output=output, noise=noise, options=options)
 
 
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dataset", "dataset", default="sample", show_default=True,
+              help="As evaluate's --dataset (the bundled sample by default).")
+@data_options(sample=True)
+@click.option("--family", "families", multiple=True, metavar="FAMILY[:K=V,...]",
+              help="A family to run, at its five severities (repeat the option; default: every family that applies "
+                   "to the images; pyrobust families lists them).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for profile.json, profile.md, profile.png and profile.html.")
+@click.option("--overwrite", is_flag=True, help="Replace a profile already in --out.")
+@click.option("--baseline", type=click.Path(path_type=Path), default=None,
+              help="Another model's profile (its folder or profile.json, same images): adds the relative mCE.")
+@click.option("--max-steps", type=int, default=250, show_default=True,
+              help="Draws per image at each level of a random family (a sweep's steps are its 5 severities).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Keys all the noise.")
+@click.option("--mean", default=None, help="Normalise after the noise: per-channel means, e.g. 0.1307.")
+@click.option("--std", default=None, help="Per-channel standard deviations, e.g. 0.3081.")
+@click.option("--pixel-range", type=click.Choice(["0,1", "0,255"]), default=None,
+              callback=lambda ctx, param, v: None if v is None else (1 if v == "0,1" else 255),
+              help="Pixel values the model takes (default: as evaluate decides).")
+@click.option("--json", "json_out", is_flag=True, help="Print profile.json to stdout instead of the table.")
+@run_options(checkpoints=False)
+@_quiet_option
+@_timeout_option
+def profile(model, dataset, families, out, overwrite, baseline, max_steps, seed, mean, std, pixel_range, json_out,
+            index_range, **kwargs) -> int:
+    """Profile MODEL under every noise family and severity sweep at five severities each: one table, one figure
+    and a mean error, in --out.
+
+    Example: pyrobust profile model.onnx --dataset sample --limit 200 --max-steps 100 --out runs/profile
+    """
+    from pyrobust.data.dataset import parse_range
+    from pyrobust.profiles import profile as run_profile
+
+    settings = {k: v for k, v in kwargs.items() if v is not None}
+    if index_range:
+        settings["start"], settings["stop"] = parse_range(index_range)
+    for name, text in (("mean", mean), ("std", std)):
+        if text is not None:
+            settings[name] = _floats(text, name)
+    if pixel_range is not None:
+        settings["pixel_range"] = pixel_range
+    def progress(done, total, text):  # one line per run: each is short, and a run's own bar would mislead
+        if not _QUIET["on"]:
+            _err(f"profile: {done}/{total} runs done ({text})")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_profile(model, dataset, families=list(families) or None, out=out, overwrite=overwrite,
+                             baseline=baseline, max_steps=max_steps, seed=seed, progress=progress, **settings)
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        _err(f"warning: {message}")
+    if json_out:
+        click.echo(json.dumps(result.to_dict(), indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{_rich(str(result.model.get('name')))} on {_rich(str(result.dataset.get('spec')))}: robust "
+                    f"fraction by severity (clean accuracy {result.accuracy['fraction']:.1%})", title_justify="left")
+    t.add_column("family")
+    for lv in range(1, 6):
+        t.add_column(str(lv), justify="right")
+    t.add_column("mean error", justify="right")
+    for fam in result.families:
+        cells = [f"{v:.1%}" for v in result.robust(fam)]
+        t.add_row(fam, *cells, *[""] * (5 - len(cells)), f"{result.summary['per_family'][fam]['mean_error']:.1%}")
+    Console().print(t)
+    click.echo(f"mean error {result.summary['mean_error']:.2%}"
+               + (f"; relative mCE {result.summary['relative_mce']['value']:.3f}" if "relative_mce" in result.summary
+                  else ""))
+    for sk in result.summary["skipped"]:
+        click.echo(f"not run: {sk['family']} ({sk['why']})")
+    click.echo(f"profile written to {out}")
+    return 0
+
+
+@cli.command()
+@click.option("--json", "json_out", is_flag=True, help="Print the families and their parameters as JSON.")
+def families(json_out) -> int:
+    """List the noise families (--noise, --family) with their parameters, defaults and ranges."""
+    from perturbcore.families import describe
+
+    rows = describe()
+    if json_out:
+        click.echo(json.dumps(rows, indent=1, default=str))
+        return 0
+    for r in rows:
+        params = ", ".join(f"{p['name']}={p['default']} ({p['range']}{' ' + p['unit'] if p['unit'] else ''})"
+                           for p in r["parameters"]) or "no parameters"
+        click.echo(f"{r['name']:14s} {r['kind']:6s} {r['summary']}; {params}")
+    return 0
+
+
 def _target(max_failure_prob, confidence, familywise):
     """The failure-probability target of --max-failure-prob, refused beside an explicit --max-steps."""
     from pyrobust.types import FailureTarget

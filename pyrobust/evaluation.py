@@ -11,9 +11,11 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
+from perturbcore.families import Family
 from pyrobust.data.dataset import DataSelection, Dataset, class_names
 from pyrobust.engine.loop import Progress, prepare
 from pyrobust.engine.plan import RunOptions, RunPlan, load_data, plan_run, split_settings
@@ -226,7 +228,7 @@ def evaluate(
     dataset,
     labels=None,
     *,
-    noise: NoiseSpec | None = None,
+    noise: NoiseSpec | str | Family | None = None,
     data: DataSelection | None = None,
     options: RunOptions | None = None,
     out: str | os.PathLike | None = None,
@@ -280,6 +282,8 @@ def evaluate(
     first one (loading, measuring the batch size).
     """
     status = status or (lambda text: None)
+    if isinstance(noise, (str, Family)):  # a noise family, written or built: the paper's settings otherwise
+        noise = NoiseSpec(corruption=cast(Family, noise))  # NoiseSpec parses text
     if target is not None and ("max_steps" in settings or (noise is not None and noise.max_steps != PAPER_MAX_STEPS)):
         raise InvalidInput("give max_steps or a failure-probability target (which sets max_steps), not both")
     spec, options, selection = split_settings(settings, noise=noise, options=options, data=data)

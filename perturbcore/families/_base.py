@@ -188,6 +188,9 @@ class Family:
     # True: the kernel writes every value of ``out`` (so the clean image is not copied in first)
     writes_all: ClassVar[bool] = True
     row: ClassVar[Any]  # the row kernel (module docstring)
+    # (parameter, five values, spatial): the severities a robustness profile runs; spatial values are pixels at
+    # 32×32, scaled with the image's shorter side. None: the family has no severity (dihedral).
+    severity: ClassVar[tuple[str, tuple[float, ...], bool] | None] = None
     _kernels: ClassVar[tuple | None] = None
 
     def __post_init__(self) -> None:
@@ -216,6 +219,16 @@ class Family:
 
     def check_image(self, height: int, width: int, channels: int) -> None:
         """Raise ``ValueError`` naming the parameter when the family cannot apply to such images."""
+
+    def at_severity(self, level: int, shape: tuple[int, int, int]) -> Family:
+        """This family at severity ``level`` (1..5) of its profile ladder, for images of ``shape``."""
+        if self.severity is None:
+            return self
+        name, values, spatial = self.severity
+        v = values[level - 1]
+        if spatial:
+            v = max(1, round(v * min(shape[0], shape[1]) / 32))
+        return dataclasses.replace(self, **{name: v})
 
     @classmethod
     def kernels(cls):

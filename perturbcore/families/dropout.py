@@ -34,6 +34,8 @@ class Dropout(Family):
     summary = "each pixel, with probability rate, set to value"
     writes_all = False
     row = _row
+    # the profile's five severities (from 1 % to 20 % of pixels)
+    severity = ("rate", (0.01, 0.02, 0.05, 0.1, 0.2), False)
 
     rate: float = param(0.05, lo=0, hi=1, lo_open=True, unit="share of pixels", doc="probability per pixel")
     value: float = param(0.0, lo=0, hi=1, unit="of the pixel range", doc="the value a dropped pixel takes")

@@ -30,6 +30,8 @@ class Gaussian(Family):
     name = "gaussian"
     summary = "every value + sigma·N(0, 1), clipped"
     row = _row
+    # the profile's five severities (CIFAR-10-C's gaussian_noise)
+    severity = ("sigma", (0.04, 0.06, 0.08, 0.09, 0.10), False)
 
     sigma: float = param(0.1, lo=0, hi=1, lo_open=True, unit="of the pixel range", doc="standard deviation")
 

@@ -35,6 +35,8 @@ class Impulse(Family):
     summary = "each pixel, with probability density, set to black or white"
     writes_all = False
     row = _row
+    # the profile's five severities (CIFAR-10-C's impulse_noise)
+    severity = ("density", (0.01, 0.02, 0.03, 0.05, 0.07), False)
 
     density: float = param(0.05, lo=0, hi=1, lo_open=True, unit="share of pixels", doc="probability per pixel")
 

@@ -40,6 +40,8 @@ class L2(Family):
     name = "l2"
     summary = "a random direction of L2 norm eps (sphere) or within eps (ball), clipped"
     row = _row
+    # the profile's five severities (doubling from 0.25)
+    severity = ("eps", (0.25, 0.5, 1.0, 2.0, 4.0), False)
 
     eps: float = param(1.0, lo=0, hi=1000, lo_open=True, unit="L2 norm in pixel-range units", doc="radius")
     shape: str = param("sphere", choices=("sphere", "ball"), doc="on the sphere or uniform in the ball")

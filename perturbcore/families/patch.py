@@ -44,6 +44,8 @@ class Patch(Family):
     pixelwise = False
     writes_all = False
     row = _row
+    # the profile's five severities (2 to 10 pixels at 32×32)
+    severity = ("size", (2, 4, 6, 8, 10), True)
 
     size: int = param(4, lo=1, hi=4096, whole=True, unit="pixels", doc="side of the square")
     fill: str = param("constant", choices=("constant", "random"), doc="constant: value; random: uniform values")

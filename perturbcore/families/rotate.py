@@ -60,6 +60,8 @@ class Rotate(Family):
     summary = "the image turned by an angle uniform in ±degrees about its centre, bilinear"
     pixelwise = False
     row = _row
+    # the profile's five severities (5 to 30 degrees)
+    severity = ("degrees", (5.0, 10.0, 15.0, 20.0, 30.0), False)
 
     degrees: float = param(10.0, lo=0, hi=180, lo_open=True, unit="degrees", doc="largest angle either way")
     value: float = param(0.0, lo=0, hi=1, unit="of the pixel range", doc="the value outside the image")

@@ -52,6 +52,8 @@ class Shot(Family):
     name = "shot"
     summary = "every value v → Poisson(photons·v) / photons, clipped"
     row = _row
+    # the profile's five severities (CIFAR-10-C's shot_noise)
+    severity = ("photons", (500.0, 250.0, 100.0, 75.0, 50.0), False)
 
     photons: float = param(60.0, lo=1, hi=500, unit="photons at full range", doc="photon count")
 

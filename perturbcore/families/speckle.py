@@ -47,6 +47,8 @@ class Speckle(Family):
     name = "speckle"
     summary = "every value v → v + v·sigma·N(0, 1), clipped"
     row = _row
+    # the profile's five severities (CIFAR-10-C's speckle_noise)
+    severity = ("sigma", (0.06, 0.1, 0.12, 0.16, 0.2), False)
 
     sigma: float = param(0.2, lo=0, hi=5, lo_open=True, unit="relative", doc="relative standard deviation")
 

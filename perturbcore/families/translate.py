@@ -48,6 +48,8 @@ class Translate(Family):
     summary = "the image shifted by whole pixels, up to shift in each direction, never by none"
     pixelwise = False
     row = _row
+    # the profile's five severities (1 to 6 pixels at 32×32)
+    severity = ("shift", (1, 2, 3, 4, 6), True)
 
     shift: int = param(2, lo=1, hi=4096, whole=True, unit="pixels", doc="largest shift in each direction")
     value: float = param(0.0, lo=0, hi=1, unit="of the pixel range", doc="the value moved in from outside")

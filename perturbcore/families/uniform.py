@@ -29,6 +29,8 @@ class Uniform(Family):
     name = "uniform"
     summary = "every value + U(-eps, eps), clipped"
     row = _row
+    # the profile's five severities (evenly spaced up to 0.1)
+    severity = ("eps", (0.02, 0.04, 0.06, 0.08, 0.10), False)
 
     eps: float = param(0.1, lo=0, hi=1, lo_open=True, unit="of the pixel range", doc="L∞ radius")
 

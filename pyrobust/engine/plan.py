@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -76,14 +77,14 @@ OPTION_FIELDS = tuple(f.name for f in fields(RunOptions))
 SELECTION_FIELDS = tuple(f.name for f in fields(DataSelection))
 
 
-def split_settings(settings: dict, *, noise: NoiseSpec | None = None, options: RunOptions | None = None,
+def split_settings(settings: dict, *, noise: NoiseSpec | str | Family | None = None, options: RunOptions | None = None,
                    data: DataSelection | None = None) -> tuple[NoiseSpec, RunOptions, DataSelection]:
     """The records a run takes, from the records given and keyword settings beside them (``pixels=``,
     ``batch_size=``, ``limit=``, ...), which replace their values: a :class:`NoiseSpec`, :class:`RunOptions` and
     a :class:`DataSelection`. An unknown name is refused with the names that exist. ``noise`` may also be a noise
     family, written (``"gaussian:sigma=0.1"``) or built (``Gaussian(sigma=0.1)``): the paper's settings otherwise."""
     if isinstance(noise, (str, Family)):
-        noise = NoiseSpec(corruption=noise)
+        noise = NoiseSpec(corruption=cast(Family, noise))  # NoiseSpec parses text
     unknown = sorted(set(settings) - set(NOISE_FIELDS) - set(OPTION_FIELDS) - set(SELECTION_FIELDS))
     if unknown:
         raise InvalidInput(f"unknown setting(s) {', '.join(unknown)}; noise settings are {', '.join(NOISE_FIELDS)}, "
