@@ -662,10 +662,14 @@ def profile(model, dataset, families, out, overwrite, baseline, max_steps, seed,
 
 @cli.command()
 @click.option("--json", "json_out", is_flag=True, help="Print the families and their parameters as JSON.")
-def families(json_out) -> int:
+@click.option("--markdown", is_flag=True, help="Print them as the README's Markdown table.")
+def families(json_out, markdown) -> int:
     """List the noise families (--noise, --family) with their parameters, defaults and ranges."""
-    from perturbcore.families import describe
+    from perturbcore.families import describe, markdown_table
 
+    if markdown:
+        click.echo(markdown_table(), nl=False)
+        return 0
     rows = describe()
     if json_out:
         click.echo(json.dumps(rows, indent=1, default=str))

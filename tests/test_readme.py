@@ -86,3 +86,16 @@ def test_readme_block_runs_as_written(block, workspace):
                                                                                        block.code]
     r = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"README line {block.line} failed ({r.returncode}):\n{block.code}\n{r.stdout}\n{r.stderr}"
+
+
+def test_the_families_table_is_generated_and_current():
+    """The README's table of noise families is `pyrobust families --markdown`'s output, so it lists every family
+    with its parameters as the code declares them."""
+    from perturbcore.families import FAMILIES, markdown_table
+
+    text = README.read_text()
+    start = text.index("<!-- families table:")
+    table = text[text.index("\n", start) + 1: text.index("<!-- end of families table -->")]
+    assert table == markdown_table()
+    for name in FAMILIES:
+        assert f"| `{name}` |" in table

@@ -41,7 +41,7 @@ FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (
     Gaussian, Uniform, L2, Shot, Speckle, Impulse, Dropout, Patch, Translate, Dihedral, Rotate,
     GaussianBlur, DefocusBlur, MotionBlur, Brightness, Contrast, Saturate, Pixelate, Jpeg, Quantize)}
 
-__all__ = ["FAMILIES", "LEVELS", "Family", "PreparedFamily", "Sweep", "parse", "prepare"]
+__all__ = ["FAMILIES", "LEVELS", "Family", "PreparedFamily", "Sweep", "describe", "markdown_table", "parse", "prepare"]
 
 
 def _value(family: type[Family], name: str, text: str):
@@ -112,7 +112,7 @@ def describe() -> list[dict]:
         for f in dataclasses.fields(cls):
             m = f.metadata
             if m.get("choices") is not None:
-                rng = " | ".join(m["choices"])
+                rng = " / ".join(m["choices"])
             else:
                 rng = f"{'(' if m['lo_open'] else '['}{m['lo']:g}, {m['hi']:g}]" + (" integer" if m["whole"] else "")
             params.append({"name": f.name, "default": f.default, "range": rng, "unit": m.get("unit", ""),
@@ -120,3 +120,14 @@ def describe() -> list[dict]:
         out.append({"name": cls.name, "kind": cls.kind, "summary": cls.summary, "pixelwise": cls.pixelwise,
                     "parameters": params, "example": cls().text()})
     return out
+
+
+def markdown_table() -> str:
+    """The families as the README's table: name, kind, what a step does, parameters (default, range)."""
+    lines = ["| family | kind | a step | parameters (default; range) |", "|---|---|---|---|"]
+    for r in describe():
+        params = "; ".join(f"`{p['name']}` ({p['default']}; {p['range']}{' ' + p['unit'] if p['unit'] else ''})"
+                           for p in r["parameters"]) or "none"
+        kind = "random" if r["kind"] == "random" else "sweep (5 severities)"
+        lines.append(f"| `{r['name']}` | {kind} | {r['summary']} | {params} |")
+    return "\n".join(lines) + "\n"
