@@ -21,6 +21,7 @@ _LAZY = {
     "evaluate": "pyrobust.evaluation",
     "load_results": "pyrobust.store.results",
     "Profile": "pyrobust.profiles", "profile": "pyrobust.profiles",
+    "FailureSeverity": "pyrobust.profiles", "failure_severity": "pyrobust.profiles",
     "NONFINITE": "pyrobust.types", "ROBUST": "pyrobust.types", "NoiseSpec": "pyrobust.types",
     "Outcome": "pyrobust.types",
 }
@@ -53,6 +54,7 @@ __all__ = [
     "DataError",
     "Dataset",
     "Evaluation",
+    "FailureSeverity",
     "InvalidInput",
     "ModelError",
     "NoiseSpec",
@@ -62,6 +64,7 @@ __all__ = [
     "Profile",
     "PyRobustError",
     "evaluate",
+    "failure_severity",
     "from_arrays",
     "bundled_sample",
     "load_dataset",

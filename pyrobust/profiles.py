@@ -323,3 +323,123 @@ def write_profile(p: Profile, folder: Path) -> None:
     write_bytes_atomic(folder / "profile.md", profile_markdown(p).encode())
     write_bytes_atomic(folder / "profile.html", profile_html(p, png).encode())
     write_json_atomic(folder / "profile.json", p.to_dict())  # last: the completion marker
+
+
+@dataclass(frozen=True)
+class FailureSeverity:
+    """Each image's severity at failure (:func:`failure_severity`): the smallest level of ``levels`` at which its
+    failure probability exceeds ``q``, in the family's own units (``inf``: not within the ladder; 0: wrong before
+    any noise), the largest level tested below it (``below``; NaN when none was), and whether the exact interval at
+    each deciding level excluded ``q`` (``decided``)."""
+
+    family: str
+    parameter: str
+    q: float
+    levels: tuple[float, ...]
+    index: np.ndarray
+    label: np.ndarray
+    severity: np.ndarray
+    below: np.ndarray
+    decided: np.ndarray
+    max_steps: int
+
+    def to_dict(self) -> dict:
+        finite = np.isfinite(self.severity) & (self.severity > 0)
+        return {"family": self.family, "parameter": self.parameter, "q": self.q, "levels": list(self.levels),
+                "max_steps": self.max_steps, "images": int(self.index.size),
+                "within_ladder": int(finite.sum()), "beyond_ladder": int(np.isinf(self.severity).sum()),
+                "wrong_before_noise": int((self.severity == 0).sum()),
+                "undecided": int((~self.decided).sum()),
+                "median": float(np.median(self.severity[finite])) if finite.any() else None}
+
+
+def _default_levels(fam: Family, shape) -> tuple[float, ...]:
+    """Twelve levels spanning the profile ladder's ends (a quarter of the first to ten times the last, within the
+    parameter's range), geometric; whole numbers for a pixel parameter."""
+    assert fam.severity is not None
+    name, values, spatial = fam.severity
+    meta = {f.name: f.metadata for f in fam.parameters()}[name]
+    first, last = values[0], values[-1]
+    if spatial:
+        f = min(shape[0], shape[1]) / 32
+        first, last = max(1.0, first * f), last * f
+    lo, hi = (first / 4, last * 10) if last > first else (first * 4, last / 10)
+    lo = min(max(lo, meta["lo"] if not meta["lo_open"] else meta["lo"] + 1e-9), meta["hi"])
+    hi = min(max(hi, meta["lo"]), meta["hi"])
+    if meta["whole"]:
+        lo, hi = max(lo, 1), min(hi, (min(shape[0], shape[1]) if name == "size" else max(shape[0], shape[1]) - 1))
+        return tuple(float(v) for v in np.unique(np.rint(np.geomspace(lo, hi, 12)).astype(int)))
+    return tuple(float(v) for v in np.geomspace(lo, hi, 12))
+
+
+def failure_severity(model, dataset="sample", labels=None, *, family="gaussian", q: float = 0.1, levels=None,
+                     max_steps: int = 100, confidence: float = 0.95, **settings) -> FailureSeverity:
+    """Per image, the smallest severity of a random ``family`` (its profile parameter: sigma, eps, size, shift, ...)
+    at which its failure probability exceeds ``q``, by bisection over ``levels`` (default: a 12-level ladder), the
+    failure probability at each probed level counted over ``max_steps`` draws (``count_failures``) and compared with
+    ``q`` by its estimate, with the exact ``confidence`` interval recorded. Assumes the probability grows with the
+    severity (bisection); the draws are the same at every level (keyed by seed, image and step), which makes that
+    hold for additive noise draw by draw. ``settings`` are :func:`pyrobust.evaluate`'s."""
+    from pyrobust.evaluation import evaluate
+    from pyrobust.validate import Integer, Number, check
+
+    check("q", q, Number(0, 1, lo_open=True, hi_open=True, kind="a probability"))
+    check("max_steps", max_steps, Integer(1, 100_000))
+    check("confidence", confidence, Number(0.5, 1, hi_open=True, kind="a confidence"))
+    fam = _families([family])[0]
+    if isinstance(fam, Sweep):
+        raise InvalidInput(f"{fam.name} is a severity sweep: its own run records each image's first failing "
+                           "severity (evaluate with noise=...); failure_severity is for the random families")
+    if fam.severity is None:
+        raise InvalidInput(f"{fam.name} has no severity to grow; give a family with one (gaussian, patch, ...)")
+    for key in ("noise", "corruption", "count_failures", "out"):
+        if key in settings:
+            raise InvalidInput(f"{key}= does not apply to failure_severity")
+    picked = {k: v for k, v in settings.items() if k in SELECTION_FIELDS}
+    rest = {k: v for k, v in settings.items() if k not in SELECTION_FIELDS}
+    _, _, selection = split_settings(picked)
+    ds, _ = load_data(dataset, labels, selection=selection)
+    name = fam.severity[0]
+    ladder = tuple(float(v) for v in (levels if levels is not None else _default_levels(fam, ds.image_shape)))
+    increasing = fam.severity[1][-1] > fam.severity[1][0]  # shot: fewer photons is more severe
+    if len(ladder) < 2 or any(not np.isfinite(v) for v in ladder) or \
+            any((b <= a) if increasing else (b >= a) for a, b in zip(ladder, ladder[1:], strict=False)):
+        raise InvalidInput(f"levels must be at least two finite values of {name}, each more severe than the last "
+                           f"({'increasing' if increasing else 'decreasing'}); got {list(ladder)}")
+    specs = []
+    for v in ladder:
+        try:
+            specs.append(type(fam)(**{**{f.name: getattr(fam, f.name) for f in fam.parameters()}, name: v}))
+        except ValueError as exc:
+            raise InvalidInput(f"levels: {exc}") from None
+    n = ds.n
+    lo = np.full(n, -1)
+    hi = np.full(n, len(ladder))
+    decided = np.ones(n, bool)
+    wrong = np.zeros(n, bool)
+    a = (1 - confidence) / 2
+    while True:
+        open_ = (hi - lo > 1) & ~wrong
+        if not open_.any():
+            break
+        mid = (lo + hi) // 2
+        for level in np.unique(mid[open_]):
+            pos = np.flatnonzero(open_ & (mid == level))
+            ev = evaluate(model, ds.take(pos), noise=specs[level], max_steps=max_steps, count_failures=True,
+                          report=False, **rest)
+            o = ev.outcome
+            wrong[pos[o.first_failure == 0]] = True
+            k = o.failures
+            assert k is not None
+            low, high = clopper_pearson(k, np.full(k.shape, max_steps), a)
+            exceeds = k / max_steps > q
+            decided[pos] &= (low > q) | (high < q) | (o.first_failure == 0)
+            hi[pos[exceeds]] = level
+            lo[pos[~exceeds]] = level
+    lad = np.array(ladder)
+    severity = np.where(hi < len(ladder), lad[np.minimum(hi, len(ladder) - 1)], np.inf)
+    below = np.where(lo >= 0, lad[np.maximum(lo, 0)], np.nan)
+    severity[wrong], below[wrong] = 0.0, np.nan
+    return FailureSeverity(family=fam.name, parameter=name, q=float(q), levels=ladder, index=ds.index.copy(),
+                           label=ds.labels.copy(), severity=severity, below=below, decided=decided,
+                           max_steps=int(max_steps))
