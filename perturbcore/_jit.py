@@ -148,3 +148,18 @@ def kernel(func):
 def parallel_kernel(func):
     """Compile a kernel whose outer ``prange`` loop runs on numba's thread pool."""
     return numba.njit(parallel=True, **JIT_OPTIONS)(func)
+
+
+def run_on_threads(serial, parallel, args: tuple, threads: int | None) -> None:
+    """Call a kernel compiled both ways: ``threads=1`` the serial one (it never wakes numba's pool), otherwise the
+    parallel one on ``threads`` threads (None: numba's setting), restoring the pool's size afterwards."""
+    if threads == 1:
+        serial(*args)
+        return
+    previous = numba.get_num_threads()
+    try:
+        if threads is not None:
+            numba.set_num_threads(int(threads))
+        parallel(*args)
+    finally:
+        numba.set_num_threads(previous)

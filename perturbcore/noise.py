@@ -13,11 +13,10 @@ buffer the model reads and no transpose happens per batch.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange
 
-from perturbcore._jit import kernel, parallel_kernel
+from perturbcore._jit import kernel, parallel_kernel, run_on_threads
 from perturbcore.rng import _draw, _stream_key, _unit24
 
 SCHEMES = ("uniform", "salt-pepper")
@@ -218,17 +217,7 @@ class PreparedNoise:
         """Write row ``j`` of ``out``: slot ``rows[j]`` of ``source`` at step ``row_steps[j]``."""
         m = rows.shape[0]
         np.take(source, rows, axis=0, out=out[:m])
-        args = (rows, row_steps, indices, out, *self._args)
-        if threads == 1:
-            _perturb_kernel_serial(*args)
-            return
-        previous = numba.get_num_threads()
-        try:
-            if threads is not None:
-                numba.set_num_threads(int(threads))
-            _perturb_kernel(*args)
-        finally:
-            numba.set_num_threads(previous)
+        run_on_threads(_perturb_kernel_serial, _perturb_kernel, (rows, row_steps, indices, out, *self._args), threads)
 
 
 def prepare_noise(*, pixels: int, n_positions: int, channels: int, seed: int, low: float = 0.0, high: float = 1.0,

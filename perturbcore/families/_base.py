@@ -29,11 +29,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
-import numba
 import numpy as np
 from numba import prange
 
-from perturbcore._jit import kernel, parallel_kernel
+from perturbcore._jit import kernel, parallel_kernel, run_on_threads
 from perturbcore.rng import _draw, _stream_key
 
 _INV_2_32 = 1.0 / 4294967296.0
@@ -320,14 +319,5 @@ class PreparedFamily:
         serial, parallel = type(self.family).kernels()
         if self._identity:
             np.take(source, rows, axis=0, out=out[:rows.shape[0]])
-        args = (rows, row_steps, indices, source, out, *self._args, self._identity)
-        if threads == 1:
-            serial(*args)
-            return
-        previous = numba.get_num_threads()
-        try:
-            if threads is not None:
-                numba.set_num_threads(int(threads))
-            parallel(*args)
-        finally:
-            numba.set_num_threads(previous)
+        run_on_threads(serial, parallel, (rows, row_steps, indices, source, out, *self._args, self._identity),
+                       threads)

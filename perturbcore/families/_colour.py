@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from perturbcore._jit import kernel
+from perturbcore.families._base import _store
 
 
 @kernel
@@ -46,3 +49,17 @@ def _hsv_to_rgb(h, s, v):
     if k == 4:
         return t, p, v
     return v, p, q
+
+
+@kernel
+def _hsv_adjust(src, out, v_add, s_mul, s_add, n, channels_first, mean, std, top, integer):
+    """Every pixel of an RGB image through HSV: value + ``v_add``, saturation × ``s_mul`` + ``s_add`` (both
+    clipped to [0, 1]), then back to RGB and stored."""
+    for p in range(n):
+        o = (p, n + p, 2 * n + p) if channels_first else (3 * p, 3 * p + 1, 3 * p + 2)
+        hh, ss, vv = _rgb_to_hsv(np.float64(src[o[0]]) / top, np.float64(src[o[1]]) / top,
+                                 np.float64(src[o[2]]) / top)
+        r, g, b = _hsv_to_rgb(hh, min(max(ss * s_mul + s_add, 0.0), 1.0), min(max(vv + v_add, 0.0), 1.0))
+        _store(out, o[0], r * top, 0, mean, std, top, integer)
+        _store(out, o[1], g * top, 1, mean, std, top, integer)
+        _store(out, o[2], b * top, 2, mean, std, top, integer)

@@ -9,7 +9,7 @@ import numpy as np
 
 from perturbcore._jit import kernel
 from perturbcore.families._base import _store
-from perturbcore.families._colour import _hsv_to_rgb, _rgb_to_hsv
+from perturbcore.families._colour import _hsv_adjust
 from perturbcore.families._sweep import Sweep, _level_base, level_table
 
 
@@ -17,17 +17,11 @@ from perturbcore.families._sweep import Sweep, _level_base, level_table
 def _row(key, step, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     add = params[_level_base(params, step)]
     n = h * w
-    for p in range(n):
-        if c == 1:
-            _store(out, p, (min(max(np.float64(src[p]) / top + add, 0.0), 1.0)) * top, 0, mean, std, top, integer)
-            continue
-        o = (p, n + p, 2 * n + p) if channels_first else (3 * p, 3 * p + 1, 3 * p + 2)
-        hh, ss, vv = _rgb_to_hsv(np.float64(src[o[0]]) / top, np.float64(src[o[1]]) / top,
-                                 np.float64(src[o[2]]) / top)
-        r, g, b = _hsv_to_rgb(hh, ss, min(max(vv + add, 0.0), 1.0))
-        _store(out, o[0], r * top, 0, mean, std, top, integer)
-        _store(out, o[1], g * top, 1, mean, std, top, integer)
-        _store(out, o[2], b * top, 2, mean, std, top, integer)
+    if c == 3:
+        _hsv_adjust(src, out, add, 1.0, 0.0, n, channels_first, mean, std, top, integer)
+        return
+    for p in range(n):  # grey: HSV's value is the pixel
+        _store(out, p, (min(max(np.float64(src[p]) / top + add, 0.0), 1.0)) * top, 0, mean, std, top, integer)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perturbcore._jit import kernel
-from perturbcore.families._base import _store
-from perturbcore.families._colour import _hsv_to_rgb, _rgb_to_hsv
+from perturbcore.families._colour import _hsv_adjust
 from perturbcore.families._sweep import Sweep, _level_base, level_table
 
 
@@ -17,15 +16,7 @@ from perturbcore.families._sweep import Sweep, _level_base, level_table
 def _row(key, step, src, out, params, h, w, c, channels_first, mean, std, top, integer):
     base = _level_base(params, step)
     mul, add = params[base], params[base + 1]
-    n = h * w
-    for p in range(n):
-        o = (p, n + p, 2 * n + p) if channels_first else (3 * p, 3 * p + 1, 3 * p + 2)
-        hh, ss, vv = _rgb_to_hsv(np.float64(src[o[0]]) / top, np.float64(src[o[1]]) / top,
-                                 np.float64(src[o[2]]) / top)
-        r, g, b = _hsv_to_rgb(hh, min(max(ss * mul + add, 0.0), 1.0), vv)
-        _store(out, o[0], r * top, 0, mean, std, top, integer)
-        _store(out, o[1], g * top, 1, mean, std, top, integer)
-        _store(out, o[2], b * top, 2, mean, std, top, integer)
+    _hsv_adjust(src, out, 0.0, mul, add, h * w, channels_first, mean, std, top, integer)
 
 
 @dataclass(frozen=True)
