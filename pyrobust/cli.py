@@ -982,7 +982,7 @@ def _load_gate_config(ctx, param, value):
     if not isinstance(table, dict):
         raise click.BadParameter(f"{value}: [gate] must be a table of options; got {type(table).__name__}")
     keys = config_keys(ctx.command)
-    values = {}
+    values: dict = {}
     spelled: dict[str, str] = {}
     for key, v in table.items():
         name = key.replace("-", "_")
@@ -992,6 +992,9 @@ def _load_gate_config(ctx, param, value):
             raise click.BadParameter(f"{value}: {spelled[name]!r} and {key!r} set the same option; keep one")
         spelled[name] = key
         param_name, flag, inverted = keys[name]
+        if name == "noise_check":  # [[gate.noise_check]] tables (or their text), each read as --noise-check reads it
+            values[param_name] = _config_noise_checks(value, key, v)
+            continue
         if isinstance(v, bool) != flag or not isinstance(v, (str, int, float, bool)):
             raise click.BadParameter(f"{value}: {key} = {v!r} is not a valid value for it"
                                      + (" (true or false)" if flag else ""))
@@ -1000,6 +1003,28 @@ def _load_gate_config(ctx, param, value):
         values[param_name] = (not v) if inverted else v
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
+
+
+def _config_noise_checks(path, key: str, value) -> tuple[str, ...]:
+    from pyrobust.gate.policy import parse_noise_check
+
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for i, item in enumerate(items, 1):
+        try:
+            out.append(parse_noise_check(item).text())
+        except InvalidInput as exc:
+            raise click.BadParameter(f"{path}: {key} #{i}: {exc}") from None
+    return tuple(out)
+
+
+def _noise_checks(ctx, param, value):
+    from pyrobust.gate.policy import parse_noise_check
+
+    try:
+        return tuple(parse_noise_check(v) for v in value or ())
+    except InvalidInput as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @cli.command()
@@ -1022,6 +1047,12 @@ def _load_gate_config(ctx, param, value):
                    "this (1%), decided on exact per-image bounds; sets the step budget and counts every step.")
 @click.option("--max-fragile", type=int, default=0, show_default=True,
               help="Images of the golden set allowed above --max-failure-prob.")
+@click.option("--noise-check", "noise_checks", multiple=True, callback=_noise_checks,
+              metavar="'FAMILY[:K=V,...] KEY=VALUE ...'",
+              help="Checks under one more noise family, beside the gate's own noise (repeatable): e.g. "
+                   "'gaussian:sigma=0.1 min_robust=80%'; keys min_robust, min_class_robust, min_robust_at, "
+                   "max_robust_drop, max_failure_prob, max_fragile, max_steps. In TOML: [[gate.noise_check]] tables "
+                   "(family = \"gaussian\", sigma = 0.1, min_robust = \"80%\"). The error is split over the noises.")
 @click.option("--baseline", type=click.Path(path_type=Path), default=None,
               help="The production model (.onnx) or a results folder of it on the same data and settings (then "
                    "with --baseline-model or --baseline-sha256).")
@@ -1053,8 +1084,9 @@ def _load_gate_config(ctx, param, value):
 @_timeout_option
 @_settings
 def gate(candidate, dataset, min_accuracy, min_robust, min_class_robust, min_robust_at, robust_of, max_failure_prob,
-         max_fragile, baseline, baseline_model, baseline_sha256, max_robust_drop, max_accuracy_drop, confidence,
-         inconclusive, no_early_stop, family, spending, out, junit, summary, output, noise, options, data) -> int:
+         max_fragile, noise_checks, baseline, baseline_model, baseline_sha256, max_robust_drop, max_accuracy_drop,
+         confidence, inconclusive, no_early_stop, family, spending, out, junit, summary, output, noise, options,
+         data) -> int:
     """Pass or fail CANDIDATE (an ONNX model) on robustness thresholds, with statistical decisions.
 
     Exit 0 pass, 1 fail (or inconclusive, unless --inconclusive pass), 2 usage error, 3 bad model or data,
@@ -1064,16 +1096,18 @@ def gate(candidate, dataset, min_accuracy, min_robust, min_class_robust, min_rob
     """
     from pyrobust.gate.policy import GatePolicy
     from pyrobust.gate.reports import append_github_summary, markdown_summary, write_outputs
-    from pyrobust.gate.run import run_gate
+    from pyrobust.gate.run import run_gates
 
     if (max_robust_drop is not None or max_accuracy_drop is not None) and baseline is None:
         raise InvalidInput("--max-robust-drop and --max-accuracy-drop compare with a baseline: give --baseline "
                            "MODEL.onnx or a results folder")
-    policy = GatePolicy(min_accuracy=min_accuracy, min_robust=min_robust, min_class_robust=min_class_robust,
-                        max_robust_drop=max_robust_drop, max_accuracy_drop=max_accuracy_drop,
-                        confidence=confidence, inconclusive=inconclusive, early_stop=not no_early_stop,
-                        family=family, spending=spending, min_robust_at=min_robust_at, robust_of=robust_of,
-                        max_failure_prob=max_failure_prob, max_fragile=max_fragile)
+    thresholds = dict(min_accuracy=min_accuracy, min_robust=min_robust, min_class_robust=min_class_robust,
+                      max_robust_drop=max_robust_drop, max_accuracy_drop=max_accuracy_drop,
+                      min_robust_at=min_robust_at, max_failure_prob=max_failure_prob)
+    rules = dict(confidence=confidence, inconclusive=inconclusive, early_stop=not no_early_stop, family=family,
+                 spending=spending, robust_of=robust_of)
+    own = any(v is not None for v in thresholds.values()) or not noise_checks
+    policy = GatePolicy(**thresholds, **rules, max_fragile=max_fragile) if own else None
     if max_failure_prob is not None and \
             click.get_current_context().get_parameter_source("max_steps") == click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError("--max-failure-prob sets the step budget; leave out --max-steps")
@@ -1096,16 +1130,24 @@ def gate(candidate, dataset, min_accuracy, min_robust, min_class_robust, min_rob
             from pyrobust.types import PAPER_MAX_STEPS
 
             noise = _replace(noise, max_steps=PAPER_MAX_STEPS)
-        result = run_gate(candidate, dataset, policy=policy, baseline=baseline, baseline_model=baseline_model,
-                          baseline_sha256=baseline_sha256, noise=noise, data=data, options=options, output=output,
-                          progress=progress, log=lambda line: _err(line), status=getattr(progress, "status", None))
+        result = run_gates(candidate, dataset, policy=policy, noise_checks=noise_checks,
+                           rules=GatePolicy(min_robust=0.5, **rules), baseline=baseline, baseline_model=baseline_model,
+                           baseline_sha256=baseline_sha256, noise=noise, data=data, options=options, output=output,
+                           progress=progress, log=lambda line: _err(line), status=getattr(progress, "status", None))
     for w in [*(str(c.message) for c in caught), *result.warnings]:
         _err(f"warning: {w}")
     for c in result.checks:
         _echo(c.message)
     how = f"; stopped early: {result.stop_reason}" if result.stopped_early else ""
-    _echo(f"gate {result.decision.upper()}: {result.images_evaluated} of {result.images} images through the "
-               f"noise protocol, {result.inferences:,} inferences{how}")
+    for r in result.conditions:
+        done = (f"{r['images_evaluated']} of {result.images} images through the noise protocol, "
+                if r["images_evaluated"] else "the clean pass only, ") + f"{r['inferences']:,} inferences" \
+            if r["evaluated"] else ""
+        _echo(f"under {r['noise']}: " + (f"{r['decision']}, {done}" if r["evaluated"]
+                                         else "not run (the gate had already failed under another noise)"))
+    what = f"{len(result.conditions)} noise conditions" if result.conditions else \
+        f"{result.images_evaluated} of {result.images} images through the noise protocol"
+    _echo(f"gate {result.decision.upper()}: {what}, {result.inferences:,} inferences{how}")
     # The verdict is out; writing the reports can still fail (a full disk): say so, with the verdict above.
     try:
         write_outputs(result, out=out, junit=junit, summary=summary)

@@ -5,11 +5,12 @@ plans for a dataset (:func:`plan_gate`), the counts behind each check, the recor
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
 
+from perturbcore.families import Family, parse
 from pyrobust.errors import InvalidInput
 from pyrobust.machine import versions
 from pyrobust.sequential import (
@@ -25,7 +26,9 @@ from pyrobust.sequential import (
 from pyrobust.stats import images_for_power, look_schedule
 from pyrobust.validate import Choice, Constraint, Fraction, Integer, Number, check_fields, declare
 
-GATE_SCHEMA = 3  # 3: the noise settings have their own block in settings, as in summary.json
+# 3: the noise settings have their own block in settings, as in summary.json; 4: checks under more noise families
+# (``conditions``)
+GATE_SCHEMA = 4
 POWER_MARGIN, POWER = 0.01, 0.8  # the power statement in gate.json: a model 1 point better, 80 % power
 VERDICT = {PASS: "pass", FAIL: "fail", 0: "inconclusive"}
 
@@ -125,6 +128,139 @@ def parse_robust_at(value) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(out))
 
 
+# ------------------------------------------------------------------------------------------------ noise checks
+NOISE_CHECK_FRACTIONS = ("min_robust", "min_class_robust", "max_robust_drop", "max_failure_prob")
+NOISE_CHECK_KEYS = (*NOISE_CHECK_FRACTIONS, "min_robust_at", "max_fragile", "max_steps")
+
+
+def _share(key: str, value) -> float:
+    """A threshold written 0.8, "0.8" or "80%", in [0, 1]."""
+    if isinstance(value, bool):
+        raise InvalidInput(f"{key} must be a fraction like 0.85 or a percentage like 85%; got {value!r}")
+    text = str(value).strip()
+    try:
+        v = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise InvalidInput(f"{key} must be a fraction like 0.85 or a percentage like 85%; got {text!r}") from None
+    if not 0 <= v <= 1:
+        raise InvalidInput(f"{key} must be between 0 and 1 (0% and 100%); got {text!r}")
+    return v
+
+
+def _count(key: str, value, lo: int) -> int:
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.lstrip("-").isdigit() or int(text) < lo:
+        raise InvalidInput(f"{key} must be a whole number >= {lo}; got {value!r}")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class NoiseCheck:
+    """Checks under one more noise family, beside the gate's own noise: the family (one typed spec, from the one
+    grammar) and the thresholds that need noise. Written on the command line as ``FAMILY[:k=v,...] KEY=VALUE ...``
+    (``gaussian:sigma=0.1 min_robust=80%``) and in a gate's TOML as a ``[[gate.noise_check]]`` table
+    (``family = "gaussian"``, ``sigma = 0.1``, ``min_robust = "80%"``). ``max_steps``: this noise's step budget
+    (default the gate's; a severity sweep's is its five levels; a golden set sets its own)."""
+
+    noise: Family
+    min_robust: float | None = None
+    min_class_robust: float | None = None
+    min_robust_at: tuple[tuple[int, float], ...] | None = None
+    max_robust_drop: float | None = None
+    max_failure_prob: float | None = None
+    max_fragile: int = 0
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        where = f"the check under {self.noise.text()}"
+        if all(getattr(self, k) is None for k in (*NOISE_CHECK_FRACTIONS, "min_robust_at")):
+            raise InvalidInput(f"{where} has no threshold: give min_robust, min_class_robust, min_robust_at, "
+                               "max_robust_drop or max_failure_prob")
+        if self.noise.kind == "sweep" and (self.max_failure_prob is not None or self.min_robust_at is not None):
+            raise InvalidInput(f"{where}: {self.noise.name} is a severity sweep (no random draws, its steps are "
+                               "its severities), so max_failure_prob and min_robust_at do not apply; use min_robust "
+                               "(images that survive every severity)")
+        if self.max_failure_prob is not None and self.max_steps is not None:
+            raise InvalidInput(f"{where}: max_failure_prob sets the step budget; leave out max_steps")
+        self.policy(GatePolicy(min_robust=0.5), 0.95)  # the thresholds' own checks, now rather than at the run
+
+    def text(self) -> str:
+        """The command-line form, which :func:`parse_noise_check` reads back to an equal check."""
+        parts = [self.noise.text()]
+        for key in NOISE_CHECK_KEYS:
+            v = getattr(self, key)
+            if v is None or (key == "max_fragile" and v == 0):
+                continue
+            if key == "min_robust_at":
+                v = ",".join(f"{s}:{f!r}" for s, f in v)
+            parts.append(f"{key}={v!r}" if isinstance(v, float) else f"{key}={v}")
+        return " ".join(parts)
+
+    def policy(self, like: GatePolicy, confidence: float) -> GatePolicy:
+        """This check's thresholds as a gate policy, with ``like``'s rules (error control, looks, denominators)."""
+        return GatePolicy(min_robust=self.min_robust, min_class_robust=self.min_class_robust,
+                          min_robust_at=self.min_robust_at, max_robust_drop=self.max_robust_drop,
+                          max_failure_prob=self.max_failure_prob, max_fragile=self.max_fragile,
+                          confidence=confidence, inconclusive=like.inconclusive, early_stop=like.early_stop,
+                          family=like.family, spending=like.spending, robust_of=like.robust_of)
+
+
+def parse_noise_check(value) -> NoiseCheck:
+    """A :class:`NoiseCheck` from its command-line text (``"gaussian:sigma=0.1 min_robust=80%"``) or a TOML table
+    (``{"family": "gaussian", "sigma": 0.1, "min_robust": "80%"}``, or ``noise = "gaussian:sigma=0.1"`` in place
+    of the family and its parameters)."""
+    if isinstance(value, NoiseCheck):
+        return value
+    if isinstance(value, str):
+        tokens = value.split()
+        if not tokens:
+            raise InvalidInput("a noise check needs a family and a threshold, e.g. 'gaussian:sigma=0.1 "
+                               "min_robust=80%'")
+        family_text, items = tokens[0], {}
+        for tok in tokens[1:]:
+            key, eq, v = tok.partition("=")
+            if not eq or not key:
+                raise InvalidInput(f"noise check {value!r}: {tok!r} is not KEY=VALUE (e.g. min_robust=80%)")
+            if key in items:
+                raise InvalidInput(f"noise check {value!r}: {key} is given twice")
+            items[key] = v
+    elif isinstance(value, dict):
+        items = dict(value)
+        fam = items.pop("family", None)
+        text = items.pop("noise", None)
+        if (fam is None) == (text is None):
+            raise InvalidInput(f"a noise check names its noise once: family = \"gaussian\" (with its parameters as "
+                               f"keys) or noise = \"gaussian:sigma=0.1\"; got {value!r}")
+        if not isinstance(fam if fam is not None else text, str):
+            raise InvalidInput(f"a noise check's family must be text such as \"gaussian\"; got {value!r}")
+        params = {k: items.pop(k) for k in list(items) if k not in NOISE_CHECK_KEYS}
+        if text is not None and params:
+            raise InvalidInput(f"noise check {text!r}: unknown key(s) {', '.join(sorted(params))}; allowed: "
+                               f"{', '.join(NOISE_CHECK_KEYS)}")
+        family_text = text if isinstance(text, str) else str(fam) + (
+            ":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
+    else:
+        raise InvalidInput(f"a noise check is text such as 'gaussian:sigma=0.1 min_robust=80%' or a table; got "
+                           f"{type(value).__name__}")
+    try:
+        family = parse(family_text)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    unknown = sorted(set(items) - set(NOISE_CHECK_KEYS))
+    if unknown:
+        raise InvalidInput(f"noise check under {family.text()}: unknown key(s) {', '.join(unknown)}; allowed: "
+                           f"{', '.join(NOISE_CHECK_KEYS)}")
+    kw: dict = {}
+    for key, v in items.items():
+        if key in NOISE_CHECK_FRACTIONS:
+            kw[key] = _share(key, v)
+        elif key == "min_robust_at":
+            kw[key] = parse_robust_at(v)
+        else:
+            kw[key] = _count(key, v, 1 if key == "max_steps" else 0)
+    return NoiseCheck(family, **kw)
+
+
 @dataclass
 class Check:
     name: str
@@ -161,10 +297,20 @@ class GateResult:
     baseline: dict | None
     dataset: dict
     settings: dict
+    # with checks under more noise families: one record per noise condition (its noise, policy, verdict and work)
+    conditions: list[dict] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
         return 0 if self.passed else 1
+
+    def _policy_record(self) -> dict:
+        """The policy as JSON; a gate of noise checks only has the rules of its policy but none of its thresholds
+        (each condition's policy is in ``conditions``)."""
+        d = asdict(self.policy)
+        if self.conditions and all(r["noise_check"] for r in self.conditions):
+            d.update({k: None for k in GatePolicy.THRESHOLDS})
+        return d
 
     def to_dict(self) -> dict:
         full = self.inferences_full_estimate
@@ -172,7 +318,7 @@ class GateResult:
             "schema_version": GATE_SCHEMA,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "decision": self.decision, "passed": self.passed, "exit_code": self.exit_code,
-            "policy": asdict(self.policy),
+            "policy": self._policy_record(),
             "checks": [check_json(c) for c in self.checks],
             "images": self.images, "images_evaluated": self.images_evaluated, "looks": self.looks,
             "inferences": self.inferences,
@@ -182,7 +328,7 @@ class GateResult:
                      "share_of_full": None if not full else self.inferences / full},
             "nonfinite_outputs": self.nonfinite, "warnings": self.warnings,
             "candidate": self.candidate, "baseline": self.baseline, "dataset": self.dataset,
-            "settings": self.settings, "versions": versions(),
+            "settings": self.settings, "conditions": self.conditions, "versions": versions(),
         }
 
 

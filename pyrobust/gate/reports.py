@@ -54,11 +54,20 @@ def markdown_summary(result: GateResult) -> str:
                      f"{c.verdict} |")
     lines.append("")
     p, noise = result.policy, result.settings["noise"]
+    if "corruption" in noise:
+        described = f"{md_code(noise['corruption'])}, {noise['max_steps']} steps, seed {noise['seed']}"
+    else:
+        described = (f"{noise['pixels']} pixels, {noise['max_steps']} steps, {noise['scheme']}, {noise['mode']}, "
+                     f"seed {noise['seed']}")
+    if result.conditions:
+        described = "; ".join(
+            f"{md_code(r['noise'])} {r['decision'] if r['evaluated'] else 'not run'}" for r in result.conditions)
+        described = (f"{len(result.conditions)} noise conditions, each at "
+                     f"{result.settings['confidence_per_condition']:.2%} (Bonferroni): {described}")
     lines.append(f"Exact intervals at each check's per-look level ({p.confidence:.0%} overall: accuracy on the clean "
                  f"pass of every image, robustness over {len(result.settings['looks_planned'])} planned looks, "
                  f"error spent {p.spending}; fail verdicts controlled across checks: {p.family}); noise: "
-                 f"{noise['pixels']} pixels, {noise['max_steps']} steps, {noise['scheme']}, {noise['mode']}, "
-                 f"seed {noise['seed']}.")
+                 f"{described}.")
     if result.stopped_early:
         lines.append(f"Stopped early: {md_text(result.stop_reason)}.")
     for w in result.warnings:

@@ -37,6 +37,7 @@ from pyrobust.gate.policy import (
     GatePlan,
     GatePolicy,
     GateResult,
+    NoiseCheck,
     bracketed,
     check_counts,
     checks_from,
@@ -53,6 +54,7 @@ from pyrobust.sequential import (
 from pyrobust.stats import robust_at
 from pyrobust.store.results import load_results, sanity_warnings
 from pyrobust.types import (
+    L0_DEFAULTS,
     NONFINITE,
     PAIRING_IGNORES,
     PAPER_MAX_STEPS,
@@ -130,6 +132,147 @@ def run_gate(
             base_info["verified"] = verify_saved_baseline(base_saved, bplan, pinned=baseline_sha256, log=log)
         models = _Contestants(cand, base, base_saved.outcome if base_saved else None)
         return _decide(policy, models, base_info, selection.record(ds_spec, ds), progress, log)
+
+
+def run_gates(
+    candidate: str | os.PathLike,
+    dataset,
+    *,
+    policy: GatePolicy | None,
+    noise_checks=(),
+    rules: GatePolicy | None = None,
+    baseline: str | os.PathLike | None = None,
+    noise: NoiseSpec | None = None,
+    data: DataSelection | None = None,
+    options: RunOptions | None = None,
+    log=None,
+    **kwargs,
+) -> GateResult:
+    """The gate's own checks (``policy``, under ``noise``) and checks under more noise families (``noise_checks``,
+    :class:`~pyrobust.gate.policy.NoiseCheck` or their text), in one decision. Each noise condition is a gate of
+    its own on the same images and seed, and the error is split between them (Bonferroni): with K conditions each
+    runs at confidence ``1 - (1 - confidence)/K``, so a wrong verdict anywhere has chance at most
+    ``(1 - confidence)/2`` per side, as for one gate. With early stop, a failed condition ends the gate (the rest are
+    recorded as not evaluated). ``rules``: a policy whose rules (confidence, error control, looks, denominators)
+    apply when there is no ``policy`` (only noise checks); its thresholds are not checked. The other arguments are
+    :func:`run_gate`'s; with no noise checks this is :func:`run_gate`."""
+    from pyrobust.gate.policy import parse_noise_check
+
+    checks = [parse_noise_check(c) for c in noise_checks]
+    if not checks:
+        if policy is None:
+            raise InvalidInput("the gate has nothing to check: give a threshold or a noise check")
+        return run_gate(candidate, dataset, policy=policy, baseline=baseline, noise=noise, data=data,
+                        options=options, log=log, **kwargs)
+    log = log or (lambda line: None)
+    rules = policy if policy is not None else rules if rules is not None else GatePolicy(min_robust=0.5)
+    texts = [c.noise.text() for c in checks]
+    twice = sorted({t for t in texts if texts.count(t) > 1})
+    if twice:
+        raise InvalidInput(f"the noise {twice[0]} has two noise checks; put its thresholds in one")
+    picked = {k: kwargs.pop(k) for k in list(kwargs) if k in _RUN_KEYS}
+    spec, options, data = split_settings(kwargs, noise=noise, options=options, data=data)
+    kwargs = picked
+    bpath = Path(baseline) if baseline is not None else None
+    for c in checks:
+        if c.max_robust_drop is not None and baseline is None:
+            raise InvalidInput(f"max_robust_drop under {c.noise.text()} compares with a baseline: give one")
+        if c.max_robust_drop is not None and bpath is not None and bpath.is_dir():
+            raise InvalidInput(f"max_robust_drop under {c.noise.text()} needs the baseline model: a results folder "
+                               f"holds the results of one noise ({bpath}); pass the baseline .onnx")
+    k = len(checks) + (policy is not None)
+    confidence = 1 - rules.alpha / k
+    conditions: list[tuple[str, GatePolicy, NoiseSpec, NoiseCheck | None]] = []
+    if policy is not None:
+        noisy = any(getattr(policy, t) is not None for t in GatePolicy.THRESHOLDS
+                    if t not in ("min_accuracy", "max_accuracy_drop"))
+        conditions.append((spec.noise_name if noisy else "no noise", replace(policy, confidence=confidence), spec,
+                           None))
+    for c in checks:
+        steps = c.max_steps if c.max_steps is not None else \
+            PAPER_MAX_STEPS if c.noise.kind == "sweep" or c.max_failure_prob is not None else spec.max_steps
+        try:
+            l0: dict = dict(L0_DEFAULTS)
+            cspec = replace(spec, corruption=c.noise, mode="restart", count_failures=False, max_steps=steps, **l0)
+        except InvalidInput as exc:
+            raise InvalidInput(f"the check under {c.noise.text()}: {exc}") from None
+        conditions.append((c.noise.text(), c.policy(rules, confidence), cspec, c))
+    log(f"{k} noise conditions, each decided at {confidence:.4%} confidence (Bonferroni over the conditions)")
+    done: list[tuple[str, GatePolicy, GateResult | None, NoiseCheck | None]] = []
+    for label, pol, cspec, cond in conditions:
+        if pol.early_stop and any(r is not None and r.decision == "fail" for _, _, r, _ in done):
+            done.append((label, pol, None, cond))
+            continue
+        log(f"noise condition {len(done) + 1}/{k}: {label}")
+        drop = pol.needs_baseline or cond is None
+        r = run_gate(candidate, dataset, policy=pol, baseline=baseline if drop else None,
+                     noise=cspec, data=data, options=options, log=log,
+                     **{key: v for key, v in kwargs.items() if drop or not key.startswith("baseline")})
+        done.append((label, pol, r, cond))
+    return _combined(done, rules, k)
+
+
+_RUN_KEYS = ("baseline_model", "baseline_sha256", "output", "progress", "status")
+
+
+def _combined(done: list, rules: GatePolicy, k: int) -> GateResult:
+    """One result from the conditions' results: their checks (named CHECK@NOISE for the noise checks), work and
+    warnings added up, the verdict over all checks; ``conditions`` records each one."""
+    ran = [r for _, _, r, _ in done if r is not None]
+    first = ran[0]
+    checks, looks, warnings, records = [], [], [], []
+    nonfinite = {"clean": 0, "noisy": 0}
+    for label, pol, r, c in done:
+        if r is None:
+            planned = [(key, key, float(getattr(c, key))) for key in ("min_robust", "min_class_robust",
+                       "max_robust_drop", "max_failure_prob") if getattr(c, key) is not None]
+            planned += [(f"min_robust_at[{steps}]", "min_robust_at", frac) for steps, frac in c.min_robust_at or ()]
+            skipped = [Check(f"{n}@{label}", kind, threshold, math.nan, (math.nan, math.nan), "inconclusive", 0,
+                             confidence=math.nan, stage="noise",
+                             message=f"{n}@{label}: not evaluated, the gate had already failed under another noise")
+                       for n, kind, threshold in planned]
+            checks += skipped
+            records.append({"noise": label, "noise_check": c is not None, "policy": asdict(pol), "decision": None,
+                            "evaluated": False,
+                            "checks": [x.name for x in skipped]})
+            continue
+        own = []
+        for x in r.checks:
+            if c is not None:
+                new = f"{x.name}@{label}"
+                if x.message.startswith(f"{x.name}:"):
+                    x.message = new + x.message[len(x.name):]
+                x.name = new
+            own.append(x)
+        checks += own
+        looks += [{**look, "noise": label} for look in r.looks]
+        warnings += [w if c is None else f"under {label}: {w}" for w in r.warnings]
+        for key in nonfinite:
+            nonfinite[key] += r.nonfinite[key]
+        records.append({"noise": label, "noise_check": c is not None, "policy": asdict(pol),
+                        "decision": r.decision, "evaluated": True,
+                        "checks": [x.name for x in own], "images_evaluated": r.images_evaluated,
+                        "inferences": r.inferences, "stopped_early": r.stopped_early, "stop_reason": r.stop_reason,
+                        "settings": r.settings})
+    decision_word = decide(checks)
+    skipped_any = any(r is None for _, _, r, _ in done)
+    reasons = [f"{label}: {r.stop_reason}" for label, _, r, _ in done if r is not None and r.stopped_early]
+    if skipped_any:
+        reasons.append("a noise condition failed: the ones after it were not run")
+    full = [r.inferences_full_estimate for r in ran]
+    return GateResult(
+        decision=decision_word,
+        passed=decision_word == "pass" or (decision_word == "inconclusive" and rules.inconclusive == "pass"),
+        checks=checks, images=first.images, images_evaluated=max(r.images_evaluated for r in ran), looks=looks,
+        inferences=sum(r.inferences for r in ran),
+        inferences_full_estimate=None if skipped_any or any(f is None for f in full) else sum(full),
+        stopped_early=bool(reasons), stop_reason="; ".join(reasons) if reasons else "every image evaluated",
+        nonfinite=nonfinite, warnings=warnings, policy=replace(rules, confidence=rules.confidence),
+        candidate=first.candidate, baseline=next((r.baseline for r in ran if r.baseline), None),
+        dataset=first.dataset,
+        settings={**first.settings, "conditions": k, "confidence_per_condition": 1 - rules.alpha / k},
+        conditions=records,
+    )
 
 
 def _gate_spec(policy: GatePolicy, spec: NoiseSpec, images: int, budget_given: bool, log) -> NoiseSpec:

@@ -153,7 +153,7 @@ def test_reports(capsys, monkeypatch, tmp_path, bundled_model):
                       tmp_path / "gate.xml", "--summary", tmp_path / "gate.md")
     assert code == 0
     g = json.loads((tmp_path / "g" / "gate.json").read_text())
-    assert g["schema_version"] == 3 and g["decision"] == "pass" and g["exit_code"] == 0
+    assert g["schema_version"] == 4 and g["conditions"] == [] and g["decision"] == "pass" and g["exit_code"] == 0
     assert g["settings"]["noise"]["max_steps"] == 30 and "max_steps" not in g["settings"]  # one noise block
     assert len(g["checks"]) == 2 + 10
     for c in g["checks"]:
