@@ -21,7 +21,7 @@ _LAZY = {
     "evaluate": "pyrobust.evaluation",
     "load_results": "pyrobust.store.results",
     "Profile": "pyrobust.profiles", "profile": "pyrobust.profiles",
-    "FailureSeverity": "pyrobust.profiles", "failure_severity": "pyrobust.profiles",
+    "FailureSeverity": "pyrobust.severity", "failure_severity": "pyrobust.severity",
     "NONFINITE": "pyrobust.types", "ROBUST": "pyrobust.types", "NoiseSpec": "pyrobust.types",
     "Outcome": "pyrobust.types",
 }

@@ -133,6 +133,9 @@ def noise_options(func):
                      help="A noise family instead of the paper's L0 noise, e.g. gaussian:sigma=0.1 or patch:size=6 "
                           "(pyrobust families lists them); --pixels, --scheme, --low, --high and --pixel-count then "
                           "stay unset."),
+        click.option("--step-offset", type=int, default=0, show_default=True,
+                     help="Probe the draws of steps N+1..N+max-steps: a later block of the same (seed, image, step) "
+                          "draws, fresh and none repeated (to extend a --count-failures run)."),
         click.option("--pixel-range", type=click.Choice(["0,1", "0,255"]), default=None,
                      callback=lambda ctx, param, v: None if v is None else (1 if v == "0,1" else 255),
                      help="Pixel values the model takes; images and noise are scaled to it (default: the model's "
@@ -681,6 +684,88 @@ def families(json_out, markdown) -> int:
     return 0
 
 
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dataset", default="sample", show_default=True,
+              help="As evaluate's --dataset (the bundled sample by default).")
+@data_options(sample=True)
+@click.option("--family", default="gaussian", show_default=True, metavar="FAMILY[:K=V,...]",
+              help="A random family with a severity (gaussian, uniform, l2, shot, speckle, impulse, dropout, patch, "
+                   "translate, rotate); its other parameters stay as given.")
+@click.option("--q", "q", callback=_fraction, default="10%", show_default=True,
+              help="The failure probability that counts as failing (0.1 or 10%).")
+@click.option("--levels", default=None,
+              help="The ladder, least severe first, comma-separated (default: 12 geometric levels around the "
+                   "family's profile ladder).")
+@click.option("--max-steps", type=int, default=100, show_default=True, help="Draws per image at each level, at most.")
+@click.option("--looks", type=int, default=4, show_default=True,
+              help="Blocks of draws at each level; an image stops once its exact interval excludes q (1: fixed).")
+@click.option("--confidence", type=float, default=0.95, show_default=True,
+              help="Confidence of each level's decision, spent equally over the looks.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Keys all the noise.")
+@click.option("--mean", default=None, help="Normalise after the noise: per-channel means, e.g. 0.1307.")
+@click.option("--std", default=None, help="Per-channel standard deviations, e.g. 0.3081.")
+@click.option("--pixel-range", type=click.Choice(["0,1", "0,255"]), default=None,
+              callback=lambda ctx, param, v: None if v is None else (1 if v == "0,1" else 255),
+              help="Pixel values the model takes (default: as evaluate decides).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for severity.json and severity.md.")
+@click.option("--overwrite", is_flag=True, help="Replace a severity.json already in --out.")
+@click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON.")
+@run_options(checkpoints=False)
+@_quiet_option
+@_timeout_option
+def severity(model, dataset, family, q, levels, max_steps, looks, confidence, seed, mean, std, pixel_range, out,
+             overwrite, json_out, index_range, **kwargs) -> int:
+    """Each image's severity at failure: the smallest level of FAMILY's parameter (sigma, size, shift, ...) at
+    which its per-step failure probability exceeds --q, by bisection with a sequential test at each level.
+
+    Example: pyrobust severity model.onnx --family patch --q 10% --limit 200 --out runs/severity-patch
+    """
+    from pyrobust.data.dataset import parse_range
+    from pyrobust.severity import check_out, failure_severity
+
+    settings = {k: v for k, v in kwargs.items() if v is not None}
+    if index_range:
+        settings["start"], settings["stop"] = parse_range(index_range)
+    for name, text in (("mean", mean), ("std", std)):
+        if text is not None:
+            settings[name] = _floats(text, name)
+    if pixel_range is not None:
+        settings["pixel_range"] = pixel_range
+    if out is not None:
+        check_out(out, overwrite=overwrite)  # before any work
+    ladder = _floats(levels, "levels") if levels is not None else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = failure_severity(model, dataset, family=family, q=q, levels=ladder, max_steps=max_steps, looks=looks,
+                             confidence=confidence, seed=seed, **settings)
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        _err(f"warning: {message}")
+    if out is not None:
+        r.save(out, overwrite=overwrite)
+    d = r.to_dict()
+    if json_out:
+        click.echo(json.dumps(d, indent=1))
+        return EXIT_OK
+    median = "beyond the ladder" if d["median"] is None else f"{d['median']:g}"
+    _echo(f"{r.family}: median {r.parameter} at which p > {r.q:g}: {median} ({d['images']} images; "
+          f"{d['beyond_ladder']} beyond the ladder, {d['wrong_before_noise']} wrong before any noise, "
+          f"{d['undecided']} undecided)")
+    _echo(f"{d['inferences']:,} inferences (every level at {r.max_steps} draws: about {d['inferences_fixed']:,})")
+    from pyrobust.severity import steps_to_decide
+
+    need = steps_to_decide(r.q, r.confidence, r.looks)
+    if need > r.max_steps:
+        _err(f"warning: an image never fooled is shown below q={r.q:g} only after {need} draws, more than "
+             f"--max-steps {r.max_steps}, so no level can be decided on that side; raise --max-steps")
+    elif d["undecided"]:
+        _echo(f"{d['undecided']} image(s) had a level whose failure probability lay too near q to decide in "
+              f"{r.max_steps} draws: each was placed by its estimate, and its severity is right to within a rung")
+    if out is not None:
+        _echo(f"wrote {out / 'severity.json'}, {out / 'severity.md'}")
+    return EXIT_OK
+
+
 def _target(max_failure_prob, confidence, familywise):
     """The failure-probability target of --max-failure-prob, refused beside an explicit --max-steps."""
     from pyrobust.types import FailureTarget
@@ -1170,6 +1255,8 @@ def compare(a, b, out) -> int:
 
     Example: pyrobust compare runs/production runs/candidate --out runs/diff
     """
+    if (a / "severity.json").exists() or (b / "severity.json").exists():
+        return _compare_severities(a, b, out)
     from pyrobust.compare import compare_runs
 
     rep = compare_runs(a, b, out=out)
@@ -1253,6 +1340,24 @@ def _write_replay(out: Path, r) -> None:
     plot_replay(r, out)
 
 
+def _compare_severities(a: Path, b: Path, out: Path | None) -> int:
+    from pyrobust.severity import compare_severities, load_severity, write_severity_compare
+
+    if out is not None:
+        from pyrobust.files import make_out_dir
+
+        make_out_dir(out)
+    rep = compare_severities(load_severity(a), load_severity(b))
+    med = {k: "beyond" if rep[k]["median"] is None else f"{rep[k]['median']:g}" for k in ("a", "b")}
+    _echo(f"{rep['family']}: median {rep['parameter']} at which p > {rep['q']:g}: {med['a']} → {med['b']}; "
+          f"{rep['more_robust']} images more robust, {rep['less_robust']} less, {rep['same']} the same (sign test "
+          f"p = {rep['sign_test_p']:.3g})")
+    if out is not None:
+        write_severity_compare(rep, out)
+        _echo(f"wrote {out / 'compare.json'}, {out / 'compare.md'}")
+    return EXIT_OK
+
+
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--names", default=None, help="Comma-separated names for the runs (default: their folder names).")
@@ -1268,6 +1373,8 @@ def agreement(runs, names, ceiling, retests, out) -> int:
 
     Example: pyrobust agreement runs/M runs/M_R runs/M_rand --ceiling runs/M runs/M-seed1 --out runs/agreement
     """
+    if any((Path(r) / "severity.json").exists() for r in runs):
+        return _severity_agreement(runs, names, ceiling, retests, out)
     from pyrobust.agreement import agreement as measure
 
     retest = [None if str(r) == "-" else r for r in retests] if retests else None
@@ -1293,6 +1400,28 @@ def agreement(runs, names, ceiling, retests, out) -> int:
     _echo(rep["answer"])
     if out is not None:
         _echo(f"wrote {out / 'agreement.json'}, {out / 'agreement.md'}, {out / 'agreement.png'}")
+    return EXIT_OK
+
+
+def _severity_agreement(runs, names, ceiling, retests, out) -> int:
+    from pyrobust.severity import load_severity, severity_agreement, write_severity_agreement
+
+    if ceiling or retests:
+        raise InvalidInput("--ceiling and --retests are for runs' robust flags; severity results are ranked as they "
+                           "are")
+    if out is not None:
+        from pyrobust.files import make_out_dir
+
+        make_out_dir(out)
+    rep = severity_agreement([load_severity(r) for r in runs],
+                             names=names.split(",") if names else [Path(r).name for r in runs])
+    for p in rep["pairs"]:
+        rho = "undefined" if p["spearman"] is None else f"{p['spearman']:.3f}"
+        ci = "" if p["interval"][0] is None else f" [{p['interval'][0]:.3f}, {p['interval'][1]:.3f}]"
+        _echo(f"{p['a']} – {p['b']}: Spearman {rho}{ci} over {rep['images']} images")
+    if out is not None:
+        write_severity_agreement(rep, out)
+        _echo(f"wrote {out / 'agreement.json'}, {out / 'agreement.md'}")
     return EXIT_OK
 
 

@@ -62,6 +62,7 @@ NOISE_CONSTRAINTS: dict[str, Constraint] = {
     "seed": Integer(0, 2**64 - 1),
     "pixel_range": Choice((1, 255), none=True, hint="(1: pixels in [0, 1]; 255: pixels in [0, 255])"),
     "pixel_count": Choice(PIXEL_COUNTS),
+    "step_offset": Integer(0, MAX_STEPS_LIMIT, hint="(0: the probes are steps 1..max_steps)"),
 }
 
 
@@ -91,6 +92,9 @@ class NoiseSpec:
     # A noise family other than the paper's L0 noise (``gaussian:sigma=0.1``; :mod:`perturbcore.families`), or
     # None for the L0 noise that pixels, scheme, low, high and pixel_count describe.
     corruption: Family | None = None
+    # The probes are steps step_offset+1 .. step_offset+max_steps of the (seed, image, step) draws: a later block of
+    # the same draws (a sequential test continues where its last look stopped, fresh draws and none repeated).
+    step_offset: int = 0
 
     def __post_init__(self) -> None:
         self._check_corruption()
@@ -126,6 +130,11 @@ class NoiseSpec:
         object.__setattr__(self, "count_failures", bool(self.count_failures))
         if self.integer and self.mean is not None:
             raise InvalidInput("a model with an integer input takes raw pixel values: mean and std cannot apply")
+        object.__setattr__(self, "step_offset", int(self.step_offset))
+        if self.step_offset and (self.mode == "cumulative" or self.is_sweep):
+            raise InvalidInput("step_offset continues the independent draws of a restart noise; "
+                               + ("the random walk's steps build on each other" if self.mode == "cumulative"
+                                  else "a severity sweep's steps are its severities") + ": leave it at 0")
         object.__setattr__(self, "integer", bool(self.integer))
         object.__setattr__(self, "low", float(self.low))
         object.__setattr__(self, "high", float(self.high))
@@ -203,6 +212,8 @@ class NoiseSpec:
             del d["pixel_count"]
         if not self.count_failures:
             del d["count_failures"]
+        if not self.step_offset:
+            del d["step_offset"]
         if self.corruption is None:
             del d["corruption"]
         else:

@@ -26,7 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = {"errors", "escape", "types", "stats", "sequential", "files", "machine", "validate"}
-COMMANDS = {"evaluation", "replay", "report", "compare", "agreement", "training", "profiles"}
+COMMANDS = {"evaluation", "replay", "report", "compare", "agreement", "training", "profiles", "severity"}
 FOLDERS = {"data": 2, "engine": 3, "store": 3, "gate": 4, "study": 5}
 SIBLINGS = {"engine", "store"}
 

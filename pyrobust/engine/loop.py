@@ -168,6 +168,7 @@ def iter_protocol(model: BoundModel, dataset: Dataset, spec: NoiseSpec, state: R
     cumulative = spec.mode == "cumulative"
     pack = pack and not cumulative
     counting = spec.count_failures
+    offset = spec.step_offset  # the draws of probe s are those of step s + offset
 
     nxt = 0  # next entry of ``todo`` to admit
     chunk_lo, chunk = 0, np.empty((0, d), np.float32)  # ``chunk`` holds todo[chunk_lo : chunk_lo + len(chunk)]
@@ -196,7 +197,8 @@ def iter_protocol(model: BoundModel, dataset: Dataset, spec: NoiseSpec, state: R
             return
         row_slots, row_steps = _batch_rows(rows, slot_step, batch_size, spec.max_steps, pack)
         m = row_slots.size
-        noise.perturb(slot_src, row_slots, row_steps, slot_index, buf)
+        noise.perturb(slot_src, row_slots, row_steps + offset * (row_steps > 0) if offset else row_steps, slot_index,
+                      buf)
         if cumulative:  # a random walk: the perturbed input is the next step's source
             slot_src[row_slots] = buf[:m]
         scores = model.run(buf[:m])
@@ -343,7 +345,7 @@ def perturbed_input(base: np.ndarray, *, index: int, step: int, spec: NoiseSpec,
     slot, key = np.zeros(1, np.int64), np.array([index], np.int64)
     out = np.empty_like(flat)
     for s in ([step] if spec.mode == "restart" or step == 0 or not walk else range(1, step + 1)):
-        noise.perturb(flat, slot, np.array([s], np.int64), key, out)
+        noise.perturb(flat, slot, np.array([s + spec.step_offset if s else 0], np.int64), key, out)
         if spec.mode == "cumulative":
             flat[:] = out
     return out.reshape(h, w, c)
