@@ -1230,7 +1230,8 @@ def gate(candidate, dataset, min_accuracy, min_robust, min_class_robust, min_rob
             if r["evaluated"] else ""
         _echo(f"under {r['noise']}: " + (f"{r['decision']}, {done}" if r["evaluated"]
                                          else "not run (the gate had already failed under another noise)"))
-    what = f"{len(result.conditions)} noise conditions" if result.conditions else \
+    k = len(result.conditions)
+    what = f"{k} noise condition{'s' if k > 1 else ''}" if result.conditions else \
         f"{result.images_evaluated} of {result.images} images through the noise protocol"
     _echo(f"gate {result.decision.upper()}: {what}, {result.inferences:,} inferences{how}")
     # The verdict is out; writing the reports can still fail (a full disk): say so, with the verdict above.

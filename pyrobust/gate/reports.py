@@ -62,8 +62,10 @@ def markdown_summary(result: GateResult) -> str:
     if result.conditions:
         described = "; ".join(
             f"{md_code(r['noise'])} {r['decision'] if r['evaluated'] else 'not run'}" for r in result.conditions)
-        described = (f"{len(result.conditions)} noise conditions, each at "
-                     f"{result.settings['confidence_per_condition']:.2%} (Bonferroni): {described}")
+        k = len(result.conditions)
+        described = (f"{k} noise conditions, each at {result.settings['confidence_per_condition']:.2%} (Bonferroni): "
+                     f"{described}" if k > 1 else
+                     f"1 noise condition at {result.settings['confidence_per_condition']:.2%}: {described}")
     lines.append(f"Exact intervals at each check's per-look level ({p.confidence:.0%} overall: accuracy on the clean "
                  f"pass of every image, robustness over {len(result.settings['looks_planned'])} planned looks, "
                  f"error spent {p.spending}; fail verdicts controlled across checks: {p.family}); noise: "

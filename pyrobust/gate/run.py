@@ -197,7 +197,8 @@ def run_gates(
         except InvalidInput as exc:
             raise InvalidInput(f"the check under {c.noise.text()}: {exc}") from None
         conditions.append((c.noise.text(), c.policy(rules, confidence), cspec, c))
-    log(f"{k} noise conditions, each decided at {confidence:.4%} confidence (Bonferroni over the conditions)")
+    log(f"{k} noise conditions, each decided at {confidence:.4%} confidence (Bonferroni over the conditions)"
+        if k > 1 else f"1 noise condition, decided at {confidence:.4%} confidence")
     done: list[tuple[str, GatePolicy, GateResult | None, NoiseCheck | None]] = []
     for label, pol, cspec, cond in conditions:
         if pol.early_stop and any(r is not None and r.decision == "fail" for _, _, r, _ in done):

@@ -201,3 +201,20 @@ def test_a_drop_check_under_a_family_pairs_the_baseline_model(bundled_model, tmp
     c = r.checks[0]
     assert c.name == "max_robust_drop@gaussian:sigma=0.3" and c.value == 0.0 and c.verdict == "pass"
     assert r.baseline is not None and r.baseline["sha256"] == r.candidate["sha256"]
+
+
+def test_one_noise_check_as_a_severity_limit_reads_in_the_singular(bundled_model, tmp_path, capsys):
+    """'At most k images with a severity at failure of S or less' is a golden-set check at that one level."""
+    code = main(["gate", str(bundled_model), *GATE, "--noise-check",
+                 "gaussian:sigma=0.1 max_failure_prob=10% max_fragile=5", "--out", str(tmp_path / "g"),
+                 "--summary", str(tmp_path / "g.md")])
+    cap = capsys.readouterr()
+    assert code in (0, 1), cap.err
+    assert "1 noise condition, decided at 95.0000% confidence" in cap.err
+    assert "noise conditions" not in cap.out + cap.err
+    assert f"gate {('PASS' if code == 0 else 'FAIL')}: 1 noise condition," in cap.out
+    assert "max_failure_prob@gaussian:sigma=0.1:" in cap.out and "at most 5 allowed" in cap.out
+    md = (tmp_path / "g.md").read_text()
+    assert "1 noise condition at 95.00%: `gaussian:sigma=0.1`" in md and "Bonferroni" not in md
+    g = json.loads((tmp_path / "g" / "gate.json").read_text())
+    assert [c["name"] for c in g["checks"]] == ["max_failure_prob@gaussian:sigma=0.1"]
