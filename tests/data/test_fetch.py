@@ -193,9 +193,16 @@ def test_cli_fetch_and_list(server, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(fetch.CATALOG, "mnist", _catalog(server, "good")["tiny"])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("PYROBUST_DATA", raising=False)
+    capsys.readouterr()
+    assert main(["data", "find", "mnist:test"]) == 3  # what a CI step asks before it fetches
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dataset mnist:test not found" in err and "t10k-images-idx3-ubyte.gz" in err
     assert main(["data", "fetch", "mnist"]) == 0
     out = capsys.readouterr().out
     assert "downloaded" in out and "use --dataset mnist:test" in out
+    assert main(["data", "find", "mnist:test"]) == 0
+    assert capsys.readouterr().out.startswith(f"mnist:test: {N:,} images 28x28x1,")
+    assert main(["data", "find", "mnist:nope"]) == 2  # a split that does not exist is a usage error
     assert (tmp_path / "cache" / "pyrobust" / "data" / "mnist" / "t10k-labels-idx1-ubyte.gz").is_file()
     assert load_dataset("mnist:test").n == N  # found where named datasets are searched, with no option
     assert main(["data", "list"]) == 0
