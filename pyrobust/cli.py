@@ -1163,6 +1163,11 @@ def _noise_checks(ctx, param, value):
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), default=None, help="JUnit XML report.")
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Markdown summary file (also appended to $GITHUB_STEP_SUMMARY when set).")
+@click.option("--mlflow", "mlflow_log", is_flag=True,
+              help="Log the verdict, checks, work and reports to MLflow ($MLFLOW_TRACKING_URI; pyrobust[mlflow]).")
+@click.option("--mlflow-experiment", default="pyrobust-gate", show_default=True,
+              help="The MLflow experiment of the new run (with --mlflow).")
+@click.option("--mlflow-run-id", default=None, help="Log into this existing MLflow run instead (e.g. the model's).")
 @noise_options
 @run_options(checkpoints=False)
 @_quiet_option
@@ -1170,8 +1175,8 @@ def _noise_checks(ctx, param, value):
 @_settings
 def gate(candidate, dataset, min_accuracy, min_robust, min_class_robust, min_robust_at, robust_of, max_failure_prob,
          max_fragile, noise_checks, baseline, baseline_model, baseline_sha256, max_robust_drop, max_accuracy_drop,
-         confidence, inconclusive, no_early_stop, family, spending, out, junit, summary, output, noise, options,
-         data) -> int:
+         confidence, inconclusive, no_early_stop, family, spending, out, junit, summary, mlflow_log,
+         mlflow_experiment, mlflow_run_id, output, noise, options, data) -> int:
     """Pass or fail CANDIDATE (an ONNX model) on robustness thresholds, with statistical decisions.
 
     Exit 0 pass, 1 fail (or inconclusive, unless --inconclusive pass), 2 usage error, 3 bad model or data,
@@ -1198,6 +1203,13 @@ def gate(candidate, dataset, min_accuracy, min_robust, min_class_robust, min_rob
         raise click.UsageError("--max-failure-prob sets the step budget; leave out --max-steps")
     from pyrobust.files import check_output_file, make_out_dir
 
+    tracking = None
+    if mlflow_run_id and not mlflow_log:
+        raise InvalidInput("--mlflow-run-id names the MLflow run to log into: give --mlflow too")
+    if mlflow_log:  # the store must answer before any work
+        from pyrobust.gate.tracking import open_tracking
+
+        tracking = open_tracking(mlflow_experiment, mlflow_run_id)
     # Every output is checked before any work: a decision must never be lost to a path that cannot be written.
     if out is not None:
         make_out_dir(out)
@@ -1230,6 +1242,11 @@ def gate(candidate, dataset, min_accuracy, min_robust, min_class_robust, min_rob
             if r["evaluated"] else ""
         _echo(f"under {r['noise']}: " + (f"{r['decision']}, {done}" if r["evaluated"]
                                          else "not run (the gate had already failed under another noise)"))
+    from pyrobust.gate.reports import throughput_line
+
+    speed = throughput_line(result)
+    if speed:
+        _echo(speed)
     k = len(result.conditions)
     what = f"{k} noise condition{'s' if k > 1 else ''}" if result.conditions else \
         f"{result.images_evaluated} of {result.images} images through the noise protocol"
@@ -1243,6 +1260,12 @@ def gate(candidate, dataset, min_accuracy, min_robust, min_class_robust, min_rob
     except OSError as exc:
         raise OutputError(f"the gate decided {result.decision.upper()} (above), but its reports could not be "
                           f"written: {exc.strerror or exc} ({exc.filename or 'output'})") from None
+    if tracking is not None:
+        from pyrobust.gate.tracking import log_gate
+
+        files = [f for f in (out, junit, summary) if f is not None]
+        run_id = log_gate(result, tracking, files=files, run_name=f"gate {Path(candidate).name}")
+        _echo(f"logged to MLflow run {run_id} ({tracking.uri})")
     return result.exit_code
 
 
@@ -1451,6 +1474,23 @@ def data_fetch(name, dest, timeout, deadline) -> int:
         _echo(f"{f.status:10} {f.sha256}  {f.path}")
     hint = f" --data-dir {dest}" if dest is not None else ""
     _echo(f"{name}: ready; use --dataset {name}:test or {name}:train{hint}")
+    return EXIT_OK
+
+
+@data.command("find")
+@click.argument("dataset")
+@data_dir_option()
+def data_find(dataset, data_dir) -> int:
+    """Say whether DATASET (as --dataset takes it) can be read here, and from where: exit 0 with its size, or 3 with
+    what is missing (a CI step fetches the data only then).
+
+    Example: pyrobust data find mnist:test
+    """
+    from pyrobust.data.load import load_dataset
+
+    ds = load_dataset(dataset, data_dir=data_dir)
+    h, w, c = ds.image_shape
+    _echo(f"{dataset}: {ds.n:,} images {h}x{w}x{c}, {len(set(ds.labels.tolist()))} classes, from {ds.source}")
     return EXIT_OK
 
 

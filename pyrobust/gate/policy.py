@@ -299,6 +299,8 @@ class GateResult:
     settings: dict
     # with checks under more noise families: one record per noise condition (its noise, policy, verdict and work)
     conditions: list[dict] = field(default_factory=list)
+    # each model's inferences per second in this gate (pyrobust.gate.run.throughput_record)
+    throughput: dict = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -325,7 +327,8 @@ class GateResult:
             "work": {"stopped_early": self.stopped_early, "stop_reason": self.stop_reason,
                      "inferences": self.inferences, "inferences_full_estimate": full,
                      "inferences_saved": None if full is None else max(0, full - self.inferences),
-                     "share_of_full": None if not full else self.inferences / full},
+                     "share_of_full": None if not full else self.inferences / full,
+                     "throughput": self.throughput},
             "nonfinite_outputs": self.nonfinite, "warnings": self.warnings,
             "candidate": self.candidate, "baseline": self.baseline, "dataset": self.dataset,
             "settings": self.settings, "conditions": self.conditions, "versions": versions(),

@@ -36,6 +36,19 @@ def _threshold(c: Check) -> str:
     return f"≤ {c.threshold:+.2%}" if c.kind.startswith("max_") else f"≥ {c.threshold:.2%}"
 
 
+def throughput_line(result) -> str | None:
+    """'throughput: candidate N inferences/s, baseline M (r× the baseline's)', or None when nothing was timed."""
+    tp = result.throughput or {}
+    cand, base = tp.get("candidate"), tp.get("baseline")
+    if not cand or not cand.get("inferences_per_second"):
+        return None
+    line = f"throughput: candidate {cand['inferences_per_second']:,.0f} inferences/s"
+    if base and base.get("inferences_per_second"):
+        line += (f", baseline {base['inferences_per_second']:,.0f} ({tp['candidate_vs_baseline']:.2f}× the "
+                 "baseline's, same images, noise and threads)")
+    return line
+
+
 def markdown_summary(result: GateResult) -> str:
     """The step summary (GitHub renders it as GFM, raw HTML included): every name the model, the data or a results
     folder chose is a code span or escaped text (:mod:`pyrobust.escape`), so none becomes markup."""
@@ -72,6 +85,9 @@ def markdown_summary(result: GateResult) -> str:
                  f"{described}.")
     if result.stopped_early:
         lines.append(f"Stopped early: {md_text(result.stop_reason)}.")
+    speed = throughput_line(result)
+    if speed:
+        lines.append(speed[0].upper() + speed[1:] + ".")
     for w in result.warnings:
         lines.append(f"- ⚠️ {md_text(w)}")
     for c in result.checks:

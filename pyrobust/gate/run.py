@@ -254,13 +254,20 @@ def _combined(done: list, rules: GatePolicy, k: int) -> GateResult:
                         "decision": r.decision, "evaluated": True,
                         "checks": [x.name for x in own], "images_evaluated": r.images_evaluated,
                         "inferences": r.inferences, "stopped_early": r.stopped_early, "stop_reason": r.stop_reason,
-                        "settings": r.settings})
+                        "throughput": r.throughput, "settings": r.settings})
     decision_word = decide(checks)
     skipped_any = any(r is None for _, _, r, _ in done)
     reasons = [f"{label}: {r.stop_reason}" for label, _, r, _ in done if r is not None and r.stopped_early]
     if skipped_any:
         reasons.append("a noise condition failed: the ones after it were not run")
     full = [r.inferences_full_estimate for r in ran]
+    timing: dict = {}
+    for r in ran:
+        for who in ("candidate", "baseline"):
+            if who in r.throughput:
+                row = timing.setdefault(who, [0, 0.0])
+                row[0] += r.throughput[who]["inferences"]
+                row[1] += r.throughput[who]["seconds"]
     return GateResult(
         decision=decision_word,
         passed=decision_word == "pass" or (decision_word == "inconclusive" and rules.inconclusive == "pass"),
@@ -269,6 +276,7 @@ def _combined(done: list, rules: GatePolicy, k: int) -> GateResult:
         inferences_full_estimate=None if skipped_any or any(f is None for f in full) else sum(full),
         stopped_early=bool(reasons), stop_reason="; ".join(reasons) if reasons else "every image evaluated",
         nonfinite=nonfinite, warnings=warnings, policy=replace(rules, confidence=rules.confidence),
+        throughput=throughput_record(timing),
         candidate=first.candidate, baseline=next((r.baseline for r in ran if r.baseline), None),
         dataset=first.dataset,
         settings={**first.settings, "conditions": k, "confidence_per_condition": 1 - rules.alpha / k},
@@ -320,20 +328,31 @@ class _Stage:
     stop_reason: str | None = None  # set when the gate may stop after this stage
     images: int = 0  # images through the noise protocol
     info: dict = field(default_factory=dict)
+    # per model ("candidate", "baseline"): [inferences, seconds] run by this stage, for the throughput record
+    timing: dict = field(default_factory=dict)
+
+    def timed(self, who: str, inferences: int, seconds: float) -> None:
+        row = self.timing.setdefault(who, [0, 0.0])
+        row[0] += int(inferences)
+        row[1] += float(seconds)
 
 
 def _clean_stage(policy: GatePolicy, plan: GatePlan, m: _Contestants, log) -> _Stage:
     """The clean pass: one inference per image (per model) decides the accuracy checks in one look."""
     ds, cand, base = m.cand.dataset, m.cand, m.base
     out = _Stage()
+    t = time.perf_counter()
     pred = clean_predictions(cand.model, ds, cand.noise, batch_size=cand.batch_size)
+    out.timed("candidate", ds.n, time.perf_counter() - t)
     out.inferences += ds.n
     _refuse_all_nonfinite(pred, cand.model.path)
     out.nonfinite = int(np.count_nonzero(pred == NONFINITE))
     out.warnings += sanity_warnings(ds.labels, pred, model="the candidate")
     base_ok = None
     if base is not None:
+        t = time.perf_counter()
         base_ok = clean_predictions(base.model, ds, base.noise, batch_size=base.batch_size) == ds.labels
+        out.timed("baseline", ds.n, time.perf_counter() - t)
         out.inferences += ds.n
     elif m.base_saved is not None:
         base_ok = m.base_saved.first_failure != 0
@@ -370,9 +389,13 @@ def _noise_stage(policy: GatePolicy, plan: GatePlan, m: _Contestants, inferences
 
     for k, n in enumerate(plan.noise_looks):
         pos = np.sort(order[out.images:n])
+        t, before = time.perf_counter(), cand_state.inferences
         _, out.info = cand.execute(cand_state, positions=pos, progress=progress)
+        out.timed("candidate", cand_state.inferences - before, time.perf_counter() - t)
         if base is not None and base_state is not None:
+            t, before = time.perf_counter(), base_state.inferences
             base.execute(base_state, positions=pos)
+            out.timed("baseline", base_state.inferences - before, time.perf_counter() - t)
             base_ff = base_state.first_failure
         out.images = n
         seen = np.sort(order[:n])
@@ -473,6 +496,12 @@ def _decide(policy: GatePolicy, m: _Contestants, base_info: dict | None, dataset
         (total * (1 + (m.base is not None)) if plan.clean else 0) + int(round(per_image_noise * total))
     checks = clean.checks + noise.checks
     decision_word = decide(checks)
+    timing: dict = {}
+    for stage in (clean, noise):
+        for who, (n, s) in stage.timing.items():
+            timing.setdefault(who, [0, 0.0])
+            timing[who][0] += n
+            timing[who][1] += s
     stop_reason = clean.stop_reason or noise.stop_reason or "every image evaluated"
     return GateResult(
         decision=decision_word,
@@ -480,7 +509,7 @@ def _decide(policy: GatePolicy, m: _Contestants, base_info: dict | None, dataset
         checks=checks, images=total, images_evaluated=noise.images, looks=clean.looks + noise.looks,
         inferences=clean.inferences + noise.inferences, inferences_full_estimate=full,
         stopped_early=stopped_early, stop_reason=stop_reason if stopped_early else "every image evaluated",
-        nonfinite=nonfinite, warnings=warns, policy=policy,
+        nonfinite=nonfinite, warnings=warns, policy=policy, throughput=throughput_record(timing),
         candidate=_model_info(m.cand.model), baseline=base_info,
         dataset={**dataset, "count": total, "sha256": ds.sha256, "source": ds.source},
         settings={"noise": spec.to_dict(), **m.cand.settings(noise.info), "looks_planned": plan.noise_looks,
@@ -488,6 +517,21 @@ def _decide(policy: GatePolicy, m: _Contestants, base_info: dict | None, dataset
                   "clean_alpha": plan.clean_alpha, "order_seed": spec.seed,
                   "golden": None if plan.golden is None else asdict(plan.golden)},
     )
+
+
+def throughput_record(timing: dict) -> dict:
+    """Inferences per second of each model over the same images, settings and threads (the clean pass and the noise
+    looks, noise kernels included), and the candidate's against the baseline's: what a quantised or fp16 variant
+    buys. Null where a model ran nothing or too briefly to time."""
+    out: dict = {}
+    for who in ("candidate", "baseline"):
+        if who in timing:
+            n, s = timing[who]
+            out[who] = {"inferences": n, "seconds": round(s, 4), "inferences_per_second": n / s if s > 0 else None}
+    c, b = out.get("candidate"), out.get("baseline")
+    out["candidate_vs_baseline"] = (c["inferences_per_second"] / b["inferences_per_second"]
+                                    if c and b and c["inferences_per_second"] and b["inferences_per_second"] else None)
+    return out
 
 
 def _refuse_all_nonfinite(pred: np.ndarray, path) -> None:
