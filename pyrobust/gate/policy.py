@@ -528,8 +528,10 @@ def _message(c: Check, counts: tuple) -> str:
     if c.kind.startswith("max_"):
         lost, gained, n = counts
         what = "robust fraction" if c.kind == "max_robust_drop" else "accuracy"
-        moved = f"drop {c.value:.2%}" if c.value > 0 else f"gain {-c.value:.2%}" if c.value < 0 else "unchanged"
-        return (f"{c.name}: {what} {moved} ({lost} images lost, {gained} gained of {n}, paired), "
+        moved = f"drop {c.value:.2%}" if c.value > 0 else f"gain {-c.value:.2%}" if c.value < 0 else \
+            "unchanged" if not lost else "unchanged on balance"
+        return (f"{c.name}: {what} {moved} ({lost} image{'' if lost == 1 else 's'} lost, {gained} gained of {n}, "
+                "paired), "
                 f"{c.confidence:.2%} interval [{lo:+.2%}, {hi:+.2%}], threshold <= {c.threshold:+.2%}: {c.verdict}")
     x, n = counts if c.verdict == "inconclusive" else (round(c.value * c.n), c.n)
     what = c.kind.removeprefix("min_").replace("_", " ")

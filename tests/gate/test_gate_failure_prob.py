@@ -207,3 +207,17 @@ def re_more(text: str) -> bool:
 
     return bool(re.search(r"min_accuracy: .*inconclusive; about [1-9][\d,]* more images at the same shares would "
                           r"settle it", text))
+
+
+@pytest.mark.parametrize("value,lost,gained,words", [
+    (0.002, 1, 0, "robust fraction drop 0.20% (1 image lost, 0 gained of 500, paired)"),
+    (0.0, 1, 1, "robust fraction unchanged on balance (1 image lost, 1 gained of 500, paired)"),
+    (0.0, 0, 0, "robust fraction unchanged (0 images lost, 0 gained of 500, paired)"),
+    (-0.004, 0, 2, "robust fraction gain 0.40% (0 images lost, 2 gained of 500, paired)"),
+    (0.006, 3, 0, "robust fraction drop 0.60% (3 images lost, 0 gained of 500, paired)"),
+])
+def test_a_drop_reads_as_what_happened(value, lost, gained, words):
+    from pyrobust.gate.policy import Check, _message
+
+    c = Check("max_robust_drop", "max_robust_drop", 0.01, value, (-0.01, 0.012), "inconclusive", 500, 0.99, "noise")
+    assert _message(c, (lost, gained, 500)).startswith(f"max_robust_drop: {words}, 99.00% interval [-1.00%, +1.20%]")
