@@ -265,9 +265,7 @@ def _combined(done: list, rules: GatePolicy, k: int) -> GateResult:
     for r in ran:
         for who in ("candidate", "baseline"):
             if who in r.throughput:
-                row = timing.setdefault(who, [0, 0.0])
-                row[0] += r.throughput[who]["inferences"]
-                row[1] += r.throughput[who]["seconds"]
+                _add_timing(timing, who, r.throughput[who]["inferences"], r.throughput[who]["seconds"])
     return GateResult(
         decision=decision_word,
         passed=decision_word == "pass" or (decision_word == "inconclusive" and rules.inconclusive == "pass"),
@@ -332,9 +330,14 @@ class _Stage:
     timing: dict = field(default_factory=dict)
 
     def timed(self, who: str, inferences: int, seconds: float) -> None:
-        row = self.timing.setdefault(who, [0, 0.0])
-        row[0] += int(inferences)
-        row[1] += float(seconds)
+        _add_timing(self.timing, who, inferences, seconds)
+
+
+def _add_timing(timing: dict, who: str, inferences: int, seconds: float) -> None:
+    """Add one model's inferences and seconds to a {model: [inferences, seconds]} tally."""
+    row = timing.setdefault(who, [0, 0.0])
+    row[0] += int(inferences)
+    row[1] += float(seconds)
 
 
 def _clean_stage(policy: GatePolicy, plan: GatePlan, m: _Contestants, log) -> _Stage:
@@ -499,9 +502,7 @@ def _decide(policy: GatePolicy, m: _Contestants, base_info: dict | None, dataset
     timing: dict = {}
     for stage in (clean, noise):
         for who, (n, s) in stage.timing.items():
-            timing.setdefault(who, [0, 0.0])
-            timing[who][0] += n
-            timing[who][1] += s
+            _add_timing(timing, who, n, s)
     stop_reason = clean.stop_reason or noise.stop_reason or "every image evaluated"
     return GateResult(
         decision=decision_word,

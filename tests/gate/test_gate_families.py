@@ -102,6 +102,11 @@ def test_the_gate_checks_several_families_from_the_cli_with_the_error_split(bund
     assert all(math.isclose(r["policy"]["confidence"], 1 - 0.05 / 3) for r in g["conditions"])
     assert g["conditions"][1]["settings"]["noise"]["corruption"] == "gaussian:sigma=0.3"
     assert g["inferences"] == sum(r["inferences"] for r in g["conditions"])
+    # the throughput adds up over the conditions (no baseline: the candidate ran every inference)
+    tp = g["work"]["throughput"]
+    assert tp["candidate"]["inferences"] == g["inferences"] == sum(
+        r["throughput"]["candidate"]["inferences"] for r in g["conditions"])
+    assert tp["candidate_vs_baseline"] is None and "baseline" not in tp
     assert g["policy"]["min_accuracy"] == 0.9 and g["policy"]["confidence"] == 0.95
     xml = (tmp_path / "g.xml").read_text()
     assert 'name="min_robust@gaussian:sigma=0.3"' in xml and xml.count("<failure") == 1
