@@ -22,7 +22,9 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,11 @@ def open_tracking(experiment: str = "pyrobust-gate", run_id: str | None = None,
                   uri: str | None = None) -> Tracking:
     """Check, before any work, that MLflow is installed and the store answers; find or create the experiment (or
     the given run). Raises :class:`InvalidInput` (exit 2) naming the problem and its fix."""
+    with _quiet():
+        return _open(experiment, run_id, uri)
+
+
+def _open(experiment: str, run_id: str | None, uri: str | None) -> Tracking:
     try:
         import mlflow
         from mlflow.exceptions import MlflowException
@@ -120,10 +127,23 @@ def _metrics(result) -> dict[str, float]:
     return out
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """MLflow's and SQLAlchemy's own deprecation warnings are theirs to fix, not the gate's output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def log_gate(result, tracking: Tracking, *, files: Sequence[Path] = (), run_name: str | None = None) -> str:
     """Log ``result`` (a :class:`~pyrobust.gate.policy.GateResult`) and ``files`` (the reports the gate wrote; a
     folder's plain files, symbolic links never followed) to MLflow; returns the run id. Raises
     :class:`OutputError` when the store refuses."""
+    with _quiet():
+        return _log(result, tracking, files, run_name)
+
+
+def _log(result, tracking: Tracking, files: Sequence[Path], run_name: str | None) -> str:
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tracking_uri=tracking.uri)
@@ -154,7 +174,7 @@ def log_gate(result, tracking: Tracking, *, files: Sequence[Path] = (), run_name
             elif f.is_dir():
                 for child in sorted(f.rglob("*")):
                     if child.is_file() and not child.is_symlink() and not any(
-                            p.is_symlink() for p in child.relative_to(f).parents if str(p) != "."):
+                            (f / p).is_symlink() for p in child.relative_to(f).parents if str(p) != "."):
                         rel = child.relative_to(f).parent
                         where = "pyrobust-gate/" + f.name + ("" if str(rel) == "." else "/" + rel.as_posix())
                         client.log_artifact(run_id, str(child), artifact_path=where)

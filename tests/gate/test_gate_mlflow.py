@@ -89,3 +89,32 @@ def test_a_store_that_cannot_be_used_is_refused_before_any_work(setup, args, mes
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "g" / "gate.json").exists()  # no work was done
+
+
+def test_links_in_a_report_folder_are_never_followed(store, bundled_model, tmp_path):
+    from pyrobust.gate.policy import GatePolicy
+    from pyrobust.gate.run import run_gate
+    from pyrobust.gate.tracking import log_gate, open_tracking
+    from pyrobust.types import NoiseSpec
+
+    result = run_gate(bundled_model, "sample", policy=GatePolicy(min_accuracy=0.8), noise=NoiseSpec(max_steps=5),
+                      limit=50, sessions=1)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the tracking server")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "key").write_text("nor this")
+    report = tmp_path / "report"
+    (report / "sub").mkdir(parents=True)
+    (report / "gate.json").write_text("{}")
+    (report / "sub" / "fig.png").write_bytes(b"png")
+    (report / "leak.txt").symlink_to(secret)
+    (report / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    run_id = log_gate(result, open_tracking("links"), files=[report, tmp_path / "missing.md"])
+    client = mlflow.tracking.MlflowClient(store)
+
+    def walk(path):
+        for a in client.list_artifacts(run_id, path):
+            yield from walk(a.path) if a.is_dir else [a.path]
+
+    assert sorted(walk("pyrobust-gate")) == ["pyrobust-gate/report/gate.json", "pyrobust-gate/report/sub/fig.png"]
+    assert client.get_run(run_id).data.tags["pyrobust.decision"] == "pass"
