@@ -314,11 +314,10 @@ def test_a_refused_run_never_reports_an_older_decision(workspace):
     assert again.outputs() == {"decision": "", "exit-code": "3", "report": "pyrobust-gate"}
 
 
-def test_the_gitlab_component_runs_as_a_runner_runs_it(workspace, tmp_path):
+def _gitlab_job(workspace: Path, given: dict[str, str]) -> tuple[dict, subprocess.CompletedProcess]:
+    """Interpolate the component's inputs as GitLab does and run its script as a shell runner does."""
     spec_text, jobs_text = COMPONENT.read_text().split("\n---\n")
     spec = yaml.safe_load(spec_text)["spec"]["inputs"]
-    given = {"model": "models/candidate.onnx", "config": "gate.toml", "dataset": "sample", "args": QUICK,
-             "pyrobust": "pyrobust"}
     assert set(given) <= set(spec)
     values = {k: given.get(k, v.get("default")) for k, v in spec.items()}
     assert all(v is not None for v in values.values()), "a required input is missing"
@@ -344,6 +343,12 @@ def test_the_gitlab_component_runs_as_a_runner_runs_it(workspace, tmp_path):
     script = "set -eo pipefail\n" + "\n".join(job["script"]) + "\n"
     r = subprocess.run(["bash", "--noprofile", "--norc", "-c", script], cwd=workspace, env=env,
                        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
+    return job, r
+
+
+def test_the_gitlab_component_runs_as_a_runner_runs_it(workspace):
+    job, r = _gitlab_job(workspace, {"model": "models/candidate.onnx", "config": "gate.toml", "dataset": "sample",
+                                     "args": QUICK, "pyrobust": "pyrobust"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert job["artifacts"]["when"] == "always"
     assert job["artifacts"]["reports"]["junit"] == "pyrobust-gate.xml"
@@ -352,3 +357,13 @@ def test_the_gitlab_component_runs_as_a_runner_runs_it(workspace, tmp_path):
     assert {c.get("name") for c in ET.parse(workspace / "pyrobust-gate.xml").getroot().iter("testcase")} == \
         {"min_accuracy", "min_robust"}
     assert (workspace / ".cache" / "pyrobust" / "numba").is_dir()  # the kernels land where the cache keeps them
+
+
+def test_the_gitlab_component_fails_the_job_as_the_gate_does(workspace):
+    base = {"model": "models/candidate.onnx", "dataset": "sample", "pyrobust": "pyrobust"}
+    _, r = _gitlab_job(workspace, {**base, "args": "--limit 'unbalanced"})
+    assert r.returncode == 2 and "not a valid shell word list" in r.stderr
+    assert not (workspace / "pyrobust-gate.xml").exists()
+    _, r = _gitlab_job(workspace, {**base, "args": f"{QUICK} --min-robust 99.5%"})
+    assert r.returncode == 1 and "gate FAIL" in r.stdout
+    assert (workspace / "pyrobust-gate.xml").is_file()  # the JUnit report is there for the failed job
